@@ -1,0 +1,71 @@
+"""budgetkit: see where LLM money goes, bound it, and spend less.
+
+Public names are imported lazily, so ``import budgetkit`` stays fast: pricing a call or
+counting tokens never loads the database layer, and nothing here loads LangChain or
+LlamaIndex.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> private module that defines it
+_EXPORTS: dict[str, str] = {
+    # errors
+    "BudgetkitError": "_errors",
+    "ConfigurationError": "_errors",
+    "CatalogError": "_errors",
+    "UnknownModelError": "_errors",
+    "ContextWindowExceeded": "_errors",
+    "BudgetExceeded": "_errors",
+    "ApprovalRequired": "_errors",
+    "StoreUnavailable": "_errors",
+    # pricing
+    "ModelPrice": "_catalog",
+    "ModelBudget": "_catalog",
+    "PriceCatalog": "_catalog",
+    "default_catalog": "_catalog",
+    "estimate_cost": "_catalog",
+    "get_generation_budget": "_catalog",
+    "get_embedding_budget": "_catalog",
+    # tokens
+    "count_tokens": "_tokens",
+    "count_message_tokens": "_tokens",
+    "count_tool_tokens": "_tokens",
+    "chunk_text": "_tokens",
+    "is_exact": "_tokens",
+    # engine and ledger
+    "Engine": "_engine",
+    "Ticket": "_engine",
+    "UsageRecord": "_engine",
+    "UsageRow": "_tables",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from ._catalog import (ModelBudget, ModelPrice, PriceCatalog, default_catalog,
+                           estimate_cost, get_embedding_budget, get_generation_budget)
+    from ._engine import Engine, Ticket, UsageRecord
+    from ._tables import UsageRow
+    from ._errors import (ApprovalRequired, BudgetExceeded, BudgetkitError, CatalogError,
+                          ConfigurationError, ContextWindowExceeded, StoreUnavailable,
+                          UnknownModelError)
+    from ._tokens import (chunk_text, count_message_tokens, count_tokens, count_tool_tokens,
+                          is_exact)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'budgetkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"budgetkit.{module}"), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,504 @@
+"""The engine: one object that owns the catalog, the token counter, the store and the ledger.
+
+The life of a call is ``admit`` → (provider) → ``settle`` or ``release``. Every ticket ends
+in exactly one usage row, whichever of ``settle`` / ``release`` runs first; the second is a
+no-op. Framework adapters call exactly these public methods, so code outside LangChain and
+LlamaIndex gets the same behaviour.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ._catalog import ModelPrice, PriceCatalog, default_catalog
+from ._errors import ConfigurationError
+from ._money import nanos_to_usd
+from ._store import Store
+from ._tables import UsageRow
+from ._tokens import count_message_tokens, count_tokens, is_exact
+from ._writer import BatchWriter
+
+__all__ = ["Engine", "Ticket", "UsageRecord"]
+
+logger = logging.getLogger("budgetkit")
+
+UsageSource = Literal["provider", "estimated"]
+Status = Literal["ok", "error", "cached", "blocked"]
+
+_DEFAULT_MAX_OUTPUT = 4096  # worst case reserved when neither caller nor catalog says
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """An admitted call: who it is for, what it may cost, what it reserved.
+
+    Hand it back to :meth:`Engine.settle` or :meth:`Engine.release`.
+    """
+
+    id: str
+    model: str
+    price: ModelPrice
+    input_tokens: int
+    max_output_tokens: int
+    worst_case_nanos: int
+    operation_type: str = "chat_completion"
+    provider: str | None = None
+    user_id: str | None = None
+    session_id: str | None = None
+    project: str | None = None
+    request_id: str | None = None
+    run_id: str | None = None
+    parent_run_id: str | None = None
+    root_run_id: str | None = None
+    task_type: str | None = None
+    attempt: int | None = None
+    route_reason: str | None = None
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, Any] = field(default_factory=dict)
+    prompt_hash: str | None = None
+    prompt_preview: str | None = None
+    started: float = 0.0
+    #: Outcome of the budget check: "allow", "warn", "downgrade", ... (budgets fill it).
+    decision: str = "allow"
+    #: Budget reservations held by this ticket (owned by the budget book).
+    reservations: list[Any] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def worst_case_cost(self) -> float:
+        return nanos_to_usd(self.worst_case_nanos)
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    """What one finished call cost: the row the ledger writes."""
+
+    id: str
+    created_at: dt.datetime
+    model: str
+    provider: str | None
+    operation_type: str
+    status: str
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
+    total_tokens: int
+    cost_nanos: int
+    saved_nanos: int
+    latency_ms: float | None
+    usage_source: str
+    error_type: str | None
+    user_id: str | None
+    session_id: str | None
+    project: str | None
+    request_id: str | None
+    run_id: str | None
+    parent_run_id: str | None
+    root_run_id: str | None
+    task_type: str | None
+    attempt: int | None
+    route_reason: str | None
+    tags: tuple[str, ...]
+    metadata: Mapping[str, Any]
+    prompt_hash: str | None
+    prompt_preview: str | None
+
+    @property
+    def cost(self) -> float:
+        """Cost in USD."""
+        return nanos_to_usd(self.cost_nanos)
+
+    @property
+    def saved(self) -> float:
+        """Money a cache hit saved, in USD."""
+        return nanos_to_usd(self.saved_nanos)
+
+    def as_row(self) -> dict[str, Any]:
+        row = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        row["tags"] = list(self.tags)
+        row["metadata"] = dict(self.metadata)
+        return row
+
+
+def prompt_hash(text: str) -> str:
+    """A stable hash of a prompt (sha256, hex, 32 chars), for grouping repeats."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+_REDACT_PATTERNS: tuple[tuple[str, str], ...] = (
+    (r"[\w.+-]+@[\w-]+\.[\w.-]+", "<email>"),
+    (r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{12,}\b", "<secret>"),
+    (r"\b\d(?:[ -]?\d){12,18}\b", "<number>"),
+)
+
+
+def redact_preview(text: str, limit: int = 200) -> str:
+    """A short preview with e-mail addresses, API keys and long numbers masked."""
+    import re
+
+    preview = text[:limit]
+    for pattern, replacement in _REDACT_PATTERNS:
+        preview = re.sub(pattern, replacement, preview)
+    return preview
+
+
+class Engine:
+    """Tracks, prices and (with budgets) admits every model call of an application.
+
+    ``db`` is a SQLAlchemy URL or a SQLite file path; by default ``BUDGETKIT_DB`` or
+    ``~/.budgetkit/budgetkit.db``. ``store_prompts`` keeps a redacted 200-character
+    preview of each prompt (off by default: prompts often hold personal data).
+    ``retention_days`` purges older rows at start and on :meth:`purge`.
+    ``clock`` returns the current time as a timezone-aware or naive-UTC datetime (tests
+    inject a fake one). The engine is thread-safe and usable from asyncio code.
+    """
+
+    def __init__(self, db: str | Any | None = None, *, catalog: PriceCatalog | None = None,
+                 project: str | None = None, store_prompts: bool = False,
+                 retention_days: int | None = None,
+                 default_max_output_tokens: int = _DEFAULT_MAX_OUTPUT,
+                 clock: Callable[[], dt.datetime] = _utcnow,
+                 batch_size: int = 500, max_queue: int = 10_000,
+                 max_backlog: int = 100_000) -> None:
+        if retention_days is not None and retention_days <= 0:
+            raise ConfigurationError(f"retention_days must be > 0, got {retention_days}")
+        if default_max_output_tokens <= 0:
+            raise ConfigurationError(
+                f"default_max_output_tokens must be > 0, got {default_max_output_tokens}")
+        self.catalog = catalog if catalog is not None else default_catalog().copy()
+        self.project = project
+        self.store_prompts = store_prompts
+        self.retention_days = retention_days
+        self.default_max_output_tokens = default_max_output_tokens
+        self._clock = clock
+        self.store = Store(db) if not isinstance(db, Store) else db
+        self.store.create_tables()
+        self._writer = BatchWriter(self.store.insert_usage, batch_size=batch_size,
+                                   max_queue=max_queue, max_backlog=max_backlog)
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[UsageRecord], None]] = []
+        self._budgets: Any = None  # the budget book, created by add_budget
+        self._closed = False
+        if retention_days is not None:
+            self.purge()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Flush pending rows and release the database. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._writer.close(timeout)
+        self.store.dispose()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Engine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.close)
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every row recorded so far is in the database."""
+        return self._writer.flush(timeout)
+
+    def now(self) -> dt.datetime:
+        """The engine clock's current time as naive UTC."""
+        value = self._clock()
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def add_listener(self, listener: Callable[[UsageRecord], None]) -> None:
+        """Call ``listener(record)`` for every usage record (on the caller's thread)."""
+        with self._lock:
+            self._listeners = [*self._listeners, listener]
+
+    def remove_listener(self, listener: Callable[[UsageRecord], None]) -> None:
+        with self._lock:
+            self._listeners = [item for item in self._listeners if item is not listener]
+
+    # -- counting -------------------------------------------------------------------------
+    def count_tokens(self, text: str, model: str) -> int:
+        return count_tokens(text, model, catalog=self.catalog)
+
+    def count_message_tokens(self, messages: Iterable[Mapping[str, Any]], model: str, *,
+                             tools: Sequence[Mapping[str, Any]] | None = None) -> int:
+        return count_message_tokens(messages, model, tools=tools, catalog=self.catalog)
+
+    def is_exact(self, model: str) -> bool:
+        return is_exact(model, catalog=self.catalog)
+
+    def estimate_cost(self, model: str, input_tokens: int, output_tokens: int = 0, *,
+                      cached_input_tokens: int = 0, cache_write_tokens: int = 0) -> float:
+        return self.catalog.estimate_cost(model, input_tokens, output_tokens,
+                                          cached_input_tokens=cached_input_tokens,
+                                          cache_write_tokens=cache_write_tokens)
+
+    # -- the life of a call -----------------------------------------------------------
+    def admit(self, model: str, *, input_tokens: int | None = None,
+              messages: Sequence[Mapping[str, Any]] | None = None, prompt: str | None = None,
+              max_output_tokens: int | None = None, operation_type: str = "chat_completion",
+              provider: str | None = None, user_id: str | None = None,
+              session_id: str | None = None, project: str | None = None,
+              request_id: str | None = None, run_id: str | None = None,
+              parent_run_id: str | None = None, root_run_id: str | None = None,
+              task_type: str | None = None, attempt: int | None = None,
+              route_reason: str | None = None, tags: Iterable[str] = (),
+              metadata: Mapping[str, Any] | None = None) -> Ticket:
+        """Price the call's worst case and check every budget that applies.
+
+        Give the prompt as ``input_tokens`` (already counted), ``messages`` (OpenAI-format
+        dicts) or ``prompt`` (text). Raises :class:`BudgetExceeded` when a budget would be
+        broken; nothing is reserved or recorded then except a ``blocked`` row.
+        """
+        price = self.catalog.get(model)
+        text_for_hash: str | None = None
+        if input_tokens is None:
+            if messages is not None:
+                input_tokens = self.count_message_tokens(messages, model)
+                text_for_hash = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}"
+                                            for m in messages)
+            elif prompt is not None:
+                input_tokens = self.count_tokens(prompt, model)
+                text_for_hash = prompt
+            else:
+                input_tokens = 0
+        elif prompt is not None:
+            text_for_hash = prompt
+        if input_tokens < 0:
+            raise ConfigurationError(f"input_tokens must be >= 0, got {input_tokens}")
+        if max_output_tokens is None:
+            max_output_tokens = (0 if price.mode == "embedding"
+                                 else price.max_output_tokens or self.default_max_output_tokens)
+        elif max_output_tokens < 0:
+            raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
+        ticket = Ticket(
+            id=uuid.uuid4().hex, model=model, price=price, input_tokens=input_tokens,
+            max_output_tokens=max_output_tokens,
+            worst_case_nanos=price.cost_nanos(input_tokens, max_output_tokens),
+            operation_type=operation_type, provider=provider or price.provider,
+            user_id=user_id, session_id=session_id, project=project or self.project,
+            request_id=request_id, run_id=run_id, parent_run_id=parent_run_id,
+            root_run_id=root_run_id or (run_id if parent_run_id is None else None),
+            task_type=task_type, attempt=attempt, route_reason=route_reason,
+            tags=tuple(tags), metadata=dict(metadata or {}),
+            prompt_hash=prompt_hash(text_for_hash) if text_for_hash is not None else None,
+            prompt_preview=(redact_preview(text_for_hash)
+                            if self.store_prompts and text_for_hash is not None else None),
+            started=time.perf_counter(),
+        )
+        if self._budgets is not None:
+            try:
+                self._budgets.reserve(ticket)
+            except Exception as exc:
+                from ._errors import BudgetExceeded
+
+                if isinstance(exc, BudgetExceeded):
+                    self._finish(ticket, status="blocked", error_type=type(exc).__name__)
+                raise
+        return ticket
+
+    async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
+        """:meth:`admit` for asyncio code (budget checks may touch the database)."""
+        if self._budgets is None:
+            return self.admit(model, **kwargs)
+        return await asyncio.to_thread(self.admit, model, **kwargs)
+
+    def settle(self, ticket: Ticket, *, input_tokens: int | None = None, output_tokens: int = 0,
+               cached_input_tokens: int = 0, cache_write_tokens: int = 0,
+               reasoning_tokens: int = 0, model: str | None = None,
+               usage_source: UsageSource = "provider",
+               metadata: Mapping[str, Any] | None = None) -> UsageRecord | None:
+        """Record what the call really used; the actual cost replaces the reservation.
+
+        ``input_tokens`` includes cached and cache-write tokens; ``output_tokens`` includes
+        reasoning tokens (the providers' own convention). ``model`` is the model the
+        provider reports (a dated snapshot, say), priced if the catalog knows it.
+        Returns ``None`` if the ticket was already settled or released.
+        """
+        if input_tokens is None:
+            input_tokens = ticket.input_tokens
+        for label, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens),
+                             ("cached_input_tokens", cached_input_tokens),
+                             ("cache_write_tokens", cache_write_tokens),
+                             ("reasoning_tokens", reasoning_tokens)):
+            if value < 0:
+                raise ConfigurationError(f"{label} must be >= 0, got {value}")
+        price = ticket.price
+        if model and model != ticket.model:
+            reported = self.catalog.resolve(model)
+            if reported is not None:
+                price = reported
+        cost = price.cost_nanos(input_tokens, output_tokens,
+                                cached_input_tokens=cached_input_tokens,
+                                cache_write_tokens=cache_write_tokens)
+        if metadata:
+            ticket.metadata.update(metadata)
+        return self._finish(ticket, status="ok", model=model or ticket.model,
+                            input_tokens=input_tokens, output_tokens=output_tokens,
+                            cached_input_tokens=cached_input_tokens,
+                            cache_write_tokens=cache_write_tokens,
+                            reasoning_tokens=reasoning_tokens, cost_nanos=cost,
+                            usage_source=usage_source)
+
+    async def asettle(self, ticket: Ticket, **kwargs: Any) -> UsageRecord | None:
+        if self._budgets is None:
+            return self.settle(ticket, **kwargs)
+        return await asyncio.to_thread(self.settle, ticket, **kwargs)
+
+    def release(self, ticket: Ticket, *, error: BaseException | str | None = None,
+                status: Status = "error", input_tokens: int = 0, output_tokens: int = 0,
+                usage_source: UsageSource = "estimated") -> UsageRecord | None:
+        """End a call that failed or was cancelled: its reservation is returned.
+
+        The row has status ``error`` and no cost, unless the provider reported (or the
+        adapter counted) tokens it will bill anyway, passed as ``input_tokens`` /
+        ``output_tokens``. Returns ``None`` if the ticket was already finished.
+        """
+        error_type = (error if isinstance(error, str)
+                      else type(error).__name__ if error is not None else None)
+        cost = (ticket.price.cost_nanos(input_tokens, output_tokens)
+                if input_tokens or output_tokens else 0)
+        return self._finish(ticket, status=status, error_type=error_type,
+                            input_tokens=input_tokens, output_tokens=output_tokens,
+                            cost_nanos=cost, usage_source=usage_source)
+
+    async def arelease(self, ticket: Ticket, **kwargs: Any) -> UsageRecord | None:
+        if self._budgets is None:
+            return self.release(ticket, **kwargs)
+        return await asyncio.to_thread(self.release, ticket, **kwargs)
+
+    def record(self, model: str, *, input_tokens: int, output_tokens: int = 0,
+               cached_input_tokens: int = 0, cache_write_tokens: int = 0,
+               reasoning_tokens: int = 0, status: Status = "ok",
+               usage_source: UsageSource = "provider", saved_nanos: int = 0,
+               latency_ms: float | None = None, error_type: str | None = None,
+               **attribution: Any) -> UsageRecord:
+        """Record a call that was not admitted first (embeddings, cache hits, imports).
+
+        ``status="cached"`` records a zero-cost row; pass what the hit saved as
+        ``saved_nanos``. ``attribution`` takes the keyword arguments of :meth:`admit`.
+        """
+        ticket = self._ticket_for_record(model, input_tokens, attribution)
+        cost = 0
+        if status == "ok":
+            cost = ticket.price.cost_nanos(input_tokens, output_tokens,
+                                           cached_input_tokens=cached_input_tokens,
+                                           cache_write_tokens=cache_write_tokens)
+        record = self._finish(ticket, status=status, input_tokens=input_tokens,
+                              output_tokens=output_tokens,
+                              cached_input_tokens=cached_input_tokens,
+                              cache_write_tokens=cache_write_tokens,
+                              reasoning_tokens=reasoning_tokens, cost_nanos=cost,
+                              saved_nanos=saved_nanos, usage_source=usage_source,
+                              latency_ms=latency_ms, error_type=error_type)
+        assert record is not None
+        return record
+
+    def _ticket_for_record(self, model: str, input_tokens: int,
+                           attribution: dict[str, Any]) -> Ticket:
+        allowed = {"operation_type", "provider", "user_id", "session_id", "project",
+                   "request_id", "run_id", "parent_run_id", "root_run_id", "task_type",
+                   "attempt", "route_reason", "tags", "metadata", "prompt"}
+        unknown = set(attribution) - allowed
+        if unknown:
+            raise ConfigurationError(f"unknown argument(s) to record(): {', '.join(sorted(unknown))}")
+        price = self.catalog.get(model)
+        prompt = attribution.pop("prompt", None)
+        attribution.setdefault("operation_type", "chat_completion")
+        attribution["tags"] = tuple(attribution.get("tags") or ())
+        attribution["metadata"] = dict(attribution.get("metadata") or {})
+        attribution["provider"] = attribution.get("provider") or price.provider
+        attribution["project"] = attribution.get("project") or self.project
+        return Ticket(id=uuid.uuid4().hex, model=model, price=price, input_tokens=input_tokens,
+                      max_output_tokens=0, worst_case_nanos=0,
+                      prompt_hash=prompt_hash(prompt) if prompt is not None else None,
+                      prompt_preview=(redact_preview(prompt)
+                                      if self.store_prompts and prompt is not None else None),
+                      started=time.perf_counter(), **attribution)
+
+    def _finish(self, ticket: Ticket, *, status: str, model: str | None = None,
+                input_tokens: int = 0, output_tokens: int = 0, cached_input_tokens: int = 0,
+                cache_write_tokens: int = 0, reasoning_tokens: int = 0, cost_nanos: int = 0,
+                saved_nanos: int = 0, usage_source: str = "provider",
+                latency_ms: float | None = None,
+                error_type: str | None = None) -> UsageRecord | None:
+        with self._lock:  # exactly one row per ticket, whichever finisher comes first
+            if ticket.done:
+                return None
+            ticket.done = True
+        if self._budgets is not None and status != "blocked":
+            if status in ("ok", "error"):
+                self._budgets.commit(ticket, cost_nanos, input_tokens + output_tokens)
+            else:
+                self._budgets.release(ticket)
+        if latency_ms is None and status != "blocked":
+            latency_ms = (time.perf_counter() - ticket.started) * 1000.0
+        record = UsageRecord(
+            id=ticket.id, created_at=self.now(), model=model or ticket.model,
+            provider=ticket.provider, operation_type=ticket.operation_type, status=status,
+            input_tokens=input_tokens, output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens, cache_write_tokens=cache_write_tokens,
+            reasoning_tokens=reasoning_tokens, total_tokens=input_tokens + output_tokens,
+            cost_nanos=cost_nanos, saved_nanos=saved_nanos, latency_ms=latency_ms,
+            usage_source=usage_source, error_type=error_type, user_id=ticket.user_id,
+            session_id=ticket.session_id, project=ticket.project,
+            request_id=ticket.request_id, run_id=ticket.run_id,
+            parent_run_id=ticket.parent_run_id, root_run_id=ticket.root_run_id,
+            task_type=ticket.task_type, attempt=ticket.attempt,
+            route_reason=ticket.route_reason, tags=ticket.tags, metadata=ticket.metadata,
+            prompt_hash=ticket.prompt_hash, prompt_preview=ticket.prompt_preview,
+        )
+        self._writer.submit(record.as_row())
+        for listener in self._listeners:
+            try:
+                listener(record)
+            except Exception:  # a listener's bug must not break the user's call
+                logger.exception("budgetkit: usage listener %r failed", listener)
+        return record
+
+    # -- reading ------------------------------------------------------------------------
+    def usage(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
+              model: str | None = None, user_id: str | None = None,
+              operation_type: str | None = None, run_id: str | None = None,
+              root_run_id: str | None = None, request_id: str | None = None,
+              status: str | None = None, project: str | None = None,
+              session_id: str | None = None, tag: str | None = None,
+              limit: int | None = None) -> list[UsageRow]:
+        """Recorded rows matching every filter given (after flushing pending rows)."""
+        self.flush()
+        return self.store.query_usage(
+            since=since, until=until, model=model, user_id=user_id,
+            operation_type=operation_type, run_id=run_id, root_run_id=root_run_id,
+            request_id=request_id, status=status, project=project, session_id=session_id,
+            tag=tag, limit=limit)
+
+    def purge(self, older_than_days: int | None = None) -> int:
+        """Delete usage rows older than ``older_than_days`` (default: ``retention_days``)."""
+        days = older_than_days if older_than_days is not None else self.retention_days
+        if days is None or days <= 0:
+            raise ConfigurationError(f"older_than_days must be > 0, got {days}")
+        self.flush()
+        return self.store.purge_usage(self.now() - dt.timedelta(days=days))

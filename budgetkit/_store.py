@@ -1,0 +1,183 @@
+"""The store: budgetkit's one seam to the database (SQLModel over SQLAlchemy).
+
+SQLite (a file, WAL mode) by default; any SQLAlchemy URL works, PostgreSQL is tested.
+Components that persist something (ledger, budgets, cache) register their table modules in
+``TABLE_MODULES`` so one ``create_all`` makes every table.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, delete, event, insert, select
+from sqlalchemy.engine import Engine as SAEngine
+from sqlalchemy.pool import StaticPool
+from sqlmodel import SQLModel
+
+from ._errors import ConfigurationError
+from ._tables import UsageRow, UsageTagRow
+
+__all__ = ["Store", "default_db_url", "TABLE_MODULES"]
+
+# Modules whose import defines SQLModel tables. Add yours here.
+TABLE_MODULES: list[str] = ["budgetkit._tables"]
+
+
+def default_db_url() -> str:
+    """``BUDGETKIT_DB`` (a URL or a file path) or ``~/.budgetkit/budgetkit.db``."""
+    configured = os.environ.get("BUDGETKIT_DB")
+    if configured:
+        return configured if "://" in configured else _sqlite_url(Path(configured))
+    return _sqlite_url(Path.home() / ".budgetkit" / "budgetkit.db")
+
+
+def _sqlite_url(path: Path) -> str:
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _normalise_url(db: str | os.PathLike[str] | None) -> str:
+    if db is None:
+        return default_db_url()
+    text = os.fspath(db)
+    if not text:
+        raise ConfigurationError("db must be a SQLAlchemy URL or a file path, got ''")
+    if "://" in text:
+        if text.startswith("postgresql://"):  # psycopg 3 is the driver we install
+            text = "postgresql+psycopg://" + text[len("postgresql://"):]
+        return text
+    if text == ":memory:":
+        return "sqlite://"
+    return _sqlite_url(Path(text))
+
+
+class Store:
+    """Database access for every budgetkit component."""
+
+    def __init__(self, db: str | os.PathLike[str] | None = None, *, echo: bool = False) -> None:
+        self.url = _normalise_url(db)
+        self.is_sqlite = self.url.startswith("sqlite")
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.url in ("sqlite://", "sqlite:///:memory:"):
+            # One in-memory database shared by the writer thread and the caller.
+            kwargs.update(poolclass=StaticPool, connect_args={"check_same_thread": False})
+        elif self.is_sqlite:
+            kwargs.update(connect_args={"check_same_thread": False, "timeout": 30})
+        else:
+            kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=5)
+        self.engine: SAEngine = create_engine(self.url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._tables_ready = False
+
+    def create_tables(self) -> None:
+        """Create every registered table that does not exist yet (idempotent)."""
+        for module in TABLE_MODULES:
+            importlib.import_module(module)
+        SQLModel.metadata.create_all(self.engine)
+        self._tables_ready = True
+
+    def ensure_tables(self) -> None:
+        if not self._tables_ready:
+            self.create_tables()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- usage ledger ----------------------------------------------------------------
+    def insert_usage(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert usage rows (dicts of :class:`UsageRow` columns) in one transaction."""
+        if not rows:
+            return
+        self.ensure_tables()
+        usage_table = UsageRow.__table__  # type: ignore[attr-defined]
+        tag_table = UsageTagRow.__table__  # type: ignore[attr-defined]
+        tag_rows = [{"usage_id": row["id"], "tag": tag}
+                    for row in rows for tag in dict.fromkeys(row.get("tags") or ())]
+        with self.engine.begin() as conn:
+            conn.execute(insert(usage_table), [_usage_params(row) for row in rows])
+            if tag_rows:
+                conn.execute(insert(tag_table), tag_rows)
+
+    def query_usage(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
+                    model: str | None = None, user_id: str | None = None,
+                    operation_type: str | None = None, run_id: str | None = None,
+                    root_run_id: str | None = None, request_id: str | None = None,
+                    status: str | None = None, project: str | None = None,
+                    session_id: str | None = None, tag: str | None = None,
+                    limit: int | None = None) -> list[UsageRow]:
+        self.ensure_tables()
+        query = select(UsageRow)
+        filters = {"model": model, "user_id": user_id, "operation_type": operation_type,
+                   "run_id": run_id, "root_run_id": root_run_id, "request_id": request_id,
+                   "status": status, "project": project, "session_id": session_id}
+        for column, value in filters.items():
+            if value is not None:
+                query = query.where(getattr(UsageRow, column) == value)
+        if since is not None:
+            query = query.where(UsageRow.created_at >= _utc_naive(since))
+        if until is not None:
+            query = query.where(UsageRow.created_at < _utc_naive(until))
+        if tag is not None:
+            tagged = select(UsageTagRow.usage_id).where(UsageTagRow.tag == tag)
+            query = query.where(UsageRow.id.in_(tagged))  # type: ignore[attr-defined]
+        query = query.order_by(UsageRow.created_at, UsageRow.id)  # type: ignore[arg-type]
+        if limit is not None:
+            query = query.limit(limit)
+        from sqlmodel import Session
+
+        with Session(self.engine) as session:
+            return list(session.exec(query).all())
+
+    def purge_usage(self, before: dt.datetime) -> int:
+        """Delete usage rows created before ``before``; returns how many."""
+        self.ensure_tables()
+        cutoff = _utc_naive(before)
+        usage_table = UsageRow.__table__  # type: ignore[attr-defined]
+        tag_table = UsageTagRow.__table__  # type: ignore[attr-defined]
+        old_ids = select(usage_table.c.id).where(usage_table.c.created_at < cutoff)
+        with self.engine.begin() as conn:
+            conn.execute(delete(tag_table).where(tag_table.c.usage_id.in_(old_ids)))
+            result = conn.execute(delete(usage_table).where(usage_table.c.created_at < cutoff))
+        return int(result.rowcount or 0)
+
+
+_USAGE_COLUMNS: tuple[str, ...] = ()
+
+
+def _usage_params(row: Mapping[str, Any]) -> dict[str, Any]:
+    global _USAGE_COLUMNS
+    if not _USAGE_COLUMNS:
+        _USAGE_COLUMNS = tuple(c.name for c in UsageRow.__table__.columns)  # type: ignore[attr-defined]
+    params = {name: row.get(name) for name in _USAGE_COLUMNS if name != "metadata"}
+    params["metadata"] = row.get("metadata") or {}
+    params["tags"] = list(row.get("tags") or ())
+    return params
+
+
+def _utc_naive(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def iter_chunks(items: Sequence[Any], size: int) -> Iterable[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,210 @@
+"""The background writer: usage rows leave the hot path and reach the database in batches.
+
+A call hands its row to a bounded queue and returns. One daemon thread drains the queue in
+batches. When the database is unreachable the batch stays in a bounded in-memory backlog,
+the error is logged once (and once more when writes succeed again), and writes are retried
+with backoff: the user's LLM calls never wait for, or fail because of, the ledger.
+
+``flush()`` waits until everything handed over so far is written (or the timeout passes);
+``close()``, interpreter exit and SIGTERM flush.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+logger = logging.getLogger("budgetkit")
+
+__all__ = ["BatchWriter"]
+
+_Row = Mapping[str, Any]
+_STOP = object()
+
+
+class BatchWriter:
+    """Write rows through ``write(batch)`` on a background thread.
+
+    ``max_queue`` bounds the hand-over queue (a full queue makes ``submit`` wait briefly,
+    then spill to the backlog); ``max_backlog`` bounds rows kept while the database is down
+    (beyond it the oldest rows are dropped, counted in ``dropped``, and logged).
+    """
+
+    def __init__(self, write: Callable[[Sequence[_Row]], None], *, batch_size: int = 500,
+                 max_queue: int = 10_000, max_backlog: int = 100_000,
+                 flush_interval: float = 0.05, retry_initial: float = 0.1,
+                 retry_max: float = 5.0, name: str = "budgetkit-writer") -> None:
+        self._write = write
+        self._batch_size = batch_size
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._backlog: deque[_Row] = deque()
+        self._max_backlog = max_backlog
+        self._flush_interval = flush_interval
+        self._retry_initial, self._retry_max = retry_initial, retry_max
+        self._lock = threading.Lock()
+        self._written_cv = threading.Condition(self._lock)
+        self._submitted = 0
+        self._written = 0
+        self.dropped = 0
+        self._failing = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+        _register(self)
+
+    # -- producer side -----------------------------------------------------------------
+    def submit(self, row: _Row) -> None:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._submitted += 1
+        try:
+            self._queue.put(row, timeout=0.5)
+        except queue.Full:
+            with self._lock:  # never block the caller long: keep it in the backlog instead
+                self._append_backlog([row])
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return self._submitted - self._written - self.dropped
+
+    def flush(self, timeout: float | None = 10.0) -> bool:
+        """Wait until every row submitted so far is written; ``False`` on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            target = self._submitted
+            while self._written + self.dropped < target:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._written_cv.wait(remaining if remaining is not None else 0.5)
+        return True
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Flush and stop the thread. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return True
+            self._closed = True
+        done = self.flush(timeout)
+        self._queue.put(_STOP)
+        self._thread.join(timeout=1.0)
+        if not done:
+            logger.error("budgetkit: %d usage rows could not be written before close",
+                         self.pending)
+        return done
+
+    # -- consumer side -----------------------------------------------------------------
+    def _append_backlog(self, rows: Sequence[_Row]) -> None:
+        self._backlog.extend(rows)
+        overflow = len(self._backlog) - self._max_backlog
+        if overflow > 0:
+            for _ in range(overflow):
+                self._backlog.popleft()
+            self.dropped += overflow
+            self._written_cv.notify_all()
+            logger.error("budgetkit: usage backlog full (%d rows); dropped the %d oldest",
+                         self._max_backlog, overflow)
+
+    def _take_batch(self, block: bool) -> tuple[list[_Row], bool]:
+        batch: list[_Row] = []
+        stop = False
+        with self._lock:
+            while self._backlog and len(batch) < self._batch_size:
+                batch.append(self._backlog.popleft())
+        try:
+            if not batch and block:
+                item = self._queue.get(timeout=self._flush_interval)
+                if item is _STOP:
+                    return batch, True
+                batch.append(item)
+            while len(batch) < self._batch_size:
+                item = self._queue.get_nowait()
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+        except queue.Empty:
+            pass
+        return batch, stop
+
+    def _run(self) -> None:
+        delay = self._retry_initial
+        while True:
+            batch, stop = self._take_batch(block=True)
+            if batch:
+                try:
+                    self._write(batch)
+                except Exception as exc:  # the database is down or refused the batch
+                    with self._lock:
+                        self._backlog.extendleft(reversed(batch))
+                        self._append_backlog(())
+                        first_failure = not self._failing
+                        self._failing = True
+                    if first_failure:
+                        logger.error("budgetkit: cannot write usage rows (%s: %s); keeping them "
+                                     "in memory and retrying", type(exc).__name__, exc)
+                    time.sleep(delay)
+                    delay = min(delay * 2, self._retry_max)
+                    if stop:
+                        return
+                    continue
+                delay = self._retry_initial
+                with self._lock:
+                    self._written += len(batch)
+                    if self._failing:
+                        self._failing = False
+                        logger.warning("budgetkit: usage store reachable again; backlog of %d "
+                                       "rows is being written", len(self._backlog))
+                    self._written_cv.notify_all()
+            if stop:
+                return
+
+
+# -- process exit --------------------------------------------------------------------------
+_writers: weakref.WeakSet[BatchWriter] = weakref.WeakSet()
+_hooks_installed = False
+_hooks_lock = threading.Lock()
+
+
+def _register(writer: BatchWriter) -> None:
+    global _hooks_installed
+    _writers.add(writer)
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        _hooks_installed = True
+        atexit.register(_flush_all)
+        if threading.current_thread() is threading.main_thread():
+            try:
+                previous = signal.getsignal(signal.SIGTERM)
+            except (ValueError, OSError):
+                return
+            # Only take SIGTERM when nobody else handles it; a framework's own handler
+            # (uvicorn, gunicorn) runs its shutdown, which ends in atexit, which flushes.
+            if previous in (signal.SIG_DFL, None):
+                signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _flush_all() -> None:
+    for writer in list(_writers):
+        try:
+            writer.close(timeout=10.0)
+        except Exception:  # exiting: report, never raise from atexit
+            logger.exception("budgetkit: flushing usage rows at exit failed")
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    _flush_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)

@@ -1,0 +1,1 @@
+"""budgetkit for LlamaIndex: tracking handlers."""

@@ -1,0 +1,1 @@
+"""budgetkit for LlamaIndex: the routed LLM."""
