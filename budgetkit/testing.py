@@ -1,0 +1,16 @@
+"""Test helpers for budgetkit users: an OpenAI-compatible server that needs no network.
+
+    from budgetkit.testing import FakeOpenAIServer
+
+    with FakeOpenAIServer(reply="Hi!", cached_tokens=64) as server:
+        llm = ChatOpenAI(model="gpt-4o-mini", base_url=server.base_url, api_key="test")
+        llm.invoke("hello")
+        assert server.last_usage["prompt_tokens_details"]["cached_tokens"] == 64
+"""
+
+from __future__ import annotations
+
+from ._fake_openai import FakeOpenAIServer as FakeOpenAIServer
+from ._fake_openai import FakeRequest as FakeRequest
+
+__all__ = ["FakeOpenAIServer", "FakeRequest"]
