@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, Column, Index
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
 from sqlmodel import Field, SQLModel
 
 __all__ = ["UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES"]
@@ -36,7 +36,9 @@ class UsageRow(SQLModel, table=True):
     )
 
     id: str = Field(primary_key=True, max_length=32)
-    created_at: dt.datetime = Field(index=True)
+    # Naive UTC on purpose (a plain DateTime column): SQLite has no time zones, and both
+    # databases then bucket days the same way.
+    created_at: dt.datetime = Field(sa_column=Column(DateTime, nullable=False, index=True))
     operation_type: str = Field(default="chat_completion", max_length=64)
     provider: Optional[str] = Field(default=None, max_length=64)
     model: str = Field(max_length=200)

@@ -1,0 +1,120 @@
+"""Token counting: exact OpenAI counts offline, estimates marked, chunking on token boundaries."""
+
+from __future__ import annotations
+
+import pytest
+
+from budgetkit import (ConfigurationError, chunk_text, count_message_tokens, count_tokens,
+                       count_tool_tokens, is_exact)
+from budgetkit._tokens import encoding_for_model
+
+# The OpenAI cookbook's example ("How to count tokens with tiktoken"), with the prompt_tokens
+# the API itself reported for it: 129 for gpt-3.5-turbo-0613 / gpt-4-0613, 124 for gpt-4o.
+COOKBOOK_MESSAGES = [
+    {"role": "system", "content": "You are a helpful, pattern-following assistant that "
+                                  "translates corporate jargon into plain English."},
+    {"role": "system", "name": "example_user",
+     "content": "New synergies will help drive top-line growth."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_user",
+     "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
+                "for increased leverage."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Let's talk later when we're less busy about how to do better."},
+    {"role": "user", "content": "This late pivot means we don't have time to boil the ocean "
+                                "for the client deliverable."},
+]
+
+
+@pytest.mark.parametrize(("model", "expected"), [
+    ("gpt-3.5-turbo-0613", 129), ("gpt-4-0613", 129), ("gpt-4", 129),
+    ("gpt-4o", 124), ("gpt-4o-mini", 124),
+])
+def test_message_counts_match_what_openai_bills(model: str, expected: int) -> None:
+    assert count_message_tokens(COOKBOOK_MESSAGES, model) == expected
+
+
+def test_encoding_per_model_family() -> None:
+    assert encoding_for_model("gpt-4o").name == "o200k_base"
+    assert encoding_for_model("gpt-4.1-mini").name == "o200k_base"
+    assert encoding_for_model("o3-mini").name == "o200k_base"
+    assert encoding_for_model("gpt-4").name == "cl100k_base"
+    assert encoding_for_model("gpt-3.5-turbo").name == "cl100k_base"
+    assert encoding_for_model("text-embedding-3-small").name == "cl100k_base"
+    # A model the catalog does not know, named like an OpenAI family, is still exact.
+    assert encoding_for_model("gpt-4o-realtime-2099-01-01").name == "o200k_base"
+
+
+def test_text_counts_are_exact_tiktoken_counts() -> None:
+    import tiktoken
+
+    text = "Tokenizers split text into sub-word units; émojis 🎉 and code `x = 1` too."
+    assert count_tokens(text, "gpt-4o") == len(encoding_for_model("gpt-4o").encode(text))
+    assert count_tokens(text, "gpt-4") == len(encoding_for_model("gpt-4").encode(text))
+    assert isinstance(encoding_for_model("gpt-4"), tiktoken.Encoding)
+    assert count_tokens("", "gpt-4o") == 0
+    # Special-token text in user input is counted as plain text, never rejected.
+    assert count_tokens("<|endoftext|>", "gpt-4") > 1
+
+
+def test_models_without_a_local_tokenizer_are_marked_estimates() -> None:
+    assert is_exact("gpt-4o") and is_exact("text-embedding-3-large")
+    assert not is_exact("claude-3-5-sonnet-20241022")
+    assert not is_exact("llama-3.3-70b-versatile")
+    assert not is_exact("some-unknown-model")
+    assert count_tokens("hello there", "claude-3-haiku-20240307") > 0
+
+
+def test_names_and_tools_add_tokens() -> None:
+    base = [{"role": "user", "content": "hi"}]
+    named = [{"role": "user", "content": "hi", "name": "alice"}]
+    assert count_message_tokens(named, "gpt-4o") > count_message_tokens(base, "gpt-4o")
+    tool = {"type": "function", "function": {
+        "name": "get_weather", "description": "Get the weather",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "City name"},
+            "unit": {"type": "string", "enum": ["c", "f"]}}}}}
+    with_tools = count_message_tokens(base, "gpt-4o", tools=[tool])
+    assert with_tools == count_message_tokens(base, "gpt-4o") + count_tool_tokens([tool], "gpt-4o")
+    assert count_tool_tokens([tool], "gpt-4o") > 12
+
+
+def test_list_content_and_tool_calls_are_counted() -> None:
+    parts = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                          {"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert count_message_tokens(parts, "gpt-4o") > count_message_tokens(
+        [{"role": "user", "content": "describe"}], "gpt-4o")
+    call = [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function",
+         "function": {"name": "lookup", "arguments": '{"q": "paris"}'}}]}]
+    assert count_message_tokens(call, "gpt-4o") > count_message_tokens(
+        [{"role": "assistant", "content": ""}], "gpt-4o")
+
+
+def test_bad_messages_are_rejected_with_a_clear_error() -> None:
+    with pytest.raises(ConfigurationError, match="messages must be dicts"):
+        count_message_tokens(["hello"], "gpt-4o")  # type: ignore[list-item]
+    with pytest.raises(ConfigurationError, match="text must be a str"):
+        count_tokens(None, "gpt-4o")  # type: ignore[arg-type]
+
+
+def test_chunk_text_respects_the_limit_and_reassembles() -> None:
+    text = ("Budgets hold under concurrency. Ünïcödé text with emoji 🎉🎉 and 日本語の文章 "
+            "must never be split inside a character. ") * 40
+    chunks = chunk_text(text, "text-embedding-3-small", 17)
+    assert "".join(chunks) == text
+    assert all(count_tokens(c, "text-embedding-3-small") <= 17 for c in chunks)
+    assert all("\ufffd" not in c for c in chunks)
+
+
+def test_chunk_text_overlap() -> None:
+    text = " ".join(f"word{i}" for i in range(200))
+    chunks = chunk_text(text, "gpt-4", 20, overlap=5)
+    enc = encoding_for_model("gpt-4")
+    for first, second in zip(chunks, chunks[1:]):
+        assert enc.encode(first)[-5:] == enc.encode(second)[:5]
+    with pytest.raises(ConfigurationError):
+        chunk_text(text, "gpt-4", 10, overlap=10)
+    with pytest.raises(ConfigurationError):
+        chunk_text(text, "gpt-4", 0)
