@@ -37,6 +37,16 @@ _EXPORTS: dict[str, str] = {
     "count_tool_tokens": "_tokens",
     "chunk_text": "_tokens",
     "is_exact": "_tokens",
+    # context fitting
+    "fit_messages": "_fitter",
+    "fit_documents": "_fitter",
+    "compress_prompt": "_fitter",
+    "prompt_token_limit": "_fitter",
+    "FitReport": "_fitter",
+    "FitResult": "_fitter",
+    "CompressionReport": "_fitter",
+    "CompressedPrompt": "_fitter",
+    "DEFAULT_PHRASES": "_fitter",
     # engine and ledger
     "Engine": "_engine",
     "Ticket": "_engine",
@@ -56,6 +66,9 @@ if TYPE_CHECKING:
                           UnknownModelError)
     from ._tokens import (chunk_text, count_message_tokens, count_tokens, count_tool_tokens,
                           is_exact)
+    from ._fitter import (DEFAULT_PHRASES, CompressedPrompt, CompressionReport, FitReport,
+                          FitResult, compress_prompt, fit_documents, fit_messages,
+                          prompt_token_limit)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,0 +1,539 @@
+"""Fit prompts to what a model can take: chat history, retrieved documents, plain text.
+
+Every decision is made with exact token counts from :mod:`budgetkit._tokens` (the model's own
+tokenizer; an estimate only for models without one). Each message is counted once per call,
+and repeated strings hit the token counter's cache, so fitting a long history costs about one
+dictionary lookup per message.
+
+Chat history rules (:func:`fit_messages`):
+
+- system (and ``developer``) messages are always kept, in place;
+- the most recent messages that fit are kept, as a suffix of the history;
+- an assistant message with ``tool_calls`` and the tool results that follow it are one
+  block: kept or dropped together;
+- the kept history (after the system messages) starts on a ``user`` message, never on an
+  orphan tool result or assistant reply;
+- when not even the newest user turn fits, that user message is cut in the middle with a
+  marker (``…[truncated N tokens]…``) so the result fits exactly, or
+  :class:`ContextWindowExceeded` is raised with ``on_overflow="raise"``.
+
+Inputs are never mutated; a truncated message is a new dict.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
+
+from ._catalog import PriceCatalog, default_catalog
+from ._errors import ConfigurationError, ContextWindowExceeded
+from ._tokens import count_message_tokens, count_tokens, encoding_for_model
+
+__all__ = [
+    "FitReport",
+    "FitResult",
+    "CompressionReport",
+    "CompressedPrompt",
+    "DEFAULT_PHRASES",
+    "DEFAULT_RESERVE_CAP",
+    "fit_messages",
+    "fit_documents",
+    "compress_prompt",
+    "prompt_token_limit",
+]
+
+T = TypeVar("T")
+OnOverflow = Literal["truncate", "raise"]
+
+SYSTEM_ROLES = frozenset({"system", "developer"})
+TOOL_RESULT_ROLES = frozenset({"tool", "function"})
+# When the caller does not say how long the reply may be, this much of the window is kept
+# free for it: the model's max_output_tokens, but at most 4,096. Reserving a model's full
+# maximum (128k for gpt-5) would throw away history most replies never need; callers that
+# set a larger max_tokens on the call pass the same value as ``reserve_output``.
+DEFAULT_RESERVE_CAP = 4096
+_MARKER = "…[truncated {n} tokens]…"
+
+
+@dataclass(frozen=True, slots=True)
+class FitReport:
+    """What a fit did. ``kept`` holds the input positions of the kept items, in order."""
+
+    tokens_before: int
+    tokens_after: int
+    limit: int
+    dropped: int
+    truncated: bool = False
+    kept: tuple[int, ...] = ()
+    truncated_index: int | None = None  # input position of the item that was cut
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_before - self.tokens_after
+
+
+class FitResult(NamedTuple, Generic[T]):
+    """The kept items and the report; unpacks as ``items, report = fit_...(...)``."""
+
+    items: list[T]
+    report: FitReport
+
+    @property
+    def messages(self) -> list[T]:
+        return self.items
+
+    @property
+    def documents(self) -> list[T]:
+        return self.items
+
+
+# ---------------------------------------------------------------------------- limits
+
+def prompt_token_limit(model: str, *, reserve_output: int | None = None,
+                       max_tokens: int | None = None,
+                       catalog: PriceCatalog | None = None) -> int:
+    """Prompt tokens ``model`` can take while leaving room for the reply.
+
+    ``max_tokens``, when given, is the allowance itself and the catalog is not consulted.
+    Otherwise: the catalog's context window minus ``reserve_output`` (default: the model's
+    max_output_tokens, at most :data:`DEFAULT_RESERVE_CAP`), and never more than the model's
+    max_input_tokens.
+    """
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ConfigurationError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        return max_tokens
+    if reserve_output is not None and (isinstance(reserve_output, bool)
+                                       or not isinstance(reserve_output, int)
+                                       or reserve_output < 0):
+        raise ConfigurationError(f"reserve_output must be an int >= 0, got {reserve_output!r}")
+    price = (catalog if catalog is not None else default_catalog()).get(model)
+    if not price.context_window:
+        raise ConfigurationError(f"the catalog has no context window for {model!r}; "
+                                 "pass max_tokens")
+    if reserve_output is None:
+        reserve_output = min(price.max_output_tokens or DEFAULT_RESERVE_CAP, DEFAULT_RESERVE_CAP)
+    limit = price.context_window - reserve_output
+    if price.max_input_tokens:
+        limit = min(limit, price.max_input_tokens)
+    if limit <= 0:
+        raise ConfigurationError(
+            f"reserve_output={reserve_output} leaves no room for a prompt in {model!r}'s "
+            f"{price.context_window}-token window")
+    return limit
+
+
+# ---------------------------------------------------------------------------- messages
+
+class _MessageCounter:
+    """Tokens of single messages, so that a list's count is the sum plus fixed parts.
+
+    ``count_message_tokens`` is additive: per-message tokens, plus reply priming once, plus
+    tool definitions once. Counting ``[m]`` and subtracting the priming gives ``m``'s share.
+    Plain text messages (the bulk of any history) are remembered by their fields, so a
+    history that grows by one turn per call is counted once, not once per call.
+    """
+
+    def __init__(self, model: str, catalog: PriceCatalog | None) -> None:
+        self.model, self.catalog = model, catalog
+        self.priming = count_message_tokens((), model, catalog=catalog)
+        self._prefix = (model, encoding_for_model(model, catalog=catalog).name)
+
+    def __call__(self, message: Mapping[str, Any]) -> int:
+        return count_message_tokens((message,), self.model, catalog=self.catalog) - self.priming
+
+    def tools(self, tools: Sequence[Mapping[str, Any]] | None) -> int:
+        if not tools:
+            return 0
+        return count_message_tokens((), self.model, tools=tools, catalog=self.catalog) - self.priming
+
+    def all(self, messages: Sequence[Any]) -> list[int]:
+        """Each message's tokens; also checks that every message is a dict with a role."""
+        cache, prefix, counts = _MESSAGE_COUNTS, self._prefix, []
+        for i, message in enumerate(messages):
+            if type(message) is not dict and not isinstance(message, Mapping):
+                raise _not_a_message(i, message)
+            role, content, name = message.get("role"), message.get("content"), message.get("name")
+            if type(role) is not str:
+                raise _not_a_message(i, message)
+            if (type(content) is str and len(content) <= _CACHEABLE_CHARS
+                    and (name is None or type(name) is str)
+                    and not message.get("tool_calls") and not message.get("tool_call_id")):
+                # Exactly the fields count_message_tokens reads for such a message.
+                key = (prefix, role, content, name)
+                tokens = cache.get(key)
+                if tokens is None:
+                    tokens = self(message)
+                    if len(cache) >= _MESSAGE_COUNTS_MAX:
+                        cache.clear()  # crude bound; refilling costs one pass
+                    cache[key] = tokens
+            else:
+                tokens = self(message)
+            counts.append(tokens)
+        return counts
+
+
+# (model, encoding, role, content, name) -> tokens of one plain text message.
+_MESSAGE_COUNTS: dict[tuple[tuple[str, str], str, str, str | None], int] = {}
+_MESSAGE_COUNTS_MAX = 32_768
+_CACHEABLE_CHARS = 32_000
+
+
+def _not_a_message(position: int, message: Any) -> ConfigurationError:
+    return ConfigurationError(
+        f"messages[{position}] must be a dict with a 'role' string (OpenAI format), got "
+        f"{type(message).__name__}; framework messages go through the adapters")
+
+
+def _blocks(messages: Sequence[Mapping[str, Any]], positions: Sequence[int]) -> list[list[int]]:
+    """Group non-system message positions into blocks that are kept or dropped whole.
+
+    An assistant message with tool_calls opens a block that every tool result right after it
+    joins; every other message is its own block.
+    """
+    blocks: list[list[int]] = []
+    open_tool_block = False
+    for i in positions:
+        message = messages[i]
+        role = message["role"]
+        if open_tool_block and role in TOOL_RESULT_ROLES:
+            blocks[-1].append(i)
+            continue
+        blocks.append([i])
+        open_tool_block = role == "assistant" and bool(message.get("tool_calls"))
+    return blocks
+
+
+def fit_messages(messages: Sequence[Mapping[str, Any]], model: str, *,
+                 reserve_output: int | None = None, max_tokens: int | None = None,
+                 on_overflow: OnOverflow = "truncate",
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 catalog: PriceCatalog | None = None) -> FitResult[Mapping[str, Any]]:
+    """Keep the system messages and the most recent turns of ``messages`` that fit.
+
+    ``messages`` are OpenAI-format dicts (``role``, ``content``, ``name``, ``tool_calls``,
+    ``tool_call_id``). The allowance is ``max_tokens`` if given, else ``model``'s window
+    minus ``reserve_output`` (see :func:`prompt_token_limit`); ``tools`` are counted in it.
+    The kept prompt, counted with :func:`count_message_tokens` (tools included), is
+    ``report.tokens_after`` and never exceeds ``report.limit``.
+
+    Raises :class:`ContextWindowExceeded` when the system messages and tools alone do not
+    fit, or when the newest user turn does not fit and either ``on_overflow="raise"`` or
+    cutting the user message cannot make it fit (the replies and tool results after it are
+    never cut).
+    """
+    if on_overflow not in ("truncate", "raise"):
+        raise ConfigurationError(f"on_overflow must be 'truncate' or 'raise', got {on_overflow!r}")
+    msgs = list(messages)
+    limit = prompt_token_limit(model, reserve_output=reserve_output, max_tokens=max_tokens,
+                               catalog=catalog)
+    count = _MessageCounter(model, catalog)
+    counts = count.all(msgs)
+    fixed = count.priming + count.tools(tools)
+    tokens_before = fixed + sum(counts)
+    if tokens_before <= limit:
+        return FitResult(list(msgs), FitReport(tokens_before, tokens_before, limit, 0,
+                                               kept=tuple(range(len(msgs)))))
+
+    system = [i for i, m in enumerate(msgs) if m["role"] in SYSTEM_ROLES]
+    fixed += sum(counts[i] for i in system)
+    if fixed > limit:
+        raise ContextWindowExceeded(
+            f"the system messages and tools alone take {fixed} tokens, more than the "
+            f"{limit} allowed for {model!r}", tokens=fixed, limit=limit)
+    system_set = set(system)
+    blocks = _blocks(msgs, [i for i in range(len(msgs)) if i not in system_set])
+    has_user = any(msgs[b[0]]["role"] == "user" for b in blocks)
+    # Where the kept history may begin: a user message, or (in a history without any user
+    # message) any block that is not an orphan tool result.
+    starts = [msgs[b[0]]["role"] == "user" if has_user
+              else msgs[b[0]]["role"] not in TOOL_RESULT_ROLES for b in blocks]
+    block_tokens = [sum(counts[i] for i in b) for b in blocks]
+
+    room = limit - fixed
+    used, first_kept = 0, None
+    for b in range(len(blocks) - 1, -1, -1):
+        used += block_tokens[b]
+        if used > room:
+            break
+        if starts[b]:
+            first_kept = b
+    if first_kept is not None:
+        tail = [i for b in blocks[first_kept:] for i in b]
+        kept = sorted(system + tail)
+        tokens_after = fixed + sum(block_tokens[first_kept:])
+        return FitResult([msgs[i] for i in kept],
+                         FitReport(tokens_before, tokens_after, limit, len(msgs) - len(kept),
+                                   kept=tuple(kept)))
+    return _fit_newest_turn(msgs, model, blocks, starts, block_tokens, system, fixed, limit,
+                            tokens_before, on_overflow, count)
+
+
+def _fit_newest_turn(msgs: list[Mapping[str, Any]], model: str, blocks: list[list[int]],
+                     starts: list[bool], block_tokens: list[int], system: list[int],
+                     fixed: int, limit: int, tokens_before: int, on_overflow: OnOverflow,
+                     count: _MessageCounter) -> FitResult[Mapping[str, Any]]:
+    """Keep only the newest turn, cutting its user message in the middle to fit."""
+    last = max((b for b, ok in enumerate(starts) if ok), default=None)
+    turn_tokens = fixed + (sum(block_tokens[last:]) if last is not None else 0)
+    if last is None or on_overflow == "raise" or msgs[blocks[last][0]]["role"] != "user":
+        raise ContextWindowExceeded(
+            f"the newest turn takes {turn_tokens} tokens with the system messages, more than "
+            f"the {limit} allowed for {model!r}", tokens=turn_tokens, limit=limit)
+    user = blocks[last][0]
+    after = sum(block_tokens[last + 1:])
+    cut = _truncate_middle(msgs[user], limit - fixed - after, model, count)
+    if cut is None:
+        raise ContextWindowExceeded(
+            f"the newest turn does not fit in the {limit} tokens allowed for {model!r} even "
+            f"with its user message cut: the replies and tool results after it take {after}",
+            tokens=turn_tokens, limit=limit)
+    cut_message, cut_tokens = cut
+    tail = [i for b in blocks[last:] for i in b]
+    kept = sorted(system + tail)
+    out = [cut_message if i == user else msgs[i] for i in kept]
+    tokens_after = fixed + cut_tokens + after
+    return FitResult(out, FitReport(tokens_before, tokens_after, limit, len(msgs) - len(kept),
+                                    truncated=True, kept=tuple(kept), truncated_index=user))
+
+
+def _truncate_middle(message: Mapping[str, Any], allowance: int, model: str,
+                     count: _MessageCounter) -> tuple[dict[str, Any], int] | None:
+    """A copy of ``message`` whose text is cut in the middle so the message takes at most
+    ``allowance`` tokens, with its exact count; ``None`` if no cut is short enough."""
+    content = message.get("content")
+    if isinstance(content, str):
+        text = content
+
+        def rebuild(new_text: str) -> dict[str, Any]:
+            return {**message, "content": new_text}
+    elif isinstance(content, list):
+        # Cut the longest text part; images and other parts stay.
+        text_parts = [i for i, p in enumerate(content)
+                      if isinstance(p, Mapping) and isinstance(p.get("text"), str)]
+        if not text_parts:
+            return None
+        longest = max(text_parts, key=lambda i: len(content[i]["text"]))
+        text = content[longest]["text"]
+
+        def rebuild(new_text: str) -> dict[str, Any]:
+            parts = list(content)
+            parts[longest] = {**content[longest], "text": new_text}
+            return {**message, "content": parts}
+    else:
+        return None
+
+    encoding = encoding_for_model(model, catalog=count.catalog)
+    tokens = encoding.encode(text, disallowed_special=())
+    n = len(tokens)
+    # Start from the arithmetic guess, then shrink by the measured overshoot: token counts of
+    # joined strings are not additive (BPE merges at the seams), so each try is counted.
+    keep = allowance - count(rebuild("")) - count_tokens(_MARKER.format(n=n), model,
+                                                         catalog=count.catalog)
+    keep = min(keep, n - 1)
+    while keep >= 0:
+        head = encoding.decode_bytes(tokens[: keep - keep // 2]).decode("utf-8", "ignore")
+        tail = encoding.decode_bytes(tokens[n - keep // 2:] if keep // 2 else []).decode(
+            "utf-8", "ignore")
+        candidate = rebuild(head + _MARKER.format(n=n - keep) + tail)
+        used = count(candidate)
+        if used <= allowance:
+            return candidate, used
+        keep -= max(1, used - allowance)
+    return None
+
+
+# ---------------------------------------------------------------------------- documents
+
+_DOC_KEYS = ("text", "page_content", "content")
+
+
+def _document_text(doc: Any, position: int, text_key: str | None) -> str:
+    if isinstance(doc, str):
+        return doc
+    keys = (text_key,) if text_key else _DOC_KEYS
+    if isinstance(doc, Mapping):
+        for key in keys:
+            value = doc.get(key)
+            if isinstance(value, str):
+                return value
+    else:  # framework documents: LangChain Document.page_content, LlamaIndex node .text
+        for key in keys:
+            value = getattr(doc, key, None)
+            if isinstance(value, str):
+                return value
+    raise ConfigurationError(
+        f"docs[{position}] has no text: expected a str or a document with a "
+        f"{' / '.join(repr(k) for k in keys)} string, got {type(doc).__name__}")
+
+
+def fit_documents(docs: Sequence[T], model: str | None = None, *, max_tokens: int | None = None,
+                  reserve_output: int | None = None, separator: str = "\n\n",
+                  text_key: str | None = None,
+                  catalog: PriceCatalog | None = None) -> FitResult[T]:
+    """Keep the highest-ranked ``docs`` whose text fits the allowance, in their given order.
+
+    ``docs`` are in rank order, best first: strings, dicts with a ``text`` (or
+    ``page_content`` / ``content``, or ``text_key``) string, or objects with such an
+    attribute. The allowance is ``max_tokens``, or ``model``'s window minus
+    ``reserve_output``. Documents are taken best first; one that does not fit is skipped and
+    smaller, lower-ranked ones may still fill the room. ``report.tokens_after`` is the exact
+    count of the kept texts joined with ``separator``. Counts use ``model``'s tokenizer
+    (gpt-4o's when no model is given).
+    """
+    if model is None and max_tokens is None:
+        raise ConfigurationError("fit_documents needs a model or max_tokens")
+    counting_model = model or "gpt-4o"
+    limit = prompt_token_limit(counting_model, reserve_output=reserve_output,
+                               max_tokens=max_tokens, catalog=catalog)
+    items = list(docs)
+    texts = [_document_text(d, i, text_key) for i, d in enumerate(items)]
+
+    def joined_tokens(positions: Sequence[int]) -> int:
+        return count_tokens(separator.join(texts[i] for i in positions), counting_model,
+                            catalog=catalog)
+
+    counts = [count_tokens(t, counting_model, catalog=catalog) for t in texts]
+    gap = count_tokens(separator, counting_model, catalog=catalog)
+    tokens_before = joined_tokens(range(len(items)))
+    kept: list[int] = []
+    used = 0
+    for i, tokens in enumerate(counts):
+        need = tokens + (gap if kept else 0)
+        if used + need <= limit:
+            kept.append(i)
+            used += need
+    tokens_after = joined_tokens(kept)
+    while tokens_after > limit:  # a seam merged differently than the parts: drop the lowest
+        kept.pop()
+        tokens_after = joined_tokens(kept)
+    return FitResult([items[i] for i in kept],
+                     FitReport(tokens_before, tokens_after, limit, len(items) - len(kept),
+                               kept=tuple(kept)))
+
+
+# ---------------------------------------------------------------------------- compression
+
+# Conservative rewrites from the Cost Optimization Reference's PromptOptimizer, without its
+# ambiguous ones ("that is" -> "i.e." also rewrites "the file that is open"). Pass your own
+# table, or this one, as compress_prompt(text, phrases=DEFAULT_PHRASES).
+DEFAULT_PHRASES: Mapping[str, str] = {
+    "for example": "e.g.",
+    "please provide": "provide",
+    "I would like you to": "",
+    "Could you please": "",
+    "in order to": "to",
+    "due to the fact that": "because",
+    "at this point in time": "now",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class CompressionReport:
+    tokens_before: int
+    tokens_after: int
+    replacements: int  # phrase-table replacements made
+
+    @property
+    def tokens_saved(self) -> int:
+        return self.tokens_before - self.tokens_after
+
+
+class CompressedPrompt(NamedTuple):
+    """The compressed text and its report; unpacks as ``text, report``."""
+
+    text: str
+    report: CompressionReport
+
+
+_FENCE = re.compile(r"^[ \t]*(`{3,}|~{3,})")
+_QUOTE_LINE = re.compile(r"^[ \t]*>")
+_INLINE_PROTECTED = re.compile(r'`[^`\n]+`|"[^"]*"|“[^”]*”')
+
+
+def _protect(text: str) -> tuple[str, list[str], str]:
+    """Replace fenced code blocks, '>' quote lines and quoted or inline-code spans with
+    placeholders so no rewrite can reach them. Returns (text, originals, sentinel)."""
+    sentinel = next(chr(c) for c in range(0xE000, 0xF8FF) if chr(c) not in text)
+    saved: list[str] = []
+
+    def hold(original: str) -> str:
+        saved.append(original)
+        return f"{sentinel}{len(saved) - 1}{sentinel}"
+
+    out: list[str] = []
+    lines = text.split("\n")
+    i = 0
+    while i < len(lines):
+        fence = _FENCE.match(lines[i])
+        if fence:
+            mark = fence.group(1)
+            end = next((j for j in range(i + 1, len(lines))
+                        if lines[j].lstrip(" \t").startswith(mark[0] * len(mark))), len(lines) - 1)
+            out.append(hold("\n".join(lines[i:end + 1])))
+            i = end + 1
+        elif _QUOTE_LINE.match(lines[i]):
+            out.append(hold(lines[i]))
+            i += 1
+        else:
+            out.append(lines[i])
+            i += 1
+    joined = "\n".join(out)
+    return _INLINE_PROTECTED.sub(lambda m: hold(m.group(0)), joined), saved, sentinel
+
+
+def _phrase_pattern(phrases: Mapping[str, str]) -> re.Pattern[str]:
+    ordered = sorted(phrases, key=len, reverse=True)  # longest first: no partial overlaps
+    alternatives = "|".join(re.escape(p) for p in ordered)
+    return re.compile(rf"(?<!\w)(?P<phrase>{alternatives})(?!\w)(?P<space>[ \t]*)(?P<next>\w?)",
+                      re.IGNORECASE)
+
+
+def compress_prompt(text: str, model: str = "gpt-4o", *,
+                    phrases: Mapping[str, str] | None = None,
+                    catalog: PriceCatalog | None = None) -> CompressedPrompt:
+    """Conservative token reductions that keep the meaning.
+
+    Collapses runs of spaces and tabs inside lines (indentation is kept), strips trailing
+    whitespace, turns runs of blank lines into one, and applies ``phrases`` (a mapping of
+    phrase -> shorter phrase, matched on word boundaries, ignoring case) when given.
+    Fenced code blocks, ``>`` quote lines, ``"quoted"`` text and inline ``code`` are never
+    changed. If the result would not be shorter in tokens the text is returned unchanged.
+    """
+    if not isinstance(text, str):
+        raise ConfigurationError(f"text must be a str, got {type(text).__name__}")
+    if phrases is not None and (not isinstance(phrases, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in phrases.items())):
+        raise ConfigurationError("phrases must map non-empty strings to strings")
+    tokens_before = count_tokens(text, model, catalog=catalog)
+    work, saved, sentinel = _protect(text)
+    replacements = 0
+    if phrases:
+        lookup = {k.lower(): v for k, v in phrases.items()}
+        pattern = _phrase_pattern(phrases)
+
+        def replace(match: re.Match[str]) -> str:
+            nonlocal replacements
+            replacements += 1
+            found, nxt = match.group("phrase"), match.group("next")
+            short = lookup[found.lower()]
+            if short:
+                return short + match.group("space") + nxt
+            # A dropped sentence opener hands its capital letter to the next word.
+            return nxt.upper() if found[:1].isupper() else nxt
+
+        work = pattern.sub(replace, work)
+    lines = []
+    for line in work.split("\n"):
+        indent = len(line) - len(line.lstrip(" \t"))
+        lines.append(line[:indent] + re.sub(r"[ \t]{2,}", " ", line[indent:]).rstrip(" \t")
+                     if line.strip(" \t") else "")
+    work = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
+    restore = re.compile(rf"{sentinel}(\d+){sentinel}")
+    result = restore.sub(lambda m: saved[int(m.group(1))], work)
+    tokens_after = count_tokens(result, model, catalog=catalog)
+    if tokens_after >= tokens_before:
+        return CompressedPrompt(text, CompressionReport(tokens_before, tokens_before, 0))
+    return CompressedPrompt(result, CompressionReport(tokens_before, tokens_after, replacements))
