@@ -390,6 +390,20 @@ class Engine:
             return self.release(ticket, **kwargs)
         return await asyncio.to_thread(self.release, ticket, **kwargs)
 
+    def discard(self, ticket: Ticket) -> bool:
+        """End a ticket *without* a usage row, returning its reservations.
+
+        For calls that another component records itself (a response-cache hit writes its
+        own ``cached`` row). Returns ``False`` if the ticket was already finished.
+        """
+        with self._lock:
+            if ticket.done:
+                return False
+            ticket.done = True
+        if self._budgets is not None:
+            self._budgets.release(ticket)
+        return True
+
     def record(self, model: str, *, input_tokens: int, output_tokens: int = 0,
                cached_input_tokens: int = 0, cache_write_tokens: int = 0,
                reasoning_tokens: int = 0, status: Status = "ok",

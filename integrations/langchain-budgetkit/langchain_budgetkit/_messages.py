@@ -1,0 +1,60 @@
+"""LangChain messages → the OpenAI-format dicts budgetkit counts tokens on.
+
+``langchain_core.messages.convert_to_openai_messages`` does this too, but it validates and
+copies every content block; this runs on every model call, so it does only what token
+counting needs: role, content (string or parts, passed through), name, tool calls and the
+tool-call id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import BaseMessage
+
+__all__ = ["to_openai_messages", "message_text"]
+
+_ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool",
+          "function": "function", "developer": "developer", "AIMessageChunk": "assistant",
+          "HumanMessageChunk": "user", "SystemMessageChunk": "system",
+          "ToolMessageChunk": "tool"}
+
+
+def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """Convert one prompt (a list of LangChain messages) to OpenAI-format dicts."""
+    converted = []
+    for message in messages:
+        role = getattr(message, "role", None) or _ROLES.get(message.type, message.type)
+        item: dict[str, Any] = {"role": role, "content": message.content}
+        if message.name:
+            item["name"] = message.name
+        tool_calls = getattr(message, "tool_calls", None)
+        if tool_calls:
+            item["tool_calls"] = [
+                {"id": call.get("id"), "type": "function",
+                 "function": {"name": call.get("name", ""),
+                              "arguments": json.dumps(call.get("args", {}),
+                                                      separators=(",", ":"))}}
+                for call in tool_calls]
+        tool_call_id = getattr(message, "tool_call_id", None)
+        if tool_call_id:
+            item["tool_call_id"] = tool_call_id
+        converted.append(item)
+    return converted
+
+
+def message_text(content: Any) -> str:
+    """The text of a message content (a string or a list of content parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, dict) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "".join(parts)
+    return "" if content is None else str(content)

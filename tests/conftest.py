@@ -1,0 +1,78 @@
+"""Shared fixtures of the core tests: real SQLite files, real PostgreSQL, a fake OpenAI server.
+
+- ``engine``: an :class:`~budgetkit.Engine` on a fresh SQLite file under ``tmp_path``,
+  closed after the test.
+- ``pg_url``: a fresh, empty PostgreSQL database (created from
+  ``BUDGETKIT_TEST_POSTGRES_URL``, dropped afterwards); the test is skipped when the
+  variable is not set.
+- ``fake_openai``: a running :class:`~budgetkit.testing.FakeOpenAIServer`.
+- ``fake_clock``: a clock tests move by hand (``fake_clock.advance(seconds=...)``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from budgetkit import Engine
+from budgetkit.testing import FakeOpenAIServer
+
+POSTGRES_ENV = "BUDGETKIT_TEST_POSTGRES_URL"
+
+
+class FakeClock:
+    """A settable naive-UTC clock; call it to read, ``advance`` to move."""
+
+    def __init__(self, start: dt.datetime = dt.datetime(2025, 1, 15, 12, 0, 0)) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+    def advance(self, **delta: float) -> dt.datetime:
+        self.now += dt.timedelta(**delta)
+        return self.now
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "usage.db"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> Iterator[Engine]:
+    with Engine(db=str(db_path)) as eng:
+        yield eng
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAIServer]:
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh PostgreSQL database for one test (skipped without a server)."""
+    base = os.environ.get(POSTGRES_ENV)
+    if not base:
+        pytest.skip(f"{POSTGRES_ENV} is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
+    psycopg = pytest.importorskip("psycopg")
+    name = f"bk_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
