@@ -133,7 +133,7 @@ class Store:
         from sqlmodel import Session
 
         with Session(self.engine) as session:
-            return list(session.exec(query).all())
+            return list(session.scalars(query).all())
 
     def purge_usage(self, before: dt.datetime) -> int:
         """Delete usage rows created before ``before``; returns how many."""
