@@ -519,10 +519,16 @@ def compress_prompt(text: str, model: str = "gpt-4o", *,
             replacements += 1
             found, nxt = match.group("phrase"), match.group("next")
             short = lookup[found.lower()]
+            # At a sentence start the capital letter stays: "For example" -> "E.g.", and
+            # "Could you please check" -> "Check". ("I would like you to" mid-sentence is not.)
+            before = match.string[:match.start()].rstrip(" \t")
+            capital = found[:1].isupper() and (not before or before[-1] in ".!?:\n")
             if short:
+                if capital:
+                    short = short[:1].upper() + short[1:]
                 return short + match.group("space") + nxt
             # A dropped sentence opener hands its capital letter to the next word.
-            return nxt.upper() if found[:1].isupper() else nxt
+            return nxt.upper() if capital else nxt
 
         work = pattern.sub(replace, work)
     lines = []
