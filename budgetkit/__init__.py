@@ -52,6 +52,27 @@ _EXPORTS: dict[str, str] = {
     "Ticket": "_engine",
     "UsageRecord": "_engine",
     "UsageRow": "_tables",
+    # reports
+    "Period": "_reports",
+    "UsageSummary": "_reports",
+    "CostAnalysis": "_reports",
+    "summarize": "_reports",
+    "cost_series": "_reports",
+    "cost_analysis": "_reports",
+    "allocate_costs": "_reports",
+    "what_if": "_reports",
+    "budget_report": "_reports",
+    "periodic_report": "_reports",
+    "forecast": "_forecast",
+    "detect_anomalies": "_forecast",
+    "export_usage": "_export",
+    # routing, cascade, fallback
+    "Router": "_router", "RouteDecision": "_router",
+    "Cascade": "_cascade", "CascadeResult": "_cascade", "Completion": "_cascade",
+    "MinLength": "_cascade", "RequiredElements": "_cascade", "MatchesRegex": "_cascade",
+    "ValidJSON": "_cascade", "ScoreAtLeast": "_cascade",
+    "Fallback": "_fallback", "is_transient": "_fallback",
+    "is_context_length_error": "_fallback",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -61,6 +82,14 @@ if TYPE_CHECKING:
                            estimate_cost, get_embedding_budget, get_generation_budget)
     from ._engine import Engine, Ticket, UsageRecord
     from ._tables import UsageRow
+    from ._reports import (CostAnalysis, Period, UsageSummary, allocate_costs, budget_report,
+                           cost_analysis, cost_series, periodic_report, summarize, what_if)
+    from ._forecast import detect_anomalies, forecast
+    from ._export import export_usage
+    from ._router import RouteDecision, Router
+    from ._cascade import (Cascade, CascadeResult, Completion, MatchesRegex, MinLength,
+                           RequiredElements, ScoreAtLeast, ValidJSON)
+    from ._fallback import Fallback, is_context_length_error, is_transient
     from ._errors import (ApprovalRequired, BudgetExceeded, BudgetkitError, CatalogError,
                           ConfigurationError, ContextWindowExceeded, StoreUnavailable,
                           UnknownModelError)
