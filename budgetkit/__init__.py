@@ -52,6 +52,18 @@ _EXPORTS: dict[str, str] = {
     "Ticket": "_engine",
     "UsageRecord": "_engine",
     "UsageRow": "_tables",
+    # budgets
+    "Budget": "_budgets",
+    "BudgetLevels": "_budgets",
+    "load_budgets": "_budgets",
+    "BudgetStatus": "_budget_book",
+    "Approval": "_budget_book",
+    "Alert": "_alerts",
+    "LoggingSink": "_alerts",
+    "WebhookSink": "_alerts",
+    "token_ladder_budgets": "_budget_presets",
+    "model_token_budgets": "_budget_presets",
+    "seed_budgets": "_budget_presets",
     # reports
     "Period": "_reports",
     "UsageSummary": "_reports",
@@ -82,6 +94,10 @@ if TYPE_CHECKING:
                            estimate_cost, get_embedding_budget, get_generation_budget)
     from ._engine import Engine, Ticket, UsageRecord
     from ._tables import UsageRow
+    from ._alerts import Alert, LoggingSink, WebhookSink
+    from ._budget_book import Approval, BudgetStatus
+    from ._budget_presets import model_token_budgets, seed_budgets, token_ladder_budgets
+    from ._budgets import Budget, BudgetLevels, load_budgets
     from ._reports import (CostAnalysis, Period, UsageSummary, allocate_costs, budget_report,
                            cost_analysis, cost_series, periodic_report, summarize, what_if)
     from ._forecast import detect_anomalies, forecast

@@ -321,10 +321,27 @@ class Engine:
         return ticket
 
     async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
-        """:meth:`admit` for asyncio code (budget checks may touch the database)."""
+        """:meth:`admit` for asyncio code (budget checks may touch the database).
+
+        If the awaiting task is cancelled while the admit thread is still reserving, the
+        reservation is released as soon as that thread finishes.
+        """
         if self._budgets is None:
             return self.admit(model, **kwargs)
-        return await asyncio.to_thread(self.admit, model, **kwargs)
+        import contextvars
+        import functools
+
+        call = functools.partial(contextvars.copy_context().run, self.admit, model, **kwargs)
+        future = asyncio.get_running_loop().run_in_executor(None, call)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            def give_back(done: asyncio.Future[Ticket]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self.release(done.result(), error="CancelledError")
+
+            future.add_done_callback(give_back)
+            raise
 
     def settle(self, ticket: Ticket, *, input_tokens: int | None = None, output_tokens: int = 0,
                cached_input_tokens: int = 0, cache_write_tokens: int = 0,
@@ -492,6 +509,120 @@ class Engine:
             except Exception:  # a listener's bug must not break the user's call
                 logger.exception("budgetkit: usage listener %r failed", listener)
         return record
+
+    # -- budgets (see _budget_book) -----------------------------------------------------
+    def _budget_book(self) -> Any:
+        if self._budgets is None:
+            from ._budget_book import BudgetBook
+
+            with self._lock:
+                if self._budgets is None:
+                    self._budgets = BudgetBook(self.store, self.now)
+        return self._budgets
+
+    def add_budget(self, budget: Any, *, replace: bool = False) -> Any:
+        """Register a :class:`Budget`; from now on every call it applies to is checked.
+
+        ``engine.add_budget(Budget(limit=1.00))`` is a global daily budget of $1.
+        A different budget under an existing name needs ``replace=True``.
+        """
+        return self._budget_book().add(budget, replace=replace)
+
+    def load_budgets(self, path: Any, *, replace: bool = False) -> list[Any]:
+        """Register every budget of a TOML or JSON file (all checked before any is added)."""
+        from ._budgets import load_budgets
+
+        budgets = load_budgets(path)
+        book = self._budget_book()
+        for budget in budgets:
+            known = {item.name: item for item in book.budgets()}.get(budget.name)
+            if known is not None and known != budget and not replace:
+                raise ConfigurationError(f"{path}: budget {budget.name!r}, field 'name': a "
+                                         "different budget has this name; pass replace=True")
+        return [book.add(budget, replace=replace) for budget in budgets]
+
+    def remove_budget(self, name: str) -> None:
+        """Stop enforcing a budget (its stored windows stay for reports)."""
+        self._budget_book().remove(name)
+
+    def budgets(self) -> list[Any]:
+        """The registered budgets."""
+        return [] if self._budgets is None else self._budgets.budgets()
+
+    def configure_budgets(self, *, reservation_timeout: float | None = None,
+                          alert_sinks: Sequence[Callable[[Any], None]] | None = None) -> None:
+        """``reservation_timeout``: seconds after which an unsettled reservation (a process
+        killed mid-call) is given back (default 900). ``alert_sinks`` replaces the sinks
+        (default: a :class:`LoggingSink`)."""
+        book = self._budget_book()
+        if reservation_timeout is not None:
+            if reservation_timeout <= 0:
+                raise ConfigurationError(
+                    f"reservation_timeout must be > 0, got {reservation_timeout}")
+            book.reservation_timeout = float(reservation_timeout)
+        if alert_sinks is not None:
+            book.sinks = list(alert_sinks)
+
+    def add_alert_sink(self, sink: Callable[[Any], None]) -> None:
+        """Also send budget alerts to ``sink(alert)`` (any callable, a WebhookSink, ...)."""
+        book = self._budget_book()
+        book.sinks = [*book.sinks, sink]
+
+    def budget_status(self, budget: str | None = None, *, key: str | None = None) -> list[Any]:
+        """Used, reserved, remaining and percentage of each budget's current window(s)."""
+        return [] if self._budgets is None else self._budgets.status(budget=budget, key=key)
+
+    def approve(self, budget: str, *, extra: float | None = None,
+                expires: dt.datetime | dt.timedelta | float | None = None,
+                by: str | None = None, key: str | None = None, run_id: str | None = None,
+                reason: str | None = None) -> Any:
+        """Lift the critical stop of ``budget`` for its current window.
+
+        ``extra`` raises the stop by that amount (dollars or tokens); without it the window
+        has no stop until ``expires`` (a datetime, timedelta or seconds). For budgets held
+        per user / model / tag / run, ``key`` names which one (and ``run_id`` the run of a
+        per-run budget). Stored; see :meth:`approvals`.
+        """
+        return self._budget_book().approve(budget, extra=extra, expires=expires, by=by,
+                                           key=key, run_id=run_id, reason=reason)
+
+    def approvals(self, budget: str | None = None, *, active: bool | None = None) -> list[Any]:
+        """Stored approvals (``active=True``: only those lifting a stop right now)."""
+        return [] if self._budgets is None else self._budgets.approvals(budget=budget,
+                                                                         active=active)
+
+    def alerts(self, budget: str | None = None, *, since: dt.datetime | None = None
+               ) -> list[Any]:
+        """Stored budget alerts, oldest first."""
+        return [] if self._budgets is None else self._budgets.alerts(budget=budget, since=since)
+
+    def budget_headroom(self, *, model: str | None = None, user_id: str | None = None,
+                        project: str | None = None, tags: Iterable[str] = (),
+                        operation_type: str | None = None,
+                        run_id: str | None = None) -> float | None:
+        """The smallest remaining fraction (0..1) of the budgets such a call would count
+        in; ``None`` when no budget applies. The router downgrades when this runs low."""
+        if self._budgets is None:
+            return None
+        from ._budget_book import attribution_ticket
+
+        price = self.catalog.resolve(model) if model else None
+        return self._budgets.headroom(attribution_ticket(
+            model=model, user_id=user_id, project=project or self.project, tags=tags,
+            operation_type=operation_type, run_id=run_id, price=price,
+            provider=price.provider if price is not None else None))
+
+    def check_stream(self, ticket: Ticket, output_tokens_so_far: int) -> None:
+        """Call while streaming: raises :class:`BudgetExceeded` once the output outgrows the
+        ticket's reservation in a budget that stops streams (per-run budgets by default)
+        and the window has no room left. Cheap: no database trip while within the
+        reservation."""
+        if self._budgets is not None:
+            self._budgets.check_stream(ticket, output_tokens_so_far)
+
+    def reclaim_reservations(self) -> int:
+        """Give back reservations past their timeout now (admit also does it every minute)."""
+        return 0 if self._budgets is None else self._budgets.reap()
 
     # -- reading ------------------------------------------------------------------------
     def usage(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,

@@ -1,0 +1,715 @@
+"""The budget book: reserve, settle, release, approve and report budget windows.
+
+How it holds across threads and processes:
+
+- Each budget window is one row. Reserving is ``UPDATE ... SET reserved = reserved + x
+  WHERE id = w AND spent + reserved + x <= stop + approved_extra``: the check and the
+  reserve are one statement, so two processes cannot both take the last dollar (SQLite
+  serialises writers; PostgreSQL re-checks the WHERE on the row's newest version).
+- One transaction per admit covers every window that applies, in window-id order (no
+  deadlocks); if any window has no room the whole admit rolls back.
+- Windows are created on demand with ``INSERT ... ON CONFLICT DO NOTHING`` and their ids
+  cached, so concurrent first calls of a new user meet one row and one limit.
+- Each reservation is also a row with an expiry. Whoever deletes that row (settle,
+  release, or the reaper of expired reservations) gives the amount back: exactly once,
+  even when a process died between reserve and settle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.sql.expression import bindparam
+
+from ._alerts import Alert, AlertSink, LoggingSink
+from ._budget_tables import (BudgetAlertRow, BudgetApprovalRow, BudgetReservationRow,
+                             BudgetWindowRow)
+from ._budgets import UNLIMITED, Budget, window_bounds
+from ._errors import ApprovalRequired, BudgetExceeded, ConfigurationError
+
+__all__ = ["BudgetBook", "BudgetStatus", "Approval", "Reservation",
+           "DEFAULT_RESERVATION_TIMEOUT"]
+
+logger = logging.getLogger("budgetkit")
+
+#: Seconds after which a reservation that was never settled is given back (a process
+#: killed mid-call). Longer than any sane model call; configurable per engine.
+DEFAULT_RESERVATION_TIMEOUT = 900.0
+#: How often (engine-clock seconds) admit sweeps every expired reservation.
+REAP_INTERVAL = 60.0
+
+W = BudgetWindowRow.__table__  # type: ignore[attr-defined]
+R = BudgetReservationRow.__table__  # type: ignore[attr-defined]
+A = BudgetApprovalRow.__table__  # type: ignore[attr-defined]
+AL = BudgetAlertRow.__table__  # type: ignore[attr-defined]
+
+_APPROVED = func.coalesce(
+    select(func.sum(A.c.extra))
+    .where(A.c.window_id == bindparam("wid"),
+           or_(A.c.expires_at.is_(None), A.c.expires_at > bindparam("now")))
+    .scalar_subquery(), 0)
+# The one statement that decides admission (see the module docstring).
+_RESERVE = (update(W)
+            .where(W.c.id == bindparam("wid"),
+                   W.c.spent + W.c.reserved + bindparam("amount") <= bindparam("cap") + _APPROVED)
+            .values(reserved=W.c.reserved + bindparam("amount"))
+            .returning(W.c.spent, W.c.reserved))
+_SETTLE = (update(W).where(W.c.id == bindparam("wid"))
+           .values(spent=W.c.spent + bindparam("actual"),
+                   reserved=W.c.reserved - bindparam("held"))
+           .returning(W.c.spent, W.c.reserved))
+
+
+@dataclass
+class Reservation:
+    """What a ticket holds in one budget window (``amount`` in the budget's unit)."""
+
+    window_id: int
+    budget: Budget
+    scope_key: str
+    window_start: dt.datetime
+    amount: int
+
+
+@dataclass(frozen=True)
+class BudgetStatus:
+    """One budget window now: used (settled), reserved (in flight), remaining, level.
+
+    Amounts are dollars for USD budgets and tokens for token budgets. ``limit`` is the
+    budget's limit; ``stop`` is where calls stop, including approved extra amounts.
+    """
+
+    budget: str
+    scope: str
+    scope_key: str
+    period: str
+    unit: str
+    window_start: dt.datetime
+    window_end: dt.datetime | None
+    limit: float
+    used: float
+    reserved: float
+    remaining: float
+    percentage: float
+    level: str
+    approved_extra: float
+    stop: float
+
+
+@dataclass(frozen=True)
+class Approval:
+    """A lifted critical stop for one window (``extra=None``: no cap until it expires)."""
+
+    id: str
+    budget: str
+    scope_key: str
+    window_start: dt.datetime
+    extra: float | None
+    expires_at: dt.datetime | None
+    approved_by: str | None
+    reason: str | None
+    created_at: dt.datetime
+    active: bool
+
+
+class _NoRoom(Exception):
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+
+def _insert_ignore(store: Any, table: Any) -> Any:
+    """``INSERT ... ON CONFLICT DO NOTHING`` for the store's dialect (None: plain insert)."""
+    name = store.engine.dialect.name
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        return None
+    return dialect_insert(table).on_conflict_do_nothing()
+
+
+class BudgetBook:
+    """Every budget of one engine and its windows in the store. Thread-safe."""
+
+    def __init__(self, store: Any, clock: Callable[[], dt.datetime], *,
+                 reservation_timeout: float = DEFAULT_RESERVATION_TIMEOUT,
+                 sinks: Sequence[AlertSink] | None = None) -> None:
+        self.store = store
+        self.clock = clock
+        self.reservation_timeout = reservation_timeout
+        self.sinks: list[AlertSink] = list(sinks) if sinks is not None else [LoggingSink()]
+        self._budgets: dict[str, Budget] = {}
+        self._lock = threading.Lock()
+        # SQLite has one writer anyway; queueing our threads here beats its busy-wait.
+        self._db_lock: threading.Lock | None = threading.Lock() if store.is_sqlite else None
+        self._window_ids: dict[tuple[str, str, str, str, dt.datetime], int] = {}
+        self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
+        self._fired: set[tuple[int, str]] = set()
+        self._last_reap: dt.datetime | None = None
+        self._insert_window = _insert_ignore(store, W)
+        self._insert_alert = _insert_ignore(store, AL)
+
+    # -- registry ---------------------------------------------------------------------
+    def add(self, budget: Budget, *, replace: bool = False) -> Budget:
+        if not isinstance(budget, Budget):
+            raise ConfigurationError(f"add_budget() takes a Budget, got {type(budget).__name__}")
+        with self._lock:
+            known = self._budgets.get(budget.name)
+            if known is not None and known != budget and not replace:
+                raise ConfigurationError(
+                    f"budget {budget.name!r}, field 'name': a different budget has this name; "
+                    "pass replace=True to redefine it")
+            self._budgets = {**self._budgets, budget.name: budget}
+        return budget
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._get(name)
+            self._budgets = {k: v for k, v in self._budgets.items() if k != name}
+
+    def budgets(self) -> list[Budget]:
+        return list(self._budgets.values())
+
+    def _get(self, name: str) -> Budget:
+        budget = self._budgets.get(name)
+        if budget is None:
+            known = ", ".join(sorted(self._budgets)) or "none"
+            raise ConfigurationError(f"unknown budget {name!r}; registered: {known}")
+        return budget
+
+    def __bool__(self) -> bool:
+        return bool(self._budgets)
+
+    # -- windows ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[Any]:
+        if self._db_lock is None:
+            with self.store.engine.begin() as conn:
+                yield conn
+        else:
+            with self._db_lock, self.store.engine.begin() as conn:
+                yield conn
+
+    def _window_bounds(self, budget: Budget, now: dt.datetime
+                       ) -> tuple[dt.datetime, dt.datetime | None]:
+        cache_key = (budget.period, budget.timezone)
+        cached = self._bounds.get(cache_key)
+        if cached is not None and cached[0] <= now and (cached[1] is None or now < cached[1]):
+            return cached
+        bounds = window_bounds(budget.period, now, budget.timezone)
+        self._bounds[cache_key] = bounds
+        return bounds
+
+    def _window_id(self, budget: Budget, key: str, start: dt.datetime,
+                   end: dt.datetime | None, now: dt.datetime, *, create: bool = True
+                   ) -> int | None:
+        cache_key = (budget.name, budget.period, budget.unit, key, start)
+        window_id = self._window_ids.get(cache_key)
+        if window_id is not None:
+            return window_id
+        where = (W.c.budget == budget.name, W.c.period == budget.period,
+                 W.c.unit == budget.unit, W.c.scope_key == key, W.c.window_start == start)
+        values = {"budget": budget.name, "period": budget.period, "unit": budget.unit,
+                  "scope_key": key, "window_start": start, "window_end": end,
+                  "spent": 0, "reserved": 0, "created_at": now}
+        if create:
+            with self._transaction() as conn:
+                if self._insert_window is not None:
+                    conn.execute(self._insert_window, values)
+                else:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(insert(W), values)
+                    except IntegrityError:
+                        pass
+                window_id = conn.execute(select(W.c.id).where(*where)).scalar_one()
+        else:
+            with self.store.engine.connect() as conn:
+                window_id = conn.execute(select(W.c.id).where(*where)).scalar()
+            if window_id is None:
+                return None
+        if len(self._window_ids) > 50_000:  # bounded: old windows and runs fall out
+            self._window_ids.clear()
+        self._window_ids[cache_key] = window_id
+        return window_id
+
+    def _targets(self, ticket: Any, now: dt.datetime, *, create: bool = True
+                 ) -> list[tuple[Budget, str, dt.datetime, int | None]]:
+        targets = []
+        for budget in self._budgets.values():
+            keys = budget.window_keys(ticket)
+            if not keys:
+                continue
+            start, end = self._window_bounds(budget, now)
+            for key in keys:
+                targets.append((budget, key, start,
+                                self._window_id(budget, key, start, end, now, create=create)))
+        return targets
+
+    # -- the life of a call -----------------------------------------------------------
+    def reserve(self, ticket: Any) -> None:
+        """Reserve the ticket's worst case in every window that applies, or raise.
+
+        Sets ``ticket.reservations``, ``ticket.decision`` and ``ticket.warnings``.
+        Raises :class:`ApprovalRequired` / :class:`BudgetExceeded` and reserves nothing
+        when any window lacks room.
+        """
+        if not self._budgets:
+            return
+        now = self.clock()
+        targets = self._targets(ticket, now)
+        if not targets:
+            return
+        if self._last_reap is None or (now - self._last_reap).total_seconds() >= REAP_INTERVAL:
+            self._last_reap = now
+            self.reap(now)
+        plan = sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
+                       for budget, key, start, window_id in targets), key=lambda item: item[0])
+        for attempt in (1, 2):
+            try:
+                results = self._reserve_all(ticket.id, plan, now)
+                break
+            except _NoRoom as no_room:
+                window_id, budget, key, start, amount = plan[no_room.index]
+                # Reservations of a dead process may be what fills the window.
+                if attempt == 1 and self.reap(now, window_id=window_id):
+                    continue
+                raise self._blocked(budget, key, start, window_id, amount, now) from None
+        ticket.reservations = [Reservation(window_id, budget, key, start, amount)
+                               for window_id, budget, key, start, amount in plan]
+        self._judge(ticket, plan, results)
+
+    def _reserve_all(self, ticket_id: str, plan: Sequence[tuple[Any, ...]],
+                     now: dt.datetime) -> list[tuple[int, int]]:
+        results: list[tuple[int, int]] = []
+        expires = now + dt.timedelta(seconds=self.reservation_timeout)
+        with self._transaction() as conn:
+            for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
+                row = conn.execute(_RESERVE, {"wid": window_id, "amount": amount,
+                                              "cap": budget.stop_amount, "now": now}).first()
+                if row is None:
+                    raise _NoRoom(index)  # rolls back the windows reserved so far
+                results.append((int(row[0]), int(row[1])))
+            conn.execute(insert(R), [{"ticket_id": ticket_id, "window_id": item[0],
+                                      "amount": item[4], "expires_at": expires}
+                                     for item in plan])
+        return results
+
+    def _judge(self, ticket: Any, plan: Sequence[tuple[Any, ...]],
+               results: Sequence[tuple[int, int]]) -> None:
+        """Levels and the downgrade hint from the windows' state after reserving."""
+        decision = "allow"
+        rank = {"allow": 0, "warn": 1, "review": 2, "downgrade": 3}
+        review: list[str] = []
+        for (window_id, budget, key, start, _amount), (spent, reserved) in zip(plan, results):
+            used = spent + reserved
+            level = budget.level_of(used)
+            verdict = "allow"
+            if level != "normal":
+                verdict = "warn" if level == "moderate" else "review"
+                ticket.warnings.append(
+                    f"budget {budget.name!r} ({budget.describe_key(key)}) at level {level}: "
+                    f"{budget.format_amount(used)} of {budget.format_amount(budget.limit_amount)}"
+                    " used or reserved")
+                if verdict == "review":
+                    review.append(budget.name)
+                self._alert(window_id, budget, key, start, f"level:{level}", level, None,
+                            spent, reserved)
+            limit = budget.limit_amount
+            if budget.downgrade_below is not None \
+                    and max(0, limit - used) / limit < budget.downgrade_below:
+                verdict = "downgrade"
+            if rank[verdict] > rank[decision]:
+                decision = verdict
+        ticket.decision = decision
+        if review:
+            ticket.metadata["budget_review"] = review
+
+    def commit(self, ticket: Any, cost_nanos: int, tokens: int) -> None:
+        """The call finished: actual spend replaces what the ticket reserved."""
+        try:
+            self._settle(ticket, cost_nanos, tokens)
+        except SQLAlchemyError:  # the reservation expires; the usage row is still written
+            logger.exception("budgetkit: could not settle ticket %s in its budgets", ticket.id)
+
+    def release(self, ticket: Any) -> None:
+        """Give back what the ticket reserved (cancelled, failed or blocked elsewhere)."""
+        if not ticket.reservations:
+            return
+        try:
+            self._settle(ticket, 0, 0)
+        except SQLAlchemyError:
+            logger.exception("budgetkit: could not release ticket %s", ticket.id)
+
+    def _settle(self, ticket: Any, cost_nanos: int, tokens: int) -> None:
+        reservations: list[Reservation] = list(ticket.reservations)
+        now = self.clock()
+        if not reservations:
+            if not self._budgets or (cost_nanos == 0 and tokens == 0):
+                return
+            # Recorded without admit (embeddings, imports): still counts in its budgets.
+            reservations = [Reservation(window_id, budget, key, start, 0)
+                            for budget, key, start, window_id in self._targets(ticket, now)]
+            if not reservations:
+                return
+        reservations.sort(key=lambda item: item.window_id)
+        updates = []
+        with self._transaction() as conn:
+            held: dict[int, int] = {}
+            if ticket.reservations:
+                held = {int(w): int(a) for w, a in conn.execute(
+                    delete(R).where(R.c.ticket_id == ticket.id)
+                    .returning(R.c.window_id, R.c.amount)).all()}
+            for item in reservations:
+                actual = cost_nanos if item.budget.unit == "usd" else tokens
+                give_back = held.get(item.window_id, 0)  # 0: the reaper already did
+                if actual == 0 and give_back == 0:
+                    continue
+                row = conn.execute(_SETTLE, {"wid": item.window_id, "actual": actual,
+                                             "held": give_back}).first()
+                if row is not None and actual:
+                    updates.append((item, int(row[0]), int(row[1])))
+        ticket.reservations = []
+        for item, spent, reserved in updates:
+            budget = item.budget
+            for threshold in budget.alert_at:
+                if spent >= threshold * budget.limit_amount:
+                    self._alert(item.window_id, budget, item.scope_key, item.window_start,
+                                f"threshold:{threshold:g}", budget.level_of(spent), threshold,
+                                spent, reserved)
+
+    def check_stream(self, ticket: Any, output_tokens: int) -> None:
+        """Raise :class:`BudgetExceeded` when a streaming call outgrew its reservation in a
+        budget that stops streams and the window has no room to grow it."""
+        if ticket.done or not ticket.reservations:
+            return
+        for item in ticket.reservations:
+            budget = item.budget
+            if not budget.stops_streams:
+                continue
+            if budget.unit == "usd":
+                needed = ticket.price.cost_nanos(ticket.input_tokens, output_tokens)
+            else:
+                needed = ticket.input_tokens + output_tokens
+            if needed <= item.amount:
+                continue  # the common case: no database trip per token
+            now = self.clock()
+            grow_by = [max(needed - item.amount, item.amount // 4, 1), needed - item.amount]
+            for grow in dict.fromkeys(grow_by):
+                if self._grow(ticket.id, item, grow, now):
+                    break
+            else:
+                raise self._blocked(budget, item.scope_key, item.window_start, item.window_id,
+                                    needed - item.amount, now, streaming=True)
+
+    def _grow(self, ticket_id: str, item: Reservation, grow: int, now: dt.datetime) -> bool:
+        try:
+            with self._transaction() as conn:
+                row = conn.execute(_RESERVE, {"wid": item.window_id, "amount": grow,
+                                              "cap": item.budget.stop_amount, "now": now}).first()
+                if row is None:
+                    return False
+                moved = conn.execute(update(R).where(R.c.ticket_id == ticket_id,
+                                                     R.c.window_id == item.window_id)
+                                     .values(amount=R.c.amount + grow)).rowcount
+                if not moved:  # reaped meanwhile: undo, keep streaming on what was settled
+                    raise _NoRoom(0)
+        except _NoRoom:
+            return True
+        item.amount += grow
+        return True
+
+    # -- expiry -----------------------------------------------------------------------
+    def reap(self, now: dt.datetime | None = None, *, window_id: int | None = None) -> int:
+        """Give back reservations older than the timeout; returns the amount reclaimed."""
+        now = now or self.clock()
+        query = select(R.c.ticket_id, R.c.window_id, R.c.amount).where(R.c.expires_at < now)
+        if window_id is not None:
+            query = query.where(R.c.window_id == window_id)
+        with self.store.engine.connect() as conn:
+            expired = conn.execute(query.limit(1000)).all()
+        if not expired:
+            return 0
+        reclaimed = 0
+        with self._transaction() as conn:
+            for ticket_id, wid, amount in sorted(expired, key=lambda row: row[1]):
+                gone = conn.execute(delete(R).where(R.c.ticket_id == ticket_id,
+                                                    R.c.window_id == wid)).rowcount
+                if gone:  # we won the delete, so we give the amount back
+                    conn.execute(update(W).where(W.c.id == wid)
+                                 .values(reserved=W.c.reserved - amount))
+                    reclaimed += int(amount)
+        if reclaimed:
+            logger.warning("budgetkit: reclaimed %d expired budget reservation(s)", len(expired))
+        return reclaimed
+
+    # -- blocking, alerts -------------------------------------------------------------
+    def _blocked(self, budget: Budget, key: str, start: dt.datetime, window_id: int,
+                 amount: int, now: dt.datetime, *, streaming: bool = False) -> BudgetExceeded:
+        with self.store.engine.connect() as conn:
+            row = conn.execute(select(W.c.spent, W.c.reserved).where(W.c.id == window_id)).one()
+            extra = int(conn.execute(select(_APPROVED), {"wid": window_id, "now": now}).scalar()
+                        or 0)
+        spent, reserved = int(row[0]), int(row[1])
+        level = budget.level_of(spent + reserved + amount)
+        fmt = budget.format_amount
+        window = start.isoformat(sep=" ") if budget.period not in ("run", "total") \
+            else budget.period
+        stop = budget.stop_amount + extra
+        what = "streaming call outgrew its reservation" if streaming else "call"
+        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {budget.period} window "
+                   f"{window} UTC) stops this {what}: needs {fmt(amount)}, spent {fmt(spent)}, "
+                   f"reserved {fmt(reserved)}, limit {fmt(budget.limit_amount)}"
+                   f"{f' (stops at {fmt(stop)})' if stop != budget.limit_amount else ''}, "
+                   f"level {level}")
+        if budget.require_approval:
+            message += f"; engine.approve({budget.name!r}) lifts the stop for this window"
+        error_type = ApprovalRequired if budget.require_approval else BudgetExceeded
+        self._alert(window_id, budget, key, start, "blocked", "critical", None, spent, reserved)
+        return error_type(message, budget=budget.name, window=start, scope_key=key,
+                          spent=budget.to_unit(spent), reserved=budget.to_unit(reserved),
+                          limit=budget.to_unit(budget.limit_amount), level=level,
+                          needed=budget.to_unit(amount), unit=budget.unit)
+
+    def _alert(self, window_id: int, budget: Budget, key: str, start: dt.datetime, kind: str,
+               level: str, threshold: float | None, spent: int, reserved: int) -> None:
+        """Fire once per (window, kind) across processes: the stored row decides."""
+        marker = (window_id, kind)
+        if marker in self._fired:
+            return
+        self._fired.add(marker)
+        now = self.clock()
+        limit = budget.limit_amount
+        percentage = 100.0 * spent / limit
+        fmt = budget.format_amount
+        what = {"threshold": f"reached {100 * (threshold or 0):g}% of its limit",
+                "level": f"is at level {level} (used or reserved {fmt(spent + reserved)})",
+                "blocked": "stopped a call (critical)"}[kind.split(":")[0]]
+        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {budget.period}) {what}: "
+                   f"spent {fmt(spent)} of {fmt(limit)} ({percentage:.1f}%)")
+        values = {"window_id": window_id, "kind": kind, "budget": budget.name,
+                  "period": budget.period, "unit": budget.unit, "scope_key": key,
+                  "window_start": start, "level": level, "spent": spent, "reserved": reserved,
+                  "limit_amount": limit, "message": message, "created_at": now}
+        try:
+            with self._transaction() as conn:
+                if self._insert_alert is not None:
+                    won = conn.execute(self._insert_alert.returning(AL.c.id),
+                                       values).first() is not None
+                else:
+                    try:
+                        with conn.begin_nested():
+                            conn.execute(insert(AL), values)
+                        won = True
+                    except IntegrityError:
+                        won = False
+        except (DBAPIError, SQLAlchemyError):
+            logger.exception("budgetkit: could not store alert %s", message)
+            won = True  # better a duplicate alert than none
+        if not won:
+            return
+        alert = Alert(budget=budget.name, kind=kind.split(":")[0], level=level,
+                      threshold=threshold, period=budget.period, unit=budget.unit,
+                      scope_key=key, window_start=start, spent=budget.to_unit(spent),
+                      reserved=budget.to_unit(reserved), limit=budget.to_unit(limit),
+                      percentage=percentage, message=message, created_at=now)
+        for sink in list(self.sinks):
+            try:
+                sink(alert)
+            except Exception:  # a sink's bug must not break the user's call
+                logger.exception("budgetkit: alert sink %r failed", sink)
+
+    def alerts(self, *, budget: str | None = None, since: dt.datetime | None = None
+               ) -> list[Alert]:
+        query = select(AL).order_by(AL.c.created_at, AL.c.id)
+        if budget is not None:
+            query = query.where(AL.c.budget == budget)
+        if since is not None:
+            query = query.where(AL.c.created_at >= since)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        out = []
+        for row in rows:
+            kind, _, threshold = row["kind"].partition(":")
+            known = self._budgets.get(row["budget"])
+            to_unit = known.to_unit if known is not None and known.unit == row["unit"] else (
+                (lambda a: a / 1e9) if row["unit"] == "usd" else float)
+            out.append(Alert(
+                budget=row["budget"], kind=kind, level=row["level"],
+                threshold=float(threshold) if kind == "threshold" else None,
+                period=row["period"], unit=row["unit"], scope_key=row["scope_key"],
+                window_start=row["window_start"], spent=to_unit(row["spent"]),
+                reserved=to_unit(row["reserved"]), limit=to_unit(row["limit_amount"]),
+                percentage=100.0 * row["spent"] / row["limit_amount"],
+                message=row["message"], created_at=row["created_at"]))
+        return out
+
+    # -- approvals --------------------------------------------------------------------
+    def approve(self, name: str, *, extra: float | None = None,
+                expires: dt.datetime | dt.timedelta | float | None = None,
+                by: str | None = None, key: str | None = None, run_id: str | None = None,
+                reason: str | None = None) -> Approval:
+        budget = self._get(name)
+        now = self.clock()
+        each = budget.scope != "global" and budget.match is None
+        if each and key is None:
+            raise ConfigurationError(f"budget {name!r}, field 'key': this budget holds for each "
+                                     f"{budget.scope}; say which one (key=...)")
+        if budget.period == "run" and run_id is None and not (budget.scope == "run" and key):
+            raise ConfigurationError(f"budget {name!r}, field 'run_id': a per-run budget needs "
+                                     "the run to approve (run_id=...)")
+        scope_key = key if each and key is not None else ""
+        if budget.period == "run":
+            run = run_id or key
+            scope_key = (f"{scope_key}\x1frun:{run}" if scope_key and budget.scope != "run"
+                         else f"run:{run}")
+        if extra is not None:
+            if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra <= 0:
+                raise ConfigurationError(f"budget {name!r}, field 'extra': must be a positive "
+                                         f"amount, got {extra!r}")
+            amount = budget.amount_of(extra)
+        else:
+            amount = UNLIMITED
+        if isinstance(expires, dt.timedelta):
+            expires_at: dt.datetime | None = now + expires
+        elif isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            expires_at = now + dt.timedelta(seconds=expires)
+        elif isinstance(expires, dt.datetime):
+            expires_at = (expires.astimezone(dt.timezone.utc).replace(tzinfo=None)
+                          if expires.tzinfo else expires)
+        elif expires is None:
+            expires_at = None
+        else:
+            raise ConfigurationError(f"budget {name!r}, field 'expires': use a datetime, "
+                                     f"timedelta or seconds, got {expires!r}")
+        start, end = self._window_bounds(budget, now)
+        window_id = self._window_id(budget, scope_key, start, end, now)
+        assert window_id is not None
+        approval_id = uuid.uuid4().hex
+        with self._transaction() as conn:
+            conn.execute(insert(A), {
+                "id": approval_id, "window_id": window_id, "budget": name,
+                "scope_key": scope_key, "window_start": start, "extra": amount,
+                "unlimited": extra is None, "expires_at": expires_at, "approved_by": by,
+                "reason": reason, "created_at": now})
+        logger.warning("budgetkit: budget %r approved by %s for window %s (%s)", name,
+                       by or "unknown", start, "no cap" if extra is None else f"+{extra}")
+        return Approval(approval_id, name, scope_key, start,
+                        None if extra is None else budget.to_unit(amount), expires_at, by,
+                        reason, now, True)
+
+    def approvals(self, *, budget: str | None = None, active: bool | None = None
+                  ) -> list[Approval]:
+        now = self.clock()
+        query = select(A).order_by(A.c.created_at, A.c.id)
+        if budget is not None:
+            query = query.where(A.c.budget == budget)
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+        out = []
+        for row in rows:
+            known = self._budgets.get(row["budget"])
+            is_active = row["expires_at"] is None or row["expires_at"] > now
+            if known is not None and known.period not in ("run", "total"):
+                is_active = is_active and row["window_start"] == \
+                    self._window_bounds(known, now)[0]
+            if active is not None and is_active != active:
+                continue
+            amount = None if row["unlimited"] else (
+                known.to_unit(row["extra"]) if known is not None else float(row["extra"]))
+            out.append(Approval(row["id"], row["budget"], row["scope_key"], row["window_start"],
+                                amount, row["expires_at"], row["approved_by"], row["reason"],
+                                row["created_at"], is_active))
+        return out
+
+    # -- reading ----------------------------------------------------------------------
+    def status(self, *, budget: str | None = None, key: str | None = None,
+               max_windows: int = 200) -> list[BudgetStatus]:
+        now = self.clock()
+        self.reap(now)
+        chosen = [self._get(budget)] if budget is not None else list(self._budgets.values())
+        out: list[BudgetStatus] = []
+        with self.store.engine.connect() as conn:
+            for item in chosen:
+                start, end = self._window_bounds(item, now)
+                query = (select(W.c.id, W.c.scope_key, W.c.window_start, W.c.window_end,
+                                W.c.spent, W.c.reserved)
+                         .where(W.c.budget == item.name, W.c.period == item.period,
+                                W.c.unit == item.unit, W.c.window_start == start)
+                         .order_by(W.c.id.desc()).limit(max_windows))
+                if key is not None:
+                    query = query.where(or_(W.c.scope_key == key,
+                                            W.c.scope_key.like(f"{key}\x1f%")))
+                rows = conn.execute(query).all()
+                if not rows and item.scope == "global" and item.period != "run":
+                    rows = [(None, "", start, end, 0, 0)]
+                for window_id, scope_key, w_start, w_end, spent, reserved in rows:
+                    extra = 0
+                    if window_id is not None:
+                        extra = int(conn.execute(select(_APPROVED),
+                                                 {"wid": window_id, "now": now}).scalar() or 0)
+                    out.append(_status(item, scope_key, w_start, w_end, int(spent),
+                                       int(reserved), extra))
+        return out
+
+    def headroom(self, ticket: Any) -> float | None:
+        """Smallest remaining fraction (0..1) of the limits that apply; None if none do."""
+        if not self._budgets:
+            return None
+        now = self.clock()
+        targets = self._targets(ticket, now, create=False)
+        if not targets:
+            return None
+        ids = [window_id for *_rest, window_id in targets if window_id is not None]
+        used: dict[int, int] = {}
+        if ids:
+            with self.store.engine.connect() as conn:
+                used = {int(w): int(s) + int(r) for w, s, r in conn.execute(
+                    select(W.c.id, W.c.spent, W.c.reserved).where(W.c.id.in_(ids))).all()}
+        fractions = []
+        for budget, _key, _start, window_id in targets:
+            limit = budget.limit_amount
+            fractions.append(max(0.0, (limit - used.get(window_id or -1, 0)) / limit))
+        return min(fractions)
+
+
+def _worst_case(budget: Budget, ticket: Any) -> int:
+    if budget.unit == "usd":
+        return int(ticket.worst_case_nanos)
+    return int(ticket.input_tokens + ticket.max_output_tokens)
+
+
+def _status(budget: Budget, key: str, start: dt.datetime, end: dt.datetime | None, spent: int,
+            reserved: int, extra: int) -> BudgetStatus:
+    limit = budget.limit_amount
+    stop = budget.stop_amount + extra
+    return BudgetStatus(
+        budget=budget.name, scope=budget.describe_key(key), scope_key=key, period=budget.period,
+        unit=budget.unit, window_start=start, window_end=end, limit=budget.to_unit(limit),
+        used=budget.to_unit(spent), reserved=budget.to_unit(reserved),
+        remaining=budget.to_unit(max(0, limit - spent - reserved)),
+        percentage=100.0 * spent / limit, level=budget.level_of(spent + reserved),
+        approved_extra=budget.to_unit(min(extra, UNLIMITED)),
+        stop=budget.to_unit(stop) if extra < UNLIMITED else float("inf"))
+
+
+def attribution_ticket(*, model: str | None = None, user_id: str | None = None,
+                       project: str | None = None, tags: Iterable[str] = (),
+                       operation_type: str | None = None, run_id: str | None = None,
+                       provider: str | None = None, price: Any = None) -> Any:
+    """A stand-in ticket carrying only attribution (for headroom questions)."""
+    return SimpleNamespace(id=f"probe-{uuid.uuid4().hex}", model=model or "", provider=provider,
+                           price=price,
+                           user_id=user_id, project=project, tags=tuple(tags),
+                           operation_type=operation_type, run_id=run_id, root_run_id=run_id)
