@@ -124,7 +124,9 @@ class Router:
     ``levels`` maps the task levels "low" / "medium" / "high" to tier names when the tiers
     are named otherwise (default: same name if present, else the first, middle-rounded-down
     and last tier). ``complexity_thresholds`` are the scores at which "medium" and "high"
-    start. ``budget_threshold`` is the remaining budget fraction below which the router
+    start: by default code alone or two reasoning cues make a prompt "medium", code with
+    reasoning cues and constraints "high" (on MT-Bench prompts the median score is 0.02
+    and the 90th percentile 0.26; calibrate on your own traffic). ``budget_threshold`` is the remaining budget fraction below which the router
     goes one tier down; the fraction comes from ``headroom(model=, user_id=, project=, tags=,
     operation_type=)`` or, when not given, ``engine.budget_headroom`` if the engine has it.
     ``fastest_tier`` is used for ``low_latency`` requests (default: the first tier).
@@ -136,7 +138,7 @@ class Router:
                  catalog: PriceCatalog | None = None,
                  levels: Mapping[str, str] | None = None,
                  task_levels: Mapping[str, str] = TASK_LEVELS,
-                 complexity_thresholds: tuple[float, float] = (0.3, 0.6),
+                 complexity_thresholds: tuple[float, float] = (0.2, 0.45),
                  budget_threshold: float = 0.2,
                  headroom: HeadroomFn | None = None,
                  fastest_tier: str | None = None,
