@@ -284,7 +284,7 @@ class _Tracker:
                     else str(value)
         attribution.setdefault("operation_type", operation_type)
         extra = {key: _json_safe(value) for key, value in metadata.items()
-                 if key not in _ATTRIBUTION_KEYS and not key.startswith("ls_")}
+                 if key not in _ATTRIBUTION_KEYS and not key.startswith(("ls_", "lc_"))}
         merged_tags = self.tags + tuple(tag for tag in (tags or ()) if tag not in self.tags)
         kwargs = dict(attribution, run_id=str(run_id),
                       parent_run_id=str(parent_run_id) if parent_run_id else None,

@@ -1,0 +1,305 @@
+"""BudgetkitCallbackHandler on fake chat models: usage, attribution, run trees, errors, stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+from langchain_core.caches import InMemoryCache
+from langchain_core.language_models import GenericFakeChatModel
+from langchain_core.output_parsers import StrOutputParser
+from langchain_core.prompts import ChatPromptTemplate
+from langchain_core.runnables import RunnableLambda
+
+from budgetkit import BudgetExceeded, Engine, UnknownModelError
+from budgetkit._catalog import ModelPrice
+from langchain_budgetkit import (AsyncBudgetkitCallbackHandler, BudgetkitCallbackHandler,
+                                 get_budgetkit_callback)
+from langchain_budgetkit._callback import usage_from_metadata
+
+USAGE = {"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500,
+         "input_token_details": {"cache_read": 1000},
+         "output_token_details": {"reasoning": 100}}
+
+
+def price(engine: Engine, model: str, *args: int, **kwargs: int) -> int:
+    return engine.catalog.get(model).cost_nanos(*args, **kwargs)
+
+
+def test_invoke_records_provider_usage_priced_at_each_rate(engine, usage_model):
+    model = usage_model(usage=USAGE, response_model="gpt-4o-mini-2024-07-18")
+    handler = BudgetkitCallbackHandler(engine)
+    model.invoke("What is the capital of France?", config={"callbacks": [handler]})
+
+    [row] = engine.usage()
+    assert (row.input_tokens, row.output_tokens, row.cached_input_tokens,
+            row.reasoning_tokens) == (1200, 300, 1000, 100)
+    assert row.model == "gpt-4o-mini-2024-07-18"  # the response's model, priced as gpt-4o-mini
+    # 200 plain input at $0.15/M, 1000 cached at $0.075/M, 300 output at $0.60/M
+    assert row.cost_nanos == 200 * 150 + 1000 * 75 + 300 * 600
+    assert row.cost_nanos == price(engine, "gpt-4o-mini", 1200, 300, cached_input_tokens=1000)
+    assert row.usage_source == "provider" and row.status == "ok"
+    assert row.operation_type == "chat_completion"
+    assert handler.calls == 1 and handler.cost_nanos == row.cost_nanos
+    assert handler.total_tokens == 1500
+
+
+def test_attribution_from_run_metadata_tags_and_handler_defaults(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = BudgetkitCallbackHandler(engine, user_id="default-user", project="bot",
+                                       tags=["prod"], metadata={"team": "search"})
+    model.invoke("hi", config={"callbacks": [handler], "tags": ["experiment-7"],
+                               "metadata": {"user_id": "alice", "session_id": "s-1",
+                                            "task_type": "qa", "ticket": 42}})
+    [row] = engine.usage()
+    assert row.user_id == "alice" and row.session_id == "s-1" and row.project == "bot"
+    assert row.task_type == "qa"
+    assert row.tags == ["prod", "experiment-7"]
+    assert row.metadata_ == {"team": "search", "ticket": 42}  # ls_* keys are LangChain's own
+    assert engine.usage(tag="experiment-7")[0].id == row.id
+
+
+def test_nested_chain_rows_share_the_root_run(engine, usage_model):
+    first = usage_model(usage=USAGE, reply="Paris")
+    second = usage_model(usage=USAGE, model_name="gpt-4o")
+    chain = (ChatPromptTemplate.from_template("Capital of {country}?") | first
+             | StrOutputParser()
+             | RunnableLambda(lambda city: f"Tell me about {city}") | second
+             | StrOutputParser())
+    handler = BudgetkitCallbackHandler(engine)
+    chain.invoke({"country": "France"}, config={"callbacks": [handler]})
+
+    rows = engine.usage()
+    assert len(rows) == 2
+    assert {row.model for row in rows} == {"gpt-4o-mini", "gpt-4o"}
+    roots = {row.root_run_id for row in rows}
+    assert len(roots) == 1 and None not in roots
+    assert all(row.parent_run_id == row.root_run_id for row in rows)  # children of the chain
+    assert all(row.run_id != row.root_run_id for row in rows)
+    assert len(engine.usage(root_run_id=roots.pop())) == 2
+
+
+def test_no_usage_reported_is_estimated_with_the_tokenizer(engine):
+    model = GenericFakeChatModel(messages=iter(["Paris is the capital of France."]))
+    handler = BudgetkitCallbackHandler(engine)
+    model.invoke("Capital of France?", config={"callbacks": [handler],
+                                               "metadata": {"ls_model_name": "gpt-4o-mini"}})
+    [row] = engine.usage()
+    assert row.usage_source == "estimated"
+    assert row.input_tokens == engine.count_message_tokens(
+        [{"role": "user", "content": "Capital of France?"}], "gpt-4o-mini")
+    assert row.output_tokens == engine.count_tokens("Paris is the capital of France.",
+                                                    "gpt-4o-mini")
+    assert row.cost_nanos == price(engine, "gpt-4o-mini", row.input_tokens, row.output_tokens)
+    assert row.cost_nanos > 0
+
+
+def test_stream_without_usage_counts_streamed_text(engine, usage_model):
+    model = usage_model(usage=None, reply="one two three four five")
+    handler = BudgetkitCallbackHandler(engine)
+    text = "".join(chunk.content for chunk in model.stream("count", config={
+        "callbacks": [handler]}))
+    [row] = engine.usage()
+    assert row.usage_source == "estimated"
+    assert row.output_tokens == engine.count_tokens(text, "gpt-4o-mini") == 5
+
+
+def test_stream_with_usage_uses_the_final_chunk(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = BudgetkitCallbackHandler(engine)
+    list(model.stream("hi", config={"callbacks": [handler]}))
+    [row] = engine.usage()
+    assert (row.input_tokens, row.cached_input_tokens, row.output_tokens) == (1200, 1000, 300)
+    assert row.usage_source == "provider"
+
+
+def test_error_records_an_error_row_without_cost(engine, usage_model):
+    model = usage_model(usage=USAGE, fail=True)
+    handler = BudgetkitCallbackHandler(engine)
+    with pytest.raises(RuntimeError, match="provider exploded"):
+        model.invoke("hi", config={"callbacks": [handler]})
+    [row] = engine.usage()
+    assert row.status == "error" and row.error_type == "RuntimeError"
+    assert row.cost_nanos == 0 and row.output_tokens == 0
+
+
+def test_broken_stream_bills_the_partial_output(engine, usage_model):
+    model = usage_model(usage=USAGE, reply="a b c d e f", fail_after_chunks=3)
+    handler = BudgetkitCallbackHandler(engine)
+    with pytest.raises(RuntimeError, match="stream broke"):
+        list(model.stream("hi", config={"callbacks": [handler]}))
+    [row] = engine.usage()
+    assert row.status == "error" and row.usage_source == "estimated"
+    assert row.output_tokens == engine.count_tokens("a b c", "gpt-4o-mini")
+    assert row.cost_nanos == price(engine, "gpt-4o-mini", row.input_tokens, row.output_tokens)
+
+
+class _BlockingEngine(Engine):
+    """An engine whose budget says no (what the budget book raises at admit)."""
+
+    def admit(self, model: str, **kwargs: Any):  # type: ignore[override]
+        raise BudgetExceeded("daily budget of user alice is spent", scope="user")
+
+
+def test_budget_stop_propagates_before_the_provider_is_called(tmp_path, usage_model):
+    model = usage_model(usage=USAGE)
+    with _BlockingEngine(db=str(tmp_path / "b.db")) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        with pytest.raises(BudgetExceeded, match="daily budget"):
+            model.invoke("hi", config={"callbacks": [handler]})
+        with pytest.raises(BudgetExceeded):
+            asyncio.run(model.ainvoke("hi", config={"callbacks": [handler]}))
+        assert model.calls == 0
+        assert handler._runs == {} and handler._roots == {}
+
+
+class _StreamCapEngine(Engine):
+    """An engine whose stream check stops output after 2 tokens."""
+
+    def check_stream(self, ticket, output_tokens_so_far: int) -> None:
+        if output_tokens_so_far > 2:
+            raise BudgetExceeded("run budget reached mid-stream")
+
+
+def test_stream_check_cuts_the_stream(tmp_path, usage_model):
+    model = usage_model(usage=USAGE, reply="a b c d e f g h")
+    with _StreamCapEngine(db=str(tmp_path / "s.db")) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        received = []
+        with pytest.raises(BudgetExceeded):
+            for chunk in model.stream("hi", config={"callbacks": [handler]}):
+                received.append(chunk.content)
+        [row] = engine.usage()
+        assert row.status == "error" and row.error_type == "BudgetExceeded"
+        assert len(received) < 8
+        assert row.output_tokens == 3  # the tokens generated before the cut are billed
+
+
+def test_budgetkit_cache_hit_is_discarded_not_recorded(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = BudgetkitCallbackHandler(engine)
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, LLMResult
+
+    run_id = __import__("uuid").uuid4()
+    handler.on_chat_model_start({}, [[]], run_id=run_id,
+                                metadata={"ls_model_name": "gpt-4o-mini"})
+    ticket = handler._runs[run_id].ticket
+    hit = AIMessage(content="cached", usage_metadata=USAGE,
+                    response_metadata={"budgetkit_cache_hit": True})
+    handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=hit)]]), run_id=run_id)
+    assert ticket.done and engine.usage() == [] and handler.calls == 0
+
+
+def test_langchain_cache_hit_is_a_cached_row_with_money_saved(engine, usage_model):
+    model = usage_model(usage=USAGE, cache=InMemoryCache())
+    handler = BudgetkitCallbackHandler(engine)
+    model.invoke("same question", config={"callbacks": [handler]})
+    model.invoke("same question", config={"callbacks": [handler]})
+    assert model.calls == 1
+    first, second = engine.usage()
+    assert first.status == "ok" and first.cost_nanos > 0
+    assert second.status == "cached" and second.cost_nanos == 0
+    assert second.saved_nanos == first.cost_nanos
+
+
+def test_unknown_model_never_breaks_the_call_nor_records_zero(engine, usage_model, caplog):
+    model = usage_model(usage=USAGE, model_name="my-private-model")
+    handler = BudgetkitCallbackHandler(engine)
+    with caplog.at_level(logging.WARNING, logger="budgetkit"):
+        for _ in range(3):
+            assert model.invoke("hi", config={"callbacks": [handler]}).content
+    assert engine.usage() == []
+    warnings = [r for r in caplog.records if "my-private-model" in r.getMessage()]
+    assert len(warnings) == 1  # logged once, not per call
+
+
+def test_unknown_model_uses_the_fallback_price_when_configured(tmp_path, usage_model):
+    with Engine(db=str(tmp_path / "f.db")) as engine:
+        engine.catalog.fallback = "gpt-4o"
+        model = usage_model(usage=USAGE, model_name="my-private-model")
+        model.invoke("hi", config={"callbacks": [BudgetkitCallbackHandler(engine)]})
+        [row] = engine.usage()
+        assert row.model == "my-private-model"
+        assert row.cost_nanos == price(engine, "gpt-4o", 1200, 300, cached_input_tokens=1000)
+
+
+def test_strict_models_raises_for_unknown_models(engine, usage_model):
+    model = usage_model(usage=USAGE, model_name="my-private-model")
+    with pytest.raises(UnknownModelError):
+        model.invoke("hi", config={"callbacks": [BudgetkitCallbackHandler(
+            engine, strict_models=True)]})
+    assert model.calls == 0
+
+
+def test_get_budgetkit_callback_totals_the_block(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    with get_budgetkit_callback(engine, user_id="bob") as cb:
+        model.invoke("one")
+        model.invoke("two")
+    model.invoke("outside the block")
+    assert cb.calls == 2 and cb.total_tokens == 3000
+    assert cb.cost_nanos == 2 * price(engine, "gpt-4o-mini", 1200, 300,
+                                      cached_input_tokens=1000)
+    assert cb.usage_by_model["gpt-4o-mini"]["calls"] == 2
+    assert [row.user_id for row in engine.usage()] == ["bob", "bob"]
+
+
+async def test_async_handler_records_ainvoke_and_astream(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = AsyncBudgetkitCallbackHandler(engine, project="async-app")
+    await model.ainvoke("hi", config={"callbacks": [handler]})
+    async for _ in model.astream("hi", config={"callbacks": [handler]}):
+        pass
+    rows = engine.usage()
+    assert len(rows) == 2 and all(row.project == "async-app" for row in rows)
+    assert all(row.input_tokens == 1200 for row in rows)
+
+
+def test_batch_across_threads_records_one_row_per_call(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = BudgetkitCallbackHandler(engine)
+    model.batch([f"q{i}" for i in range(40)], config={"callbacks": [handler],
+                                                       "max_concurrency": 8})
+    rows = engine.usage()
+    assert len(rows) == 40 and len({row.run_id for row in rows}) == 40
+    assert handler.calls == 40 and handler._runs == {}
+
+
+@pytest.mark.parametrize("usage, expected", [
+    ({"input_tokens": 100, "output_tokens": 50,
+      "input_token_details": {"priority_cache_read": 60},
+      "output_token_details": {"priority_reasoning": 20, "priority": 30}},
+     (100, 50, 60, 0, 20)),
+    ({"input_tokens": 100, "output_tokens": 50,
+      "input_token_details": {"flex_cache_read": 10},
+      "output_token_details": {"flex_reasoning": 5}},
+     (100, 50, 10, 0, 5)),
+    # Anthropic: the ephemeral split replaces cache_creation; writes are counted once
+    ({"input_tokens": 1000, "output_tokens": 10,
+      "input_token_details": {"cache_read": 100, "cache_creation": 0,
+                              "ephemeral_5m_input_tokens": 300,
+                              "ephemeral_1h_input_tokens": 200}},
+     (1000, 10, 100, 500, 0)),
+    ({"input_tokens": 1000, "output_tokens": 10,
+      "input_token_details": {"cache_read": 100, "cache_creation": 500,
+                              "ephemeral_5m_input_tokens": 500}},
+     (1000, 10, 100, 500, 0)),
+    # details larger than the total (a provider quirk) are clamped, never negative
+    ({"input_tokens": 10, "output_tokens": 5, "input_token_details": {"cache_read": 50},
+      "output_token_details": {"reasoning": 9}},
+     (10, 5, 10, 0, 5)),
+])
+def test_usage_metadata_keys(usage, expected):
+    got = usage_from_metadata(usage)
+    assert got is not None
+    assert (got.input_tokens, got.output_tokens, got.cached_input_tokens,
+            got.cache_write_tokens, got.reasoning_tokens) == expected
+
+
+def test_zero_usage_means_not_reported():
+    assert usage_from_metadata({"input_tokens": 0, "output_tokens": 0,
+                                "total_tokens": 0}) is None
+    assert usage_from_metadata(None) is None
