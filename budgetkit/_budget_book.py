@@ -21,6 +21,7 @@ import contextlib
 import datetime as dt
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -596,7 +597,7 @@ class BudgetBook:
         start, end = self._window_bounds(budget, now)
         window_id = self._window_id(budget, scope_key, start, end, now)
         assert window_id is not None
-        approval_id = uuid.uuid4().hex
+        approval_id = f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"  # sorts by time
         with self._transaction() as conn:
             conn.execute(insert(A), {
                 "id": approval_id, "window_id": window_id, "budget": name,
