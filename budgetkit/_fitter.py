@@ -22,7 +22,9 @@ Inputs are never mutated; a truncated message is a new dict.
 
 from __future__ import annotations
 
+import itertools
 import re
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
@@ -155,30 +157,61 @@ class _MessageCounter:
         for i, message in enumerate(messages):
             if type(message) is not dict and not isinstance(message, Mapping):
                 raise _not_a_message(i, message)
-            role, content, name = message.get("role"), message.get("content"), message.get("name")
-            if type(role) is not str:
+            if type(message.get("role")) is not str:
                 raise _not_a_message(i, message)
-            if (type(content) is str and len(content) <= _CACHEABLE_CHARS
-                    and (name is None or type(name) is str)
-                    and not message.get("tool_calls") and not message.get("tool_call_id")):
-                # Exactly the fields count_message_tokens reads for such a message.
-                key = (prefix, role, content, name)
-                tokens = cache.get(key)
-                if tokens is None:
-                    tokens = self(message)
-                    if len(cache) >= _MESSAGE_COUNTS_MAX:
-                        cache.clear()  # crude bound; refilling costs one pass
-                    cache[key] = tokens
-            else:
+            key = _cache_key(message)
+            if key is None:
+                counts.append(self(message))
+                continue
+            key = (prefix, *key)
+            tokens = cache.get(key)
+            if tokens is None:
                 tokens = self(message)
+                _remember(key, tokens)
             counts.append(tokens)
         return counts
 
 
-# (model, encoding, role, content, name) -> tokens of one plain text message.
-_MESSAGE_COUNTS: dict[tuple[tuple[str, str], str, str, str | None], int] = {}
-_MESSAGE_COUNTS_MAX = 32_768
+# (model, encoding), role, content, name, tool_call_id, tool calls -> tokens of one message.
+_MESSAGE_COUNTS: dict[tuple[Any, ...], int] = {}
+_MESSAGE_COUNTS_MAX = 65_536
+_MESSAGE_COUNTS_LOCK = threading.Lock()
 _CACHEABLE_CHARS = 32_000
+
+
+def _remember(key: tuple[Any, ...], tokens: int) -> None:
+    with _MESSAGE_COUNTS_LOCK:  # reads stay lock-free; only eviction iterates the dict
+        if len(_MESSAGE_COUNTS) >= _MESSAGE_COUNTS_MAX:
+            # Forget the oldest quarter (dicts keep insertion order): live histories are
+            # re-counted only for what they still use.
+            for old in list(itertools.islice(_MESSAGE_COUNTS, _MESSAGE_COUNTS_MAX // 4)):
+                del _MESSAGE_COUNTS[old]
+        _MESSAGE_COUNTS[key] = tokens
+
+
+def _cache_key(message: Mapping[str, Any]) -> tuple[Any, ...] | None:
+    """Exactly the fields count_message_tokens reads, when they are all plain strings;
+    ``None`` for messages it is simpler to count every time (multipart content)."""
+    content, name = message.get("content"), message.get("name")
+    call_id, calls = message.get("tool_call_id"), message.get("tool_calls")
+    if content is not None and (type(content) is not str or len(content) > _CACHEABLE_CHARS):
+        return None
+    if (name is not None and type(name) is not str) or (call_id is not None
+                                                        and type(call_id) is not str):
+        return None
+    calls_key: tuple[tuple[str, str], ...] | None = None
+    if calls:
+        parts = []
+        for call in calls:
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if not isinstance(function, Mapping):
+                return None
+            fname, arguments = function.get("name"), function.get("arguments")
+            if type(fname) is not str or type(arguments) is not str:
+                return None
+            parts.append((fname, arguments))
+        calls_key = tuple(parts)
+    return (message["role"], content, name, call_id, calls_key)
 
 
 def _not_a_message(position: int, message: Any) -> ConfigurationError:

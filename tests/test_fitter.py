@@ -237,7 +237,12 @@ def test_counts_each_message_once_across_calls(monkeypatch):
     monkeypatch.setattr(_fitter, "count_message_tokens", counting)
     marker = f"unique-{random.random()}"  # fresh strings: nothing cached from other tests
     messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{marker} {i}"}
-                for i in range(2000)]
+                for i in range(1990)]
+    messages += [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"c{i}", "type": "function",
+         "function": {"name": "lookup", "arguments": f'{{"k": "{marker} {i}"}}'}}]} if i % 2 == 0
+        else {"role": "tool", "tool_call_id": f"c{i - 1}", "content": f"{marker} r{i}"}
+        for i in range(10)]
     fit_messages(messages, MODEL, max_tokens=8000)
     first = sum(1 for n in calls if n == 1)
     assert first == 2000
@@ -245,6 +250,18 @@ def test_counts_each_message_once_across_calls(monkeypatch):
     messages.append({"role": "user", "content": f"{marker} new"})
     fit_messages(messages, MODEL, max_tokens=8000)
     assert sum(1 for n in calls if n == 1) == 1  # only the new message was counted
+
+
+def test_count_cache_is_bounded_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(_fitter, "_MESSAGE_COUNTS_MAX", 100)
+    monkeypatch.setattr(_fitter, "_MESSAGE_COUNTS", {})
+    rng = random.Random(42)
+    for _ in range(5):
+        messages = history(rng, 40)
+        kept, report = fit_messages(messages, MODEL, max_tokens=2000)
+        assert len(_fitter._MESSAGE_COUNTS) <= 100
+        assert report.tokens_before == count_message_tokens(messages, MODEL)
+        assert report.tokens_after == count_message_tokens(kept, MODEL)
 
 
 def test_window_comes_from_the_catalog():

@@ -11,6 +11,7 @@ from langchain_core.tools import tool
 
 from budgetkit import ConfigurationError, ContextWindowExceeded, count_message_tokens
 from langchain_budgetkit import fit_messages
+from langchain_budgetkit._fitting import to_openai_messages
 
 MODEL = "gpt-4o"
 PRIMING = count_message_tokens([], MODEL)  # reply priming, counted once per request
@@ -81,6 +82,21 @@ def test_tools_are_counted():
     assert len(fit_messages(messages, MODEL, max_tokens=limit).messages) == 5
     kept, report = fit_messages(messages, MODEL, max_tokens=limit, tools=[lookup])
     assert len(kept) == 3 and report.tokens_after <= limit
+
+
+def test_fast_conversion_matches_convert_to_openai_messages():
+    rng = random.Random(9)
+    messages = lc_history(rng, 40, 0.5)
+    messages += [HumanMessage("hi", name="bob"), AIMessage("ok", name="bot"),
+                 SystemMessage("dev", additional_kwargs={"__openai_role__": "developer"}),
+                 AIMessage("", tool_calls=[{"name": "f", "args": {"q": "東京", "n": [1, 2]},
+                                            "id": "c1"}]),
+                 ToolMessage("r", tool_call_id="c1", name="f"),
+                 AIMessage("no", additional_kwargs={"refusal": "no"}),
+                 HumanMessage([{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]),
+                 HumanMessage([{"type": "text", "text": "look"},
+                               {"type": "image_url", "image_url": {"url": "https://x/y.png"}}])]
+    assert to_openai_messages(messages) == convert_to_openai_messages(messages)
 
 
 def test_bad_input_and_overflow():
