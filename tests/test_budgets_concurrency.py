@@ -1,0 +1,175 @@
+"""Budgets hold under concurrency: threads, asyncio tasks, and processes sharing a database.
+
+The multi-process test is LiteLLM #23714 ("N processes each allow the whole budget"):
+4 processes × 8 threads make calls of random cost against one $1.00 budget, on a SQLite
+file and on PostgreSQL. Settled spend must never exceed the limit, and the budget must not
+be left with more than one call's worst case unused (not too timid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from budgetkit import Budget, BudgetExceeded, Engine
+
+MODEL = "gpt-4o"  # $2.50 / $10.00 per million tokens
+# Random calls: 1,000-5,000 prompt tokens, up to 200-1,500 output tokens (worst case).
+MAX_WORST_NANOS = 5_000 * 2_500 + 1_500 * 10_000  # $0.0275
+
+
+def random_call(engine: Engine, rng: random.Random, **attribution: object) -> int | None:
+    """One call: admit its worst case, 'run' it, settle a random actual. Returns the cost,
+    or None when blocked with nothing in flight (the budget is really used up)."""
+    while True:
+        try:
+            ticket = engine.admit(MODEL, input_tokens=rng.randint(1_000, 5_000),
+                                  max_output_tokens=rng.randint(200, 1_500), **attribution)
+        except BudgetExceeded as blocked:
+            if blocked.reserved == 0:
+                return None
+            time.sleep(0.0005)  # others' calls are in flight; their actuals may leave room
+            continue
+        time.sleep(rng.random() * 0.001)
+        record = engine.settle(ticket, output_tokens=rng.randint(0, ticket.max_output_tokens))
+        assert record is not None
+        return record.cost_nanos
+
+
+WORKER = r"""
+import json, random, sys, threading, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_budgets_concurrency import random_call
+from budgetkit import Budget, Engine
+
+db, name, seed, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+engine = Engine(db=db)
+engine.add_budget(Budget(name=name, limit=1.00, period="total"))
+totals, calls = [], []
+def worker(i):
+    rng = random.Random(seed * 100 + i)
+    spent = n = 0
+    while (cost := random_call(engine, rng)) is not None:
+        spent += cost
+        n += 1
+    totals.append(spent)
+    calls.append(n)
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+while not go.exists():
+    time.sleep(0.01)
+for t in threads: t.start()
+for t in threads: t.join()
+engine.close()
+print(json.dumps({{"spent": sum(totals), "calls": sum(calls)}}))
+"""
+
+
+def window_totals(engine: Engine, name: str) -> tuple[int, int]:
+    [status] = engine.budget_status(name)
+    return round(status.used * 1e9), round(status.reserved * 1e9)
+
+
+def run_processes(db: str, tmp_path: Path) -> None:
+    name = f"shared-{uuid.uuid4().hex[:8]}"
+    go = tmp_path / "go"
+    script = WORKER.format(tests=str(Path(__file__).parent))
+    parent = Engine(db=db)  # creates the tables once, before the workers race
+    parent.add_budget(Budget(name=name, limit=1.00, period="total"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, db, name, str(seed), str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for seed in range(4)]
+    time.sleep(0.2)
+    go.touch()
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    settled = sum(result["spent"] for result in results)
+    spent, reserved = window_totals(parent, name)
+    ledger = sum(row.cost_nanos for row in parent.usage() if row.status == "ok")
+    parent.close()
+    assert all(result["calls"] > 0 for result in results)
+    assert reserved == 0
+    assert settled == spent == ledger  # the window, the workers and the ledger agree
+    assert settled <= 1_000_000_000, "the budget was exceeded"
+    assert 1_000_000_000 - settled < MAX_WORST_NANOS, "left more than one call unused"
+
+
+def test_four_processes_times_eight_threads_on_a_sqlite_file(tmp_path: Path) -> None:
+    run_processes(str(tmp_path / "shared.db"), tmp_path)
+
+
+def test_four_processes_times_eight_threads_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    run_processes(pg_url, tmp_path)
+
+
+def test_threads_in_one_process(tmp_path: Path) -> None:
+    engine = Engine(db=str(tmp_path / "threads.db"))
+    engine.add_budget(Budget(name="d", limit=0.25))
+    spent: list[int] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        while (cost := random_call(engine, rng)) is not None:
+            spent.append(cost)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert window_totals(engine, "d") == (sum(spent), 0)
+    assert 250_000_000 - MAX_WORST_NANOS < sum(spent) <= 250_000_000
+    engine.close()
+
+
+async def test_asyncio_tasks(tmp_path: Path) -> None:
+    engine = Engine(db=str(tmp_path / "tasks.db"))
+    engine.add_budget(Budget(name="d", limit=0.2))
+    spent: list[int] = []
+
+    async def task(seed: int) -> None:
+        rng = random.Random(seed)
+        while True:
+            try:
+                ticket = await engine.aadmit(MODEL, input_tokens=rng.randint(1_000, 5_000),
+                                             max_output_tokens=rng.randint(200, 1_500))
+            except BudgetExceeded as blocked:
+                if blocked.reserved == 0:
+                    return
+                await asyncio.sleep(0)
+                continue
+            await asyncio.sleep(rng.random() * 0.001)
+            record = await engine.asettle(
+                ticket, output_tokens=rng.randint(0, ticket.max_output_tokens))
+            spent.append(record.cost_nanos)
+
+    await asyncio.gather(*(task(seed) for seed in range(20)))
+    assert window_totals(engine, "d") == (sum(spent), 0)
+    assert 200_000_000 - MAX_WORST_NANOS < sum(spent) <= 200_000_000
+    engine.close()
+
+
+def test_many_budgets_one_transaction_all_or_nothing(tmp_path: Path) -> None:
+    """A call blocked by one budget reserves nothing in the others."""
+    engine = Engine(db=str(tmp_path / "many.db"))
+    for index in range(5):
+        engine.add_budget(Budget(name=f"roomy-{index}", limit=10.0))
+    engine.add_budget(Budget(name="tight", limit=0.001, scope="user", match="alice"))
+    with pytest.raises(BudgetExceeded):
+        engine.admit(MODEL, input_tokens=1_000, max_output_tokens=0, user_id="alice")
+    assert all(status.reserved == 0 for status in engine.budget_status())
+    engine.close()
