@@ -65,7 +65,6 @@ _EXPORTS: dict[str, str] = {
     "model_token_budgets": "_budget_presets",
     "seed_budgets": "_budget_presets",
     # reports
-    "Period": "_reports",
     "UsageSummary": "_reports",
     "CostAnalysis": "_reports",
     "summarize": "_reports",
@@ -73,8 +72,8 @@ _EXPORTS: dict[str, str] = {
     "cost_analysis": "_reports",
     "allocate_costs": "_reports",
     "what_if": "_reports",
-    "budget_report": "_reports",
-    "periodic_report": "_reports",
+    "budget_report": "_budget_reports",
+    "periodic_report": "_budget_reports",
     "forecast": "_forecast",
     "detect_anomalies": "_forecast",
     "export_usage": "_export",
@@ -98,8 +97,9 @@ if TYPE_CHECKING:
     from ._budget_book import Approval, BudgetStatus
     from ._budget_presets import model_token_budgets, seed_budgets, token_ladder_budgets
     from ._budgets import Budget, BudgetLevels, load_budgets
-    from ._reports import (CostAnalysis, Period, UsageSummary, allocate_costs, budget_report,
-                           cost_analysis, cost_series, periodic_report, summarize, what_if)
+    from ._reports import (CostAnalysis, UsageSummary, allocate_costs, cost_analysis,
+                           cost_series, summarize, what_if)
+    from ._budget_reports import budget_report, periodic_report
     from ._forecast import detect_anomalies, forecast
     from ._export import export_usage
     from ._router import RouteDecision, Router

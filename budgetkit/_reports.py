@@ -1,0 +1,729 @@
+"""Reports over the usage ledger: where the money went, computed in the database.
+
+Every report is one or a few ``GROUP BY`` queries (SQLAlchemy core) over
+``budgetkit_usage``; rows are never loaded into Python to be summed, so a summary over a
+million rows takes well under a second on SQLite. Time buckets (hour, day, week, month) are
+built with each dialect's own date functions, in UTC; weeks start on Monday.
+
+A report *source* is an :class:`~budgetkit.Engine` (pending rows are flushed first and the
+engine's clock and catalog are used), a ``Store``, or a database URL / SQLite path.
+Money stays in integer nano-dollars until a report is turned into a dict for display.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import and_, case, func, literal_column, select
+from sqlalchemy.exc import OperationalError, ProgrammingError
+from sqlalchemy.sql import ColumnElement, Select
+
+from ._catalog import PriceCatalog, default_catalog
+from ._errors import ConfigurationError, StoreUnavailable
+from ._money import nanos_to_usd
+from ._store import Store
+from ._tables import UsageRow, UsageTagRow
+
+__all__ = [
+    "Period",
+    "UsageGroup",
+    "UsageSummary",
+    "Recommendation",
+    "CostAnalysis",
+    "WhatIf",
+    "summarize",
+    "cost_series",
+    "cost_analysis",
+    "allocate_costs",
+    "what_if",
+]
+
+USAGE = UsageRow.__table__  # type: ignore[attr-defined]
+TAGS = UsageTagRow.__table__  # type: ignore[attr-defined]
+
+DEFAULT_DAYS = 30
+TIME_DIMENSIONS = ("hour", "day", "week", "month")
+_DIMENSION_COLUMNS = {  # public name -> column of budgetkit_usage
+    "model": "model", "operation_type": "operation_type", "user_id": "user_id",
+    "session_id": "session_id", "project": "project", "provider": "provider",
+    "status": "status", "task_type": "task_type",
+}
+_DIMENSION_ALIASES = {"operation": "operation_type", "user": "user_id", "session": "session_id",
+                      "team": "project"}
+FILTERS = ("model", "user_id", "operation_type", "project", "session_id", "status",
+           "provider", "tag")
+EMBEDDING_OPERATIONS = ("embedding", "query_embedding")
+
+
+# -- the source of a report -----------------------------------------------------------------
+@dataclass
+class _Source:
+    store: Store
+    now: dt.datetime
+    catalog: PriceCatalog
+    engine: Any = None
+
+    @property
+    def dialect(self) -> str:
+        return self.store.engine.dialect.name
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def open_source(source: Any, *, now: dt.datetime | None = None) -> _Source:
+    """Turn an Engine, a Store or a URL/path into what a report query needs."""
+    engine = None
+    if hasattr(source, "store") and hasattr(source, "flush"):  # an Engine (no import cycle)
+        engine = source
+        engine.flush()
+        store, catalog = engine.store, engine.catalog
+        current = engine.now()
+    elif isinstance(source, Store):
+        store, catalog, current = source, default_catalog(), _utcnow()
+    elif isinstance(source, str) or hasattr(source, "__fspath__"):
+        store, catalog, current = Store(source), default_catalog(), _utcnow()
+    else:
+        raise ConfigurationError(
+            f"a report source must be an Engine, a Store or a database URL, got {source!r}")
+    store.ensure_tables()
+    if now is not None:
+        current = _naive_utc(now)
+    return _Source(store=store, now=current, catalog=catalog, engine=engine)
+
+
+def as_source(source: Any, *, now: dt.datetime | None = None) -> _Source:
+    """``source`` itself if it is already opened, else :func:`open_source`."""
+    return source if isinstance(source, _Source) else open_source(source, now=now)
+
+
+def _naive_utc(value: dt.datetime) -> dt.datetime:
+    if value.tzinfo is not None:
+        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return value
+
+
+def run_query(src: _Source, query: Select[Any]) -> list[Any]:
+    """Run a read; a database that cannot be reached becomes :class:`StoreUnavailable`."""
+    try:
+        with src.store.engine.connect() as conn:
+            return list(conn.execute(query).all())
+    except (OperationalError, ProgrammingError) as exc:
+        raise StoreUnavailable(f"cannot read usage from {src.store.engine.url!r}: "
+                               f"{exc.orig or exc}") from exc
+
+
+# -- periods --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Period:
+    """A half-open UTC interval ``[start, end)`` a report covers."""
+
+    start: dt.datetime
+    end: dt.datetime
+    #: True when the period ends "now": a row stamped exactly now (fake clocks) is in it.
+    end_inclusive: bool = False
+
+    @property
+    def days(self) -> float:
+        return (self.end - self.start).total_seconds() / 86400.0
+
+    def to_dict(self) -> dict[str, str]:
+        return {"start": self.start.isoformat(), "end": self.end.isoformat()}
+
+    @classmethod
+    def resolve(cls, *, days: int | None = None, start_date: Any = None, end_date: Any = None,
+                now: dt.datetime | None = None) -> Period:
+        """The period of ``days`` up to now, or from ``start_date`` to ``end_date``.
+
+        Dates are inclusive calendar days (``end_date=2024-01-31`` covers the whole 31st);
+        datetimes are used as given. Explicit dates win over ``days``; with only one date,
+        the other side is ``days`` (default 30) away, or now.
+        """
+        now = _naive_utc(now or _utcnow())
+        if days is not None:
+            if isinstance(days, bool) or not isinstance(days, int):
+                raise ConfigurationError(f"days must be a whole number of days, got {days!r}")
+            if days < 1:
+                raise ConfigurationError(f"days must be >= 1, got {days}")
+        span = dt.timedelta(days=days if days is not None else DEFAULT_DAYS)
+        start = _parse_bound("start_date", start_date, end_of_day=False)
+        end = _parse_bound("end_date", end_date, end_of_day=True)
+        if start is None and end is None:
+            return cls(now - span, now, end_inclusive=True)
+        if start is None:
+            assert end is not None
+            start = end - span
+        if end is None:
+            return cls(start, max(now, start), end_inclusive=True)
+        if end < start:
+            raise ConfigurationError(
+                f"end_date ({end_date}) is before start_date ({start_date})")
+        return cls(start, end)
+
+
+def _parse_bound(name: str, value: Any, *, end_of_day: bool) -> dt.datetime | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, dt.datetime):
+        return _naive_utc(value)
+    if isinstance(value, dt.date):
+        day = value
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            if len(text) <= 10:
+                day = dt.date.fromisoformat(text)
+            else:
+                return _naive_utc(dt.datetime.fromisoformat(text.replace("Z", "+00:00")))
+        except ValueError:
+            raise ConfigurationError(
+                f"{name} must be a date like 2024-01-31, got {value!r}") from None
+    else:
+        raise ConfigurationError(f"{name} must be a date like 2024-01-31, got {value!r}")
+    start = dt.datetime.combine(day, dt.time())
+    return start + dt.timedelta(days=1) if end_of_day else start
+
+
+# -- dimensions and measures ------------------------------------------------------------
+def canonical_dimension(name: str) -> str:
+    """``operation`` → ``operation_type``, ``user`` → ``user_id``; checks the name."""
+    key = name.strip().lower()
+    key = _DIMENSION_ALIASES.get(key, key)
+    if key in _DIMENSION_COLUMNS or key in TIME_DIMENSIONS or key == "tag":
+        return key
+    if key.startswith("metadata.") and len(key) > len("metadata."):
+        return "metadata." + name.strip()[len("metadata."):]
+    known = sorted([*_DIMENSION_COLUMNS, *_DIMENSION_ALIASES, *TIME_DIMENSIONS, "tag"])
+    raise ConfigurationError(
+        f"cannot group by {name!r}; choose from {', '.join(known)} or metadata.<key>")
+
+
+def time_bucket(dialect: str, unit: str, column: Any = None) -> ColumnElement[Any]:
+    """A text label of the UTC hour/day/week/month of ``created_at``, per dialect.
+
+    Labels: ``2024-01-15 13:00``, ``2024-01-15``, ``2024-01-15`` (the Monday), ``2024-01``.
+    """
+    col = USAGE.c.created_at if column is None else column
+    if dialect == "sqlite":
+        if unit == "week":  # next Sunday (or today), back 6 days: the Monday of the week
+            return func.date(col, "weekday 0", "-6 days")
+        pattern = {"hour": "%Y-%m-%d %H:00", "day": "%Y-%m-%d", "month": "%Y-%m"}[unit]
+        return func.strftime(pattern, col)
+    if dialect == "postgresql":
+        pattern = {"hour": "YYYY-MM-DD HH24:00", "day": "YYYY-MM-DD", "week": "YYYY-MM-DD",
+                   "month": "YYYY-MM"}[unit]
+        return func.to_char(func.date_trunc(unit, col), pattern)
+    raise ConfigurationError(f"time buckets are not implemented for the {dialect} database")
+
+
+def _dimension_expr(src: _Source, name: str) -> ColumnElement[Any]:
+    if name in TIME_DIMENSIONS:
+        return time_bucket(src.dialect, name)
+    if name == "tag":
+        return TAGS.c.tag
+    if name.startswith("metadata."):
+        return USAGE.c.metadata[name[len("metadata."):]].as_string()
+    return USAGE.c[_DIMENSION_COLUMNS[name]]
+
+
+def _measures() -> list[Any]:
+    c = USAGE.c
+
+    def summed(column: Any, label: str) -> Any:
+        return func.coalesce(func.sum(column), 0).label(label)
+
+    def counted(condition: Any, label: str) -> Any:
+        return func.coalesce(func.sum(case((condition, 1), else_=0)), 0).label(label)
+
+    return [
+        func.count().label("calls"),
+        summed(c.input_tokens, "input_tokens"),
+        summed(c.output_tokens, "output_tokens"),
+        summed(c.cached_input_tokens, "cached_input_tokens"),
+        summed(c.total_tokens, "total_tokens"),
+        summed(c.cost_nanos, "cost_nanos"),
+        summed(c.saved_nanos, "saved_nanos"),
+        counted(c.status == "cached", "cache_hits"),
+        counted(c.status == "error", "errors"),
+        counted(c.status == "blocked", "blocked"),
+        func.count(c.latency_ms).label("latency_n"),
+        func.sum(c.latency_ms).label("latency_sum"),
+    ]
+
+
+def _filters(src: _Source, period: Period | None, filters: Mapping[str, Any]) -> list[Any]:
+    c = USAGE.c
+    where: list[Any] = []
+    if period is not None:
+        where.append(c.created_at >= period.start)
+        where.append(c.created_at <= period.end if period.end_inclusive
+                     else c.created_at < period.end)
+    for name, value in filters.items():
+        if value is None:
+            continue
+        key = _DIMENSION_ALIASES.get(name, name)
+        if key == "tag":
+            where.append(c.id.in_(select(TAGS.c.usage_id).where(TAGS.c.tag == value)))
+        elif key in _DIMENSION_COLUMNS:
+            where.append(c[_DIMENSION_COLUMNS[key]] == value)
+        else:
+            raise ConfigurationError(
+                f"cannot filter by {name!r}; choose from {', '.join(FILTERS)}")
+    return where
+
+
+# -- summaries --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class UsageGroup:
+    """Totals of one group of calls (or of every call: ``key`` is then empty)."""
+
+    key: Mapping[str, Any]
+    calls: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_input_tokens: int = 0
+    total_tokens: int = 0
+    cost_nanos: int = 0
+    saved_nanos: int = 0
+    cache_hits: int = 0
+    errors: int = 0
+    blocked: int = 0
+    latency_n: int = 0
+    latency_sum: float = 0.0
+
+    @property
+    def avg_latency_ms(self) -> float | None:
+        return self.latency_sum / self.latency_n if self.latency_n else None
+
+    @property
+    def cost(self) -> float:
+        """Cost in USD."""
+        return nanos_to_usd(self.cost_nanos)
+
+    @property
+    def saved(self) -> float:
+        """Money cache hits saved, in USD."""
+        return nanos_to_usd(self.saved_nanos)
+
+    @property
+    def cost_per_token(self) -> float:
+        return self.cost / self.total_tokens if self.total_tokens else 0.0
+
+    @property
+    def cost_per_call(self) -> float:
+        return self.cost / self.calls if self.calls else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        latency = None if self.avg_latency_ms is None else round(self.avg_latency_ms, 3)
+        return {**dict(self.key), "calls": self.calls, "input_tokens": self.input_tokens,
+                "output_tokens": self.output_tokens,
+                "cached_input_tokens": self.cached_input_tokens,
+                "total_tokens": self.total_tokens, "cost_usd": self.cost,
+                "saved_usd": self.saved, "cache_hits": self.cache_hits,
+                "errors": self.errors, "blocked": self.blocked, "avg_latency_ms": latency}
+
+    @classmethod
+    def from_row(cls, key: Mapping[str, Any], row: Any) -> UsageGroup:
+        m = row._mapping
+        return cls(key=dict(key), **{name: int(m[name]) for name in _COUNTS},
+                   latency_n=int(m["latency_n"]), latency_sum=float(m["latency_sum"] or 0.0))
+
+    @classmethod
+    def merge(cls, key: Mapping[str, Any], groups: Iterable[UsageGroup]) -> UsageGroup:
+        """The totals of disjoint groups (integer sums: exact)."""
+        items = list(groups)
+        sums = {name: sum(getattr(g, name) for g in items) for name in _COUNTS}
+        return cls(key=dict(key), **sums, latency_n=sum(g.latency_n for g in items),
+                   latency_sum=sum(g.latency_sum for g in items))
+
+
+_COUNTS = ("calls", "input_tokens", "output_tokens", "cached_input_tokens", "total_tokens",
+           "cost_nanos", "saved_nanos", "cache_hits", "errors", "blocked")
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """Usage over a period, grouped; ``totals`` covers every call of the period once."""
+
+    period: Period
+    group_by: tuple[str, ...]
+    groups: list[UsageGroup]
+    totals: UsageGroup
+    filters: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"period": self.period.to_dict(), "group_by": list(self.group_by),
+                "filters": {k: v for k, v in self.filters.items() if v is not None},
+                "groups": [g.to_dict() for g in self.groups], "totals": self.totals.to_dict()}
+
+
+def summarize(source: Any, *, group_by: str | Sequence[str] = ("model",),
+              days: int | None = None, start_date: Any = None, end_date: Any = None,
+              now: dt.datetime | None = None, period: Period | None = None,
+              **filters: Any) -> UsageSummary:
+    """Calls, tokens, cost, latency, cache hits and savings over a period, grouped.
+
+    ``group_by`` takes any of model, operation_type, user_id, session_id, project, provider,
+    status, task_type, tag, hour, day, week, month and ``metadata.<key>`` (aliases:
+    operation, user, session, team). ``filters`` narrow the rows: model, user_id,
+    operation_type, project, session_id, status, provider, tag. Grouping by tag counts a
+    call once per tag (untagged calls under ``None``); ``totals`` counts each call once.
+    """
+    src = as_source(source, now=now)
+    dims = [group_by] if isinstance(group_by, str) else list(group_by)
+    names = tuple(dict.fromkeys(canonical_dimension(d) for d in dims))
+    if period is None:
+        period = Period.resolve(days=days, start_date=start_date, end_date=end_date,
+                                now=src.now)
+    where = _filters(src, period, filters)
+    groups: list[UsageGroup] = []
+    if names:
+        exprs = [_dimension_expr(src, n).label(f"g{i}") for i, n in enumerate(names)]
+        query = select(*exprs, *_measures()).where(and_(*where))
+        if "tag" in names:
+            query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == USAGE.c.id))
+        query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
+        for row in run_query(src, query):
+            key = {n: row._mapping[f"g{i}"] for i, n in enumerate(names)}
+            groups.append(UsageGroup.from_row(key, row))
+        groups.sort(key=_group_order(names))
+    if names and "tag" not in names:  # groups are disjoint: one scan gives both
+        totals = UsageGroup.merge({}, groups)
+    else:
+        totals = UsageGroup.from_row({}, run_query(src, select(*_measures())
+                                                   .where(and_(*where)))[0])
+    return UsageSummary(period=period, group_by=names, groups=groups, totals=totals,
+                        filters=dict(filters))
+
+
+def _group_order(names: tuple[str, ...]) -> Any:
+    times = [n for n in names if n in TIME_DIMENSIONS]
+
+    def order(group: UsageGroup) -> tuple[Any, ...]:
+        # time first (chronological), then the most expensive first, then by name
+        return (tuple(str(group.key[t]) for t in times), -group.cost_nanos,
+                tuple(str(group.key[n]) for n in names))
+    return order
+
+
+def cost_series(source: Any, *, unit: str = "day", days: int | None = None,
+                start_date: Any = None, end_date: Any = None, now: dt.datetime | None = None,
+                period: Period | None = None, **filters: Any) -> list[UsageGroup]:
+    """One :class:`UsageGroup` per hour/day/week/month of the period, empty ones included."""
+    if unit not in TIME_DIMENSIONS:
+        raise ConfigurationError(f"unit must be one of {', '.join(TIME_DIMENSIONS)}, got {unit!r}")
+    src = as_source(source, now=now)
+    summary = summarize(src, group_by=unit, days=days, start_date=start_date,
+                        end_date=end_date, period=period, **filters)
+    found = {g.key[unit]: g for g in summary.groups}
+    return [found.get(label) or UsageGroup(key={unit: label})
+            for label in bucket_labels(summary.period, unit)]
+
+
+def bucket_labels(period: Period, unit: str) -> list[str]:
+    """Every bucket label of ``unit`` that overlaps the period, in order."""
+    labels: list[str] = []
+    if period.end <= period.start:
+        return labels
+    cursor = period.start
+    if unit == "hour":
+        cursor = cursor.replace(minute=0, second=0, microsecond=0)
+        step = dt.timedelta(hours=1)
+        while cursor < period.end:
+            labels.append(cursor.strftime("%Y-%m-%d %H:00"))
+            cursor += step
+        return labels
+    day = cursor.date()
+    if unit == "week":
+        day -= dt.timedelta(days=day.weekday())
+    if unit == "month":
+        day = day.replace(day=1)
+    while dt.datetime.combine(day, dt.time()) < period.end:
+        if unit == "month":
+            labels.append(day.strftime("%Y-%m"))
+            day = (day.replace(day=28) + dt.timedelta(days=4)).replace(day=1)
+        else:
+            labels.append(day.isoformat())
+            day += dt.timedelta(days=7 if unit == "week" else 1)
+    return labels
+
+
+# -- cost analysis and recommendations -----------------------------------------------
+@dataclass(frozen=True)
+class Recommendation:
+    """Advice derived from the data, with the figure that triggered it."""
+
+    kind: str
+    message: str
+    metric: str
+    value: float
+    threshold: float
+    potential_savings_usd: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.message, "metric": self.metric,
+                "value": self.value, "threshold": self.threshold,
+                "potential_savings_usd": self.potential_savings_usd}
+
+
+@dataclass(frozen=True)
+class CostAnalysis:
+    """Cost per token and per operation/model, and what to do about it."""
+
+    period: Period
+    totals: UsageGroup
+    by_operation: list[UsageGroup]
+    by_model: list[UsageGroup]
+    recommendations: list[Recommendation]
+
+    def to_dict(self) -> dict[str, Any]:
+        def costs(groups: list[UsageGroup], dim: str) -> dict[str, Any]:
+            return {str(g.key[dim]): {"total_cost": g.cost, "total_tokens": g.total_tokens,
+                                      "operation_count": g.calls,
+                                      "cost_per_operation": g.cost_per_call,
+                                      "cost_per_token": g.cost_per_token}
+                    for g in groups}
+        return {"period": self.period.to_dict(), "total_cost_usd": self.totals.cost,
+                "total_tokens": self.totals.total_tokens,
+                "cost_per_token": self.totals.cost_per_token,
+                "saved_usd": self.totals.saved,
+                "operation_costs": costs(self.by_operation, "operation_type"),
+                "model_costs": costs(self.by_model, "model"),
+                "recommendations": [r.message for r in self.recommendations],
+                "recommendation_details": [r.to_dict() for r in self.recommendations]}
+
+
+# Thresholds of the recommendations (module constants, so a reader sees them in one place).
+EMBEDDING_SHARE = 0.30  # embedding spend above 30 % of the total
+REPEAT_SHARE = 0.10  # more than 10 % of paid calls repeat an earlier prompt exactly
+SHORT_PROMPT_TOKENS = 500  # "short simple prompt": under 500 input and 200 output tokens
+SHORT_OUTPUT_TOKENS = 200
+SHORT_CALL_SHARE = 0.50  # most of an expensive model's calls are short
+ROUTE_DOWN_RATIO = 5.0  # a same-provider model at least 5x cheaper exists
+BUDGET_NEAR = 80.0  # a budget window at 80 % or more of its limit
+ERROR_SHARE = 0.05
+
+
+def cost_analysis(source: Any, *, days: int | None = None, start_date: Any = None,
+                  end_date: Any = None, now: dt.datetime | None = None,
+                  **filters: Any) -> CostAnalysis:
+    """The Token Usage Tracking seed's cost analysis, with recommendations.
+
+    Each recommendation names the figure behind it: embedding share of spend, share of
+    calls repeating an earlier prompt, short prompts sent to a model a cheaper same-provider
+    model could answer, budgets near their limit, error rate.
+    """
+    src = as_source(source, now=now)
+    span = dict(days=days, start_date=start_date, end_date=end_date)
+    by_op = summarize(src, group_by="operation_type", **span, **filters)
+    by_model = summarize(src, group_by="model", **span, **filters)
+    recs: list[Recommendation] = []
+    totals = by_op.totals
+    if totals.cost_nanos > 0:
+        recs += _embedding_advice(src, by_model, totals)
+        recs += _caching_advice(src, by_op.period, filters)
+        recs += _routing_advice(src, by_op.period, filters)
+    if totals.calls and totals.errors / totals.calls > ERROR_SHARE:
+        share = totals.errors / totals.calls
+        recs.append(Recommendation(
+            "errors", f"{totals.errors} of {totals.calls} calls ({share:.0%}) failed - check "
+            "provider errors and retry settings; failed calls can still be billed",
+            "error_share", round(share, 4), ERROR_SHARE))
+    if not filters.get("user_id"):
+        recs += _budget_advice(src)
+    return CostAnalysis(period=by_op.period, totals=totals, by_operation=by_op.groups,
+                        by_model=by_model.groups, recommendations=recs)
+
+
+def _embedding_advice(src: _Source, by_model: UsageSummary,
+                      totals: UsageGroup) -> list[Recommendation]:
+    embedding = 0
+    for group in by_model.groups:
+        price = src.catalog.resolve(str(group.key["model"]))
+        if price is not None and price.mode == "embedding":
+            embedding += group.cost_nanos
+    share = embedding / totals.cost_nanos
+    if share <= EMBEDDING_SHARE:
+        return []
+    return [Recommendation(
+        "embedding_share", f"High embedding costs: {share:.0%} of spend "
+        f"(${nanos_to_usd(embedding):.4f}) - consider optimizing chunk sizes and "
+        "not re-embedding unchanged documents", "embedding_cost_share", round(share, 4),
+        EMBEDDING_SHARE)]
+
+
+def _caching_advice(src: _Source, period: Period,
+                    filters: Mapping[str, Any]) -> list[Recommendation]:
+    c = USAGE.c
+    # paid calls whose prompt is known (hashed); embeddings recorded without one don't count
+    where = _filters(src, period, filters) + [c.status == "ok", c.prompt_hash.is_not(None)]
+    paid = run_query(src, select(func.count()).where(and_(*where)))[0][0]
+    repeats = (select(c.prompt_hash, (func.count() - 1).label("extra"),
+                      (func.sum(c.cost_nanos) - func.min(c.cost_nanos)).label("extra_cost"))
+               .where(and_(*where))
+               .group_by(c.prompt_hash).having(func.count() > 1).subquery())
+    extra, extra_cost = run_query(src, select(func.coalesce(func.sum(repeats.c.extra), 0),
+                                              func.coalesce(func.sum(repeats.c.extra_cost), 0)))[0]
+    if not paid or int(extra) / paid <= REPEAT_SHARE:
+        return []
+    share = int(extra) / paid
+    saving = nanos_to_usd(int(extra_cost))
+    return [Recommendation(
+        "caching", f"Consider implementing caching for frequent queries: {int(extra)} of "
+        f"{paid} paid calls ({share:.0%}) repeated an earlier prompt exactly, costing "
+        f"${saving:.4f}", "repeated_prompt_share", round(share, 4), REPEAT_SHARE,
+        potential_savings_usd=saving)]
+
+
+def _routing_advice(src: _Source, period: Period,
+                    filters: Mapping[str, Any]) -> list[Recommendation]:
+    c = USAGE.c
+    short = and_(c.input_tokens < SHORT_PROMPT_TOKENS, c.output_tokens < SHORT_OUTPUT_TOKENS)
+    query = (select(c.model, func.count().label("calls"),
+                    func.sum(case((short, 1), else_=0)).label("short_calls"),
+                    func.sum(case((short, c.input_tokens), else_=0)).label("short_in"),
+                    func.sum(case((short, c.output_tokens), else_=0)).label("short_out"),
+                    func.sum(case((short, c.cost_nanos), else_=0)).label("short_cost"))
+             .where(and_(*_filters(src, period, filters), c.status == "ok"))
+             .group_by(c.model))
+    recs = []
+    for row in run_query(src, query):
+        model, calls, short_calls = row.model, int(row.calls), int(row.short_calls or 0)
+        price = src.catalog.resolve(model)
+        if price is None or price.mode != "chat" or not calls:
+            continue
+        if short_calls / calls < SHORT_CALL_SHARE or not row.short_cost:
+            continue
+        cheaper = _cheaper_model(src.catalog, price)
+        if cheaper is None:
+            continue
+        repriced = cheaper.cost_nanos(int(row.short_in), int(row.short_out))
+        actual = int(row.short_cost)
+        if repriced * ROUTE_DOWN_RATIO > actual:
+            continue
+        share = short_calls / calls
+        recs.append(Recommendation(
+            "route_down", f"{model} answered {short_calls} short prompts ({share:.0%} of its "
+            f"calls, under {SHORT_PROMPT_TOKENS} input tokens) for ${nanos_to_usd(actual):.4f}; "
+            f"{cheaper.name} would have cost ${nanos_to_usd(repriced):.4f} - route simple "
+            "requests to a cheaper model", "short_call_share", round(share, 4),
+            SHORT_CALL_SHARE, potential_savings_usd=nanos_to_usd(actual - repriced)))
+    return recs
+
+
+def _cheaper_model(catalog: PriceCatalog, price: Any) -> Any:
+    """The cheapest chat model of the same provider (by input + output price), if cheaper."""
+    best = None
+    for candidate in catalog:
+        if candidate.mode != "chat" or candidate.provider != price.provider:
+            continue
+        if candidate.input_picos + candidate.output_picos <= 0:
+            continue  # free/unpriced entries are not a recommendation
+        if best is None or (candidate.input_picos + candidate.output_picos
+                            < best.input_picos + best.output_picos):
+            best = candidate
+    if best is None or best.name == price.name:
+        return None
+    return best
+
+
+def _budget_advice(src: _Source) -> list[Recommendation]:
+    from ._budget_reports import budget_rows
+
+    recs = []
+    for status in budget_rows(src.engine):
+        percent = status.get("percent")
+        if percent is None or percent < BUDGET_NEAR:
+            continue
+        recs.append(Recommendation(
+            "budget", f"Budget {status.get('name')!r} is at {percent:.0f}% of its "
+            f"{status.get('period', '')} limit ({status.get('used')} of {status.get('limit')}"
+            f" {status.get('unit', '')}) - raise it, or route and cache more",
+            "budget_percent", round(float(percent), 2), BUDGET_NEAR))
+    return recs
+
+
+# -- allocation and what-if ----------------------------------------------------------------
+def allocate_costs(source: Any, *, by: str = "project", days: int | None = None,
+                   start_date: Any = None, end_date: Any = None,
+                   now: dt.datetime | None = None, **filters: Any) -> list[dict[str, Any]]:
+    """Spend split by project, tag, user or ``metadata.<key>`` (e.g. ``metadata.department``),
+    each with its share of the period's total. With tags a call counts once per tag, so
+    shares are of the untagged total and may add up to more than 100 %."""
+    summary = summarize(source, group_by=by, days=days, start_date=start_date,
+                        end_date=end_date, now=now, **filters)
+    total = summary.totals.cost_nanos
+    dim = summary.group_by[0]
+    return [{dim: g.key[dim], "calls": g.calls, "total_tokens": g.total_tokens,
+             "cost_usd": g.cost, "share": (g.cost_nanos / total) if total else 0.0}
+            for g in summary.groups]
+
+
+@dataclass(frozen=True)
+class WhatIf:
+    """Past usage re-priced as if ``target`` had answered it."""
+
+    target: str
+    period: Period
+    rows: list[dict[str, Any]]
+    actual_nanos: int
+    repriced_nanos: int
+    skipped_models: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "period": self.period.to_dict(), "models": self.rows,
+                "actual_cost_usd": nanos_to_usd(self.actual_nanos),
+                "repriced_cost_usd": nanos_to_usd(self.repriced_nanos),
+                "difference_usd": nanos_to_usd(self.repriced_nanos - self.actual_nanos),
+                "skipped_models": self.skipped_models}
+
+
+def what_if(source: Any, target: str, *, days: int | None = None, start_date: Any = None,
+            end_date: Any = None, now: dt.datetime | None = None,
+            **filters: Any) -> WhatIf:
+    """Re-price the period's paid calls with ``target``'s catalog price.
+
+    Token counts are kept as recorded (a different model would tokenize a little
+    differently). Calls of a different mode (embeddings when the target is a chat model)
+    and models the catalog does not know are left out and listed in ``skipped_models``.
+    """
+    src = as_source(source, now=now)
+    target_price = src.catalog.get(target)  # UnknownModelError names the model
+    c = USAGE.c
+    period = Period.resolve(days=days, start_date=start_date, end_date=end_date, now=src.now)
+    query = (select(c.model, func.count().label("calls"), func.sum(c.input_tokens).label("i"),
+                    func.sum(c.output_tokens).label("o"),
+                    func.sum(c.cached_input_tokens).label("ci"),
+                    func.sum(c.cost_nanos).label("cost"))
+             .where(and_(*_filters(src, period, filters), c.status.in_(("ok", "error"))))
+             .group_by(c.model))
+    rows, skipped, actual_total, repriced_total = [], [], 0, 0
+    for row in run_query(src, query):
+        price = src.catalog.resolve(row.model)
+        if price is None or price.mode != target_price.mode:
+            skipped.append(row.model)
+            continue
+        actual = int(row.cost or 0)
+        repriced = target_price.cost_nanos(int(row.i or 0), int(row.o or 0),
+                                           cached_input_tokens=int(row.ci or 0))
+        actual_total += actual
+        repriced_total += repriced
+        rows.append({"model": row.model, "calls": int(row.calls),
+                     "actual_cost_usd": nanos_to_usd(actual),
+                     "repriced_cost_usd": nanos_to_usd(repriced),
+                     "difference_usd": nanos_to_usd(repriced - actual)})
+    rows.sort(key=lambda r: -r["actual_cost_usd"])
+    return WhatIf(target=target_price.name, period=period, rows=rows, actual_nanos=actual_total,
+                  repriced_nanos=repriced_total, skipped_models=sorted(skipped))
+
+
+def iter_dimension_values(source: Any, dimension: str, **filters: Any) -> Iterable[Any]:
+    """Distinct values of one dimension (e.g. the users with recorded usage)."""
+    src = as_source(source)
+    expr = _dimension_expr(src, canonical_dimension(dimension))
+    query = select(expr).where(and_(*_filters(src, None, filters))).distinct()
+    return [row[0] for row in run_query(src, query)]
