@@ -1,0 +1,627 @@
+"""A drop-in LangChain chat model that routes, cascades and falls back across other models.
+
+    cheap, strong = ChatOpenAI(model="gpt-4o-mini"), ChatOpenAI(model="gpt-4o")
+    llm = RoutedChatModel(
+        models={"gpt-4o-mini": cheap, "gpt-4o": strong},
+        router=budgetkit.Router({"low": "gpt-4o-mini", "high": "gpt-4o"}),
+        engine=engine,
+    )
+    llm.invoke("Summarise this ...")           # the router picks; the row says why
+
+Per call: ``router`` (a :class:`budgetkit.Router`) picks the model, or ``cascade`` (a
+:class:`budgetkit.Cascade`) tries its models cheapest first until an answer passes its
+checks, or, with neither, ``default_model`` (the first model) answers. ``fallback`` (a
+:class:`budgetkit.Fallback`) wraps every model call: transient errors are retried, then
+the next model is tried; a :class:`budgetkit.BudgetExceeded` is never retried nor sent
+to another model. Per-call keyword arguments ``model=`` (a required model),
+``task_type=`` and ``low_latency=`` steer the router; ``task_type``, ``user_id`` and
+``project`` are also read from the run's ``metadata``.
+
+The inner models run as child runs of this one (their callbacks fire with this run as
+parent), so tracers and budgetkit's handler see the real model calls. With an ``engine``,
+this model admits and settles every inner call itself (one usage row per call, with the
+request id, the attempt number and the route reason), so a budget stops a call before the
+provider runs. Double counting is avoided by markers (see ``ROUTED_MARKER`` and
+``METERED_MARKER``): this model's own run carries ``ROUTED_MARKER`` in its metadata and its
+answer's ``response_metadata``, and inner runs already metered carry ``METERED_MARKER`` in
+their metadata; a tracking handler records neither. Without an engine the inner runs are
+left to the handler, with ``route_reason`` / ``attempt`` / ``request_id`` in their metadata.
+
+``bind_tools`` and ``with_structured_output`` pass through to whichever model is chosen:
+the tools (or schema) are bound to it at call time. In a cascade with structured output an
+answer is accepted when it parses; text checks are not applied to tool calls.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from langchain_core.callbacks import (AsyncCallbackManager, AsyncCallbackManagerForLLMRun,
+                                      CallbackManager, CallbackManagerForLLMRun)
+from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
+from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.utils.function_calling import convert_to_openai_tool
+from pydantic import ConfigDict, Field
+
+from budgetkit import ConfigurationError
+from budgetkit._cascade import Completion, settle_completion
+from budgetkit._router import RouteDecision
+
+from ._callback import usage_from_metadata
+from ._messages import message_text, to_openai_messages
+
+__all__ = ["RoutedChatModel", "ROUTED_MARKER", "METERED_MARKER"]
+
+#: In this model's run metadata and in its answers' ``response_metadata``: the run is a
+#: wrapper whose cost is recorded on its inner runs (a tracker must not count it).
+ROUTED_MARKER = "budgetkit_routed"
+#: In an inner run's metadata: the routed model's engine has already recorded this call.
+METERED_MARKER = "budgetkit_metered"
+
+_TOOLS_KEY = "budgetkit_tools"            # bound by bind_tools, applied to the chosen model
+_STRUCTURED_KEY = "budgetkit_structured"  # bound by with_structured_output
+_PARSED_KEY = "budgetkit_parsed"          # where the chosen model's parsed output travels
+_ROUTING_KWARGS = ("model", "required_model", "task_type", "low_latency")
+
+
+@dataclass
+class _Call:
+    """One request: its routing inputs and its attempt counter."""
+
+    messages: list[BaseMessage]
+    openai_messages: list[dict[str, Any]]
+    stop: list[str] | None
+    kwargs: dict[str, Any]
+    request_id: str
+    attribution: dict[str, Any]
+    required_model: str | None
+    task_type: str | None
+    low_latency: bool
+    tools: dict[str, Any] | None
+    structured: dict[str, Any] | None
+    attempts: int = 0
+    parent_run_id: str | None = None
+    model: str | None = None  # the model of the latest attempt
+
+
+class RoutedChatModel(BaseChatModel):
+    """A chat model that sends each call to one of several chat models (see module doc)."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
+
+    models: dict[str, Any] = Field(default_factory=dict)
+    """Catalog model name → the LangChain chat model that serves it."""
+    router: Any = None
+    cascade: Any = None
+    fallback: Any = None
+    engine: Any = None
+    default_model: str | None = None
+    """Used when there is no router or cascade (default: the first model)."""
+    task_type: str | None = None
+    low_latency: bool = False
+    max_tokens: int | None = None
+    """Output tokens reserved when routing for context fit and admitting (not forwarded)."""
+    temperature: float | None = None
+    stop: list[str] | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check_models()  # here, not in a validator: pydantic would wrap the typed error
+
+    def _check_models(self) -> None:
+        if not self.models:
+            raise ConfigurationError("RoutedChatModel needs models={catalog name: chat model}")
+        if self.router is not None and self.cascade is not None:
+            raise ConfigurationError("give a router or a cascade, not both")
+        needed: dict[str, Sequence[str]] = {
+            "router": getattr(self.router, "models", ()),
+            "cascade": getattr(self.cascade, "models", ()),
+            "fallback": getattr(self.fallback, "models", ()),
+            "default_model": [self.default_model] if self.default_model else []}
+        for owner, names in needed.items():
+            missing = [name for name in names if name not in self.models]
+            if missing:
+                raise ConfigurationError(
+                    f"{owner} names model(s) {', '.join(missing)} that models= does not "
+                    f"provide; models: {', '.join(self.models)}")
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def _llm_type(self) -> str:
+        return "budgetkit-routed"
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        return {"models": list(self.models), "router": type(self.router).__name__,
+                "cascade": type(self.cascade).__name__, "default_model": self.default_model}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> Any:
+        model = kwargs.get("model")
+        params: dict[str, Any] = {
+            "ls_provider": "budgetkit", "ls_model_type": "chat",
+            # not a catalog name on purpose: a tracker must not price the wrapper itself
+            "ls_model_name": model if isinstance(model, str) else "budgetkit-routed",
+            ROUTED_MARKER: True,
+        }
+        if self.temperature is not None:
+            params["ls_temperature"] = self.temperature
+        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        if isinstance(max_tokens, int):
+            params["ls_max_tokens"] = max_tokens
+        if stop or self.stop:
+            params["ls_stop"] = stop or self.stop
+        return params
+
+    @property
+    def _engine(self) -> Any:
+        return (self.engine or getattr(self.cascade, "engine", None)
+                or getattr(self.router, "engine", None))
+
+    # -- tools and structured output pass through --------------------------------------
+    def bind_tools(self, tools: Sequence[Any], *, tool_choice: Any = None,
+                   **kwargs: Any) -> Runnable[LanguageModelInput, AIMessage]:
+        """Bind ``tools`` to whichever model each call is routed to."""
+        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        if tool_choice is not None:
+            kwargs["tool_choice"] = tool_choice
+        return self.bind(**{_TOOLS_KEY: {"tools": formatted, "kwargs": kwargs}})
+
+    def with_structured_output(self, schema: Any, *, include_raw: bool = False,
+                               **kwargs: Any) -> Runnable[LanguageModelInput, Any]:
+        """The chosen model's own ``with_structured_output(schema, **kwargs)`` per call."""
+        spec = {"schema": schema, "kwargs": kwargs}
+
+        def unwrap(message: AIMessage) -> Any:
+            result = message.additional_kwargs.get(_PARSED_KEY) or {}
+            if include_raw:
+                raw = message.model_copy(update={"additional_kwargs": {
+                    k: v for k, v in message.additional_kwargs.items() if k != _PARSED_KEY}})
+                return {"raw": raw, "parsed": result.get("parsed"),
+                        "parsing_error": result.get("parsing_error")}
+            if result.get("parsing_error") is not None:
+                raise result["parsing_error"]
+            return result.get("parsed")
+
+        return self.bind(**{_STRUCTURED_KEY: spec}) | RunnableLambda(unwrap)
+
+    # -- planning -----------------------------------------------------------------------------
+    def _prepare(self, messages: list[BaseMessage], stop: list[str] | None,
+                 run_manager: Any, kwargs: dict[str, Any]) -> _Call:
+        kwargs = dict(kwargs)
+        required = kwargs.pop("model", None) or kwargs.pop("required_model", None)
+        kwargs.pop("required_model", None)
+        metadata = {**(getattr(run_manager, "inheritable_metadata", None) or {}),
+                    **(getattr(run_manager, "metadata", None) or {})}
+        task_type = kwargs.pop("task_type", None) or metadata.get("task_type") or self.task_type
+        low_latency = bool(kwargs.pop("low_latency", self.low_latency))
+        attribution = {key: metadata[key] for key in ("user_id", "session_id", "project")
+                       if isinstance(metadata.get(key), str)}
+        if task_type:
+            attribution["task_type"] = task_type
+        request_id = str(metadata.get("request_id") or uuid.uuid4().hex)
+        tools = kwargs.pop(_TOOLS_KEY, None)
+        structured = kwargs.pop(_STRUCTURED_KEY, None)
+        return _Call(messages=messages, openai_messages=to_openai_messages(messages),
+                     stop=stop or self.stop, kwargs=kwargs, request_id=request_id,
+                     attribution=attribution, required_model=required, task_type=task_type,
+                     low_latency=low_latency, tools=tools, structured=structured,
+                     parent_run_id=str(run_manager.run_id) if run_manager else None)
+
+    def _decide(self, call: _Call, run_manager: Any) -> RouteDecision:
+        required = call.required_model
+        if required is not None and required not in self.models:
+            raise ConfigurationError(
+                f"model {required!r} is not one of the routed models: {', '.join(self.models)}")
+        if self.router is not None:
+            return self.router.route(
+                messages=call.openai_messages, required_model=required,
+                task_type=call.task_type, low_latency=call.low_latency,
+                max_output_tokens=self.max_tokens, user_id=call.attribution.get("user_id"),
+                project=call.attribution.get("project"),
+                tags=tuple(getattr(run_manager, "tags", None) or ()))
+        if required is not None:
+            return RouteDecision(required, None, (f"required model {required}",))
+        model = self.default_model or next(iter(self.models))
+        return RouteDecision(model, None, (f"default model {model}",))
+
+    def _inner(self, name: str, call: _Call) -> Runnable:
+        model: Runnable = self.models[name]
+        if call.tools is not None:
+            model = model.bind_tools(call.tools["tools"], **call.tools["kwargs"])  # type: ignore[attr-defined]
+        if call.structured is not None:
+            model = model.with_structured_output(  # type: ignore[attr-defined]
+                call.structured["schema"], include_raw=True, **call.structured["kwargs"])
+        return model
+
+    def _config(self, name: str, call: _Call, reason: str, manager: Any) -> dict[str, Any]:
+        # ls_model_name: the catalog name, for inner models that do not report one (the
+        # model's own ls_model_name, when it has one, takes precedence)
+        marks = {"route_reason": reason, "attempt": call.attempts, "request_id": call.request_id,
+                 "ls_model_name": name}
+        if self._engine is not None:
+            marks[METERED_MARKER] = True
+        config: dict[str, Any] = {"metadata": marks}
+        if manager is not None:
+            config["callbacks"] = manager
+        return config
+
+    def _admit_kwargs(self, call: _Call, reason: str) -> dict[str, Any]:
+        return dict(call.attribution, messages=call.openai_messages,
+                    max_output_tokens=self.max_tokens, request_id=call.request_id,
+                    attempt=call.attempts, route_reason=reason,
+                    parent_run_id=call.parent_run_id, metadata={"routed": True})
+
+    # -- one inner call -------------------------------------------------------------------
+    def _call_model(self, name: str, call: _Call, reason: str,
+                    manager: CallbackManager | None) -> AIMessage:
+        engine = self._engine
+        call.attempts += 1
+        call.model = name
+        ticket = engine.admit(name, **self._admit_kwargs(call, reason)) if engine else None
+        try:
+            output = self._inner(name, call).invoke(
+                call.messages, config=self._config(name, call, reason, manager),
+                stop=call.stop, **call.kwargs)
+        except BaseException as exc:
+            if ticket is not None:
+                engine.release(ticket, error=exc)
+            raise
+        message = _as_message(output)
+        settle_completion(engine, ticket, _completion(message))
+        return message
+
+    async def _acall_model(self, name: str, call: _Call, reason: str,
+                           manager: AsyncCallbackManager | None) -> AIMessage:
+        engine = self._engine
+        call.attempts += 1
+        ticket = await engine.aadmit(name, **self._admit_kwargs(call, reason)) if engine else None
+        try:
+            output = await self._inner(name, call).ainvoke(
+                call.messages, config=self._config(name, call, reason, manager),
+                stop=call.stop, **call.kwargs)
+        except BaseException as exc:
+            if ticket is not None:
+                await engine.arelease(ticket, error=exc)
+            raise
+        message = _as_message(output)
+        settle_completion(engine, ticket, _completion(message))
+        return message
+
+    def _failures(self, call: _Call, message: AIMessage) -> list[str]:
+        if call.structured is not None:
+            parsed = message.additional_kwargs.get(_PARSED_KEY) or {}
+            error = parsed.get("parsing_error")
+            return [f"structured output did not parse: {error}"] if error is not None else []
+        return self.cascade.evaluate(message_text(message.content))
+
+    # -- generate -------------------------------------------------------------------------
+    def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> ChatResult:
+        call = self._prepare(messages, stop, run_manager, kwargs)
+        manager = _child_manager(run_manager)
+        if self.cascade is None:
+            decision = self._decide(call, run_manager)
+            message = self._with_fallback(
+                lambda name: self._call_model(name, call, _reason(decision, name), manager),
+                decision.model)
+            return _result(message, call, decision.reason)
+        reason, message, previous = "", None, None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self.cascade.attempt_reason(number, previous)
+            message = self._with_fallback(
+                lambda model, reason=reason: self._call_model(model, call, reason, manager), name)
+            previous = _Failed(name, self._failures(call, message))
+            if not previous.failures:
+                break
+        assert message is not None
+        return _result(message, call, reason)
+
+    async def _agenerate(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> ChatResult:
+        call = self._prepare(messages, stop, run_manager, kwargs)
+        manager = _child_manager(run_manager)
+        if self.cascade is None:
+            decision = self._decide(call, run_manager)
+            message = await self._awith_fallback(
+                lambda name: self._acall_model(name, call, _reason(decision, name), manager),
+                decision.model)
+            return _result(message, call, decision.reason)
+        reason, message, previous = "", None, None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self.cascade.attempt_reason(number, previous)
+            message = await self._awith_fallback(
+                lambda model, reason=reason: self._acall_model(model, call, reason, manager),
+                name)
+            previous = _Failed(name, self._failures(call, message))
+            if not previous.failures:
+                break
+        assert message is not None
+        return _result(message, call, reason)
+
+    def _with_fallback(self, fn: Callable[[str], Any], name: str) -> Any:
+        return fn(name) if self.fallback is None else self.fallback.call(fn, prefer=name)
+
+    async def _awith_fallback(self, fn: Callable[[str], Any], name: str) -> Any:
+        if self.fallback is None:
+            return await fn(name)
+        return await self.fallback.acall(fn, prefer=name)
+
+    # -- stream ---------------------------------------------------------------------------
+    def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[ChatGenerationChunk]:
+        call = self._prepare(messages, stop, run_manager, kwargs)
+        manager = _child_manager(run_manager)
+        name, reason = self._stream_target(call, run_manager, manager)
+        if name is None:  # the cascade accepted a buffered answer
+            chunk = _chunk_of(reason[1], call, reason[0])
+            _emit(run_manager, chunk)
+            yield chunk
+            return
+
+        def opener(model: str) -> tuple[str, _Stream]:
+            stream = _Stream(self, model, call, reason, manager)
+            stream.open()  # the first chunk is pulled here, inside the fallback's try
+            return model, stream
+
+        _, stream = self._with_fallback(opener, name)
+        for index, piece in enumerate(stream):
+            chunk = _chunk_of(piece, call, reason, first=index == 0)
+            _emit(run_manager, chunk)
+            yield chunk
+
+    def _stream_target(self, call: _Call, run_manager: Any, manager: Any) -> tuple[Any, Any]:
+        """(model to stream, reason); a cascade buffers every attempt but the last."""
+        if self.cascade is None:
+            decision = self._decide(call, run_manager)
+            return decision.model, _reason(decision, decision.model)
+        previous = None
+        models = self.cascade.models
+        for number, name in enumerate(models, start=1):
+            reason = self.cascade.attempt_reason(number, previous)
+            if number == len(models):
+                return name, reason
+            message = self._with_fallback(
+                lambda model, reason=reason: self._call_model(model, call, reason, manager), name)
+            previous = _Failed(name, self._failures(call, message))
+            if not previous.failures:
+                return None, (reason, _as_chunk(message))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
+        call = self._prepare(messages, stop, run_manager, kwargs)
+        manager = _child_manager(run_manager)
+        name, reason = await self._astream_target(call, run_manager, manager)
+        if name is None:
+            chunk = _chunk_of(reason[1], call, reason[0])
+            await _aemit(run_manager, chunk)
+            yield chunk
+            return
+
+        async def opener(model: str) -> tuple[str, _AsyncStream]:
+            stream = _AsyncStream(self, model, call, reason, manager)
+            await stream.open()
+            return model, stream
+
+        _, stream = await self._awith_fallback(opener, name)
+        index = 0
+        async for piece in stream:
+            chunk = _chunk_of(piece, call, reason, first=index == 0)
+            index += 1
+            await _aemit(run_manager, chunk)
+            yield chunk
+
+    async def _astream_target(self, call: _Call, run_manager: Any,
+                              manager: Any) -> tuple[Any, Any]:
+        if self.cascade is None:
+            decision = self._decide(call, run_manager)
+            return decision.model, _reason(decision, decision.model)
+        previous = None
+        models = self.cascade.models
+        for number, name in enumerate(models, start=1):
+            reason = self.cascade.attempt_reason(number, previous)
+            if number == len(models):
+                return name, reason
+            message = await self._awith_fallback(
+                lambda model, reason=reason: self._acall_model(model, call, reason, manager),
+                name)
+            previous = _Failed(name, self._failures(call, message))
+            if not previous.failures:
+                return None, (reason, _as_chunk(message))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- streaming
+
+class _Stream:
+    """One inner model's stream, admitted and settled like a single call."""
+
+    def __init__(self, owner: RoutedChatModel, name: str, call: _Call, reason: str,
+                 manager: Any) -> None:
+        self.owner, self.name, self.call, self.reason, self.manager = (
+            owner, name, call, reason, manager)
+        self.engine = owner._engine
+        self.ticket: Any = None
+        self.first: AIMessageChunk | None = None
+        self.total: AIMessageChunk | None = None
+
+    def open(self) -> None:
+        call = self.call
+        call.attempts += 1
+        call.model = self.name
+        if self.engine is not None:
+            self.ticket = self.engine.admit(self.name, **self.owner._admit_kwargs(call, self.reason))
+        try:
+            self.iterator = iter(self.owner._inner(self.name, call).stream(
+                call.messages, config=self.owner._config(self.name, call, self.reason,
+                                                         self.manager),
+                stop=call.stop, **call.kwargs))
+            self.first = _as_chunk(next(self.iterator, AIMessageChunk(content="")))
+        except BaseException as exc:
+            self._release(exc)
+            raise
+
+    def __iter__(self) -> Iterator[AIMessageChunk]:
+        assert self.first is not None
+        self.total = self.first
+        try:
+            yield self.first
+            for piece in self.iterator:
+                chunk = _as_chunk(piece)
+                self.total = self.total + chunk
+                yield chunk
+        except BaseException as exc:
+            self._release(exc)
+            raise
+        settle_completion(self.engine, self.ticket, _completion(self.total))
+
+    def _release(self, exc: BaseException) -> None:
+        if self.ticket is not None:
+            self.engine.release(self.ticket, error=exc)
+
+
+class _AsyncStream(_Stream):
+    async def open(self) -> None:  # type: ignore[override]
+        call = self.call
+        call.attempts += 1
+        call.model = self.name
+        if self.engine is not None:
+            self.ticket = await self.engine.aadmit(
+                self.name, **self.owner._admit_kwargs(call, self.reason))
+        try:
+            self.aiterator = self.owner._inner(self.name, call).astream(
+                call.messages, config=self.owner._config(self.name, call, self.reason,
+                                                         self.manager),
+                stop=call.stop, **call.kwargs).__aiter__()
+            try:
+                self.first = _as_chunk(await self.aiterator.__anext__())
+            except StopAsyncIteration:
+                self.first = AIMessageChunk(content="")
+        except BaseException as exc:
+            self._release(exc)
+            raise
+
+    async def __aiter__(self) -> AsyncIterator[AIMessageChunk]:  # type: ignore[override]
+        assert self.first is not None
+        self.total = self.first
+        try:
+            yield self.first
+            async for piece in self.aiterator:
+                chunk = _as_chunk(piece)
+                self.total = self.total + chunk
+                yield chunk
+        except BaseException as exc:
+            self._release(exc)
+            raise
+        settle_completion(self.engine, self.ticket, _completion(self.total))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+@dataclass
+class _Failed:
+    model: str
+    failures: list[str]
+
+
+def _child_manager(run_manager: Any) -> Any:
+    """Callbacks for inner calls: this run's inheritable handlers, this run as parent.
+
+    LLM run managers have no ``get_child()``; this mirrors what chains do. The wrapper's
+    marker is dropped so trackers do record the inner runs.
+    """
+    if run_manager is None:
+        return None
+    cls = AsyncCallbackManager if isinstance(run_manager, AsyncCallbackManagerForLLMRun) \
+        else CallbackManager
+    manager = cls(handlers=[], parent_run_id=run_manager.run_id)
+    manager.set_handlers(run_manager.inheritable_handlers)
+    manager.add_tags(run_manager.inheritable_tags)
+    manager.add_metadata({key: value for key, value in run_manager.inheritable_metadata.items()
+                          if key != ROUTED_MARKER and not key.startswith("ls_")})
+    return manager
+
+
+def _reason(decision: RouteDecision, name: str) -> str:
+    if name == decision.model:
+        return decision.reason
+    return f"{decision.reason}; fallback from {decision.model} to {name}"
+
+
+def _as_message(output: Any) -> AIMessage:
+    """An inner result as a message (structured output's parsed value rides along)."""
+    if isinstance(output, dict) and "raw" in output and "parsed" in output:
+        raw = output["raw"]
+        extra = dict(raw.additional_kwargs)
+        extra[_PARSED_KEY] = {"parsed": output["parsed"],
+                              "parsing_error": output.get("parsing_error")}
+        return raw.model_copy(update={"additional_kwargs": extra})
+    if isinstance(output, BaseMessage):
+        return output if isinstance(output, AIMessage) else AIMessage(
+            content=output.content, additional_kwargs=output.additional_kwargs,
+            response_metadata=output.response_metadata)
+    raise ConfigurationError(f"a routed model returned {type(output).__name__}, not a message")
+
+
+def _as_chunk(output: Any) -> AIMessageChunk:
+    if isinstance(output, AIMessageChunk):
+        return output
+    message = _as_message(output)
+    return AIMessageChunk(content=message.content, additional_kwargs=message.additional_kwargs,
+                          response_metadata=message.response_metadata,
+                          tool_calls=message.tool_calls, usage_metadata=message.usage_metadata,
+                          id=message.id)
+
+
+def _completion(message: BaseMessage) -> Completion:
+    usage = usage_from_metadata(getattr(message, "usage_metadata", None))
+    metadata = message.response_metadata or {}
+    reported = metadata.get("model_name") or metadata.get("model")
+    return Completion(
+        text=message_text(message.content),
+        input_tokens=usage.input_tokens if usage else None,
+        output_tokens=usage.output_tokens if usage else None,
+        cached_input_tokens=usage.cached_input_tokens if usage else 0,
+        cache_write_tokens=usage.cache_write_tokens if usage else 0,
+        reasoning_tokens=usage.reasoning_tokens if usage else 0,
+        model=reported if isinstance(reported, str) else None)
+
+
+def _marker(call: _Call, reason: str) -> dict[str, Any]:
+    return {"model": call.model, "route_reason": reason, "attempts": call.attempts,
+            "request_id": call.request_id}
+
+
+def _result(message: AIMessage, call: _Call, reason: str) -> ChatResult:
+    metadata = dict(message.response_metadata)
+    metadata[ROUTED_MARKER] = _marker(call, reason)
+    message = message.model_copy(update={"response_metadata": metadata})
+    return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def _chunk_of(piece: AIMessageChunk, call: _Call, reason: str, *,
+              first: bool = True) -> ChatGenerationChunk:
+    if first:
+        metadata = dict(piece.response_metadata)
+        metadata[ROUTED_MARKER] = _marker(call, reason)
+        piece = piece.model_copy(update={"response_metadata": metadata})
+    return ChatGenerationChunk(message=piece)
+
+
+def _emit(run_manager: Any, chunk: ChatGenerationChunk) -> None:
+    if run_manager is not None:
+        run_manager.on_llm_new_token(message_text(chunk.message.content), chunk=chunk)
+
+
+async def _aemit(run_manager: Any, chunk: ChatGenerationChunk) -> None:
+    if run_manager is not None:
+        await run_manager.on_llm_new_token(message_text(chunk.message.content), chunk=chunk)
