@@ -237,7 +237,7 @@ class Engine:
 
     def remove_listener(self, listener: Callable[[UsageRecord], None]) -> None:
         with self._lock:
-            self._listeners = [item for item in self._listeners if item is not listener]
+            self._listeners = [item for item in self._listeners if item != listener]  # bound methods: ==, not is
 
     # -- counting -------------------------------------------------------------------------
     def count_tokens(self, text: str, model: str) -> int:
