@@ -237,7 +237,8 @@ class Engine:
 
     def remove_listener(self, listener: Callable[[UsageRecord], None]) -> None:
         with self._lock:
-            self._listeners = [item for item in self._listeners if item != listener]  # bound methods: ==, not is
+            # ``!=``, not ``is not``: each ``obj.method`` access is a new bound method
+            self._listeners = [item for item in self._listeners if item != listener]
 
     # -- counting -------------------------------------------------------------------------
     def count_tokens(self, text: str, model: str) -> int:
