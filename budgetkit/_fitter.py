@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 import re
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
@@ -59,21 +59,55 @@ DEFAULT_RESERVE_CAP = 4096
 _MARKER = "…[truncated {n} tokens]…"
 
 
-@dataclass(frozen=True, slots=True)
 class FitReport:
-    """What a fit did. ``kept`` holds the input positions of the kept items, in order."""
+    """What a fit did. ``kept`` holds the input positions of the kept items, in order.
 
-    tokens_before: int
-    tokens_after: int
-    limit: int
-    dropped: int
-    truncated: bool = False
-    kept: tuple[int, ...] = ()
-    truncated_index: int | None = None  # input position of the item that was cut
+    ``tokens_before`` is the whole input's count. A fit reads a history newest first and
+    stops where the window is full, so the older messages it dropped are counted only when
+    ``tokens_before`` is first read.
+    """
+
+    __slots__ = ("_tokens_before", "tokens_after", "limit", "dropped", "truncated", "kept",
+                 "truncated_index")
+
+    def __init__(self, tokens_before: int | Callable[[], int], tokens_after: int, limit: int,
+                 dropped: int, truncated: bool = False, kept: tuple[int, ...] = (),
+                 truncated_index: int | None = None) -> None:
+        self._tokens_before = tokens_before
+        self.tokens_after = tokens_after
+        self.limit = limit
+        self.dropped = dropped
+        self.truncated = truncated
+        self.kept = kept
+        self.truncated_index = truncated_index  # input position of the item that was cut
+
+    @property
+    def tokens_before(self) -> int:
+        value = self._tokens_before
+        if not isinstance(value, int):
+            value = self._tokens_before = value()
+        return value
 
     @property
     def tokens_saved(self) -> int:
         return self.tokens_before - self.tokens_after
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (self.tokens_before, self.tokens_after, self.limit, self.dropped, self.truncated,
+                self.kept, self.truncated_index)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FitReport) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        names = ("tokens_before", "tokens_after", "limit", "dropped", "truncated", "kept",
+                 "truncated_index")
+        kept = self.kept if len(self.kept) <= 8 else f"({len(self.kept)} positions)"
+        values = dict(zip(names, self._fields()), kept=kept)
+        return "FitReport(" + ", ".join(f"{k}={v!r}" if k != "kept" else f"kept={v}"
+                                        for k, v in values.items()) + ")"
 
 
 class FitResult(NamedTuple, Generic[T]):
@@ -151,25 +185,17 @@ class _MessageCounter:
             return 0
         return count_message_tokens((), self.model, tools=tools, catalog=self.catalog) - self.priming
 
-    def all(self, messages: Sequence[Any]) -> list[int]:
-        """Each message's tokens; also checks that every message is a dict with a role."""
-        cache, prefix, counts = _MESSAGE_COUNTS, self._prefix, []
-        for i, message in enumerate(messages):
-            if type(message) is not dict and not isinstance(message, Mapping):
-                raise _not_a_message(i, message)
-            if type(message.get("role")) is not str:
-                raise _not_a_message(i, message)
-            key = _cache_key(message)
-            if key is None:
-                counts.append(self(message))
-                continue
-            key = (prefix, *key)
-            tokens = cache.get(key)
-            if tokens is None:
-                tokens = self(message)
-                _remember(key, tokens)
-            counts.append(tokens)
-        return counts
+    def cached(self, message: Mapping[str, Any]) -> int:
+        """``message``'s tokens, remembered by the fields the count depends on."""
+        key = _cache_key(message)
+        if key is None:
+            return self(message)
+        key = (self._prefix, *key)
+        tokens = _MESSAGE_COUNTS.get(key)
+        if tokens is None:
+            tokens = self(message)
+            _remember(key, tokens)
+        return tokens
 
 
 # (model, encoding), role, content, name, tool_call_id, tool calls -> tokens of one message.
@@ -220,23 +246,49 @@ def _not_a_message(position: int, message: Any) -> ConfigurationError:
         f"{type(message).__name__}; framework messages go through the adapters")
 
 
-def _blocks(messages: Sequence[Mapping[str, Any]], positions: Sequence[int]) -> list[list[int]]:
-    """Group non-system message positions into blocks that are kept or dropped whole.
+def _roles(messages: Sequence[Any]) -> list[str]:
+    """Each message's role; checks that every message is a dict with a role string."""
+    roles = []
+    for i, message in enumerate(messages):
+        if type(message) is not dict and not isinstance(message, Mapping):
+            raise _not_a_message(i, message)
+        role = message.get("role")
+        if type(role) is not str:
+            raise _not_a_message(i, message)
+        roles.append(role)
+    return roles
 
-    An assistant message with tool_calls opens a block that every tool result right after it
-    joins; every other message is its own block.
+
+def _blocks_from_end(msgs: Sequence[Mapping[str, Any]], roles: Sequence[str],
+                     count: _MessageCounter) -> Iterator[tuple[list[int], int]]:
+    """The non-system messages as blocks kept or dropped whole, newest first, with tokens.
+
+    An assistant message with tool_calls and the tool results right after it (system
+    messages aside) are one block; a tool result without such a call is a block alone.
+    Messages are counted as they are reached, so a fit counts only what it looks at.
     """
-    blocks: list[list[int]] = []
-    open_tool_block = False
-    for i in positions:
-        message = messages[i]
-        role = message["role"]
-        if open_tool_block and role in TOOL_RESULT_ROLES:
-            blocks[-1].append(i)
+    pending: list[int] = []  # tool results waiting for their call, newest first
+    pending_tokens = 0
+    for i in range(len(msgs) - 1, -1, -1):
+        role = roles[i]
+        if role in SYSTEM_ROLES:
             continue
-        blocks.append([i])
-        open_tool_block = role == "assistant" and bool(message.get("tool_calls"))
-    return blocks
+        if role in TOOL_RESULT_ROLES:
+            pending.append(i)
+            pending_tokens += count.cached(msgs[i])
+            continue
+        tokens = count.cached(msgs[i])
+        if pending:
+            if role == "assistant" and msgs[i].get("tool_calls"):
+                yield [i, *reversed(pending)], tokens + pending_tokens
+                pending, pending_tokens = [], 0
+                continue
+            for j in pending:
+                yield [j], count.cached(msgs[j])
+            pending, pending_tokens = [], 0
+        yield [i], tokens
+    for j in pending:
+        yield [j], count.cached(msgs[j])
 
 
 def fit_messages(messages: Sequence[Mapping[str, Any]], model: str, *,
@@ -250,86 +302,100 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], model: str, *,
     ``tool_call_id``). The allowance is ``max_tokens`` if given, else ``model``'s window
     minus ``reserve_output`` (see :func:`prompt_token_limit`); ``tools`` are counted in it.
     The kept prompt, counted with :func:`count_message_tokens` (tools included), is
-    ``report.tokens_after`` and never exceeds ``report.limit``.
+    ``report.tokens_after`` and never exceeds ``report.limit``. A history that fits whole is
+    returned whole.
 
     Raises :class:`ContextWindowExceeded` when the system messages and tools alone do not
     fit, or when the newest user turn does not fit and either ``on_overflow="raise"`` or
     cutting the user message cannot make it fit (the replies and tool results after it are
     never cut).
     """
+    msgs = list(messages)
+    return fit_message_sequence(msgs, _roles(msgs), model, reserve_output=reserve_output,
+                                max_tokens=max_tokens, on_overflow=on_overflow, tools=tools,
+                                catalog=catalog)
+
+
+def fit_message_sequence(msgs: Sequence[Mapping[str, Any]], roles: Sequence[str], model: str, *,
+                         reserve_output: int | None = None, max_tokens: int | None = None,
+                         on_overflow: OnOverflow = "truncate",
+                         tools: Sequence[Mapping[str, Any]] | None = None,
+                         catalog: PriceCatalog | None = None) -> FitResult[Mapping[str, Any]]:
+    """:func:`fit_messages` for framework adapters: ``msgs[i]`` may convert a framework
+    message on first access (only the messages a fit reads are converted), ``roles`` are the
+    OpenAI roles of all messages. Not public API."""
     if on_overflow not in ("truncate", "raise"):
         raise ConfigurationError(f"on_overflow must be 'truncate' or 'raise', got {on_overflow!r}")
-    msgs = list(messages)
     limit = prompt_token_limit(model, reserve_output=reserve_output, max_tokens=max_tokens,
                                catalog=catalog)
     count = _MessageCounter(model, catalog)
-    counts = count.all(msgs)
-    fixed = count.priming + count.tools(tools)
-    tokens_before = fixed + sum(counts)
-    if tokens_before <= limit:
-        return FitResult(list(msgs), FitReport(tokens_before, tokens_before, limit, 0,
-                                               kept=tuple(range(len(msgs)))))
-
-    system = [i for i, m in enumerate(msgs) if m["role"] in SYSTEM_ROLES]
-    fixed += sum(counts[i] for i in system)
+    system = [i for i, role in enumerate(roles) if role in SYSTEM_ROLES]
+    fixed = count.priming + count.tools(tools) + sum(count.cached(msgs[i]) for i in system)
     if fixed > limit:
         raise ContextWindowExceeded(
             f"the system messages and tools alone take {fixed} tokens, more than the "
             f"{limit} allowed for {model!r}", tokens=fixed, limit=limit)
-    system_set = set(system)
-    blocks = _blocks(msgs, [i for i in range(len(msgs)) if i not in system_set])
-    has_user = any(msgs[b[0]]["role"] == "user" for b in blocks)
-    # Where the kept history may begin: a user message, or (in a history without any user
-    # message) any block that is not an orphan tool result.
-    starts = [msgs[b[0]]["role"] == "user" if has_user
-              else msgs[b[0]]["role"] not in TOOL_RESULT_ROLES for b in blocks]
-    block_tokens = [sum(counts[i] for i in b) for b in blocks]
+    has_user = "user" in roles
+
+    def can_start(block: list[int]) -> bool:
+        # The kept history begins on a user message; in a history without any, on any
+        # block that is not an orphan tool result.
+        role = roles[block[0]]
+        return role == "user" if has_user else role not in TOOL_RESULT_ROLES
 
     room = limit - fixed
-    used, first_kept = 0, None
-    for b in range(len(blocks) - 1, -1, -1):
-        used += block_tokens[b]
-        if used > room:
+    walked: list[tuple[list[int], int]] = []  # blocks that fit, newest first
+    used, starts_at, overflow = 0, 0, None
+    blocks = _blocks_from_end(msgs, roles, count)
+    for block, tokens in blocks:
+        if used + tokens > room:
+            overflow = (block, tokens)
             break
-        if starts[b]:
-            first_kept = b
-    if first_kept is not None:
-        tail = [i for b in blocks[first_kept:] for i in b]
-        kept = sorted(system + tail)
-        tokens_after = fixed + sum(block_tokens[first_kept:])
+        walked.append((block, tokens))
+        used += tokens
+        if can_start(block):
+            starts_at = len(walked)
+    if overflow is None:  # everything fits
+        return FitResult(list(msgs), FitReport(fixed + used, fixed + used, limit, 0,
+                                         kept=tuple(range(len(msgs)))))
+
+    def tokens_before() -> int:
+        older = [msgs[i] for i in range(overflow[0][0]) if roles[i] not in SYSTEM_ROLES]
+        return fixed + used + overflow[1] + sum(count.cached(m) for m in older)
+
+    if starts_at:
+        kept = sorted(system + [i for block, _ in walked[:starts_at] for i in block])
+        tokens_after = fixed + sum(tokens for _, tokens in walked[:starts_at])
         return FitResult([msgs[i] for i in kept],
                          FitReport(tokens_before, tokens_after, limit, len(msgs) - len(kept),
                                    kept=tuple(kept)))
-    return _fit_newest_turn(msgs, model, blocks, starts, block_tokens, system, fixed, limit,
-                            tokens_before, on_overflow, count)
 
-
-def _fit_newest_turn(msgs: list[Mapping[str, Any]], model: str, blocks: list[list[int]],
-                     starts: list[bool], block_tokens: list[int], system: list[int],
-                     fixed: int, limit: int, tokens_before: int, on_overflow: OnOverflow,
-                     count: _MessageCounter) -> FitResult[Mapping[str, Any]]:
-    """Keep only the newest turn, cutting its user message in the middle to fit."""
-    last = max((b for b, ok in enumerate(starts) if ok), default=None)
-    turn_tokens = fixed + (sum(block_tokens[last:]) if last is not None else 0)
-    if last is None or on_overflow == "raise" or msgs[blocks[last][0]]["role"] != "user":
+    # Not even the newest turn fits: find where it starts, then cut its user message.
+    turn = [*walked, overflow]
+    if not can_start(overflow[0]):
+        for block, tokens in blocks:
+            turn.append((block, tokens))
+            if can_start(block):
+                break
+    turn_tokens = fixed + sum(tokens for _, tokens in turn)
+    first = turn[-1][0][0]
+    if not can_start(turn[-1][0]) or on_overflow == "raise" or roles[first] != "user":
         raise ContextWindowExceeded(
             f"the newest turn takes {turn_tokens} tokens with the system messages, more than "
             f"the {limit} allowed for {model!r}", tokens=turn_tokens, limit=limit)
-    user = blocks[last][0]
-    after = sum(block_tokens[last + 1:])
-    cut = _truncate_middle(msgs[user], limit - fixed - after, model, count)
+    after = sum(tokens for _, tokens in turn[:-1])
+    cut = _truncate_middle(msgs[first], limit - fixed - after, model, count)
     if cut is None:
         raise ContextWindowExceeded(
             f"the newest turn does not fit in the {limit} tokens allowed for {model!r} even "
             f"with its user message cut: the replies and tool results after it take {after}",
             tokens=turn_tokens, limit=limit)
     cut_message, cut_tokens = cut
-    tail = [i for b in blocks[last:] for i in b]
-    kept = sorted(system + tail)
-    out = [cut_message if i == user else msgs[i] for i in kept]
-    tokens_after = fixed + cut_tokens + after
-    return FitResult(out, FitReport(tokens_before, tokens_after, limit, len(msgs) - len(kept),
-                                    truncated=True, kept=tuple(kept), truncated_index=user))
+    kept = sorted(system + [i for block, _ in turn for i in block])
+    out = [cut_message if i == first else msgs[i] for i in kept]
+    return FitResult(out, FitReport(tokens_before, fixed + cut_tokens + after, limit,
+                                    len(msgs) - len(kept), truncated=True, kept=tuple(kept),
+                                    truncated_index=first))
 
 
 def _truncate_middle(message: Mapping[str, Any], allowance: int, model: str,

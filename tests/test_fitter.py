@@ -224,8 +224,9 @@ def test_tools_count_against_the_window():
                                                                   tools=TOOLS)
 
 
-def test_counts_each_message_once_across_calls(monkeypatch):
-    """A history growing by one turn per call is counted incrementally, not again."""
+def test_counts_each_message_once_and_only_what_it_reads(monkeypatch):
+    """A fit counts newest first and stops at the window; a history growing by one turn per
+    call is counted incrementally, never again."""
     calls = []
     real = _fitter.count_message_tokens
 
@@ -243,12 +244,15 @@ def test_counts_each_message_once_across_calls(monkeypatch):
          "function": {"name": "lookup", "arguments": f'{{"k": "{marker} {i}"}}'}}]} if i % 2 == 0
         else {"role": "tool", "tool_call_id": f"c{i - 1}", "content": f"{marker} r{i}"}
         for i in range(10)]
-    fit_messages(messages, MODEL, max_tokens=8000)
-    first = sum(1 for n in calls if n == 1)
-    assert first == 2000
+    result = fit_messages(messages, MODEL, max_tokens=2000)
+    counted = sum(1 for n in calls if n == 1)
+    assert len(result.messages) < counted < 300  # the kept ones, plus the one that overflowed
+    assert result.report.tokens_before == real(messages, MODEL)  # the rest, counted now
+    assert sum(1 for n in calls if n == 1) == 2000
     calls.clear()
     messages.append({"role": "user", "content": f"{marker} new"})
-    fit_messages(messages, MODEL, max_tokens=8000)
+    result = fit_messages(messages, MODEL, max_tokens=2000)
+    assert result.report.tokens_before == real(messages, MODEL)
     assert sum(1 for n in calls if n == 1) == 1  # only the new message was counted
 
 

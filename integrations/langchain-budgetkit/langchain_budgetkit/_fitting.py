@@ -1,8 +1,9 @@
 """budgetkit's context fitter for LangChain messages.
 
-The messages are converted to OpenAI format once, fitted by :func:`budgetkit.fit_messages`,
-and the caller gets back its *own* message objects (ids, metadata and all); only a user
-message cut to fit is a copy with new content.
+Messages are converted to OpenAI format as the fitter reads them (newest first, up to the
+window), fitted with the rules of :func:`budgetkit.fit_messages`, and the caller gets back
+its *own* message objects (ids, metadata and all); only a user message cut to fit is a copy
+with new content.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from langchain_core.messages import (AIMessage, BaseMessage, HumanMessage, Syste
                                      ToolMessage, convert_to_openai_messages)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit import fit_messages as _fit_openai_messages
+from budgetkit._fitter import fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_messages", "to_openai_tools"]
 
@@ -66,25 +67,59 @@ def _plain_openai(message: BaseMessage) -> dict[str, Any] | None:
     return out
 
 
-def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
-    """LangChain messages as OpenAI dicts, one per message, for counting."""
-    converted = []
+def _to_openai(message: BaseMessage, position: int) -> dict[str, Any]:
+    plain = _plain_openai(message)
+    if plain is not None:
+        return plain
+    # Some messages (e.g. Anthropic-style tool_result blocks in a HumanMessage) become
+    # several OpenAI messages; fitting keeps or drops a message as a whole.
+    several = convert_to_openai_messages([message])
+    if len(several) != 1:
+        raise ConfigurationError(
+            f"messages[{position}] ({type(message).__name__}) converts to {len(several)} "
+            "OpenAI messages; fit the OpenAI-format list with budgetkit.fit_messages")
+    return several[0]
+
+
+def _check(messages: Sequence[Any]) -> None:
     for i, message in enumerate(messages):
         if not isinstance(message, BaseMessage):
             raise ConfigurationError(
                 f"messages[{i}] must be a LangChain BaseMessage, got {type(message).__name__}")
-        plain = _plain_openai(message)
-        if plain is None:
-            # Some messages (e.g. Anthropic-style tool_result blocks in a HumanMessage)
-            # become several OpenAI messages; fitting keeps or drops a message as a whole.
-            several = convert_to_openai_messages([message])
-            if len(several) != 1:
-                raise ConfigurationError(
-                    f"messages[{i}] ({type(message).__name__}) converts to {len(several)} "
-                    "OpenAI messages; fit the OpenAI-format list with budgetkit.fit_messages")
-            plain = several[0]
-        converted.append(plain)
-    return converted
+
+
+def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """LangChain messages as OpenAI dicts, one per message, for counting."""
+    _check(messages)
+    return [_to_openai(message, i) for i, message in enumerate(messages)]
+
+
+class _Converted(Sequence[dict[str, Any]]):
+    """The OpenAI form of each message, converted when the fitter first reads it: a fit
+    reads the newest messages up to the window, so long histories are mostly never
+    converted."""
+
+    def __init__(self, messages: list[BaseMessage]) -> None:
+        self._messages = messages
+        self._converted: list[dict[str, Any] | None] = [None] * len(messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        found = self._converted[index]
+        if found is None:
+            found = self._converted[index] = _to_openai(self._messages[index], index)
+        return found
+
+    def role(self, index: int) -> str:
+        message = self._messages[index]
+        role = _ROLES.get(type(message))
+        if role == "system":
+            role = message.additional_kwargs.get("__openai_role__", "system")
+        return role if isinstance(role, str) else self[index]["role"]
 
 
 def fit_messages(messages: Sequence[BaseMessage], model: str, *,
@@ -97,8 +132,11 @@ def fit_messages(messages: Sequence[BaseMessage], model: str, *,
     ``bind_tools`` accepts. Returns the kept original message objects and the report.
     """
     originals = list(messages)
-    result = _fit_openai_messages(to_openai_messages(originals), model, reserve_output=reserve_output,
-                                  max_tokens=max_tokens, on_overflow=on_overflow,  # type: ignore[arg-type]
+    _check(originals)
+    converted = _Converted(originals)
+    result = fit_message_sequence(converted, [converted.role(i) for i in range(len(originals))],
+                                  model, reserve_output=reserve_output, max_tokens=max_tokens,
+                                  on_overflow=on_overflow,  # type: ignore[arg-type]
                                   tools=to_openai_tools(tools), catalog=catalog)
     report = result.report
     kept: list[BaseMessage] = []

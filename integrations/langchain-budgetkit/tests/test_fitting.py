@@ -84,6 +84,19 @@ def test_tools_are_counted():
     assert len(kept) == 3 and report.tokens_after <= limit
 
 
+def test_long_histories_are_converted_only_as_far_as_read(monkeypatch):
+    from langchain_budgetkit import _fitting
+
+    converted = []
+    real = _fitting._plain_openai
+    monkeypatch.setattr(_fitting, "_plain_openai",
+                        lambda message: converted.append(message) or real(message))
+    messages = lc_history(random.Random(2), 500, 0.3)
+    kept, report = fit_messages(messages, MODEL, max_tokens=2000)
+    assert len(kept) < len(converted) < len(messages) // 5
+    assert report.tokens_before == budgetkit_counter(messages) + PRIMING  # counts the rest
+
+
 def test_fast_conversion_matches_convert_to_openai_messages():
     rng = random.Random(9)
     messages = lc_history(rng, 40, 0.5)

@@ -1,9 +1,10 @@
 """budgetkit's context fitter for LlamaIndex chat messages.
 
-ChatMessages are converted to OpenAI-format dicts the way llama-index-llms-openai sends them
-(text blocks joined, tool calls from ``ToolCallBlock`` or ``additional_kwargs``), fitted by
-:func:`budgetkit.fit_messages`, and the caller gets back its own ChatMessage objects; only a
-user message cut to fit is a copy with a new text block.
+ChatMessages are converted to OpenAI-format dicts the way llama-index-llms-openai sends
+them (text blocks joined, tool calls from ``ToolCallBlock`` or ``additional_kwargs``) as the
+fitter reads them, and fitted with the rules of :func:`budgetkit.fit_messages`. The caller
+gets back its own ChatMessage objects; only a user message cut to fit is a copy with a new
+text block.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from llama_index.core.base.llms.types import (ChatMessage, ImageBlock, TextBlock
                                               ToolCallBlock)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit import fit_messages as _fit_openai_messages
+from budgetkit._fitter import fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_message"]
 
@@ -90,26 +91,50 @@ def _cut_copy(original: ChatMessage, fitted: Mapping[str, Any]) -> ChatMessage:
                                        "additional_kwargs": dict(original.additional_kwargs)})
 
 
+class _Converted(Sequence[dict[str, Any]]):
+    """The OpenAI form of each ChatMessage, converted when the fitter first reads it."""
+
+    def __init__(self, messages: list[ChatMessage]) -> None:
+        self._messages = messages
+        self._converted: list[dict[str, Any] | None] = [None] * len(messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        found = self._converted[index]
+        if found is None:
+            found = self._converted[index] = to_openai_message(self._messages[index])
+        return found
+
+    def role(self, index: int) -> str:
+        role = self._messages[index].role
+        role = role.value if hasattr(role, "value") else str(role)
+        return _ASSISTANT_ALIASES.get(role, role)
+
+
 def fit_messages(messages: Sequence[ChatMessage], model: str, *,
-                      reserve_output: int | None = None, max_tokens: int | None = None,
-                      on_overflow: str = "truncate",
-                      tools: Sequence[Mapping[str, Any]] | None = None,
-                      catalog: PriceCatalog | None = None) -> FitResult[ChatMessage]:
+                 reserve_output: int | None = None, max_tokens: int | None = None,
+                 on_overflow: str = "truncate",
+                 tools: Sequence[Mapping[str, Any]] | None = None,
+                 catalog: PriceCatalog | None = None) -> FitResult[ChatMessage]:
     """Keep the system messages and the most recent turns of a LlamaIndex chat that fit.
 
     Same rules and arguments as :func:`budgetkit.fit_messages` (``tools`` are OpenAI tool
     dicts, e.g. ``[t.metadata.to_openai_tool() for t in tools]``). Returns the kept original
-    ChatMessage objects and the report.
+    ChatMessage objects and the report. Messages are converted only as far as the fit reads.
     """
     originals = list(messages)
-    converted = []
     for i, message in enumerate(originals):
         if not isinstance(message, ChatMessage):
             raise ConfigurationError(
                 f"messages[{i}] must be a LlamaIndex ChatMessage, got {type(message).__name__}")
-        converted.append(to_openai_message(message))
-    result = _fit_openai_messages(converted, model, reserve_output=reserve_output,
-                                  max_tokens=max_tokens, on_overflow=on_overflow,  # type: ignore[arg-type]
+    converted = _Converted(originals)
+    result = fit_message_sequence(converted, [converted.role(i) for i in range(len(originals))],
+                                  model, reserve_output=reserve_output, max_tokens=max_tokens,
+                                  on_overflow=on_overflow,  # type: ignore[arg-type]
                                   tools=tools, catalog=catalog)
     report = result.report
     kept = [_cut_copy(originals[index], result.messages[position])
