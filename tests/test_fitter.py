@@ -144,6 +144,50 @@ def test_history_never_starts_on_assistant_or_tool():
     assert report.kept == (2, 3)
 
 
+def call(call_id: str) -> dict:
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call_id, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+
+
+def test_history_without_user_messages_starts_on_a_non_tool_block():
+    messages = [{"role": "system", "content": "sys"},
+                {"role": "tool", "tool_call_id": "x", "content": "orphan"},
+                {"role": "assistant", "content": "long " * 100},
+                {"role": "assistant", "content": "short"}]
+    limit = count_message_tokens([messages[0], messages[3]], MODEL)
+    kept, report = fit_messages(messages, MODEL, max_tokens=limit)
+    assert kept == [messages[0], messages[3]] and report.tokens_after == limit
+
+
+def test_orphan_tool_results_and_system_messages_inside_a_tool_block():
+    messages = [{"role": "user", "content": "q1 " * 50},
+                {"role": "assistant", "content": "plain"},
+                {"role": "tool", "tool_call_id": "zz", "content": "orphan"},  # no call before it
+                {"role": "user", "content": "q2"},
+                call("c1"),
+                {"role": "system", "content": "mid-block note"},
+                {"role": "tool", "tool_call_id": "c1", "content": "r1"},
+                {"role": "assistant", "content": "done"}]
+    whole = count_message_tokens(messages, MODEL)
+    assert fit_messages(messages, MODEL, max_tokens=whole).messages == messages
+    kept, report = fit_messages(messages, MODEL, max_tokens=whole - 1)
+    assert report.kept == (3, 4, 5, 6, 7)
+    # The tool block is never split: room for the last reply but not the whole turn fails.
+    tight = count_message_tokens([messages[3], messages[5], messages[7]], MODEL)
+    with pytest.raises(ContextWindowExceeded, match="tool results after it"):
+        fit_messages(messages, MODEL, max_tokens=tight)
+
+
+def test_empty_history_and_report_values():
+    kept, report = fit_messages([], MODEL, max_tokens=10)
+    assert kept == [] and report.tokens_before == report.tokens_after == 3 and report.kept == ()
+    messages = history(random.Random(4), 30)
+    a = fit_messages(messages, MODEL, max_tokens=1500).report
+    b = fit_messages(messages, MODEL, max_tokens=1500).report
+    assert a == b and a.tokens_saved == count_message_tokens(messages, MODEL) - a.tokens_after
+    assert "tokens_before=" in repr(a) and "positions" in repr(a)
+
+
 def test_newest_user_turn_is_cut_in_the_middle_exactly():
     words = [f"w{i}" for i in range(3000)]
     big = " ".join(words)
