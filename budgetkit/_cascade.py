@@ -23,7 +23,9 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -40,7 +42,33 @@ __all__ = [
     "Attempt",
     "CascadeResult",
     "Cascade",
+    "settle_completion",
+    "metered_call",
+    "is_metered_call",
 ]
+
+# True while a budgetkit wrapper (a routed model) has admitted the model call being made in
+# this context itself: tracking handlers that see such a call must not record it again.
+_METERED_CALL: ContextVar[bool] = ContextVar("budgetkit_metered_call", default=False)
+
+
+@contextmanager
+def metered_call(active: bool = True) -> Iterator[None]:
+    """Mark model calls made inside the block as already recorded by a wrapper."""
+    token = _METERED_CALL.set(active)
+    try:
+        yield
+    finally:
+        _METERED_CALL.reset(token)
+
+
+def is_metered_call() -> bool:
+    """Whether the current model call was already admitted by a budgetkit wrapper.
+
+    Tracking handlers (LangChain, LlamaIndex) check this and skip such calls, so a routed
+    model with an engine and a tracking handler never count one call twice.
+    """
+    return _METERED_CALL.get()
 
 
 @dataclass

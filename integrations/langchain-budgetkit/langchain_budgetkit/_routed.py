@@ -24,7 +24,8 @@ request id, the attempt number and the route reason), so a budget stops a call b
 provider runs. Double counting is avoided by markers (see ``ROUTED_MARKER`` and
 ``METERED_MARKER``): this model's own run carries ``ROUTED_MARKER`` in its metadata and its
 answer's ``response_metadata``, and inner runs already metered carry ``METERED_MARKER`` in
-their metadata; a tracking handler records neither. Without an engine the inner runs are
+their metadata (and run while ``budgetkit._cascade.is_metered_call()`` is true); a tracking
+handler records neither. Without an engine the inner runs are
 left to the handler, with ``route_reason`` / ``attempt`` / ``request_id`` in their metadata.
 
 ``bind_tools`` and ``with_structured_output`` pass through to whichever model is chosen:
@@ -49,7 +50,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from budgetkit import ConfigurationError
-from budgetkit._cascade import Completion, settle_completion
+from budgetkit._cascade import Completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
 
 from ._callback import usage_from_metadata
@@ -264,9 +265,10 @@ class RoutedChatModel(BaseChatModel):
         call.model = name
         ticket = engine.admit(name, **self._admit_kwargs(call, reason)) if engine else None
         try:
-            output = self._inner(name, call).invoke(
-                call.messages, config=self._config(name, call, reason, manager),
-                stop=call.stop, **call.kwargs)
+            with metered_call(ticket is not None):
+                output = self._inner(name, call).invoke(
+                    call.messages, config=self._config(name, call, reason, manager),
+                    stop=call.stop, **call.kwargs)
         except BaseException as exc:
             if ticket is not None:
                 engine.release(ticket, error=exc)
@@ -281,9 +283,10 @@ class RoutedChatModel(BaseChatModel):
         call.attempts += 1
         ticket = await engine.aadmit(name, **self._admit_kwargs(call, reason)) if engine else None
         try:
-            output = await self._inner(name, call).ainvoke(
-                call.messages, config=self._config(name, call, reason, manager),
-                stop=call.stop, **call.kwargs)
+            with metered_call(ticket is not None):
+                output = await self._inner(name, call).ainvoke(
+                    call.messages, config=self._config(name, call, reason, manager),
+                    stop=call.stop, **call.kwargs)
         except BaseException as exc:
             if ticket is not None:
                 await engine.arelease(ticket, error=exc)
@@ -465,17 +468,22 @@ class _Stream:
                 call.messages, config=self.owner._config(self.name, call, self.reason,
                                                          self.manager),
                 stop=call.stop, **call.kwargs))
-            self.first = _as_chunk(next(self.iterator, AIMessageChunk(content="")))
+            self.first = _as_chunk(self._next(AIMessageChunk(content="")))
         except BaseException as exc:
             self._release(exc)
             raise
+
+    def _next(self, default: Any = None) -> Any:
+        # marked per step, not across yields: the consumer's own calls stay unmarked
+        with metered_call(self.ticket is not None):
+            return next(self.iterator, default)
 
     def __iter__(self) -> Iterator[AIMessageChunk]:
         assert self.first is not None
         self.total = self.first
         try:
             yield self.first
-            for piece in self.iterator:
+            while (piece := self._next()) is not None:
                 chunk = _as_chunk(piece)
                 self.total = self.total + chunk
                 yield chunk
@@ -502,20 +510,24 @@ class _AsyncStream(_Stream):
                 call.messages, config=self.owner._config(self.name, call, self.reason,
                                                          self.manager),
                 stop=call.stop, **call.kwargs).__aiter__()
-            try:
-                self.first = _as_chunk(await self.aiterator.__anext__())
-            except StopAsyncIteration:
-                self.first = AIMessageChunk(content="")
+            self.first = _as_chunk(await self._anext() or AIMessageChunk(content=""))
         except BaseException as exc:
             self._release(exc)
             raise
+
+    async def _anext(self) -> Any:
+        with metered_call(self.ticket is not None):
+            try:
+                return await self.aiterator.__anext__()
+            except StopAsyncIteration:
+                return None
 
     async def __aiter__(self) -> AsyncIterator[AIMessageChunk]:  # type: ignore[override]
         assert self.first is not None
         self.total = self.first
         try:
             yield self.first
-            async for piece in self.aiterator:
+            while (piece := await self._anext()) is not None:
                 chunk = _as_chunk(piece)
                 self.total = self.total + chunk
                 yield chunk

@@ -1,0 +1,494 @@
+"""A LlamaIndex LLM that routes, cascades and falls back across other LLMs.
+
+    from llama_index.core import Settings
+    from llama_index.llms.budgetkit import RoutedLLM
+
+    Settings.llm = RoutedLLM(
+        models={"gpt-4o-mini": OpenAI(model="gpt-4o-mini"), "gpt-4o": OpenAI(model="gpt-4o")},
+        router=budgetkit.Router({"low": "gpt-4o-mini", "high": "gpt-4o"}),
+        engine=engine,
+    )
+
+Per call ``router`` picks the model, or ``cascade`` tries its models cheapest first until an
+answer passes its checks, or ``default_model`` answers; ``fallback`` wraps every call
+(a ``BudgetExceeded`` is never retried nor sent to another model). Keyword arguments
+``model=`` (a required model), ``task_type=`` and ``low_latency=`` steer the router and
+are not forwarded.
+
+The eight methods (chat, complete, their stream and async forms) carry *no* LlamaIndex
+callback decorators: the inner LLM emits the instrumentation events and legacy callbacks
+of the real call, so budgetkit's LlamaIndex handlers (and any tracer) record the model that
+actually ran, once. With an ``engine`` this LLM admits and settles each inner call itself
+(rows with request id, attempt number and route reason; a budget stops a call before the
+provider runs) and marks the call with ``budgetkit._cascade.metered_call`` so a tracking
+handler does not record it again. Responses carry ``additional_kwargs["budgetkit_routed"]``
+(model, reason, attempts, request id).
+
+``metadata`` describes the model a call without hints starts on (the cheapest tier, the
+cascade's first model, or ``default_model``), with ``model_name`` set to its catalog name;
+:attr:`last_decision` holds the most recent routing decision.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen,
+                                              ChatResponseGen, CompletionResponse,
+                                              CompletionResponseAsyncGen, CompletionResponseGen,
+                                              LLMMetadata)
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.llms.llm import LLM
+
+from budgetkit import ConfigurationError
+from budgetkit._cascade import Completion, metered_call, settle_completion
+from budgetkit._router import RouteDecision
+from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
+                                                      usage_from_raw)
+
+__all__ = ["RoutedLLM", "ROUTED_MARKER"]
+
+#: Key in a response's ``additional_kwargs`` describing how it was routed.
+ROUTED_MARKER = "budgetkit_routed"
+_ROUTING_KWARGS = ("model", "required_model", "task_type", "low_latency")
+
+Response = Any  # ChatResponse | CompletionResponse
+
+
+@dataclass
+class _Call:
+    """One request: what the router sees and the attempt counter."""
+
+    messages: list[dict[str, Any]] | None
+    prompt: str | None
+    kwargs: dict[str, Any]
+    request_id: str
+    required_model: str | None
+    task_type: str | None
+    low_latency: bool
+    attempts: int = 0
+    model: str | None = None
+
+
+class RoutedLLM(LLM):
+    """An LLM that sends each call to one of several LLMs (see the module docstring)."""
+
+    models: dict[str, Any] = Field(default_factory=dict,
+                                   description="Catalog model name -> LlamaIndex LLM.")
+    router: Any = Field(default=None, exclude=True)
+    cascade: Any = Field(default=None, exclude=True)
+    fallback: Any = Field(default=None, exclude=True)
+    engine: Any = Field(default=None, exclude=True)
+    default_model: str | None = None
+    task_type: str | None = None
+    low_latency: bool = False
+    max_tokens: int | None = Field(
+        default=None, description="Output tokens reserved for context fit and admission.")
+    user_id: str | None = None
+    project: str | None = None
+    _last_decision: RouteDecision | None = PrivateAttr(default=None)
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._check_models()  # not a validator: pydantic would wrap the typed error
+
+    def _check_models(self) -> None:
+        if not self.models:
+            raise ConfigurationError("RoutedLLM needs models={catalog name: LLM}")
+        if self.router is not None and self.cascade is not None:
+            raise ConfigurationError("give a router or a cascade, not both")
+        needed: dict[str, Sequence[str]] = {
+            "router": getattr(self.router, "models", ()),
+            "cascade": getattr(self.cascade, "models", ()),
+            "fallback": getattr(self.fallback, "models", ()),
+            "default_model": [self.default_model] if self.default_model else []}
+        for owner, names in needed.items():
+            missing = [name for name in names if name not in self.models]
+            if missing:
+                raise ConfigurationError(
+                    f"{owner} names model(s) {', '.join(missing)} that models= does not "
+                    f"provide; models: {', '.join(self.models)}")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "RoutedLLM"
+
+    # -- what it will use --------------------------------------------------------------------
+    @property
+    def first_model(self) -> str:
+        """The model a call without hints starts on."""
+        if self.default_model:
+            return self.default_model
+        if self.cascade is not None:
+            return self.cascade.models[0]
+        if self.router is not None:
+            return self.router.tiers[self.router.order[0]][0]
+        return next(iter(self.models))
+
+    @property
+    def metadata(self) -> LLMMetadata:
+        name = self.first_model
+        inner = self.models[name].metadata
+        return inner.model_copy(update={"model_name": name})
+
+    @property
+    def last_decision(self) -> RouteDecision | None:
+        return self._last_decision
+
+    @property
+    def _engine(self) -> Any:
+        return (self.engine or getattr(self.cascade, "engine", None)
+                or getattr(self.router, "engine", None))
+
+    # -- planning ----------------------------------------------------------------------------
+    def _prepare(self, kwargs: dict[str, Any], *, messages: Sequence[ChatMessage] | None = None,
+                 prompt: str | None = None) -> _Call:
+        kwargs = dict(kwargs)
+        required = kwargs.pop("model", None) or kwargs.pop("required_model", None)
+        kwargs.pop("required_model", None)
+        request_id = str(kwargs.pop("request_id", None) or uuid.uuid4().hex)
+        task_type = kwargs.pop("task_type", None) or self.task_type
+        low_latency = bool(kwargs.pop("low_latency", self.low_latency))
+        return _Call(messages=to_openai_messages(messages) if messages is not None else None,
+                     prompt=prompt, kwargs=kwargs, request_id=request_id,
+                     required_model=required, task_type=task_type, low_latency=low_latency)
+
+    def _decide(self, call: _Call) -> RouteDecision:
+        required = call.required_model
+        if required is not None and required not in self.models:
+            raise ConfigurationError(
+                f"model {required!r} is not one of the routed models: {', '.join(self.models)}")
+        if self.router is not None:
+            decision = self.router.route(
+                call.prompt if call.messages is None else None, messages=call.messages,
+                required_model=required, task_type=call.task_type,
+                low_latency=call.low_latency, max_output_tokens=self.max_tokens,
+                user_id=self.user_id, project=self.project)
+        elif required is not None:
+            decision = RouteDecision(required, None, (f"required model {required}",))
+        else:
+            decision = RouteDecision(self.first_model, None, (f"default model {self.first_model}",))
+        self._last_decision = decision
+        return decision
+
+    def _admit(self, name: str, call: _Call, reason: str) -> Any:
+        engine = self._engine
+        call.attempts += 1
+        call.model = name
+        if engine is None:
+            return None
+        return engine.admit(name, **self._admit_kwargs(call, reason))
+
+    async def _aadmit(self, name: str, call: _Call, reason: str) -> Any:
+        engine = self._engine
+        call.attempts += 1
+        call.model = name
+        if engine is None:
+            return None
+        return await engine.aadmit(name, **self._admit_kwargs(call, reason))
+
+    def _admit_kwargs(self, call: _Call, reason: str) -> dict[str, Any]:
+        attribution = {key: value for key, value in (
+            ("user_id", self.user_id), ("project", self.project),
+            ("task_type", call.task_type)) if value is not None}
+        return dict(attribution, messages=call.messages, prompt=call.prompt,
+                    max_output_tokens=self.max_tokens, request_id=call.request_id,
+                    attempt=call.attempts, route_reason=reason,
+                    operation_type="chat_completion" if call.messages is not None
+                    else "text_generation", metadata={"routed": True})
+
+    def _finish(self, ticket: Any, response: Response, call: _Call, reason: str) -> Response:
+        settle_completion(self._engine, ticket, _completion(response))
+        return _mark(response, call, reason)
+
+    def _release(self, ticket: Any, exc: BaseException) -> None:
+        if ticket is not None:
+            self._engine.release(ticket, error=exc)
+
+    # -- the drivers: one call, the cascade loop, the fallback -------------------------------
+    def _run(self, call: _Call, invoke: Callable[[Any], Response]) -> Response:
+        if self.cascade is None:
+            decision = self._decide(call)
+            return self._with_fallback(
+                lambda name: self._once(name, call, _reason(decision, name), invoke),
+                decision.model)
+        previous: tuple[str, list[str]] | None = None
+        response = None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self._attempt_reason(number, previous)
+            response = self._with_fallback(
+                lambda model, reason=reason: self._once(model, call, reason, invoke), name)
+            failures = self.cascade.evaluate(_text(response))
+            if not failures:
+                break
+            previous = (name, failures)
+        return response
+
+    async def _arun(self, call: _Call, invoke: Callable[[Any], Any]) -> Response:
+        if self.cascade is None:
+            decision = self._decide(call)
+            return await self._awith_fallback(
+                lambda name: self._aonce(name, call, _reason(decision, name), invoke),
+                decision.model)
+        previous: tuple[str, list[str]] | None = None
+        response = None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self._attempt_reason(number, previous)
+            response = await self._awith_fallback(
+                lambda model, reason=reason: self._aonce(model, call, reason, invoke), name)
+            failures = self.cascade.evaluate(_text(response))
+            if not failures:
+                break
+            previous = (name, failures)
+        return response
+
+    def _attempt_reason(self, number: int, previous: tuple[str, list[str]] | None) -> str:
+        from budgetkit._cascade import Attempt
+
+        before = None if previous is None else Attempt(number - 1, previous[0], "", None,
+                                                       previous[1])
+        return self.cascade.attempt_reason(number, before)
+
+    def _once(self, name: str, call: _Call, reason: str,
+              invoke: Callable[[Any], Response]) -> Response:
+        ticket = self._admit(name, call, reason)
+        try:
+            with metered_call(ticket is not None):
+                response = invoke(self.models[name])
+        except BaseException as exc:
+            self._release(ticket, exc)
+            raise
+        return self._finish(ticket, response, call, reason)
+
+    async def _aonce(self, name: str, call: _Call, reason: str,
+                     invoke: Callable[[Any], Any]) -> Response:
+        ticket = await self._aadmit(name, call, reason)
+        try:
+            with metered_call(ticket is not None):
+                response = await invoke(self.models[name])
+        except BaseException as exc:
+            self._release(ticket, exc)
+            raise
+        return self._finish(ticket, response, call, reason)
+
+    def _with_fallback(self, fn: Callable[[str], Any], name: str) -> Any:
+        return fn(name) if self.fallback is None else self.fallback.call(fn, prefer=name)
+
+    async def _awith_fallback(self, fn: Callable[[str], Any], name: str) -> Any:
+        if self.fallback is None:
+            return await fn(name)
+        return await self.fallback.acall(fn, prefer=name)
+
+    # -- chat and complete ----------------------------------------------------------------
+    def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._prepare(kwargs, messages=messages)
+        return self._run(call, lambda llm: llm.chat(messages, **call.kwargs))
+
+    def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
+        call = self._prepare(kwargs, prompt=prompt)
+        return self._run(call, lambda llm: llm.complete(prompt, formatted=formatted,
+                                                        **call.kwargs))
+
+    async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
+        call = self._prepare(kwargs, messages=messages)
+        return await self._arun(call, lambda llm: llm.achat(messages, **call.kwargs))
+
+    async def acomplete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponse:
+        call = self._prepare(kwargs, prompt=prompt)
+        return await self._arun(call, lambda llm: llm.acomplete(prompt, formatted=formatted,
+                                                                **call.kwargs))
+
+    # -- streaming ------------------------------------------------------------------------
+    def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
+        call = self._prepare(kwargs, messages=messages)
+        return self._stream(call, lambda llm: llm.stream_chat(messages, **call.kwargs),
+                            lambda llm: llm.chat(messages, **call.kwargs))
+
+    def stream_complete(self, prompt: str, formatted: bool = False,
+                        **kwargs: Any) -> CompletionResponseGen:
+        call = self._prepare(kwargs, prompt=prompt)
+        return self._stream(
+            call, lambda llm: llm.stream_complete(prompt, formatted=formatted, **call.kwargs),
+            lambda llm: llm.complete(prompt, formatted=formatted, **call.kwargs))
+
+    async def astream_chat(self, messages: Sequence[ChatMessage],
+                           **kwargs: Any) -> ChatResponseAsyncGen:
+        call = self._prepare(kwargs, messages=messages)
+        return await self._astream(call, lambda llm: llm.astream_chat(messages, **call.kwargs),
+                                   lambda llm: llm.achat(messages, **call.kwargs))
+
+    async def astream_complete(self, prompt: str, formatted: bool = False,
+                               **kwargs: Any) -> CompletionResponseAsyncGen:
+        call = self._prepare(kwargs, prompt=prompt)
+        return await self._astream(
+            call, lambda llm: llm.astream_complete(prompt, formatted=formatted, **call.kwargs),
+            lambda llm: llm.acomplete(prompt, formatted=formatted, **call.kwargs))
+
+    def _stream_target(self, call: _Call, whole: Callable[[Any], Response]) -> tuple[Any, str]:
+        """(model to stream or an accepted buffered response, reason)."""
+        if self.cascade is None:
+            decision = self._decide(call)
+            return decision.model, _reason(decision, decision.model)
+        previous: tuple[str, list[str]] | None = None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self._attempt_reason(number, previous)
+            if number == len(self.cascade.models):
+                return name, reason
+            response = self._with_fallback(
+                lambda model, reason=reason: self._once(model, call, reason, whole), name)
+            failures = self.cascade.evaluate(_text(response))
+            if not failures:
+                return response, reason
+            previous = (name, failures)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _stream(self, call: _Call, open_stream: Callable[[Any], Iterator[Response]],
+                whole: Callable[[Any], Response]) -> Iterator[Response]:
+        target, reason = self._stream_target(call, whole)
+        if not isinstance(target, str):  # the cascade accepted a cheap, buffered answer
+            return iter([_as_delta(target)])
+
+        def opener(name: str) -> tuple[Any, Iterator[Response], Response | None]:
+            ticket = self._admit(name, call, reason)
+            try:
+                with metered_call(ticket is not None):
+                    iterator = iter(open_stream(self.models[name]))
+                    first = next(iterator, None)  # inside the fallback's try
+            except BaseException as exc:
+                self._release(ticket, exc)
+                raise
+            return ticket, iterator, first
+
+        ticket, iterator, first = self._with_fallback(opener, target)
+
+        def gen() -> Iterator[Response]:
+            last = first
+            try:
+                if first is not None:
+                    yield _mark(first, call, reason)
+                while True:
+                    with metered_call(ticket is not None):
+                        piece = next(iterator, None)
+                    if piece is None:
+                        break
+                    last = piece
+                    yield _mark(piece, call, reason)
+            except BaseException as exc:
+                self._release(ticket, exc)
+                raise
+            if last is not None:
+                settle_completion(self._engine, ticket, _completion(last))
+            elif ticket is not None:
+                settle_completion(self._engine, ticket, Completion(text=""))
+
+        return gen()
+
+    async def _astream(self, call: _Call, open_stream: Callable[[Any], Any],
+                       whole: Callable[[Any], Any]) -> AsyncIterator[Response]:
+        target, reason = await self._astream_target(call, whole)
+        if not isinstance(target, str):
+            async def single() -> AsyncIterator[Response]:
+                yield _as_delta(target)
+            return single()
+
+        async def opener(name: str) -> tuple[Any, Any, Response | None]:
+            ticket = await self._aadmit(name, call, reason)
+            try:
+                with metered_call(ticket is not None):
+                    iterator = (await open_stream(self.models[name])).__aiter__()
+                    first = await _anext(iterator)
+            except BaseException as exc:
+                self._release(ticket, exc)
+                raise
+            return ticket, iterator, first
+
+        ticket, iterator, first = await self._awith_fallback(opener, target)
+
+        async def gen() -> AsyncIterator[Response]:
+            last = first
+            try:
+                if first is not None:
+                    yield _mark(first, call, reason)
+                while True:
+                    with metered_call(ticket is not None):
+                        piece = await _anext(iterator)
+                    if piece is None:
+                        break
+                    last = piece
+                    yield _mark(piece, call, reason)
+            except BaseException as exc:
+                self._release(ticket, exc)
+                raise
+            settle_completion(self._engine, ticket,
+                              _completion(last) if last is not None else Completion(text=""))
+
+        return gen()
+
+    async def _astream_target(self, call: _Call, whole: Callable[[Any], Any]) -> tuple[Any, str]:
+        if self.cascade is None:
+            decision = self._decide(call)
+            return decision.model, _reason(decision, decision.model)
+        previous: tuple[str, list[str]] | None = None
+        for number, name in enumerate(self.cascade.models, start=1):
+            reason = self._attempt_reason(number, previous)
+            if number == len(self.cascade.models):
+                return name, reason
+            response = await self._awith_fallback(
+                lambda model, reason=reason: self._aonce(model, call, reason, whole), name)
+            failures = self.cascade.evaluate(_text(response))
+            if not failures:
+                return response, reason
+            previous = (name, failures)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- helpers
+
+async def _anext(iterator: Any) -> Any:
+    try:
+        return await iterator.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+def _reason(decision: RouteDecision, name: str) -> str:
+    if name == decision.model:
+        return decision.reason
+    return f"{decision.reason}; fallback from {decision.model} to {name}"
+
+
+def _text(response: Response) -> str:
+    if isinstance(response, ChatResponse):
+        return response.message.content or ""
+    return getattr(response, "text", "") or ""
+
+
+def _completion(response: Response) -> Completion:
+    """The usage of a response (for a stream: its last chunk, which holds the whole text)."""
+    usage = usage_from_raw(response.raw, response.additional_kwargs)
+    return Completion(
+        text=_text(response),
+        input_tokens=usage.input_tokens if usage else None,
+        output_tokens=usage.output_tokens if usage else None,
+        cached_input_tokens=usage.cached_input_tokens if usage else 0,
+        cache_write_tokens=usage.cache_write_tokens if usage else 0,
+        reasoning_tokens=usage.reasoning_tokens if usage else 0,
+        model=response_model(response.raw))
+
+
+def _as_delta(response: Response) -> Response:
+    """A whole answer served as a one-piece stream: its delta is all of its text."""
+    if getattr(response, "delta", None) is None:
+        response.delta = _text(response)
+    return response
+
+
+def _mark(response: Response, call: _Call, reason: str) -> Response:
+    response.additional_kwargs[ROUTED_MARKER] = {
+        "model": call.model, "route_reason": reason, "attempts": call.attempts,
+        "request_id": call.request_id}
+    return response
