@@ -1,0 +1,288 @@
+"""The ledger under stress: concurrency, SIGTERM, and a database that goes away and comes back.
+
+Every finished call must have exactly one row, and the user's calls must never fail or wait
+because the ledger cannot write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from budgetkit import Engine
+
+langchain_core = pytest.importorskip("langchain_core")
+
+from langchain_core.language_models import BaseChatModel  # noqa: E402
+from langchain_core.messages import AIMessage  # noqa: E402
+from langchain_core.outputs import ChatGeneration, ChatResult  # noqa: E402
+
+from langchain_budgetkit import BudgetkitCallbackHandler  # noqa: E402
+
+
+class TinyChatModel(BaseChatModel):
+    """Answers at once and reports usage, like a provider integration."""
+
+    model_name: str = "gpt-4o-mini"
+
+    @property
+    def _llm_type(self) -> str:
+        return "tiny-fake-chat"
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        message = AIMessage(content="ok", response_metadata={"model_name": self.model_name},
+                            usage_metadata={"input_tokens": 11, "output_tokens": 2,
+                                            "total_tokens": 13})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+    async def _agenerate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                         **kwargs: Any) -> ChatResult:
+        await asyncio.sleep(0)  # let the other tasks interleave
+        return self._generate(messages)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
+    """Poll ``condition`` (a synchronisation wait, not a timing assertion)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+# ---------------------------------------------------------------------------- concurrency
+
+def test_eight_threads_of_a_thousand_calls(tmp_path):
+    with Engine(db=str(tmp_path / "threads.db")) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        model = TinyChatModel()
+        errors: list[BaseException] = []
+
+        def worker(index: int) -> None:
+            try:
+                for call in range(1000):
+                    model.invoke(f"t{index}-c{call}", config={
+                        "callbacks": [handler], "metadata": {"user_id": f"thread-{index}"}})
+            except BaseException as exc:  # surfaced by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        rows = engine.usage()
+        assert len(rows) == 8000
+        assert len({row.run_id for row in rows}) == 8000
+        for index in range(8):
+            assert sum(row.user_id == f"thread-{index}" for row in rows) == 1000
+        assert handler.calls == 8000 and handler._runs == {}
+        assert sum(row.cost_nanos for row in rows) == handler.cost_nanos
+
+
+def test_two_hundred_concurrent_asyncio_calls(tmp_path):
+    with Engine(db=str(tmp_path / "tasks.db")) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        model = TinyChatModel()
+
+        async def main() -> None:
+            await asyncio.gather(*(model.ainvoke(f"q{i}", config={
+                "callbacks": [handler], "metadata": {"request_id": f"req-{i}"}})
+                for i in range(200)))
+
+        asyncio.run(main())
+        rows = engine.usage()
+        assert len(rows) == 200
+        assert {row.request_id for row in rows} == {f"req-{i}" for i in range(200)}
+
+
+# ---------------------------------------------------------------------------- SIGTERM
+
+_SIGTERM_SCRIPT = textwrap.dedent("""
+    import sys
+    from budgetkit import Engine
+
+    engine = Engine(db=sys.argv[1])
+    done = 0
+    while True:
+        ticket = engine.admit("gpt-4o-mini", input_tokens=10, run_id=f"call-{done}")
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+        done += 1
+        print(done, flush=True)
+""")
+
+
+def test_sigterm_keeps_every_finished_call(tmp_path):
+    db = tmp_path / "sigterm.db"
+    script = tmp_path / "calls.py"
+    script.write_text(_SIGTERM_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(db)],
+                               stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    finished = 0
+    for line in process.stdout:  # let it make a few hundred calls, mid-batch
+        finished = int(line)
+        if finished >= 300:
+            break
+    process.send_signal(signal.SIGTERM)
+    remaining, _ = process.communicate(timeout=60)
+    for line in remaining.split():
+        finished = int(line)  # calls that finished before the signal landed
+    assert process.returncode == -signal.SIGTERM  # it still dies of SIGTERM
+    with Engine(db=str(db)) as engine:
+        run_ids = {row.run_id for row in engine.usage()}
+    assert {f"call-{i}" for i in range(finished)} <= run_ids
+    assert len(run_ids) >= finished >= 300
+
+
+# ---------------------------------------------------------------------------- database outage
+
+def test_sqlite_file_gone_then_back(tmp_path, caplog):
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    with Engine(db=str(folder / "usage.db")) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        model = TinyChatModel()
+        model.invoke("before", config={"callbacks": [handler]})
+        assert engine.flush(timeout=10)
+
+        # The disk goes away: the file's folder disappears and open connections drop.
+        hidden = tmp_path / "unmounted"
+        folder.rename(hidden)
+        (tmp_path / "ledger").write_text("not a folder")  # nothing can open the path now
+        engine.store.engine.dispose()
+        with caplog.at_level(logging.ERROR, logger="budgetkit"):
+            for i in range(50):  # calls keep working while the ledger cannot write
+                assert model.invoke(f"during {i}", config={"callbacks": [handler]}).content
+            assert wait_until(lambda: any("cannot write usage rows" in r.getMessage()
+                                          for r in caplog.records))
+            assert engine.flush(timeout=0.2) is False  # rows wait in memory
+
+            (tmp_path / "ledger").unlink()
+            hidden.rename(folder)  # the disk is back
+            assert engine.flush(timeout=30)
+        failures = [r for r in caplog.records if "cannot write usage rows" in r.getMessage()]
+        assert len(failures) == 1  # logged once, not per call or per retry
+        assert len(engine.usage()) == 51
+
+
+class _TcpProxy:
+    """A TCP forwarder on a fixed local port that can be stopped (connection refused) and
+    started again, standing in for a database server that goes down and comes back."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        probe = socket.socket()
+        probe.bind(("127.0.0.1", 0))
+        self.port = probe.getsockname()[1]
+        probe.close()
+        self._listener: socket.socket | None = None
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(16)
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def stop(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:  # wakes the thread blocked in accept(); close() alone would not on Linux
+                listener.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, []
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._sockets += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.close()
+                except OSError:
+                    pass
+
+
+def test_postgresql_refused_then_back(pg_url, caplog):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = _TcpProxy((url.host or "127.0.0.1", url.port or 5432))
+    proxy.start()
+    proxied = url.set(host="127.0.0.1", port=proxy.port).render_as_string(hide_password=False)
+    try:
+        with Engine(db=proxied) as engine:
+            handler = BudgetkitCallbackHandler(engine)
+            model = TinyChatModel()
+            model.invoke("before", config={"callbacks": [handler]})
+            assert engine.flush(timeout=10)
+
+            proxy.stop()  # connection refused from now on
+            with caplog.at_level(logging.ERROR, logger="budgetkit"):
+                for i in range(50):
+                    assert model.invoke(f"during {i}", config={"callbacks": [handler]}).content
+                assert wait_until(lambda: any("cannot write usage rows" in r.getMessage()
+                                              for r in caplog.records))
+                assert engine.flush(timeout=0.2) is False
+                proxy.start()
+                assert engine.flush(timeout=30)
+            assert len(engine.usage()) == 51
+    finally:
+        proxy.stop()
+
+
+def test_rows_survive_a_restart_of_the_process_that_wrote_them(tmp_path):
+    db = str(tmp_path / "restart.db")
+    code = ("import sys; from budgetkit import Engine\n"
+            "engine = Engine(db=sys.argv[1])\n"
+            "for i in range(100): engine.record('gpt-4o', input_tokens=i + 1)\n")
+    subprocess.run([sys.executable, "-c", code, db], check=True, timeout=60)  # normal exit
+    with Engine(db=db) as engine:
+        assert len(engine.usage()) == 100
