@@ -110,11 +110,15 @@ class FitReport:
                                         for k, v in values.items()) + ")"
 
 
-class FitResult(NamedTuple, Generic[T]):
+@dataclass(frozen=True)
+class FitResult(Generic[T]):
     """The kept items and the report; unpacks as ``items, report = fit_...(...)``."""
 
     items: list[T]
     report: FitReport
+
+    def __iter__(self) -> Iterator[Any]:  # a NamedTuple cannot be generic before 3.11
+        return iter((self.items, self.report))
 
     @property
     def messages(self) -> list[T]:
@@ -637,7 +641,9 @@ def compress_prompt(text: str, model: str = "gpt-4o", *,
                      if line.strip(" \t") else "")
     work = re.sub(r"\n{3,}", "\n\n", "\n".join(lines))
     restore = re.compile(rf"{sentinel}(\d+){sentinel}")
-    result = restore.sub(lambda m: saved[int(m.group(1))], work)
+    result = work
+    while sentinel in result:  # a quoted span may hold a placeholder (a fence inside quotes)
+        result = restore.sub(lambda m: saved[int(m.group(1))], result)
     tokens_after = count_tokens(result, model, catalog=catalog)
     if tokens_after >= tokens_before:
         return CompressedPrompt(text, CompressionReport(tokens_before, tokens_before, 0))

@@ -418,6 +418,12 @@ def test_compress_never_touches_code_quotes_or_quote_lines():
     assert report.replacements == 1
 
 
+def test_compress_fence_inside_a_quoted_span_is_restored():
+    text_in = 'Say "hello\n```\ncode   here\n```\nworld   there" and  go'
+    out, _ = compress_prompt(text_in)
+    assert out == 'Say "hello\n```\ncode   here\n```\nworld   there" and go'
+
+
 def test_compress_unterminated_fence_is_protected_to_the_end():
     text_in = "Intro   text\n```\ncode    with   spaces\n\n\n\nmore"
     out, _ = compress_prompt(text_in)
