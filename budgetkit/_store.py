@@ -25,7 +25,8 @@ from ._tables import UsageRow, UsageTagRow
 __all__ = ["Store", "default_db_url", "TABLE_MODULES"]
 
 # Modules whose import defines SQLModel tables. Add yours here.
-TABLE_MODULES: list[str] = ["budgetkit._tables", "budgetkit._budget_tables"]
+TABLE_MODULES: list[str] = ["budgetkit._tables", "budgetkit._budget_tables",
+                             "budgetkit._cache_tables"]
 
 
 def default_db_url() -> str:

@@ -1,0 +1,167 @@
+"""How the response cache reads and writes its rows (``budgetkit_cache_entry``).
+
+Loading selects plain columns with a textual query, so no ORM object and no per-row
+type processing is built: the embedding bytes become one numpy array per row. The
+response itself is not loaded at start; it is read on the first hit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+from sqlalchemy import delete, insert, select, text, update
+
+from ._cache_tables import CacheEntryRow
+from ._store import Store, iter_chunks
+
+__all__ = ["Entry", "CacheRows"]
+
+
+class _Unloaded:
+    def __repr__(self) -> str:
+        return "<not loaded>"
+
+
+UNLOADED: Any = _Unloaded()
+
+
+class Entry:
+    """One cached answer held in memory (the response may still be in the database)."""
+
+    __slots__ = ("seq", "key", "namespace", "model", "price_model", "params_hash",
+                 "context_hash", "focus", "embedder", "task_type", "created_at",
+                 "expires_at", "hit_count", "cost_nanos", "input_tokens", "output_tokens",
+                 "vector", "value")
+
+    def __init__(self, *, key: str, namespace: str, model: str, price_model: str | None,
+                 params_hash: str, context_hash: str, focus: str, task_type: str | None,
+                 created_at: dt.datetime, expires_at: dt.datetime | None, cost_nanos: int,
+                 input_tokens: int, output_tokens: int, vector: np.ndarray | None,
+                 value: Any = UNLOADED, seq: int | None = None, hit_count: int = 0,
+                 embedder: str | None = None) -> None:
+        self.seq = seq
+        self.key = key
+        self.namespace = namespace
+        self.model = model
+        self.price_model = price_model
+        self.params_hash = params_hash
+        self.context_hash = context_hash
+        self.focus = focus
+        self.embedder = embedder
+        self.task_type = task_type
+        self.created_at = created_at
+        self.expires_at = expires_at
+        self.hit_count = hit_count
+        self.cost_nanos = cost_nanos
+        self.input_tokens = input_tokens
+        self.output_tokens = output_tokens
+        self.vector = vector
+        self.value = value
+
+    @property
+    def partition(self) -> tuple[str, str, str, str, str]:
+        """Entries are only ever compared inside one partition."""
+        return (self.namespace, self.model, self.params_hash, self.context_hash,
+                self.embedder or "")
+
+    def expired(self, now: dt.datetime) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+def _as_datetime(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
+class CacheRows:
+    """The cache's database operations, over a :class:`Store`."""
+
+    GONE: Any = object()  # a row another process deleted
+
+    def __init__(self, store: Store | Any) -> None:
+        self.store = store if isinstance(store, Store) else Store(store)
+        self.store.create_tables()
+        self.table = CacheEntryRow.__table__  # type: ignore[attr-defined]
+
+    def load(self, now: dt.datetime, *, limit: int | None = None,
+             after_seq: int = 0) -> list[Entry]:
+        """Unexpired entries (newest first when limited), without their responses."""
+        sql = ("SELECT seq, key, namespace, model, price_model, params_hash, context_hash, "
+               "focus, embedder, embedding, task_type, created_at, expires_at, hit_count, "
+               "cost_nanos, input_tokens, output_tokens FROM budgetkit_cache_entry "
+               "WHERE seq > :after AND (expires_at IS NULL OR expires_at > :now) "
+               "ORDER BY seq DESC")
+        params: dict[str, Any] = {"after": after_seq, "now": now}
+        if limit is not None:
+            sql += " LIMIT :limit"
+            params["limit"] = limit
+        with self.store.engine.connect() as conn:
+            rows = conn.execute(text(sql), params).fetchall()
+        entries = []
+        for (seq, key, namespace, model, price_model, params_hash, context_hash, focus,
+             embedder, embedding, task_type, created_at, expires_at, hit_count, cost_nanos,
+             input_tokens, output_tokens) in reversed(rows):  # oldest first: LRU order
+            vector = (np.frombuffer(embedding, dtype=np.float32)
+                      if embedding is not None else None)
+            entries.append(Entry(
+                seq=seq, key=key, namespace=namespace, model=model, price_model=price_model,
+                params_hash=params_hash, context_hash=context_hash, focus=focus,
+                embedder=embedder, task_type=task_type,
+                created_at=_as_datetime(created_at),  # type: ignore[arg-type]
+                expires_at=_as_datetime(expires_at), hit_count=hit_count,
+                cost_nanos=cost_nanos, input_tokens=input_tokens,
+                output_tokens=output_tokens, vector=vector))
+        return entries
+
+    def upsert(self, entry: Entry, embedder: str | None) -> int:
+        """Write ``entry`` (replacing a row with the same key); returns its ``seq``."""
+        values = {
+            "key": entry.key, "namespace": entry.namespace, "model": entry.model,
+            "price_model": entry.price_model, "params_hash": entry.params_hash,
+            "context_hash": entry.context_hash, "focus": entry.focus, "embedder": embedder,
+            "embedding": (np.ascontiguousarray(entry.vector, dtype=np.float32).tobytes()
+                          if entry.vector is not None else None),
+            "response": entry.value, "task_type": entry.task_type,
+            "created_at": entry.created_at, "expires_at": entry.expires_at,
+            "hit_count": 0, "cost_nanos": entry.cost_nanos,
+            "input_tokens": entry.input_tokens, "output_tokens": entry.output_tokens,
+        }
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(self.table).where(self.table.c.key == entry.key))
+            result = conn.execute(insert(self.table).values(**values))
+            return int(result.inserted_primary_key[0])
+
+    def touch(self, key: str, now: dt.datetime) -> Any:
+        """Count a hit; returns the stored response, or :attr:`GONE` if the row is gone."""
+        with self.store.engine.begin() as conn:
+            result = conn.execute(update(self.table).where(self.table.c.key == key).values(
+                hit_count=self.table.c.hit_count + 1, last_hit_at=now))
+            if not result.rowcount:
+                return self.GONE
+            return conn.execute(select(self.table.c.response)
+                                .where(self.table.c.key == key)).scalar_one()
+
+    def delete_keys(self, keys: Iterable[str]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        with self.store.engine.begin() as conn:
+            for chunk in iter_chunks(keys, 500):
+                conn.execute(delete(self.table).where(self.table.c.key.in_(chunk)))
+
+    def delete_where(self, *, namespace: str | None = None, model: str | None = None) -> None:
+        statement = delete(self.table)
+        if namespace is not None:
+            statement = statement.where(self.table.c.namespace == namespace)
+        if model is not None:
+            statement = statement.where(self.table.c.model == model)
+        with self.store.engine.begin() as conn:
+            conn.execute(statement)
+
+    def delete_expired(self, now: dt.datetime) -> None:
+        with self.store.engine.begin() as conn:
+            conn.execute(delete(self.table).where(self.table.c.expires_at <= now))
