@@ -1,9 +1,10 @@
 """Fit prompts to what a model can take: chat history, retrieved documents, plain text.
 
 Every decision is made with exact token counts from :mod:`budgetkit._tokens` (the model's own
-tokenizer; an estimate only for models without one). Each message is counted once per call,
-and repeated strings hit the token counter's cache, so fitting a long history costs about one
-dictionary lookup per message.
+tokenizer; an estimate only for models without one). A history is read newest first and
+only until the window is full, and each message's count is remembered (keyed by the fields
+the count depends on), so a chat that grows by one turn per call tokenizes only the new turn
+and fitting costs about one dictionary lookup per message read, however long the history.
 
 Chat history rules (:func:`fit_messages`):
 
@@ -172,8 +173,8 @@ class _MessageCounter:
 
     ``count_message_tokens`` is additive: per-message tokens, plus reply priming once, plus
     tool definitions once. Counting ``[m]`` and subtracting the priming gives ``m``'s share.
-    Plain text messages (the bulk of any history) are remembered by their fields, so a
-    history that grows by one turn per call is counted once, not once per call.
+    Messages with string fields (text turns, tool calls, tool results) are remembered by
+    those fields, so a history that grows by one turn per call is counted once in all.
     """
 
     def __init__(self, model: str, catalog: PriceCatalog | None) -> None:
@@ -483,8 +484,9 @@ def fit_documents(docs: Sequence[T], model: str | None = None, *, max_tokens: in
     attribute. The allowance is ``max_tokens``, or ``model``'s window minus
     ``reserve_output``. Documents are taken best first; one that does not fit is skipped and
     smaller, lower-ranked ones may still fill the room. ``report.tokens_after`` is the exact
-    count of the kept texts joined with ``separator``. Counts use ``model``'s tokenizer
-    (gpt-4o's when no model is given).
+    count of the kept texts joined with ``separator`` (``tokens_before``, all of them joined,
+    is counted when first read). Counts use ``model``'s tokenizer (gpt-4o's when no model is
+    given).
     """
     if model is None and max_tokens is None:
         raise ConfigurationError("fit_documents needs a model or max_tokens")
@@ -500,7 +502,6 @@ def fit_documents(docs: Sequence[T], model: str | None = None, *, max_tokens: in
 
     counts = [count_tokens(t, counting_model, catalog=catalog) for t in texts]
     gap = count_tokens(separator, counting_model, catalog=catalog)
-    tokens_before = joined_tokens(range(len(items)))
     kept: list[int] = []
     used = 0
     for i, tokens in enumerate(counts):
@@ -513,8 +514,8 @@ def fit_documents(docs: Sequence[T], model: str | None = None, *, max_tokens: in
         kept.pop()
         tokens_after = joined_tokens(kept)
     return FitResult([items[i] for i in kept],
-                     FitReport(tokens_before, tokens_after, limit, len(items) - len(kept),
-                               kept=tuple(kept)))
+                     FitReport(lambda: joined_tokens(range(len(items))), tokens_after, limit,
+                               len(items) - len(kept), kept=tuple(kept)))
 
 
 # ---------------------------------------------------------------------------- compression
