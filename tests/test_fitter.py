@@ -461,3 +461,17 @@ def test_private_use_characters_in_text_survive():
     text_in = "a\ue000  b \"q  \ue000\"  ```\n"
     out, _ = compress_prompt(text_in)
     assert "\ue000" in out and '"q  \ue000"' in out
+
+
+def test_fitting_loads_no_framework():
+    import subprocess
+    import sys
+
+    code = ("import sys, budgetkit\n"
+            "budgetkit.fit_messages([{'role': 'user', 'content': 'hi'}], 'gpt-4o', max_tokens=50)\n"
+            "budgetkit.fit_documents(['a'], max_tokens=5); budgetkit.compress_prompt('a  b')\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'langchain_core', 'llama_index', 'sqlalchemy'}))")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True).stdout.strip()
+    assert out == "[]"
