@@ -44,8 +44,9 @@ from langchain_core.callbacks import (AsyncCallbackManager, AsyncCallbackManager
                                       CallbackManager, CallbackManagerForLLMRun)
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
-from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable, RunnableLambda
+from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult, LLMResult
+from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
+from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, ensure_config
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
@@ -357,6 +358,63 @@ class RoutedChatModel(BaseChatModel):
         return await self.fallback.acall(fn, prefer=name)
 
     # -- stream ---------------------------------------------------------------------------
+    # BaseChatModel.stream() / astream() call _stream / _astream *without* the run manager,
+    # so inner streams could not be child runs (their callbacks would be lost). These two
+    # open the run the way BaseChatModel does and hand the run manager down.
+    def _open_run(self, input: LanguageModelInput, config: RunnableConfig | None,
+                  stop: list[str] | None, kwargs: dict[str, Any],
+                  manager_cls: type) -> tuple[Any, list[BaseMessage], RunnableConfig]:
+        config = ensure_config(config)
+        messages = self._convert_input(input).to_messages()
+        params = self._get_invocation_params(stop=stop, **kwargs)
+        ls_params = getattr(self, "_get_ls_params_with_defaults", self._get_ls_params)
+        manager = manager_cls.configure(
+            config.get("callbacks"), self.callbacks, self.verbose, config.get("tags"),
+            self.tags, {**(config.get("metadata") or {}), **ls_params(stop=stop, **kwargs)},
+            self.metadata)
+        start = {"invocation_params": params,
+                 "options": {"stop": stop, **{k: params[k] for k in kwargs if k in params}},
+                 "name": config.get("run_name"), "run_id": config.pop("run_id", None),
+                 "batch_size": 1}
+        return manager, messages, start  # type: ignore[return-value]
+
+    def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
+               stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
+        manager, messages, start = self._open_run(input, config, stop, kwargs, CallbackManager)
+        (run_manager,) = manager.on_chat_model_start(self._serialized, [messages], **start)
+        chunks: list[ChatGenerationChunk] = []
+        try:
+            for chunk in self._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
+                chunks.append(chunk)
+                yield chunk.message  # type: ignore[misc]
+        except BaseException as exc:
+            merged = merge_chat_generation_chunks(chunks)
+            run_manager.on_llm_error(exc, response=LLMResult(
+                generations=[[merged]] if merged else []))
+            raise
+        run_manager.on_llm_end(LLMResult(generations=[[merge_chat_generation_chunks(chunks)]]))
+
+    async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
+                      *, stop: list[str] | None = None,
+                      **kwargs: Any) -> AsyncIterator[AIMessageChunk]:
+        manager, messages, start = self._open_run(input, config, stop, kwargs,
+                                                  AsyncCallbackManager)
+        (run_manager,) = await manager.on_chat_model_start(self._serialized, [messages],
+                                                           **start)
+        chunks: list[ChatGenerationChunk] = []
+        try:
+            async for chunk in self._astream(messages, stop=stop, run_manager=run_manager,
+                                             **kwargs):
+                chunks.append(chunk)
+                yield chunk.message  # type: ignore[misc]
+        except BaseException as exc:
+            merged = merge_chat_generation_chunks(chunks)
+            await run_manager.on_llm_error(exc, response=LLMResult(
+                generations=[[merged]] if merged else []))
+            raise
+        await run_manager.on_llm_end(LLMResult(
+            generations=[[merge_chat_generation_chunks(chunks)]]))
+
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:

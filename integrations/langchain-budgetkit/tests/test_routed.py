@@ -205,8 +205,37 @@ def test_stream_comes_from_the_chosen_model_and_is_settled(engine: Engine, usage
     assert chunks[0].response_metadata[ROUTED_MARKER]["model"] == CHEAP
     (row,) = engine.usage()
     assert (row.model, row.input_tokens, row.output_tokens, row.status) == (CHEAP, 11, 7, "ok")
-    wrapper_id = recorder.starts[0]["run_id"]
-    assert wrapper_id in recorder.tokens  # the wrapper streams its own tokens too
+    wrapper, inner = recorder.starts  # stream() gives _stream no run manager: we open it
+    assert inner["parent_run_id"] == wrapper["run_id"]
+    assert wrapper["run_id"] in recorder.tokens and inner["run_id"] in recorder.tokens
+
+
+def test_astream_inner_run_is_a_child(usage_model) -> None:
+    recorder = Recorder()
+    model = routed(usage_model(reply="a b", usage=USAGE), usage_model(reply="c"))
+
+    async def go():
+        return [c async for c in model.astream("hi", config={"callbacks": [recorder]})]
+
+    assert "".join(c.content for c in asyncio.run(go())) == "a b"
+    wrapper, inner = recorder.starts
+    assert inner["parent_run_id"] == wrapper["run_id"]
+
+
+def test_inner_call_knows_it_is_metered(engine: Engine) -> None:
+    from budgetkit._cascade import is_metered_call
+
+    seen: list[bool] = []
+
+    class Probe(FakeMessagesListChatModel):
+        def _generate(self, *args, **kwargs):
+            seen.append(is_metered_call())
+            return super()._generate(*args, **kwargs)
+
+    probe = Probe(responses=[AIMessage(content="x")])
+    routed(probe, engine=engine).invoke("hi")
+    routed(probe).invoke("hi")
+    assert seen == [True, False] and is_metered_call() is False
 
 
 def test_stream_falls_back_when_the_first_chunk_fails(engine: Engine, usage_model) -> None:
