@@ -13,7 +13,9 @@ Per call: ``router`` (a :class:`budgetkit.Router`) picks the model, or ``cascade
 checks, or, with neither, ``default_model`` (the first model) answers. ``fallback`` (a
 :class:`budgetkit.Fallback`) wraps every model call: transient errors are retried, then
 the next model is tried; a :class:`budgetkit.BudgetExceeded` is never retried nor sent
-to another model. Per-call keyword arguments ``model=`` (a required model),
+to another model. (LangChain's own ``with_fallbacks`` / ``with_retry`` catch every
+``Exception`` by default: if you wrap this model in them, pass
+``exceptions_to_handle`` / ``retry_if_exception_type`` that leave ``BudgetExceeded`` out.) Per-call keyword arguments ``model=`` (a required model),
 ``task_type=`` and ``low_latency=`` steer the router; ``task_type``, ``user_id`` and
 ``project`` are also read from the run's ``metadata``.
 
