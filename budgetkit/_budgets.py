@@ -16,6 +16,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -191,16 +192,16 @@ class Budget:
         self.levels.amounts(self.limit_amount, self.unit, self.name)  # validates
 
     # -- amounts --------------------------------------------------------------------------
-    @property
+    @cached_property
     def limit_amount(self) -> int:
         """The limit as an integer amount: nano-dollars (USD) or tokens."""
         return usd_to_nanos(self.limit) if self.unit == "usd" else int(self.limit)
 
-    @property
+    @cached_property
     def level_amounts(self) -> tuple[int, int, int]:
         return self.levels.amounts(self.limit_amount, self.unit, self.name)
 
-    @property
+    @cached_property
     def stop_amount(self) -> int:
         """Where calls stop (the critical level) before any approval."""
         return self.level_amounts[2]

@@ -66,6 +66,7 @@ def worker(i):
     totals.append(spent)
     calls.append(n)
 threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+go.with_name(f"ready-{{seed}}").touch()
 while not go.exists():
     time.sleep(0.01)
 for t in threads: t.start()
@@ -90,8 +91,12 @@ def run_processes(db: str, tmp_path: Path) -> None:
     procs = [subprocess.Popen([sys.executable, "-c", script, db, name, str(seed), str(go)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env) for seed in range(4)]
-    time.sleep(0.2)
-    go.touch()
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / f"ready-{seed}").exists() for seed in range(4)):
+        assert time.monotonic() < deadline, "workers did not start"
+        assert all(proc.poll() is None for proc in procs), procs[0].stderr.read()
+        time.sleep(0.02)
+    go.touch()  # all four race from here
     results = []
     for proc in procs:
         out, err = proc.communicate(timeout=120)

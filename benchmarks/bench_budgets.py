@@ -1,0 +1,144 @@
+"""What budgets cost per call, and how many calls per second one shared budget admits.
+
+    python benchmarks/bench_budgets.py [--calls 2000] [--pg postgresql://...]
+
+1. admit + settle per call with 0 (ledger only), 1, 3 and 10 applicable budgets, on a
+   SQLite file and (with ``--pg`` or ``BUDGETKIT_TEST_POSTGRES_URL``) on PostgreSQL.
+   Ratios are to the ledger-only engine on the same database, measured in the same run.
+2. Sustained admitted calls per second from 4 processes (4 threads each) sharing one
+   budget, on each database.
+
+No peer is measured here: LiteLLM enforces budgets only in its proxy server (Prisma,
+PostgreSQL, Redis), which cannot run in this offline benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from budgetkit import Budget, Engine  # noqa: E402
+
+MODEL = "gpt-4o-mini"
+
+
+def per_call(db: str, budgets: int, calls: int) -> tuple[float, float]:
+    """Median-of-3 microseconds per admit and per settle."""
+    engine = Engine(db=db)
+    tag = uuid.uuid4().hex[:6]
+    for index in range(budgets):
+        scope = ("global", "user", "project", "model", "tag")[index % 5]
+        match = {"global": None, "user": "u", "project": "p", "model": MODEL, "tag": "t"}[scope]
+        engine.add_budget(Budget(name=f"b{index}-{tag}", limit=1_000_000.0, scope=scope,
+                                 match=match, period=("day", "month", "total")[index % 3]))
+    attribution = {"user_id": "u", "project": "p", "tags": ("t",)}
+    for _ in range(50):  # warm up: windows created and cached, statements compiled
+        engine.settle(engine.admit(MODEL, input_tokens=500, max_output_tokens=200,
+                                   **attribution), output_tokens=100)
+    admits, settles = [], []
+    for _ in range(3):
+        admit_total = settle_total = 0.0
+        for _ in range(calls):
+            start = time.perf_counter()
+            ticket = engine.admit(MODEL, input_tokens=500, max_output_tokens=200, **attribution)
+            middle = time.perf_counter()
+            engine.settle(ticket, output_tokens=100)
+            admit_total += middle - start
+            settle_total += time.perf_counter() - middle
+        admits.append(admit_total / calls * 1e6)
+        settles.append(settle_total / calls * 1e6)
+    engine.close()
+    return statistics.median(admits), statistics.median(settles)
+
+
+WORKER = r"""
+import sys, threading, time
+from budgetkit import Budget, Engine, BudgetExceeded
+db, name, seconds, start_at = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+engine = Engine(db=db)
+engine.add_budget(Budget(name=name, limit=1_000_000.0, period="total"))
+counts = []
+def work():
+    n = 0
+    while time.time() < start_at:
+        time.sleep(0.001)
+    while time.time() < start_at + seconds:
+        t = engine.admit("gpt-4o-mini", input_tokens=500, max_output_tokens=200)
+        engine.settle(t, output_tokens=100)
+        n += 1
+    counts.append(n)
+threads = [threading.Thread(target=work) for _ in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+engine.close()
+print(sum(counts))
+"""
+
+
+def sustained(db: str, seconds: float, processes: int = 4) -> float:
+    name = f"shared-{uuid.uuid4().hex[:6]}"
+    Engine(db=db).close()  # tables exist before the workers race
+    start_at = time.time() + 3.0
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, db, name, str(seconds),
+                               str(start_at)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+             for _ in range(processes)]
+    total = sum(int(proc.communicate()[0].strip()) for proc in procs)
+    return total / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--pg", default=os.environ.get("BUDGETKIT_TEST_POSTGRES_URL"))
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args()
+    databases = {"SQLite file": None}
+    if args.pg:
+        databases["PostgreSQL"] = args.pg
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, url in databases.items():
+            db = url or str(Path(tmp) / f"bench-{uuid.uuid4().hex[:6]}.db")
+            base = None
+            for budgets in (0, 1, 3, 10):
+                admit_us, settle_us = per_call(db, budgets, args.calls)
+                total = admit_us + settle_us
+                base = base or total
+                results.append({"db": label, "budgets": budgets, "admit_us": admit_us,
+                                "settle_us": settle_us, "total_us": total,
+                                "ratio": total / base})
+            rate = sustained(db, args.seconds)
+            results.append({"db": label, "processes": 4, "calls_per_s": rate})
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return
+    print(f"admit + settle per call ({args.calls} calls, median of 3), "
+          "ratio to the ledger-only engine on the same database")
+    print(f"{'database':<12} {'budgets':>7} {'admit µs':>9} {'settle µs':>10} "
+          f"{'total µs':>9} {'ratio':>6}")
+    for row in results:
+        if "budgets" in row:
+            print(f"{row['db']:<12} {row['budgets']:>7} {row['admit_us']:>9.0f} "
+                  f"{row['settle_us']:>10.0f} {row['total_us']:>9.0f} {row['ratio']:>5.1f}x")
+    print(f"\nsustained admitted calls/s, 4 processes x 4 threads, one shared budget, "
+          f"{args.seconds:g} s")
+    for row in results:
+        if "processes" in row:
+            print(f"{row['db']:<12} {row['calls_per_s']:>9.0f} calls/s")
+
+
+if __name__ == "__main__":
+    main()
