@@ -197,3 +197,21 @@ def test_bad_route_arguments(router: Router) -> None:
         router.route("a", messages=[{"role": "user", "content": "b"}])
     with pytest.raises(ConfigurationError):
         router.route("a", max_output_tokens=-1)
+
+
+def test_real_budget_pressure_from_the_engine(tmp_path) -> None:
+    from budgetkit import Budget
+
+    with Engine(db=str(tmp_path / "b.db")) as engine:
+        engine.add_budget(Budget(limit=1.00, name="alice-daily", scope="user", match="alice"))
+        router = Router(TIERS, engine=engine)
+        assert router.route("hi", task_type="code_review", user_id="alice").model == "gpt-4o"
+        # spend 85% of alice's budget: 85,000 output tokens of gpt-4o at $10 / 1M
+        ticket = engine.admit("gpt-4o", input_tokens=0, max_output_tokens=85_000,
+                              user_id="alice")
+        engine.settle(ticket, input_tokens=0, output_tokens=85_000)
+        decision = router.route("hi", task_type="code_review", user_id="alice")
+        assert decision.model == "gpt-4.1-mini"
+        assert "budget headroom 15% < 20%" in decision.reason
+        # another user's calls are not under pressure
+        assert router.route("hi", task_type="code_review", user_id="bob").model == "gpt-4o"
