@@ -65,6 +65,7 @@ class _Source:
     now: dt.datetime
     catalog: PriceCatalog
     engine: Any = None
+    bounds: tuple[Any, Any] | None = None  # oldest and newest created_at, read once
 
     @property
     def dialect(self) -> str:
@@ -188,6 +189,53 @@ def _parse_bound(name: str, value: Any, *, end_of_day: bool) -> dt.datetime | No
     return start + dt.timedelta(days=1) if end_of_day else start
 
 
+# -- query plans ---------------------------------------------------------------------------
+# SQLite's planner likes the (dimension, created_at) indexes even for a period holding most
+# rows, and then visits the table in index order: one random page read per row, several
+# times slower than reading the table once. When the period covers a large part of the
+# data (and no selective filter is given), column references are written ``+column``,
+# which SQLite never answers from an index, so the table is scanned once instead.
+_SCAN_SHARE = 0.2
+
+
+class _Cols:
+    """Column references of ``budgetkit_usage`` for one query (indexable or not)."""
+
+    def __init__(self, scan: bool) -> None:
+        self.scan = scan
+
+    def __getitem__(self, name: str) -> Any:
+        column = USAGE.c[name]
+        if not self.scan:
+            return column
+        return literal_column(f"+{USAGE.name}.{column.name}", type_=column.type)
+
+    __getattr__ = __getitem__
+
+
+def plan_columns(src: _Source, period: Period | None, filters: Mapping[str, Any]) -> _Cols:
+    """Index-friendly columns, or ``+column`` ones for a scan (SQLite, wide periods)."""
+    if src.dialect != "sqlite" or period is None:
+        return _Cols(False)
+    if any(value is not None for value in filters.values()):
+        return _Cols(False)  # a user / model / tag filter is selective: use its index
+    if src.bounds is None:
+        c = USAGE.c
+        src.bounds = tuple(run_query(src, select(func.min(c.created_at),
+                                                 func.max(c.created_at)))[0])
+    oldest, newest = (_as_datetime(v) for v in src.bounds)
+    if oldest is None or newest is None or newest <= oldest:
+        return _Cols(False)
+    overlap = (min(newest, period.end) - max(oldest, period.start)).total_seconds()
+    return _Cols(overlap > _SCAN_SHARE * (newest - oldest).total_seconds())
+
+
+def _as_datetime(value: Any) -> dt.datetime | None:
+    if value is None or isinstance(value, dt.datetime):
+        return value
+    return dt.datetime.fromisoformat(str(value))
+
+
 # -- dimensions and measures ------------------------------------------------------------
 def canonical_dimension(name: str) -> str:
     """``operation`` → ``operation_type``, ``user`` → ``user_id``; checks the name."""
@@ -220,23 +268,25 @@ def time_bucket(dialect: str, unit: str, column: Any = None) -> ColumnElement[An
     raise ConfigurationError(f"time buckets are not implemented for the {dialect} database")
 
 
-def _dimension_expr(src: _Source, name: str) -> ColumnElement[Any]:
+def _dimension_expr(src: _Source, name: str, cols: _Cols | None = None) -> ColumnElement[Any]:
     if name in TIME_DIMENSIONS:
         return time_bucket(src.dialect, name)
     if name == "tag":
         return TAGS.c.tag
     if name.startswith("metadata."):
         return USAGE.c.metadata[name[len("metadata."):]].as_string()
-    return USAGE.c[_DIMENSION_COLUMNS[name]]
+    return (cols or _Cols(False))[_DIMENSION_COLUMNS[name]]
 
 
-def _measures() -> list[Any]:
+def _measures(dialect: str = "sqlite") -> list[Any]:
     c = USAGE.c
 
     def summed(column: Any, label: str) -> Any:
         return func.coalesce(func.sum(column), 0).label(label)
 
     def counted(condition: Any, label: str) -> Any:
+        if dialect == "sqlite":  # a comparison is 0/1 there: cheaper than CASE per row
+            return func.coalesce(func.sum(condition), 0).label(label)
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0).label(label)
 
     return [
@@ -255,8 +305,9 @@ def _measures() -> list[Any]:
     ]
 
 
-def _filters(src: _Source, period: Period | None, filters: Mapping[str, Any]) -> list[Any]:
-    c = USAGE.c
+def _filters(src: _Source, period: Period | None, filters: Mapping[str, Any],
+             cols: _Cols | None = None) -> list[Any]:
+    c = cols or _Cols(False)
     where: list[Any] = []
     if period is not None:
         where.append(c.created_at >= period.start)
@@ -267,7 +318,7 @@ def _filters(src: _Source, period: Period | None, filters: Mapping[str, Any]) ->
             continue
         key = _DIMENSION_ALIASES.get(name, name)
         if key == "tag":
-            where.append(c.id.in_(select(TAGS.c.usage_id).where(TAGS.c.tag == value)))
+            where.append(USAGE.c.id.in_(select(TAGS.c.usage_id).where(TAGS.c.tag == value)))
         elif key in _DIMENSION_COLUMNS:
             where.append(c[_DIMENSION_COLUMNS[key]] == value)
         else:
@@ -379,11 +430,13 @@ def summarize(source: Any, *, group_by: str | Sequence[str] = ("model",),
     if period is None:
         period = Period.resolve(days=days, start_date=start_date, end_date=end_date,
                                 now=src.now)
-    where = _filters(src, period, filters)
+    cols = plan_columns(src, period, filters)
+    where = _filters(src, period, filters, cols)
+    measures = _measures(src.dialect)
     groups: list[UsageGroup] = []
     if names:
-        exprs = [_dimension_expr(src, n).label(f"g{i}") for i, n in enumerate(names)]
-        query = select(*exprs, *_measures()).where(and_(*where))
+        exprs = [_dimension_expr(src, n, cols).label(f"g{i}") for i, n in enumerate(names)]
+        query = select(*exprs, *measures).select_from(USAGE).where(and_(*where))
         if "tag" in names:
             query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == USAGE.c.id))
         query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
@@ -394,7 +447,7 @@ def summarize(source: Any, *, group_by: str | Sequence[str] = ("model",),
     if names and "tag" not in names:  # groups are disjoint: one scan gives both
         totals = UsageGroup.merge({}, groups)
     else:
-        totals = UsageGroup.from_row({}, run_query(src, select(*_measures())
+        totals = UsageGroup.from_row({}, run_query(src, select(*measures).select_from(USAGE)
                                                    .where(and_(*where)))[0])
     return UsageSummary(period=period, group_by=names, groups=groups, totals=totals,
                         filters=dict(filters))
@@ -558,12 +611,13 @@ def _embedding_advice(src: _Source, by_model: UsageSummary,
 
 def _caching_advice(src: _Source, period: Period,
                     filters: Mapping[str, Any]) -> list[Recommendation]:
-    c = USAGE.c
+    c = plan_columns(src, period, filters)
     # paid calls whose prompt is known (hashed); embeddings recorded without one don't count
-    where = _filters(src, period, filters) + [c.status == "ok", c.prompt_hash.is_not(None)]
-    paid = run_query(src, select(func.count()).where(and_(*where)))[0][0]
+    where = _filters(src, period, filters, c) + [c.status == "ok", c.prompt_hash.is_not(None)]
+    paid = run_query(src, select(func.count()).select_from(USAGE).where(and_(*where)))[0][0]
     repeats = (select(c.prompt_hash, (func.count() - 1).label("extra"),
                       (func.sum(c.cost_nanos) - func.min(c.cost_nanos)).label("extra_cost"))
+               .select_from(USAGE)
                .where(and_(*where))
                .group_by(c.prompt_hash).having(func.count() > 1).subquery())
     extra, extra_cost = run_query(src, select(func.coalesce(func.sum(repeats.c.extra), 0),
@@ -581,14 +635,15 @@ def _caching_advice(src: _Source, period: Period,
 
 def _routing_advice(src: _Source, period: Period,
                     filters: Mapping[str, Any]) -> list[Recommendation]:
-    c = USAGE.c
+    c = plan_columns(src, period, filters)
     short = and_(c.input_tokens < SHORT_PROMPT_TOKENS, c.output_tokens < SHORT_OUTPUT_TOKENS)
-    query = (select(c.model, func.count().label("calls"),
+    query = (select(c.model.label("model"), func.count().label("calls"),
                     func.sum(case((short, 1), else_=0)).label("short_calls"),
                     func.sum(case((short, c.input_tokens), else_=0)).label("short_in"),
                     func.sum(case((short, c.output_tokens), else_=0)).label("short_out"),
                     func.sum(case((short, c.cost_nanos), else_=0)).label("short_cost"))
-             .where(and_(*_filters(src, period, filters), c.status == "ok"))
+             .select_from(USAGE)
+             .where(and_(*_filters(src, period, filters, c), c.status == "ok"))
              .group_by(c.model))
     recs = []
     for row in run_query(src, query):
@@ -693,13 +748,14 @@ def what_if(source: Any, target: str, *, days: int | None = None, start_date: An
     """
     src = as_source(source, now=now)
     target_price = src.catalog.get(target)  # UnknownModelError names the model
-    c = USAGE.c
     period = Period.resolve(days=days, start_date=start_date, end_date=end_date, now=src.now)
-    query = (select(c.model, func.count().label("calls"), func.sum(c.input_tokens).label("i"),
-                    func.sum(c.output_tokens).label("o"),
+    c = plan_columns(src, period, filters)
+    query = (select(c.model.label("model"), func.count().label("calls"),
+                    func.sum(c.input_tokens).label("i"), func.sum(c.output_tokens).label("o"),
                     func.sum(c.cached_input_tokens).label("ci"),
                     func.sum(c.cost_nanos).label("cost"))
-             .where(and_(*_filters(src, period, filters), c.status.in_(("ok", "error"))))
+             .select_from(USAGE)
+             .where(and_(*_filters(src, period, filters, c), c.status.in_(("ok", "error"))))
              .group_by(c.model))
     rows, skipped, actual_total, repriced_total = [], [], 0, 0
     for row in run_query(src, query):

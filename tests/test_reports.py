@@ -155,8 +155,20 @@ def test_summary_runs_in_sql_not_in_python(eng: Engine, clock: FakeClock) -> Non
     finally:
         event.remove(eng.store.engine, "before_cursor_execute", before)
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    assert len(selects) == 1 and "GROUP BY" in selects[0].upper()
+    grouped = [s for s in selects if "GROUP BY" in s.upper()]
+    assert len(grouped) == 1 and len(selects) <= 2  # + the data's time bounds, once
     assert fetched == [3] and summary.totals.calls == 50
+    # a period holding most of the data is one table scan (+column: no index walk) ...
+    assert "+budgetkit_usage.user_id" in grouped[0]
+    # ... a narrow or filtered one lets SQLite use its indexes
+    statements.clear()
+    event.listen(eng.store.engine, "before_cursor_execute", before)
+    try:
+        budgetkit.summarize(eng, group_by="user", days=1, model="gpt-4o")
+        budgetkit.summarize(eng, group_by="user", start_date=T0 - dt.timedelta(minutes=2))
+    finally:
+        event.remove(eng.store.engine, "before_cursor_execute", before)
+    assert statements and not any("+budgetkit_usage" in s for s in statements)
 
 
 @pytest.mark.parametrize("kwargs, message", [
