@@ -312,15 +312,25 @@ class BudgetBook:
                   "spent": 0, "reserved": 0, "created_at": now}
         if create:
             with self._transaction() as conn:
+                created = None
                 if self._insert_window is not None:
-                    conn.execute(self._insert_window, values)
+                    created = conn.execute(self._insert_window.returning(W.c.id),
+                                           values).scalar()
                 else:
                     try:
                         with conn.begin_nested():
-                            conn.execute(insert(W), values)
+                            created = conn.execute(insert(W), values).inserted_primary_key[0]
                     except IntegrityError:
                         pass
-                window_id = conn.execute(select(W.c.id).where(*where)).scalar_one()
+                if created is not None:
+                    window_id = created
+                    # Same transaction: no call can have settled into this window yet.
+                    earlier = ledger_spend(conn, budget, key, start, end)
+                    if earlier:
+                        conn.execute(update(W).where(W.c.id == window_id)
+                                     .values(spent=W.c.spent + earlier))
+                else:
+                    window_id = conn.execute(select(W.c.id).where(*where)).scalar_one()
         else:
             with self.store.engine.connect() as conn:
                 window_id = conn.execute(select(W.c.id).where(*where)).scalar()
@@ -723,6 +733,9 @@ class BudgetBook:
         self.reap(now)
         chosen = [self._get(budget)] if budget is not None else list(self._budgets.values())
         out: list[BudgetStatus] = []
+        for item in chosen:  # a shared window is opened (and back-filled) to report it
+            if item.scope == "global" and item.period != "run":
+                self._window_id(item, "", *self._window_bounds(item, now), now)
         with self.store.engine.connect() as conn:
             for item in chosen:
                 start, end = self._window_bounds(item, now)
@@ -735,8 +748,6 @@ class BudgetBook:
                     query = query.where(or_(W.c.scope_key == key,
                                             W.c.scope_key.like(f"{key}\x1f%")))
                 rows = conn.execute(query).all()
-                if not rows and item.scope == "global" and item.period != "run":
-                    rows = [(None, "", start, end, 0, 0)]
                 for window_id, scope_key, w_start, w_end, spent, reserved in rows:
                     extra = 0
                     if window_id is not None:
@@ -765,6 +776,62 @@ class BudgetBook:
             limit = budget.limit_amount
             fractions.append(max(0.0, (limit - used.get(window_id or -1, 0)) / limit))
         return min(fractions)
+
+
+def ledger_spend(conn: Any, budget: Budget, key: str, start: dt.datetime,
+                 end: dt.datetime | None) -> int:
+    """What the usage ledger already holds for a window that is being created.
+
+    A budget added (or given a new period) mid-window counts the window's earlier spend,
+    and only that (LiteLLM #34492 counted everything ever spent). Rows still queued in a
+    writer are not seen.
+    """
+    if not budget.count_earlier_spend:
+        return 0
+    from ._tables import UsageRow, UsageTagRow
+
+    usage = UsageRow.__table__  # type: ignore[attr-defined]
+    tags = UsageTagRow.__table__  # type: ignore[attr-defined]
+    parts = key.split("\x1f") if key else []
+    run = next((part[4:] for part in parts if part.startswith("run:")), None)
+    value = next((part for part in parts if not part.startswith("run:")), None)
+    if run is not None and run.startswith("probe-"):
+        return 0
+    amount = (usage.c.cost_nanos if budget.unit == "usd"
+              else usage.c.input_tokens + usage.c.output_tokens)
+    query = select(func.coalesce(func.sum(amount), 0)).where(
+        usage.c.status.in_(("ok", "error")))
+    if budget.period not in ("run", "total"):
+        query = query.where(usage.c.created_at >= start)
+    if end is not None:
+        query = query.where(usage.c.created_at < end)
+    if budget.provider is not None:
+        query = query.where(usage.c.provider == budget.provider)
+    if run is not None:
+        query = query.where(or_(usage.c.root_run_id == run, usage.c.run_id == run))
+    if budget.scope != "global":
+        pattern = budget.match if budget.match is not None else value
+        if pattern is None:
+            return 0
+        like = any(ch in pattern for ch in "*?")
+        column = {"user": usage.c.user_id, "project": usage.c.project,
+                  "model": usage.c.model, "operation": usage.c.operation_type,
+                  "run": usage.c.root_run_id, "tag": tags.c.tag}[budget.scope]
+
+        def matches(col: Any) -> Any:
+            return (col.like(pattern.replace("%", r"\%").replace("_", r"\_")
+                             .replace("*", "%").replace("?", "_"), escape="\\")
+                    if like else col == pattern)
+
+        if budget.scope == "tag":
+            query = query.where(usage.c.id.in_(select(tags.c.usage_id).where(matches(column))))
+        elif budget.scope == "run":
+            query = query.where(or_(matches(usage.c.root_run_id), matches(usage.c.run_id)))
+        else:
+            query = query.where(matches(column))
+            if budget.exclude:
+                query = query.where(column.not_in(budget.exclude))
+    return int(conn.execute(query).scalar() or 0)
 
 
 def _worst_case(budget: Budget, ticket: Any) -> int:

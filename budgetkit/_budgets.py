@@ -127,6 +127,8 @@ class Budget:
       admitted calls carry the decision ``"downgrade"`` (the router acts on it).
     - ``stop_streams``: stop a stream that outgrows its reservation when the window has no
       room (default: on for ``run`` budgets, off otherwise).
+    - ``count_earlier_spend``: a window opened after calls were already recorded in it (the
+      budget is new, or got a new period) starts from the ledger's spend in that window.
     """
 
     limit: float
@@ -143,6 +145,7 @@ class Budget:
     stop_streams: bool | None = None
     provider: str | None = None
     exclude: tuple[str, ...] = ()
+    count_earlier_spend: bool = True
     description: str = ""
 
     def __post_init__(self) -> None:

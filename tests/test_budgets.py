@@ -489,6 +489,30 @@ def test_litellm_34492_period_added_later_counts_only_the_current_window(
     engine.close()
 
 
+def test_a_new_budget_counts_this_windows_earlier_spend_only(tmp_path: Path) -> None:
+    clock = Clock(dt.datetime(2025, 3, 10, 12))
+    engine = make_engine(tmp_path / "late.db", clock)
+    for _ in range(3):  # yesterday, before any budget existed
+        engine.record(MODEL, input_tokens=1000, user_id="alice", tags=["rag"])
+    clock.advance(days=1)
+    engine.record(MODEL, input_tokens=2000, user_id="alice", tags=["rag"])
+    engine.record(MODEL, input_tokens=4000, user_id="bob")
+    engine.record(MODEL, input_tokens=8000, user_id="alice", status="cached")
+    engine.flush()
+    engine.add_budget(Budget(name="all", limit=1.0))
+    engine.add_budget(Budget(name="users", limit=1.0, scope="user"))
+    engine.add_budget(Budget(name="rag", limit=10_000, unit="tokens", scope="tag", match="r*"))
+    engine.add_budget(Budget(name="fresh", limit=1.0, count_earlier_spend=False))
+    assert window(engine, "all") == (6_000_000, 0)
+    assert window(engine, "fresh") == (0, 0)
+    call(engine, cost_in=1000, out=0, user_id="alice", tags=["rag"])
+    assert window(engine, "users", "alice") == (3_000_000, 0)
+    assert window(engine, "all") == (7_000_000, 0)
+    [rag] = engine.budget_status("rag")
+    assert rag.used == 3000  # 2,000 earlier today + 1,000 now
+    engine.close()
+
+
 def test_add_budget_rejects_a_different_budget_under_the_same_name(engine: Engine) -> None:
     engine.add_budget(Budget(name="d", limit=1.0))
     engine.add_budget(Budget(name="d", limit=1.0))  # same: fine
