@@ -1,9 +1,12 @@
 """The background writer: usage rows leave the hot path and reach the database in batches.
 
-A call hands its row to a bounded queue and returns. One daemon thread drains the queue in
-batches. When the database is unreachable the batch stays in a bounded in-memory backlog,
-the error is logged once (and once more when writes succeed again), and writes are retried
-with backoff: the user's LLM calls never wait for, or fail because of, the ledger.
+A call appends its row to a bounded in-memory queue and returns; it never wakes the writer
+(waking a thread per row costs a context switch and GIL hand-off on every LLM call). One
+daemon thread drains the queue in batches every ``flush_interval`` seconds, or at once when a
+full batch is waiting or someone calls ``flush()``. When the database is unreachable the
+batch stays in a bounded in-memory backlog, the error is logged once (and once more when
+writes succeed again), and writes are retried with backoff: the user's LLM calls never wait
+for, or fail because of, the ledger.
 
 ``flush()`` waits until everything handed over so far is written (or the timeout passes);
 ``close()``, interpreter exit and SIGTERM flush.
@@ -14,7 +17,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import queue
 import signal
 import threading
 import time
@@ -28,15 +30,14 @@ logger = logging.getLogger("budgetkit")
 __all__ = ["BatchWriter"]
 
 _Row = Mapping[str, Any]
-_STOP = object()
 
 
 class BatchWriter:
     """Write rows through ``write(batch)`` on a background thread.
 
-    ``max_queue`` bounds the hand-over queue (a full queue makes ``submit`` wait briefly,
-    then spill to the backlog); ``max_backlog`` bounds rows kept while the database is down
-    (beyond it the oldest rows are dropped, counted in ``dropped``, and logged).
+    ``max_queue`` bounds the hand-over queue (rows beyond it spill to the backlog; ``submit``
+    never blocks); ``max_backlog`` bounds rows kept while the database is down (beyond it the
+    oldest rows are dropped, counted in ``dropped``, and logged).
     """
 
     def __init__(self, write: Callable[[Sequence[_Row]], None], *, batch_size: int = 500,
@@ -45,7 +46,10 @@ class BatchWriter:
                  retry_max: float = 5.0, name: str = "budgetkit-writer") -> None:
         self._write = write
         self._batch_size = batch_size
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._queue: deque[_Row] = deque()
+        self._max_queue = max_queue
+        self._wake = threading.Event()
+        self._stopping = False
         self._backlog: deque[_Row] = deque()
         self._max_backlog = max_backlog
         self._flush_interval = flush_interval
@@ -67,11 +71,13 @@ class BatchWriter:
             if self._closed:
                 raise RuntimeError("the engine is closed")
             self._submitted += 1
-        try:
-            self._queue.put(row, timeout=0.5)
-        except queue.Full:
-            with self._lock:  # never block the caller long: keep it in the backlog instead
+            if len(self._queue) < self._max_queue:
+                self._queue.append(row)
+            else:  # never block the caller: keep it in the backlog instead
                 self._append_backlog([row])
+            batch_ready = len(self._queue) == self._batch_size
+        if batch_ready:
+            self._wake.set()
 
     @property
     def pending(self) -> int:
@@ -81,6 +87,7 @@ class BatchWriter:
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row submitted so far is written; ``False`` on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._wake.set()  # write now rather than at the next interval
         with self._lock:
             target = self._submitted
             while self._written + self.dropped < target:
@@ -97,7 +104,8 @@ class BatchWriter:
                 return True
             self._closed = True
         done = self.flush(timeout)
-        self._queue.put(_STOP)
+        self._stopping = True
+        self._wake.set()
         self._thread.join(timeout=1.0)
         if not done:
             logger.error("budgetkit: %d usage rows could not be written before close",
@@ -116,59 +124,48 @@ class BatchWriter:
             logger.error("budgetkit: usage backlog full (%d rows); dropped the %d oldest",
                          self._max_backlog, overflow)
 
-    def _take_batch(self, block: bool) -> tuple[list[_Row], bool]:
-        batch: list[_Row] = []
-        stop = False
+    def _take_batch(self) -> list[_Row]:
         with self._lock:
-            while self._backlog and len(batch) < self._batch_size:
-                batch.append(self._backlog.popleft())
-        try:
-            if not batch and block:
-                item = self._queue.get(timeout=self._flush_interval)
-                if item is _STOP:
-                    return batch, True
-                batch.append(item)
-            while len(batch) < self._batch_size:
-                item = self._queue.get_nowait()
-                if item is _STOP:
-                    stop = True
-                    break
-                batch.append(item)
-        except queue.Empty:
-            pass
-        return batch, stop
+            batch: list[_Row] = []
+            for source in (self._backlog, self._queue):  # older rows first
+                while source and len(batch) < self._batch_size:
+                    batch.append(source.popleft())
+        return batch
 
     def _run(self) -> None:
         delay = self._retry_initial
         while True:
-            batch, stop = self._take_batch(block=True)
-            if batch:
-                try:
-                    self._write(batch)
-                except Exception as exc:  # the database is down or refused the batch
-                    with self._lock:
-                        self._backlog.extendleft(reversed(batch))
-                        self._append_backlog(())
-                        first_failure = not self._failing
-                        self._failing = True
-                    if first_failure:
-                        logger.error("budgetkit: cannot write usage rows (%s: %s); keeping them "
-                                     "in memory and retrying", type(exc).__name__, exc)
-                    time.sleep(delay)
-                    delay = min(delay * 2, self._retry_max)
-                    if stop:
-                        return
-                    continue
-                delay = self._retry_initial
+            batch = self._take_batch()
+            if not batch:
+                if self._stopping:
+                    return
+                self._wake.wait(self._flush_interval)
+                self._wake.clear()
+                continue
+            try:
+                self._write(batch)
+            except Exception as exc:  # the database is down or refused the batch
                 with self._lock:
-                    self._written += len(batch)
-                    if self._failing:
-                        self._failing = False
-                        logger.warning("budgetkit: usage store reachable again; backlog of %d "
-                                       "rows is being written", len(self._backlog))
-                    self._written_cv.notify_all()
-            if stop:
-                return
+                    self._backlog.extendleft(reversed(batch))
+                    self._append_backlog(())
+                    first_failure = not self._failing
+                    self._failing = True
+                if first_failure:
+                    logger.error("budgetkit: cannot write usage rows (%s: %s); keeping them "
+                                 "in memory and retrying", type(exc).__name__, exc)
+                if self._stopping:
+                    return
+                time.sleep(delay)
+                delay = min(delay * 2, self._retry_max)
+                continue
+            delay = self._retry_initial
+            with self._lock:
+                self._written += len(batch)
+                if self._failing:
+                    self._failing = False
+                    logger.warning("budgetkit: usage store reachable again; backlog of %d "
+                                   "rows is being written", len(self._backlog))
+                self._written_cv.notify_all()
 
 
 # -- process exit --------------------------------------------------------------------------
