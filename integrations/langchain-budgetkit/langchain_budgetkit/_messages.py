@@ -24,23 +24,28 @@ _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool"
 
 def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """Convert one prompt (a list of LangChain messages) to OpenAI-format dicts."""
+    # Runs on every call: read only attributes each message type has (a missing attribute
+    # on a pydantic model costs an exception), no copies of the content.
     converted = []
     for message in messages:
-        role = getattr(message, "role", None) or _ROLES.get(message.type, message.type)
+        kind = message.type
+        role = _ROLES.get(kind)
+        if role is None:
+            role = getattr(message, "role", None) or kind  # ChatMessage has its own role
         item: dict[str, Any] = {"role": role, "content": message.content}
         if message.name:
             item["name"] = message.name
-        tool_calls = getattr(message, "tool_calls", None)
-        if tool_calls:
-            item["tool_calls"] = [
-                {"id": call.get("id"), "type": "function",
-                 "function": {"name": call.get("name", ""),
-                              "arguments": json.dumps(call.get("args", {}),
-                                                      separators=(",", ":"))}}
-                for call in tool_calls]
-        tool_call_id = getattr(message, "tool_call_id", None)
-        if tool_call_id:
-            item["tool_call_id"] = tool_call_id
+        if role == "assistant":
+            tool_calls = getattr(message, "tool_calls", None)
+            if tool_calls:
+                item["tool_calls"] = [
+                    {"id": call.get("id"), "type": "function",
+                     "function": {"name": call.get("name", ""),
+                                  "arguments": json.dumps(call.get("args", {}),
+                                                          separators=(",", ":"))}}
+                    for call in tool_calls]
+        elif role == "tool":
+            item["tool_call_id"] = getattr(message, "tool_call_id", None)
         converted.append(item)
     return converted
 

@@ -1,0 +1,119 @@
+"""Per-call overhead of budgetkit's LangChain handler vs langchain-core's usage handler.
+
+One process, one fake chat model (answers at once and reports ``usage_metadata``, like a
+provider integration), three ways of calling it, interleaved round by round so machine noise
+hits all of them alike:
+
+- ``bare``: no callbacks;
+- ``UsageMetadataCallbackHandler``: langchain-core's built-in usage counter (sums tokens
+  in memory: no pricing, no persistence);
+- ``BudgetkitCallbackHandler``: admits (counts the prompt, prices the worst case), settles
+  (prices the reported usage), and hands the row to the background writer of a SQLite
+  ledger (WAL file in a temporary folder).
+
+Overhead = a handler's per-call latency minus the bare call's, at p50 and p99.
+
+    python benchmarks/bench_handler_overhead.py [--calls 3000] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from langchain_core.callbacks import UsageMetadataCallbackHandler
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.outputs import ChatGeneration, ChatResult
+
+from budgetkit import Engine
+from langchain_budgetkit import BudgetkitCallbackHandler
+
+PROMPT = [SystemMessage("You are a helpful assistant for an online shop."),
+          HumanMessage("Where is my order #1234? It was due yesterday.")]
+
+
+class FakeChatModel(BaseChatModel):
+    model_name: str = "gpt-4o-mini"
+
+    @property
+    def _llm_type(self) -> str:
+        return "bench-fake-chat"
+
+    def _generate(self, messages: Any, stop: Any = None, run_manager: Any = None,
+                  **kwargs: Any) -> ChatResult:
+        message = AIMessage(
+            content="Your order ships today.",
+            response_metadata={"model_name": "gpt-4o-mini-2024-07-18"},
+            usage_metadata={"input_tokens": 31, "output_tokens": 6, "total_tokens": 37,
+                            "input_token_details": {"cache_read": 0},
+                            "output_token_details": {"reasoning": 0}})
+        return ChatResult(generations=[ChatGeneration(message=message)])
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int) -> list[float]:
+    latencies = []
+    clock = time.perf_counter_ns
+    for _ in range(calls):
+        start = clock()
+        model.invoke(PROMPT, config=config)
+        latencies.append((clock() - start) / 1000.0)  # µs
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=3000, help="calls per condition per round")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    model = FakeChatModel()
+    with tempfile.TemporaryDirectory() as folder, \
+            Engine(db=str(Path(folder) / "bench.db")) as engine:
+        usage_handler = UsageMetadataCallbackHandler()
+        budget_handler = BudgetkitCallbackHandler(engine, user_id="bench", project="bench")
+        conditions = {
+            "bare (no callbacks)": {},
+            "UsageMetadataCallbackHandler": {"callbacks": [usage_handler]},
+            "BudgetkitCallbackHandler (SQLite)": {"callbacks": [budget_handler]},
+        }
+        samples: dict[str, list[float]] = {name: [] for name in conditions}
+        for config in conditions.values():  # warm up imports, caches, the writer
+            time_calls(model, config, 300)
+        for _ in range(args.rounds):
+            for name, config in conditions.items():
+                samples[name].extend(time_calls(model, config, args.calls))
+        assert engine.flush(timeout=60)
+        recorded = len(engine.usage(user_id="bench"))
+
+    bare50 = percentile(samples["bare (no callbacks)"], 0.50)
+    bare99 = percentile(samples["bare (no callbacks)"], 0.99)
+    rows = []
+    for name, values in samples.items():
+        p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
+        rows.append((name, p50, p99, p50 - bare50, p99 - bare99, statistics.fmean(values)))
+    usage_added = rows[1][3]
+    total = args.calls * args.rounds
+    print(f"{total} calls per condition ({args.rounds} interleaved rounds), latencies in µs\n")
+    print(f"| {'condition':<34} | {'p50':>7} | {'p99':>7} | {'added p50':>9} | "
+          f"{'added p99':>9} | {'vs usage handler (p50)':>22} |")
+    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 24}|")
+    for name, p50, p99, add50, add99, _ in rows:
+        ratio = "" if name.startswith("bare") else f"{add50 / usage_added:.2f}x"
+        print(f"| {name:<34} | {p50:7.1f} | {p99:7.1f} | {add50:9.1f} | {add99:9.1f} | "
+              f"{ratio:>22} |")
+    print(f"\nbudgetkit rows written: {recorded} (every warm-up and timed call: "
+          f"{300 + total})")
+
+
+if __name__ == "__main__":
+    main()
