@@ -52,6 +52,12 @@ _EXPORTS: dict[str, str] = {
     "Ticket": "_engine",
     "UsageRecord": "_engine",
     "UsageRow": "_tables",
+    # response cache
+    "ResponseCache": "_cache",
+    "CacheHit": "_cache",
+    "CacheStats": "_cache",
+    "MiniLMEmbedder": "_embedders",
+    "as_embedder": "_embedders",
     # budgets
     "Budget": "_budgets",
     "BudgetLevels": "_budgets",
@@ -93,6 +99,8 @@ if TYPE_CHECKING:
                            estimate_cost, get_embedding_budget, get_generation_budget)
     from ._engine import Engine, Ticket, UsageRecord
     from ._tables import UsageRow
+    from ._cache import CacheHit, CacheStats, ResponseCache
+    from ._embedders import MiniLMEmbedder, as_embedder
     from ._alerts import Alert, LoggingSink, WebhookSink
     from ._budget_book import Approval, BudgetStatus
     from ._budget_presets import model_token_budgets, seed_budgets, token_ladder_budgets

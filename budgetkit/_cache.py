@@ -525,11 +525,8 @@ class ResponseCache:
     def _known_model(self, model: str | None) -> str | None:
         if model is None or self.engine is None:
             return None
-        try:
-            self.engine.catalog.get(model)
-        except UnknownModelError:
-            return None
-        return model
+        price = self.engine.catalog.resolve(model)  # dated snapshots resolve too
+        return price.name if price is not None else None
 
     def _count(self, price_model: str | None, prompt: str | None,
                messages: Sequence[Mapping[str, Any]] | None, value: Any,

@@ -1,4 +1,5 @@
 """budgetkit for LangChain."""
+from ._cache import BudgetkitCache as BudgetkitCache
 from ._callback import AsyncBudgetkitCallbackHandler as AsyncBudgetkitCallbackHandler
 from ._callback import BudgetkitCallbackHandler as BudgetkitCallbackHandler
 from ._callback import get_budgetkit_callback as get_budgetkit_callback

@@ -1,0 +1,118 @@
+"""BudgetkitCache: LangChain's standard cache suites, chat hits, markers and ledger rows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from langchain_core.caches import BaseCache
+from langchain_core.embeddings import Embeddings
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_tests.integration_tests import AsyncCacheTestSuite, SyncCacheTestSuite
+
+from budgetkit import Engine
+from budgetkit._embedders import MiniLMEmbedder
+from langchain_budgetkit import BudgetkitCallbackHandler
+from langchain_budgetkit._cache import CACHE_HIT_MARK, BudgetkitCache, model_from_llm_string
+
+USAGE = {"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500}
+
+
+@pytest.fixture(scope="module")
+def minilm() -> MiniLMEmbedder:
+    return MiniLMEmbedder()
+
+
+class MiniLMEmbeddings(Embeddings):
+    """A LangChain ``Embeddings`` over the local model (what users pass as ``embeddings=``)."""
+
+    def __init__(self, model: MiniLMEmbedder) -> None:
+        self.model = model
+        self.calls = 0
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        self.calls += 1
+        return self.model(texts).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self.embed_documents([text])[0]
+
+
+class TestBudgetkitCacheSync(SyncCacheTestSuite):
+    @pytest.fixture
+    def cache(self, tmp_path: Path) -> Iterator[BaseCache]:
+        with Engine(tmp_path / "sync.db") as engine:
+            yield BudgetkitCache(engine)
+
+
+class TestBudgetkitCacheAsync(AsyncCacheTestSuite):
+    @pytest.fixture
+    async def cache(self, tmp_path: Path) -> Iterator[BaseCache]:
+        with Engine(tmp_path / "async.db") as engine:
+            yield BudgetkitCache(engine)
+
+
+def test_chat_hit_is_marked_recorded_once_and_not_double_counted(
+        engine: Engine, usage_model: Any) -> None:
+    handler = BudgetkitCallbackHandler(engine)
+    model = usage_model(usage=USAGE, cache=BudgetkitCache(engine, namespace="acme"))
+    first = model.invoke("What is the capital of France?", config={"callbacks": [handler]})
+    second = model.invoke("What is the capital of France?", config={"callbacks": [handler]})
+    assert model.calls == 1  # the second answer came from the cache
+    assert second.content == first.content
+    assert second.response_metadata[CACHE_HIT_MARK] is True
+    assert second.response_metadata["budgetkit_cache"] == "exact"
+    assert CACHE_HIT_MARK not in first.response_metadata
+    rows = engine.usage()
+    assert sorted(row.status for row in rows) == ["cached", "ok"]
+    ok = next(row for row in rows if row.status == "ok")
+    cached = next(row for row in rows if row.status == "cached")
+    assert cached.cost_nanos == 0
+    assert cached.saved_nanos == ok.cost_nanos > 0  # it saved exactly what the call cost
+
+
+def test_nothing_is_shared_across_namespaces_models_or_parameters(
+        engine: Engine, usage_model: Any) -> None:
+    class NamedModel(usage_model):  # type: ignore[misc,valid-type]
+        @property
+        def _identifying_params(self) -> dict[str, Any]:
+            return {"model_name": self.model_name}  # as provider models put it in llm_string
+
+    usage_model = NamedModel
+    tenant_a = BudgetkitCache(engine, namespace="a")
+    tenant_b = BudgetkitCache(engine, namespace="b")
+    usage_model(cache=tenant_a).invoke("hello")
+    for model in (usage_model(cache=tenant_b), usage_model(cache=tenant_a, model_name="gpt-4o")):
+        model.invoke("hello")
+        assert model.calls == 1
+    hotter = usage_model(cache=tenant_a)
+    hotter.invoke("hello", stop=["\n"])
+    assert hotter.calls == 1
+
+
+def test_semantic_hit_with_langchain_embeddings_keeps_the_conversation(
+        engine: Engine, usage_model: Any, minilm: MiniLMEmbedder) -> None:
+    embeddings = MiniLMEmbeddings(minilm)
+    cache = BudgetkitCache(engine, embeddings=embeddings)
+    model = usage_model(cache=cache, reply="Paris.")
+    system = SystemMessage("You answer geography questions.")
+    model.invoke([system, HumanMessage("What is the capital of France?")])
+    hit = model.invoke([system, HumanMessage("Which city is the capital of France?")])
+    assert model.calls == 1 and embeddings.calls > 0
+    assert hit.response_metadata["budgetkit_cache"] == "semantic"
+    # the guard: a different country is a different question
+    model.invoke([system, HumanMessage("What is the capital of Germany?")])
+    assert model.calls == 2
+    # the same last message after a different conversation is a different question
+    other = [system, HumanMessage("I live in Spain."), AIMessage("Nice!"),
+             HumanMessage("What is the capital of France?")]
+    model.invoke(other)
+    assert model.calls == 3
+
+
+def test_model_name_is_read_from_the_llm_string() -> None:
+    assert model_from_llm_string("[('_type', 'x'), ('model_name', 'gpt-4o-mini')]") == "gpt-4o-mini"
+    assert model_from_llm_string('{"kwargs": {"model": "gpt-4o"}}---[]') == "gpt-4o"
+    assert model_from_llm_string("Sample LLM string configuration.") is None
