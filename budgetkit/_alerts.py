@@ -83,7 +83,8 @@ class WebhookSink:
         if not url.startswith(("http://", "https://")):
             from ._errors import ConfigurationError
 
-            raise ConfigurationError(f"webhook url must start with http:// or https://, got {url!r}")
+            raise ConfigurationError(
+                f"webhook url must start with http:// or https://, got {url!r}")
         self.url = url
         self.headers = {"Content-Type": "application/json", **dict(headers or {})}
         self.timeout = timeout

@@ -95,6 +95,10 @@ class _Driver:
         self.engine = store.engine
         self.dialect = store.engine.dialect.name
         self.raw = self.dialect in ("sqlite", "postgresql")
+        dbapi = getattr(store.engine.dialect, "loaded_dbapi", None)
+        #: What a failed statement raises: SQLAlchemy's errors, or the driver's own.
+        self.errors: tuple[type[BaseException], ...] = (
+            (SQLAlchemyError, dbapi.Error) if dbapi is not None else (SQLAlchemyError,))
         #: PostgreSQL only: False commits without waiting for the WAL flush (see
         #: ``Engine.configure_budgets(durable=...)``).
         self.durable = True
@@ -437,7 +441,7 @@ class BudgetBook:
         """The call finished: actual spend replaces what the ticket reserved."""
         try:
             self._settle(ticket, cost_nanos, tokens)
-        except SQLAlchemyError:  # the reservation expires; the usage row is still written
+        except self._driver.errors:  # the reservation expires; the usage row is still written
             logger.exception("budgetkit: could not settle ticket %s in its budgets", ticket.id)
 
     def release(self, ticket: Any) -> None:
@@ -446,7 +450,7 @@ class BudgetBook:
             return
         try:
             self._settle(ticket, 0, 0)
-        except SQLAlchemyError:
+        except self._driver.errors:
             logger.exception("budgetkit: could not release ticket %s", ticket.id)
 
     def _settle(self, ticket: Any, cost_nanos: int, tokens: int) -> None:
@@ -535,8 +539,9 @@ class BudgetBook:
         if not expired:
             return 0
         reclaimed = 0
-        with self._transaction() as conn:
-            for ticket_id, wid, amount in sorted(expired, key=lambda row: row[1]):
+        for ticket_id, wid, amount in expired:
+            # One small transaction each: never holds two locks a settle might want.
+            with self._transaction() as conn:
                 gone = conn.execute(delete(R).where(R.c.ticket_id == ticket_id,
                                                     R.c.window_id == wid)).rowcount
                 if gone:  # we won the delete, so we give the amount back
@@ -581,6 +586,8 @@ class BudgetBook:
         marker = (window_id, kind)
         if marker in self._fired:
             return
+        if len(self._fired) > 100_000:  # bounded; the stored row still dedupes
+            self._fired.clear()
         self._fired.add(marker)
         now = self.clock()
         limit = budget.limit_amount

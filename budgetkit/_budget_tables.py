@@ -32,7 +32,8 @@ class BudgetWindowRow(SQLModel, table=True):
     unit: str = Field(max_length=16)
     scope_key: str = Field(default="", max_length=500)
     window_start: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))
-    window_end: Optional[dt.datetime] = Field(default=None, sa_column=Column(DateTime, nullable=True))
+    window_end: Optional[dt.datetime] = Field(
+        default=None, sa_column=Column(DateTime, nullable=True))
     spent: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     reserved: int = Field(default=0, sa_column=Column(BigInteger, nullable=False, default=0))
     created_at: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))
@@ -67,7 +68,8 @@ class BudgetApprovalRow(SQLModel, table=True):
     window_start: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))
     extra: int = Field(sa_column=Column(BigInteger, nullable=False))
     unlimited: bool = False
-    expires_at: Optional[dt.datetime] = Field(default=None, sa_column=Column(DateTime, nullable=True))
+    expires_at: Optional[dt.datetime] = Field(
+        default=None, sa_column=Column(DateTime, nullable=True))
     approved_by: Optional[str] = Field(default=None, max_length=200)
     reason: Optional[str] = None
     created_at: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))

@@ -14,8 +14,8 @@ import datetime as dt
 import fnmatch
 import json
 import math
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -442,14 +442,3 @@ def load_budgets(path: str | Path) -> list[Budget]:
         seen.add(budget.name)
     return budgets
 
-
-def with_name(budget: Budget, name: str) -> Budget:
-    return replace(budget, name=name)
-
-
-def as_tuple(values: Iterable[str] | str | None) -> tuple[str, ...]:
-    if values is None:
-        return ()
-    if isinstance(values, str):
-        return (values,)
-    return tuple(values)

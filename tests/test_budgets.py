@@ -62,7 +62,6 @@ def engine(tmp_path: Path, clock: Clock) -> Iterator[Engine]:
 def window(engine: Engine, name: str, key: str = "") -> tuple[int, int]:
     """(spent, reserved) of the budget's current window, straight from the database."""
     [status] = [s for s in engine.budget_status(name) if s.scope_key == key]
-    book = engine._budgets
     budget = {b.name: b for b in engine.budgets()}[name]
     return budget.amount_of(status.used), budget.amount_of(status.reserved)
 
@@ -368,16 +367,19 @@ def test_critical_below_the_limit_stops_early(engine: Engine) -> None:
 
 
 # -- windows ---------------------------------------------------------------------------
+D = dt.datetime
+
+
 @pytest.mark.parametrize("period, now, start, end", [
     # New York: UTC-5 in winter, UTC-4 from 2025-03-09 (a 23-hour day).
-    ("day", dt.datetime(2025, 3, 9, 4, 59), dt.datetime(2025, 3, 8, 5), dt.datetime(2025, 3, 9, 5)),
-    ("day", dt.datetime(2025, 3, 9, 5, 0), dt.datetime(2025, 3, 9, 5), dt.datetime(2025, 3, 10, 4)),
-    ("week", dt.datetime(2025, 3, 10, 3, 59), dt.datetime(2025, 3, 3, 5), dt.datetime(2025, 3, 10, 4)),
-    ("week", dt.datetime(2025, 3, 10, 4, 0), dt.datetime(2025, 3, 10, 4), dt.datetime(2025, 3, 17, 4)),
-    ("month", dt.datetime(2025, 3, 1, 4, 59), dt.datetime(2025, 2, 1, 5), dt.datetime(2025, 3, 1, 5)),
-    ("month", dt.datetime(2025, 12, 31, 23), dt.datetime(2025, 12, 1, 5), dt.datetime(2026, 1, 1, 5)),
-    ("hour", dt.datetime(2025, 3, 9, 7, 30), dt.datetime(2025, 3, 9, 7), dt.datetime(2025, 3, 9, 8)),
-    ("total", dt.datetime(2025, 3, 9, 7, 30), dt.datetime(1970, 1, 1), None),
+    ("day", D(2025, 3, 9, 4, 59), D(2025, 3, 8, 5), D(2025, 3, 9, 5)),
+    ("day", D(2025, 3, 9, 5, 0), D(2025, 3, 9, 5), D(2025, 3, 10, 4)),
+    ("week", D(2025, 3, 10, 3, 59), D(2025, 3, 3, 5), D(2025, 3, 10, 4)),
+    ("week", D(2025, 3, 10, 4, 0), D(2025, 3, 10, 4), D(2025, 3, 17, 4)),
+    ("month", D(2025, 3, 1, 4, 59), D(2025, 2, 1, 5), D(2025, 3, 1, 5)),
+    ("month", D(2025, 12, 31, 23), D(2025, 12, 1, 5), D(2026, 1, 1, 5)),
+    ("hour", D(2025, 3, 9, 7, 30), D(2025, 3, 9, 7), D(2025, 3, 9, 8)),
+    ("total", D(2025, 3, 9, 7, 30), D(1970, 1, 1), None),
 ])
 def test_window_bounds_in_new_york(period: str, now: dt.datetime, start: dt.datetime,
                                    end: dt.datetime | None) -> None:
