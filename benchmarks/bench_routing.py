@@ -40,7 +40,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 from budgetkit._router import complexity_score
@@ -103,7 +102,8 @@ _CATEGORY_TASK = {"reasoning": "complex_reasoning", "math": "complex_reasoning",
 def load_mt_bench(data: Path) -> list[Query]:
     contaminated = {json.loads(line)["eval_prompt"].strip()
                     for line in (data / "mt_bench/contaminated_prompts.jsonl").open()}
-    questions = {q["question_id"]: q for q in map(json.loads, (data / "mt_bench/question.jsonl").open())
+    lines = (data / "mt_bench/question.jsonl").open()
+    questions = {q["question_id"]: q for q in map(json.loads, lines)
                  if q["turns"][0].strip() not in contaminated}
     scores: dict[tuple[int, int, str], float] = {}
     answers: dict[tuple[int, str], list[str]] = {}
@@ -217,8 +217,9 @@ def fixed(name: str, queries: list[Query], model: str) -> Outcome:
 
 
 def route_by_mask(name: str, queries: list[Query], strong: list[bool]) -> Outcome:
-    quality = sum(q.quality[STRONG if s else WEAK] for q, s in zip(queries, strong))
-    cost = sum(q.cost[STRONG if s else WEAK] for q, s in zip(queries, strong))
+    picks = [STRONG if s else WEAK for s in strong]
+    quality = sum(q.quality[m] for q, m in zip(queries, picks, strict=True))
+    cost = sum(q.cost[m] for q, m in zip(queries, picks, strict=True))
     return Outcome(name, quality / len(queries), cost, sum(strong) / len(queries))
 
 
@@ -358,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
           f"(sum of the three cascade rows above: ${cascade_total / 1e9:.4f})")
 
     mt = load_mt_bench(args.data)
-    outcomes = [fixed("always cheap (Mixtral)", mt, WEAK), fixed("always strong (GPT-4)", mt, STRONG)]
+    outcomes = [fixed("always cheap (Mixtral)", mt, WEAK),
+                fixed("always strong (GPT-4)", mt, STRONG)]
     outcomes += router_rows(mt, args.strong_share, with_task_type=True)
     print(table("MT-Bench: router decides before the call (GPT-4 judge score 1-10)", outcomes,
                 unit="score", n=len(mt)))

@@ -106,7 +106,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def _matches(exc: BaseException, matchers: Sequence[ErrorMatcher]) -> bool:
     for matcher in matchers:
-        if isinstance(matcher, type) and issubclass(matcher, BaseException):
+        if isinstance(matcher, type):  # an exception class
             if isinstance(exc, matcher):
                 return True
         elif matcher(exc):

@@ -126,12 +126,12 @@ class Router:
     and last tier). ``complexity_thresholds`` are the scores at which "medium" and "high"
     start: by default code alone or two reasoning cues make a prompt "medium", code with
     reasoning cues and constraints "high" (on MT-Bench prompts the median score is 0.02
-    and the 90th percentile 0.26; calibrate on your own traffic). ``budget_threshold`` is the remaining budget fraction below which the router
-    goes one tier down; the fraction comes from ``headroom(model=, user_id=, project=, tags=,
-    operation_type=)`` or, when not given, ``engine.budget_headroom`` if the engine has it.
-    ``fastest_tier`` is used for ``low_latency`` requests (default: the first tier).
-    ``default_max_output_tokens`` is the output reserved for the context-fit check when a
-    request does not say.
+    and the 90th percentile 0.26; calibrate on your own traffic). ``budget_threshold`` is
+    the remaining budget fraction below which the router goes one tier down; the fraction
+    comes from ``headroom(model=, user_id=, project=, tags=, operation_type=)`` or, when not
+    given, ``engine.budget_headroom`` if the engine has it. ``fastest_tier`` is used for
+    ``low_latency`` requests (default: the first tier). ``default_max_output_tokens`` is the
+    output reserved for the context-fit check when a request does not say.
     """
 
     def __init__(self, tiers: Mapping[str, str | Sequence[str]], *, engine: Any = None,
@@ -161,10 +161,12 @@ class Router:
         low, high = complexity_thresholds
         if not 0.0 <= low <= high <= 1.0:
             raise ConfigurationError(
-                f"complexity_thresholds must satisfy 0 <= medium <= high <= 1, got {complexity_thresholds}")
+                "complexity_thresholds must satisfy 0 <= medium <= high <= 1, got "
+                f"{complexity_thresholds}")
         self.complexity_thresholds = (low, high)
         if not 0.0 <= budget_threshold <= 1.0:
-            raise ConfigurationError(f"budget_threshold must be within 0..1, got {budget_threshold}")
+            raise ConfigurationError(
+                f"budget_threshold must be within 0..1, got {budget_threshold}")
         self.budget_threshold = budget_threshold
         if fastest_tier is not None and fastest_tier not in self.tiers:
             raise ConfigurationError(
@@ -193,7 +195,8 @@ class Router:
                 raise ConfigurationError(f"unknown level {level!r}; use low, medium or high")
             if tier not in self.tiers:
                 raise ConfigurationError(
-                    f"level {level!r} maps to unknown tier {tier!r}; tiers: {', '.join(self.order)}")
+                    f"level {level!r} maps to unknown tier {tier!r}; tiers: "
+                    f"{', '.join(self.order)}")
             resolved[level] = tier
         return resolved
 

@@ -42,7 +42,8 @@ def test_complexity_score_grows_with_each_signal() -> None:
     longer, _ = complexity_score("Tell me a joke", tokens=1_500)
     assert base < cued and base < coded and base < longer
     assert signals["code"] is True
-    constrained, signals = complexity_score("- must be short\n- never use jargon\n- at most 3 items")
+    constrained, signals = complexity_score(
+        "- must be short\n- never use jargon\n- at most 3 items")
     assert signals["constraints"] >= 3 and constrained > base
 
 

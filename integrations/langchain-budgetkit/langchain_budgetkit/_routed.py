@@ -15,8 +15,9 @@ checks, or, with neither, ``default_model`` (the first model) answers. ``fallbac
 the next model is tried; a :class:`budgetkit.BudgetExceeded` is never retried nor sent
 to another model. (LangChain's own ``with_fallbacks`` / ``with_retry`` catch every
 ``Exception`` by default: if you wrap this model in them, pass
-``exceptions_to_handle`` / ``retry_if_exception_type`` that leave ``BudgetExceeded`` out.) Per-call keyword arguments ``model=`` (a required model),
-``task_type=`` and ``low_latency=`` steer the router; ``task_type``, ``user_id`` and
+``exceptions_to_handle`` / ``retry_if_exception_type`` that leave ``BudgetExceeded``
+out.) Per-call keyword arguments ``model=`` (a required model), ``task_type=`` and
+``low_latency=`` steer the router; ``task_type``, ``user_id`` and
 ``project`` are also read from the run's ``metadata``.
 
 The inner models run as child runs of this one (their callbacks fire with this run as
@@ -242,14 +243,14 @@ class RoutedChatModel(BaseChatModel):
                 call.structured["schema"], include_raw=True, **call.structured["kwargs"])
         return model
 
-    def _config(self, name: str, call: _Call, reason: str, manager: Any) -> dict[str, Any]:
+    def _config(self, name: str, call: _Call, reason: str, manager: Any) -> RunnableConfig:
         # ls_model_name: the catalog name, for inner models that do not report one (the
         # model's own ls_model_name, when it has one, takes precedence)
         marks = {"route_reason": reason, "attempt": call.attempts, "request_id": call.request_id,
                  "ls_model_name": name}
         if self._engine is not None:
             marks[METERED_MARKER] = True
-        config: dict[str, Any] = {"metadata": marks}
+        config: RunnableConfig = {"metadata": marks}
         if manager is not None:
             config["callbacks"] = manager
         return config
@@ -365,7 +366,7 @@ class RoutedChatModel(BaseChatModel):
     # open the run the way BaseChatModel does and hand the run manager down.
     def _open_run(self, input: LanguageModelInput, config: RunnableConfig | None,
                   stop: list[str] | None, kwargs: dict[str, Any],
-                  manager_cls: type) -> tuple[Any, list[BaseMessage], RunnableConfig]:
+                  manager_cls: Any) -> tuple[Any, list[BaseMessage], dict[str, Any]]:
         config = ensure_config(config)
         messages = self._convert_input(input).to_messages()
         params = self._get_invocation_params(stop=stop, **kwargs)
@@ -378,7 +379,7 @@ class RoutedChatModel(BaseChatModel):
                  "options": {"stop": stop, **{k: params[k] for k in kwargs if k in params}},
                  "name": config.get("run_name"), "run_id": config.pop("run_id", None),
                  "batch_size": 1}
-        return manager, messages, start  # type: ignore[return-value]
+        return manager, messages, start
 
     def stream(self, input: LanguageModelInput, config: RunnableConfig | None = None, *,
                stop: list[str] | None = None, **kwargs: Any) -> Iterator[AIMessageChunk]:
@@ -394,7 +395,7 @@ class RoutedChatModel(BaseChatModel):
             run_manager.on_llm_error(exc, response=LLMResult(
                 generations=[[merged]] if merged else []))
             raise
-        run_manager.on_llm_end(LLMResult(generations=[[merge_chat_generation_chunks(chunks)]]))
+        run_manager.on_llm_end(_final(chunks))
 
     async def astream(self, input: LanguageModelInput, config: RunnableConfig | None = None,
                       *, stop: list[str] | None = None,
@@ -414,8 +415,7 @@ class RoutedChatModel(BaseChatModel):
             await run_manager.on_llm_error(exc, response=LLMResult(
                 generations=[[merged]] if merged else []))
             raise
-        await run_manager.on_llm_end(LLMResult(
-            generations=[[merge_chat_generation_chunks(chunks)]]))
+        await run_manager.on_llm_end(_final(chunks))
 
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
@@ -522,7 +522,8 @@ class _Stream:
         call.attempts += 1
         call.model = self.name
         if self.engine is not None:
-            self.ticket = self.engine.admit(self.name, **self.owner._admit_kwargs(call, self.reason))
+            self.ticket = self.engine.admit(self.name,
+                                            **self.owner._admit_kwargs(call, self.reason))
         try:
             self.iterator = iter(self.owner._inner(self.name, call).stream(
                 call.messages, config=self.owner._config(self.name, call, self.reason,
@@ -687,6 +688,11 @@ def _chunk_of(piece: AIMessageChunk, call: _Call, reason: str, *,
         metadata[ROUTED_MARKER] = _marker(call, reason)
         piece = piece.model_copy(update={"response_metadata": metadata})
     return ChatGenerationChunk(message=piece)
+
+
+def _final(chunks: list[ChatGenerationChunk]) -> LLMResult:
+    merged = merge_chat_generation_chunks(chunks)
+    return LLMResult(generations=[[merged]] if merged is not None else [[]])
 
 
 def _emit(run_manager: Any, chunk: ChatGenerationChunk) -> None:

@@ -277,7 +277,8 @@ def test_async_paths(engine: Engine, usage_model) -> None:
 
 def test_batch_routes_each_input(engine: Engine) -> None:
     model = routed(engine=engine)
-    outs = model.batch(["hi", "Review this code"], config=[{}, {"metadata": {"task_type": "code_review"}}])
+    outs = model.batch(["hi", "Review this code"],
+                       config=[{}, {"metadata": {"task_type": "code_review"}}])
     assert [o.content for o in outs] == ["cheap answer", "strong answer"]
 
 

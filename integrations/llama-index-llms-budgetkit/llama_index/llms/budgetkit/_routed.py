@@ -350,7 +350,9 @@ class RoutedLLM(LLM):
                 whole: Callable[[Any], Response]) -> Iterator[Response]:
         target, reason = self._stream_target(call, whole)
         if not isinstance(target, str):  # the cascade accepted a cheap, buffered answer
-            return iter([_as_delta(target)])
+            def single() -> Iterator[Response]:  # a real generator, as LlamaIndex expects
+                yield _as_delta(target)
+            return single()
 
         def opener(name: str) -> tuple[Any, Iterator[Response], Response | None]:
             ticket = self._admit(name, call, reason)
