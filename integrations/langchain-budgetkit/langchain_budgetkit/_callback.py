@@ -96,11 +96,9 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0
 
 
-def _detail(details: Mapping[str, Any], name: str) -> int:
-    """A detail under its plain name or a service-tier prefix (``priority_cache_read``)."""
-    suffix = "_" + name
-    return sum(_int(value) for key, value in details.items()
-               if key == name or key.endswith(suffix))
+def _is(key: str, name: str) -> bool:
+    """``key`` is ``name`` or a service tier's spelling of it (``priority_cache_read``)."""
+    return key.endswith(name) and (len(key) == len(name) or key[-len(name) - 1] == "_")
 
 
 def usage_from_metadata(usage: Mapping[str, Any] | None) -> Usage | None:
@@ -117,17 +115,22 @@ def usage_from_metadata(usage: Mapping[str, Any] | None) -> Usage | None:
     output_tokens = _int(usage.get("output_tokens"))
     if not input_tokens and not output_tokens:
         return None  # fakes and some streams report zeros: nothing was measured
-    inputs = usage.get("input_token_details") or {}
-    outputs = usage.get("output_token_details") or {}
-    ephemeral = sum(_int(value) for key, value in inputs.items()
-                    if key.startswith("ephemeral_") and key.endswith("_input_tokens"))
-    cache_write = ephemeral or _detail(inputs, "cache_creation")
-    cached = _detail(inputs, "cache_read")
-    # The details are parts of input_tokens; never let a provider quirk exceed it.
+    cached = created = ephemeral = reasoning = 0
+    for key, value in (usage.get("input_token_details") or {}).items():
+        if value and isinstance(value, int):
+            if _is(key, "cache_read"):
+                cached += value
+            elif _is(key, "cache_creation"):
+                created += value
+            elif key.startswith("ephemeral_") and key.endswith("_input_tokens"):
+                ephemeral += value
+    for key, value in (usage.get("output_token_details") or {}).items():
+        if value and isinstance(value, int) and _is(key, "reasoning"):
+            reasoning += value
+    # The details are parts of the totals; never let a provider quirk exceed them.
     cached = min(cached, input_tokens)
-    cache_write = min(cache_write, input_tokens - cached)
-    reasoning = min(_detail(outputs, "reasoning"), output_tokens)
-    return Usage(input_tokens, output_tokens, cached, cache_write, reasoning)
+    cache_write = min(ephemeral or created, input_tokens - cached)
+    return Usage(input_tokens, output_tokens, cached, cache_write, min(reasoning, output_tokens))
 
 
 def _usage_from_openai(token_usage: Mapping[str, Any] | None) -> Usage | None:
@@ -199,6 +202,8 @@ class _Tracker:
         self.engine = engine
         self.defaults = {"user_id": user_id, "session_id": session_id, "project": project,
                          "operation_type": operation_type, "task_type": task_type}
+        self._default_attribution = [(key, value) for key, value in self.defaults.items()
+                                     if value is not None and key != "operation_type"]
         self.tags = tuple(tags)
         self.metadata = dict(metadata or {})
         self.strict_models = strict_models
@@ -276,20 +281,23 @@ class _Tracker:
         if max_tokens is None and isinstance(metadata.get("ls_max_tokens"), int):
             max_tokens = metadata["ls_max_tokens"]
         root = self._open(run_id, parent_run_id)
-        attribution: dict[str, Any] = {}
-        for key in _ATTRIBUTION_KEYS:
-            value = metadata.get(key) or self.defaults.get(key)
-            if value is not None:
-                attribution[key] = value if key == "operation_type" or isinstance(value, str) \
-                    else str(value)
-        attribution.setdefault("operation_type", operation_type)
-        extra = {key: _json_safe(value) for key, value in metadata.items()
-                 if key not in _ATTRIBUTION_KEYS and not key.startswith(("ls_", "lc_"))}
-        merged_tags = self.tags + tuple(tag for tag in (tags or ()) if tag not in self.tags)
-        kwargs = dict(attribution, run_id=str(run_id),
-                      parent_run_id=str(parent_run_id) if parent_run_id else None,
-                      root_run_id=str(root), tags=merged_tags,
-                      metadata={**self.metadata, **extra} if extra else dict(self.metadata))
+        kwargs: dict[str, Any] = {"operation_type": self.defaults["operation_type"]
+                                  or operation_type}
+        extra: dict[str, Any] = {}
+        for key, value in metadata.items():
+            if key in _ATTRIBUTION_KEYS:
+                if value is not None:
+                    kwargs[key] = value if isinstance(value, str) else str(value)
+            elif not key.startswith(("ls_", "lc_")):  # LangChain's own keys
+                extra[key] = _json_safe(value)
+        for key, value in self._default_attribution:
+            kwargs.setdefault(key, value)
+        kwargs["run_id"] = str(run_id)
+        kwargs["parent_run_id"] = str(parent_run_id) if parent_run_id else None
+        kwargs["root_run_id"] = str(root)
+        kwargs["tags"] = (self.tags + tuple(tag for tag in tags if tag not in self.tags)
+                          if tags else self.tags)
+        kwargs["metadata"] = {**self.metadata, **extra} if extra else dict(self.metadata)
         run = _Run(ticket=None, model=str(model) if model else None, messages=messages,
                    prompt_text=prompt)
         if max_tokens is not None and max_tokens > 0:
