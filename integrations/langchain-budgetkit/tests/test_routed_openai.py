@@ -13,7 +13,7 @@ from langchain_budgetkit import RoutedChatModel
 CHEAP, STRONG = "gpt-4o-mini", "gpt-4o"
 
 
-def routed(server, engine: Engine, **kwargs) -> RoutedChatModel:
+def routed(server, engine: Engine | None, **kwargs) -> RoutedChatModel:
     clients = {name: ChatOpenAI(model=name, base_url=server.base_url, api_key="test-key",
                                 max_retries=0, stream_usage=True) for name in (CHEAP, STRONG)}
     kwargs.setdefault("router", Router({"low": CHEAP, "high": STRONG}))
@@ -71,3 +71,16 @@ def test_cascade_over_real_clients(engine, fake_openai) -> None:
     rows = sorted(engine.usage(), key=lambda r: r.attempt)
     assert [(r.model, r.attempt) for r in rows] == [(CHEAP, 1), (STRONG, 2)]
     assert [r.output_tokens for r in rows] == [u["completion_tokens"] for u in fake_openai.usages]
+
+
+@pytest.mark.xfail(strict=False, reason="BudgetkitCallbackHandler must skip runs marked with "
+                   "ROUTED_MARKER / METERED_MARKER (or while is_metered_call()); see _routed.py")
+@pytest.mark.parametrize("with_engine", [False, True])
+def test_tracking_handler_and_routed_model_count_each_call_once(engine, fake_openai,
+                                                                with_engine) -> None:
+    from langchain_budgetkit import BudgetkitCallbackHandler
+
+    model = routed(fake_openai, engine if with_engine else None)
+    model.invoke("hi", config={"callbacks": [BudgetkitCallbackHandler(engine)]})
+    assert len(fake_openai.usages) == 1
+    assert len(engine.usage()) == 1
