@@ -58,3 +58,30 @@ def test_rate_limit_falls_back(server, engine) -> None:
     llm = routed(server, engine, fallback=Fallback([CHEAP, STRONG], max_retries=0))
     assert llm.complete("hi").text == server.reply
     assert [r.body["model"] for r in server.requests] == [CHEAP, STRONG]
+
+
+@pytest.fixture
+def tracking_handler(engine):
+    from llama_index.callbacks.budgetkit import BudgetkitEventHandler
+    from llama_index.core.instrumentation import get_dispatcher
+
+    dispatcher = get_dispatcher()
+    before = list(dispatcher.event_handlers), list(dispatcher.span_handlers)
+    handler = BudgetkitEventHandler(engine).register(dispatcher)
+    yield handler
+    dispatcher.event_handlers[:], dispatcher.span_handlers[:] = before
+
+
+def test_tracking_handler_records_the_inner_call_once(server, engine, tracking_handler) -> None:
+    llm = routed(server, None)  # no engine on the routed LLM: the handler records
+    llm.chat([ChatMessage(role="user", content="hi")])
+    (row,) = engine.usage()
+    assert row.model == CHEAP and row.input_tokens == server.usages[0]["prompt_tokens"]
+
+
+@pytest.mark.xfail(strict=False, reason="the LlamaIndex tracker must skip calls made while "
+                   "budgetkit._cascade.is_metered_call() is true")
+def test_tracking_handler_skips_calls_the_routed_llm_metered(server, engine,
+                                                             tracking_handler) -> None:
+    routed(server, engine).chat([ChatMessage(role="user", content="hi")])
+    assert len(engine.usage()) == 1
