@@ -21,8 +21,10 @@ budgetkit's token counter (cl100k: exact for GPT-4, an estimate for Mixtral):
   both calls of an escalated query. Checks are real checks on the text, not the label:
   a final ``#### N`` answer line, every worked equation in the answer recomputes
   correctly, and the final number is one the work computed (self-consistency);
-* ``budgetkit.Router`` (two tiers, complexity score; and task type from the MT-Bench
-  category) deciding per query before any call;
+* ``budgetkit.Router`` (two tiers) deciding per query before any call: complexity score
+  with the default thresholds, with thresholds calibrated on the prompts themselves
+  (``Router.calibrate``, no labels used) to send ``--strong-share`` of them to GPT-4, and
+  (MT-Bench) the task type derived from the question category;
 * for each policy, the "longest prompts to strong" baseline sending the same fraction of
   queries to GPT-4, and random routing at that fraction (expected value);
 * the perfect-check cascade (oracle) as the ceiling.
@@ -42,7 +44,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from budgetkit._router import complexity_score
 from budgetkit import (Cascade, Completion, Engine, MatchesRegex, Router, count_message_tokens,
                        count_tokens, default_catalog)
 
@@ -273,33 +274,29 @@ def oracle_cascade(queries: list[Query]) -> Outcome:
                    escalated / len(queries))
 
 
-def router_mask(queries: list[Query], *, use_task_type: bool = False,
-                thresholds: tuple[float, float] = (0.2, 0.45)) -> list[bool]:
-    router = Router({"low": WEAK, "high": STRONG}, complexity_thresholds=thresholds,
-                    default_max_output_tokens=512)
+def router_mask(queries: list[Query], router: Router, *,
+                use_task_type: bool = False) -> list[bool]:
     return [router.route(messages=[{"role": "user", "content": q.prompt}],
                          task_type=q.task_type if use_task_type else None).model == STRONG
             for q in queries]
 
 
-def calibrated_threshold(queries: list[Query], share: float) -> float:
-    """The complexity score above which ``share`` of the queries lie (uses no labels)."""
-    scores = sorted(complexity_score(q.prompt, tokens=count_tokens(q.prompt, WEAK))[0]
-                    for q in queries)
-    return scores[min(len(scores) - 1, int((1 - share) * len(scores)))]
-
-
 def router_rows(queries: list[Query], share: float, *, with_task_type: bool) -> list[Outcome]:
-    rows: list[Outcome] = []
-    threshold = calibrated_threshold(queries, share)
-    plans = [("router: complexity, default thresholds", {}),
-             (f"router: complexity >= {threshold:.3f} (top {share:.0%})",
-              {"thresholds": (threshold, threshold)})]
+    """The router with default thresholds, calibrated on the prompts (``Router.calibrate``,
+    label-free) to send ``share`` to GPT-4, and with task types when the data has them."""
+    def new_router() -> Router:
+        return Router({"low": WEAK, "high": STRONG}, default_max_output_tokens=512)
+
+    calibrated = new_router()
+    threshold = calibrated.calibrate([q.prompt for q in queries], high_share=share)[1]
+    plans = [("router: complexity, default thresholds", new_router(), False),
+             (f"router: calibrated, complexity >= {threshold:.3f}", calibrated, False)]
     if with_task_type:
-        plans.append(("router: task type (category), else complexity",
-                      {"use_task_type": True}))
-    for label, options in plans:
-        result = route_by_mask(label, queries, router_mask(queries, **options))
+        plans.append(("router: task type (category), else complexity", new_router(), True))
+    rows: list[Outcome] = []
+    for label, router, use_task_type in plans:
+        result = route_by_mask(label, queries,
+                               router_mask(queries, router, use_task_type=use_task_type))
         rows.append(result)
         if result.strong_share > 0:
             rows += [longest_to_strong(queries, result.strong_share),

@@ -200,6 +200,36 @@ class Router:
             resolved[level] = tier
         return resolved
 
+    def calibrate(self, prompts: Iterable[str], *, high_share: float,
+                  medium_share: float = 0.0) -> tuple[float, float]:
+        """Set the complexity thresholds from a sample of your own prompts (no labels).
+
+        Afterwards about ``high_share`` of prompts like these score "high" and the next
+        ``medium_share`` "medium". Returns the new ``complexity_thresholds``. Ties in the
+        scores can move slightly more prompts up than asked.
+        """
+        if not (0.0 <= high_share <= 1.0 and 0.0 <= medium_share <= 1.0
+                and high_share + medium_share <= 1.0):
+            raise ConfigurationError(
+                f"high_share and medium_share must be within 0..1 and sum to <= 1, got "
+                f"{high_share} and {medium_share}")
+        counting_model = self.tiers[self.order[0]][0]
+        scores = sorted(complexity_score(text, tokens=count_tokens(text, counting_model,
+                                                                   catalog=self.catalog))[0]
+                        for text in prompts)
+        if not scores:
+            raise ConfigurationError("calibrate needs at least one prompt")
+
+        def quantile_above(share: float) -> float:
+            if share <= 0.0:
+                return 1.0 + 1e-9 if scores[-1] >= 1.0 else min(1.0, scores[-1] + 1e-9)
+            return scores[min(len(scores) - 1, max(0, int((1.0 - share) * len(scores))))]
+
+        high = quantile_above(high_share)
+        medium = min(high, quantile_above(high_share + medium_share))
+        self.complexity_thresholds = (min(medium, 1.0), min(high, 1.0))
+        return self.complexity_thresholds
+
     # -- introspection ------------------------------------------------------------------
     @property
     def models(self) -> list[str]:

@@ -216,3 +216,21 @@ def test_real_budget_pressure_from_the_engine(tmp_path) -> None:
         assert "budget headroom 15% < 20%" in decision.reason
         # another user's calls are not under pressure
         assert router.route("hi", task_type="code_review", user_id="bob").model == "gpt-4o"
+
+
+def test_calibrate_sets_thresholds_from_sample_prompts() -> None:
+    router = Router({"cheap": "gpt-4o-mini", "strong": "gpt-4o"})
+    prompts = ["hi"] * 6 + ["Explain why, step by step"] * 2 + [
+        "Explain why and compare the trade-offs; prove it; you must be rigorous"] * 2
+    medium, high = router.calibrate(prompts, high_share=0.2)
+    assert 0.0 < high <= 1.0 and medium == high
+    routed = [router.route(p).model for p in prompts]
+    assert routed.count("gpt-4o") == 2
+    router.calibrate(prompts, high_share=0.4)
+    assert [router.route(p).model for p in prompts].count("gpt-4o") == 4
+    router.calibrate(prompts, high_share=0.0)
+    assert all(router.route(p).model == "gpt-4o-mini" for p in prompts)
+    with pytest.raises(ConfigurationError):
+        router.calibrate(prompts, high_share=0.8, medium_share=0.5)
+    with pytest.raises(ConfigurationError):
+        router.calibrate([], high_share=0.1)
