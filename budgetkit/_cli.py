@@ -41,8 +41,8 @@ class _Usage(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.print_usage(sys.stderr)
-        raise _Usage(message)
+        # one line and a pointer to --help, instead of argparse's full usage block
+        raise _Usage(f"{message}\n(see '{self.prog} --help')")
 
 
 # -- parser ---------------------------------------------------------------------------------

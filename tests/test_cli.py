@@ -1,0 +1,239 @@
+"""The command line: every subcommand in-process through ``main(argv)``, exit codes, short
+errors without tracebacks, ``--json`` for scripts, and one real subprocess run."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import budgetkit
+from budgetkit import Engine
+from budgetkit._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+
+BUDGETS_TOML = """
+[[budget]]
+name = "daily-usd"
+limit = 0.05
+
+[[budget]]
+name = "per-user"
+scope = "user"
+limit = 0.02
+"""
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def price(model: str, i: int, o: int = 0) -> float:
+    return budgetkit.default_catalog().cost_nanos(model, i, o) / 1e9
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    """A ledger with three days of usage (stamped relative to the real clock, as the CLI
+    reads it) and budget windows for the budgets of budgets.toml next to it."""
+    path = tmp_path / "cli.db"
+    (tmp_path / "budgets.toml").write_text(BUDGETS_TOML)
+    offset = {"value": dt.timedelta(days=2)}
+    with Engine(db=str(path), clock=lambda: utcnow() - offset["value"]) as engine:
+        for days_ago in (2, 1):
+            offset["value"] = dt.timedelta(days=days_ago)
+            for user in ("alice", "bob"):
+                engine.record("gpt-4o", input_tokens=1000, output_tokens=100, user_id=user,
+                              operation_type="rag_output", prompt="same question")
+        offset["value"] = dt.timedelta(0)
+        engine.load_budgets(tmp_path / "budgets.toml")
+        for _ in range(3):
+            ticket = engine.admit("gpt-4o", input_tokens=1000, max_output_tokens=100,
+                                  user_id="alice", operation_type="rag_output")
+            engine.settle(ticket, input_tokens=1000, output_tokens=100)
+        engine.record("text-embedding-3-small", input_tokens=5000, operation_type="embedding",
+                      user_id="bob")
+        engine.record("gpt-4o", input_tokens=1000, output_tokens=100, status="cached",
+                      saved_nanos=int(price("gpt-4o", 1000, 100) * 1e9), user_id="bob",
+                      operation_type="rag_output")
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_json(capsys: pytest.CaptureFixture[str], *argv: str) -> Any:
+    code, out, err = run(capsys, *argv, "--json")
+    assert code == EXIT_OK, err
+    return json.loads(out)
+
+
+# -- report ---------------------------------------------------------------------------------
+def test_report_prints_readable_tables(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    code, out, err = run(capsys, "--db", db, "report")
+    assert code == EXIT_OK, err
+    assert "By model" in out and "By operation" in out and "Spend per day" in out
+    assert "gpt-4o " in out and "rag_output" in out
+    assert "calls 9 " in out  # 4 + 3 + embedding + cache hit
+    assert "Recommendations" in out and "repeated an earlier prompt" in out
+
+
+def test_report_json_matches_the_library(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    data = run_json(capsys, "report", "--db", db, "--days", "7")
+    expected = budgetkit.summarize(db, group_by="model", days=7)
+    assert data["totals"]["calls"] == expected.totals.calls == 9
+    assert data["totals"]["cost_usd"] == pytest.approx(expected.totals.cost)
+    assert data["totals"]["saved_usd"] == pytest.approx(price("gpt-4o", 1000, 100))
+    assert len(data["daily"]) == 8
+    by_user = run_json(capsys, "report", "--db", db, "--by", "user,operation", "--days", "7")
+    assert {(g["user_id"], g["operation_type"]) for g in by_user["groups"]} == {
+        ("alice", "rag_output"), ("bob", "rag_output"), ("bob", "embedding")}
+    only_alice = run_json(capsys, "report", "--db", db, "--user", "alice", "--by", "day")
+    assert only_alice["totals"]["calls"] == 5
+
+
+def test_other_reports(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    costs = run_json(capsys, "report", "costs", "--db", db)
+    assert set(costs["operation_costs"]) == {"rag_output", "embedding"}
+    assert any("caching" in r for r in costs["recommendations"])
+    forecast = run_json(capsys, "report", "forecast", "--db", db, "--period", "week")
+    assert forecast["projected_total_usd"] >= forecast["spent_usd"] and forecast["method"]
+    assert run_json(capsys, "report", "anomalies", "--db", db) == []
+    what_if = run_json(capsys, "report", "what-if", "--db", db, "--target", "gpt-4o-mini")
+    assert what_if["repriced_cost_usd"] == pytest.approx(price("gpt-4o-mini", 7000, 700))
+    allocation = run_json(capsys, "report", "allocation", "--db", db, "--by", "user")
+    assert sum(r["share"] for r in allocation) == pytest.approx(1.0)
+    monthly = run_json(capsys, "report", "monthly", "--db", db)
+    assert monthly["report"] == "monthly" and "cost_analysis" in monthly
+    code, out, _ = run(capsys, "report", "weekly", "--db", db)
+    assert code == EXIT_OK and "Weekly report" in out and "Budgets" in out
+
+
+# -- budgets, alerts, approve ----------------------------------------------------------------
+def test_budgets_are_read_from_the_file_next_to_the_database(
+        capsys: pytest.CaptureFixture[str], db: str) -> None:
+    listed = run_json(capsys, "budgets", "list", "--db", db)
+    assert [b["name"] for b in listed] == ["daily-usd", "per-user"]
+    status = run_json(capsys, "budgets", "status", "--db", db)
+    alice = next(s for s in status if s["budget"] == "per-user" and s["scope_key"] == "alice")
+    assert alice["used"] == pytest.approx(3 * price("gpt-4o", 1000, 100))
+    code, out, _ = run(capsys, "budgets", "--db", db)
+    assert code == EXIT_OK and "per-user" in out and "user alice" in out and "%" in out
+    alerts = run_json(capsys, "alerts", "--db", db)
+    assert any(a["budget"] == "per-user" and a["scope_key"] == "alice" for a in alerts)
+
+
+def test_approve_lifts_a_stop_and_is_stored(capsys: pytest.CaptureFixture[str], db: str,
+                                            tmp_path: Path) -> None:
+    code, out, err = run(capsys, "approve", "per-user", "--key", "alice", "--extra", "0.01",
+                         "--expires-in", "2", "--by", "lead", "--db", db)
+    assert code == EXIT_OK, err
+    assert "Approved 'per-user'" in out
+    with Engine(db=db) as engine:
+        engine.load_budgets(tmp_path / "budgets.toml")
+        [approval] = engine.approvals()
+        assert approval.approved_by == "lead" and approval.extra == pytest.approx(0.01)
+    code, _, err = run(capsys, "approve", "no-such-budget", "--db", db)
+    assert code == EXIT_USAGE and "unknown budget 'no-such-budget'" in err
+    code, _, err = run(capsys, "approve", "per-user", "--db", db)  # which user?
+    assert code == EXIT_USAGE and "key" in err and "Traceback" not in err
+
+
+def test_no_budget_file_gives_a_hint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run(capsys, "budgets", "--db", str(tmp_path / "empty.db"))
+    assert code == EXIT_OK and "No budgets loaded" in out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[budget]]\nname = 'x'\nlimit = -1\n")
+    code, _, err = run(capsys, "budgets", "--db", str(tmp_path / "empty.db"), "--budgets", str(bad))
+    assert code == EXIT_USAGE and "'x'" in err and "limit" in err
+
+
+# -- export, prices, purge ------------------------------------------------------------------
+def test_export_csv_file_and_json_stdout(capsys: pytest.CaptureFixture[str], db: str,
+                                         tmp_path: Path) -> None:
+    target = tmp_path / "usage.csv"
+    code, _, err = run(capsys, "export", "--db", db, "-o", str(target))
+    assert code == EXIT_OK and "Exported 9 rows" in err
+    with open(target, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9 and {r["user_id"] for r in rows} == {"alice", "bob"}
+    code, out, _ = run(capsys, "export", "--db", db, "--format", "json", "--user", "alice")
+    assert code == EXIT_OK and len(json.loads(out)) == 5
+
+
+def test_prices_looks_up_models(capsys: pytest.CaptureFixture[str]) -> None:
+    [entry] = run_json(capsys, "prices", "gpt-4o")
+    catalog_price = budgetkit.default_catalog().get("gpt-4o")
+    assert entry["input_per_1m_usd"] == pytest.approx(catalog_price.input_picos / 1e6)
+    assert entry["context_window"] == catalog_price.context_window
+    code, out, _ = run(capsys, "prices", "--search", "embedding")
+    assert code == EXIT_OK and "text-embedding-3-small" in out
+    code, out, err = run(capsys, "prices", "gpt-99-ultra")
+    assert code == EXIT_USAGE and "unknown model 'gpt-99-ultra'" in err and out == ""
+
+
+def test_purge_deletes_old_rows(capsys: pytest.CaptureFixture[str], db: str) -> None:
+    dry = run_json(capsys, "purge", "--older-than", "2", "--dry-run", "--db", db)
+    assert dry == {"rows": 2, "before": dry["before"], "dry_run": True}
+    done = run_json(capsys, "purge", "--older-than", "2", "--db", db)
+    assert done["rows"] == 2
+    assert budgetkit.summarize(db, days=30).totals.calls == 7
+
+
+# -- errors and exit codes ------------------------------------------------------------------
+@pytest.mark.parametrize("argv, needle", [
+    (["report", "--days", "-2"], "days must be >= 1"),
+    (["report", "--start", "2024-02-30"], "start_date must be a date"),
+    (["report", "--by", "colour"], "cannot group by 'colour'"),
+    (["report", "what-if"], "needs --target"),
+    (["report", "--days", "many"], "invalid int value"),
+    (["frobnicate"], "invalid choice"),
+    (["purge"], "--older-than"),
+    (["alerts", "--limit", "0"], "--limit must be >= 1"),
+])
+def test_wrong_arguments_give_a_short_message(capsys: pytest.CaptureFixture[str], db: str,
+                                              argv: list[str], needle: str) -> None:
+    code, _, err = run(capsys, *argv, "--db", db)
+    assert code == EXIT_USAGE
+    assert needle in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) <= 2
+
+
+def test_unreachable_database_is_a_failure_not_a_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "report", "--db",
+                       "postgresql://nobody@127.0.0.1:1/none?connect_timeout=2")
+    assert code == EXIT_FAILED and "database" in err and "Traceback" not in err
+
+
+def test_serve_builds_the_app_and_prints_the_dashboard_url(
+        capsys: pytest.CaptureFixture[str], db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    code, out, _ = run(capsys, "serve", "--db", db, "--port", "8765",
+                       "--token", "admin-token-xyz", "--token", "alice-token-xyz:alice")
+    assert code == EXIT_OK and served["port"] == 8765
+    assert served["app"].state.tokens == {"admin-token-xyz": None, "alice-token-xyz": "alice"}
+    assert "http://127.0.0.1:8765/dashboard#token=admin-token-xyz" in out
+
+
+def test_the_console_script_runs_in_a_subprocess(db: str) -> None:
+    ok = subprocess.run([sys.executable, "-m", "budgetkit._cli", "report", "--json", "--db", db],
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["totals"]["calls"] == 9
+    bad = subprocess.run([sys.executable, "-m", "budgetkit._cli", "report", "--days", "0",
+                          "--db", db], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == EXIT_USAGE
+    assert bad.stderr.strip() == "budgetkit: error: days must be >= 1, got 0"
