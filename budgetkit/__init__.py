@@ -88,7 +88,9 @@ _EXPORTS: dict[str, str] = {
     "Cascade": "_cascade", "CascadeResult": "_cascade", "Completion": "_cascade",
     "MinLength": "_cascade", "RequiredElements": "_cascade", "MatchesRegex": "_cascade",
     "ValidJSON": "_cascade", "ScoreAtLeast": "_cascade",
-    "Fallback": "_fallback", "is_transient": "_fallback",
+    "Attempt": "_cascade",
+    "Fallback": "_fallback", "FallbackAttempt": "_fallback", "is_transient": "_fallback",
+    "is_rate_limit": "_fallback", "is_timeout": "_fallback", "is_server_error": "_fallback",
     "is_context_length_error": "_fallback",
 }
 
@@ -111,9 +113,10 @@ if TYPE_CHECKING:
     from ._forecast import detect_anomalies, forecast
     from ._export import export_usage
     from ._router import RouteDecision, Router
-    from ._cascade import (Cascade, CascadeResult, Completion, MatchesRegex, MinLength,
-                           RequiredElements, ScoreAtLeast, ValidJSON)
-    from ._fallback import Fallback, is_context_length_error, is_transient
+    from ._cascade import (Attempt, Cascade, CascadeResult, Completion, MatchesRegex,
+                           MinLength, RequiredElements, ScoreAtLeast, ValidJSON)
+    from ._fallback import (Fallback, FallbackAttempt, is_context_length_error,
+                            is_rate_limit, is_server_error, is_timeout, is_transient)
     from ._errors import (ApprovalRequired, BudgetExceeded, BudgetkitError, CatalogError,
                           ConfigurationError, ContextWindowExceeded, StoreUnavailable,
                           UnknownModelError)
