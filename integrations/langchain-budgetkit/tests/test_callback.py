@@ -303,3 +303,13 @@ def test_zero_usage_means_not_reported():
     assert usage_from_metadata({"input_tokens": 0, "output_tokens": 0,
                                 "total_tokens": 0}) is None
     assert usage_from_metadata(None) is None
+
+
+def test_handler_operation_type_default_and_metadata_override(engine, usage_model):
+    model = usage_model(usage=USAGE)
+    handler = BudgetkitCallbackHandler(engine, operation_type="rag_output")
+    model.invoke("answer from context", config={"callbacks": [handler]})
+    model.invoke("classify", config={"callbacks": [handler], "metadata": {
+        "operation_type": "text_classification"}})
+    assert [row.operation_type for row in engine.usage()] == ["rag_output",
+                                                              "text_classification"]
