@@ -17,6 +17,7 @@ How it holds across threads and processes:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import datetime as dt
 import logging
@@ -24,6 +25,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -73,9 +75,9 @@ RETURNING spent, reserved"""
 _HOLD_SQL = """
 INSERT INTO budgetkit_budget_reservation (ticket_id, window_id, amount, expires_at)
 VALUES (:ticket, :wid, :amount, :expires)"""
-_UNHOLD_SQL = """
-DELETE FROM budgetkit_budget_reservation WHERE ticket_id = :ticket
-RETURNING window_id, amount"""
+_UNHOLD_MANY_SQL = """
+DELETE FROM budgetkit_budget_reservation WHERE ticket_id IN ({tickets})
+RETURNING ticket_id, window_id, amount"""
 _SETTLE_SQL = """
 UPDATE budgetkit_budget_window SET spent = spent + :actual, reserved = reserved - :held
 WHERE id = :wid RETURNING spent, reserved"""
@@ -203,6 +205,17 @@ class Approval:
     active: bool
 
 
+@dataclass
+class _Settlement:
+    """A finished ticket waiting for the settler: what it held and what it really used."""
+
+    ticket_id: str
+    reservations: list[Reservation]
+    held: bool
+    cost_nanos: int
+    tokens: int
+
+
 class _NoRoom(Exception):
     def __init__(self, index: int) -> None:
         self.index = index
@@ -238,6 +251,15 @@ class BudgetBook:
         self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
         self._fired: set[tuple[int, str]] = set()
         self._last_reap: dt.datetime | None = None
+        #: Settle on a background thread in batches (False: on the caller's thread).
+        self.deferred = True
+        self._pending: list[_Settlement] = []
+        self._pending_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._settler: threading.Thread | None = None
+        self._closing = False
+        atexit.register(_flush_at_exit, weakref.ref(self))
         self._driver = _Driver(store)
         self._insert_window = _insert_ignore(store, W)
         self._insert_alert = _insert_ignore(store, AL)
@@ -383,8 +405,11 @@ class BudgetBook:
                 break
             except _NoRoom as no_room:
                 window_id, budget, key, start, amount = plan[no_room.index]
-                # Reservations of a dead process may be what fills the window.
-                if attempt == 1 and self.reap(now, window_id=window_id):
+                # Our own finished calls may still hold reservations (queued settles), and
+                # reservations of a dead process may be what fills the window.
+                if attempt == 1:
+                    self.flush()
+                    self.reap(now, window_id=window_id)
                     continue
                 raise self._blocked(budget, key, start, window_id, amount, now) from None
         ticket.reservations = [Reservation(window_id, budget, key, start, amount)
@@ -438,48 +463,78 @@ class BudgetBook:
             ticket.metadata["budget_review"] = review
 
     def commit(self, ticket: Any, cost_nanos: int, tokens: int) -> None:
-        """The call finished: actual spend replaces what the ticket reserved."""
-        try:
-            self._settle(ticket, cost_nanos, tokens)
-        except self._driver.errors:  # the reservation expires; the usage row is still written
-            logger.exception("budgetkit: could not settle ticket %s in its budgets", ticket.id)
+        """The call finished: actual spend replaces what the ticket reserved.
 
-    def release(self, ticket: Any) -> None:
-        """Give back what the ticket reserved (cancelled, failed or blocked elsewhere)."""
-        if not ticket.reservations:
-            return
-        try:
-            self._settle(ticket, 0, 0)
-        except self._driver.errors:
-            logger.exception("budgetkit: could not release ticket %s", ticket.id)
-
-    def _settle(self, ticket: Any, cost_nanos: int, tokens: int) -> None:
+        Settling is queued for the settler thread, which batches many tickets into one
+        transaction. Until it runs the ticket's reservation stays in place, which can only
+        make admission stricter, never looser; an admit that finds no room settles the
+        queue first and tries again.
+        """
         reservations: list[Reservation] = list(ticket.reservations)
-        now = self.clock()
-        if not reservations:
+        held = bool(reservations)
+        ticket.reservations = []
+        if not held:
             if not self._budgets or (cost_nanos == 0 and tokens == 0):
                 return
             # Recorded without admit (embeddings, imports): still counts in its budgets.
-            reservations = [Reservation(window_id, budget, key, start, 0)
-                            for budget, key, start, window_id in self._targets(ticket, now)]
+            try:
+                now = self.clock()
+                reservations = [Reservation(window_id, budget, key, start, 0)
+                                for budget, key, start, window_id
+                                in self._targets(ticket, now)]
+            except self._driver.errors:
+                logger.exception("budgetkit: could not count ticket %s in its budgets",
+                                 ticket.id)
+                return
             if not reservations:
                 return
-        reservations.sort(key=lambda item: item.window_id)
-        updates = []
-        with self._fast() as run:
-            held: dict[int, int] = {}
-            if ticket.reservations:
-                held = {int(w): int(a) for w, a in run(_UNHOLD_SQL, {"ticket": ticket.id})}
-            for item in reservations:
-                actual = cost_nanos if item.budget.unit == "usd" else tokens
-                give_back = held.get(item.window_id, 0)  # 0: the reaper already did
-                if actual == 0 and give_back == 0:
-                    continue
-                rows = run(_SETTLE_SQL, {"wid": item.window_id, "actual": actual,
-                                         "held": give_back})
-                if rows and actual:
-                    updates.append((item, int(rows[0][0]), int(rows[0][1])))
-        ticket.reservations = []
+        item = _Settlement(ticket.id, reservations, held, cost_nanos, tokens)
+        if not self.deferred:
+            self._settle_batch([item])
+            return
+        with self._pending_lock:
+            self._pending.append(item)
+            if self._settler is None or not self._settler.is_alive():
+                self._settler = threading.Thread(target=self._settle_forever, daemon=True,
+                                                 name="budgetkit-settler")
+                self._settler.start()
+        self._wake.set()
+
+    def release(self, ticket: Any) -> None:
+        """Give back what the ticket reserved (cancelled, failed or blocked elsewhere)."""
+        if ticket.reservations:
+            self.commit(ticket, 0, 0)
+
+    def flush(self) -> int:
+        """Settle every queued ticket now; returns how many were settled."""
+        with self._flush_lock:
+            with self._pending_lock:
+                items, self._pending = self._pending, []
+            if items:
+                self._settle_batch(items)
+            return len(items)
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+        self.flush()
+
+    def _settle_forever(self) -> None:
+        while not self._closing:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception:  # keep settling later batches; these reservations expire
+                logger.exception("budgetkit: settling budget reservations failed")
+
+    def _settle_batch(self, items: Sequence[_Settlement]) -> None:
+        try:
+            updates = self._settle_rows(items)
+        except self._driver.errors:  # the reservations expire; usage rows are still written
+            logger.exception("budgetkit: could not settle %d ticket(s) in their budgets",
+                             len(items))
+            return
         for item, spent, reserved in updates:
             budget = item.budget
             for threshold in budget.alert_at:
@@ -487,6 +542,38 @@ class BudgetBook:
                     self._alert(item.window_id, budget, item.scope_key, item.window_start,
                                 f"threshold:{threshold:g}", budget.level_of(spent), threshold,
                                 spent, reserved)
+
+    def _settle_rows(self, items: Sequence[_Settlement]
+                     ) -> list[tuple[Reservation, int, int]]:
+        held_ids = [item.ticket_id for item in items if item.held]
+        # window id -> [actual, given back, one of its reservations]
+        totals: dict[int, list[Any]] = {}
+        updates = []
+        with self._fast() as run:
+            held: dict[tuple[str, int], int] = {}
+            for start in range(0, len(held_ids), 500):
+                chunk = held_ids[start:start + 500]
+                names = ", ".join(f":t{index}" for index in range(len(chunk)))
+                rows = run(_UNHOLD_MANY_SQL.format(tickets=names),
+                           {f"t{index}": ticket_id for index, ticket_id in enumerate(chunk)})
+                held.update({(str(t), int(w)): int(a) for t, w, a in rows})
+            for item in items:
+                for reservation in item.reservations:
+                    actual = item.cost_nanos if reservation.budget.unit == "usd" else item.tokens
+                    # 0 when never held, or when the reaper already gave it back
+                    give_back = held.get((item.ticket_id, reservation.window_id), 0)
+                    total = totals.setdefault(reservation.window_id, [0, 0, reservation])
+                    total[0] += actual
+                    total[1] += give_back
+            for window_id in sorted(totals):  # window-id order, as reserve: no deadlocks
+                actual, give_back, reservation = totals[window_id]
+                if actual == 0 and give_back == 0:
+                    continue
+                rows = run(_SETTLE_SQL, {"wid": window_id, "actual": actual,
+                                         "held": give_back})
+                if rows and actual:
+                    updates.append((reservation, int(rows[0][0]), int(rows[0][1])))
+        return updates
 
     def check_stream(self, ticket: Any, output_tokens: int) -> None:
         """Raise :class:`BudgetExceeded` when a streaming call outgrew its reservation in a
@@ -562,12 +649,11 @@ class BudgetBook:
         spent, reserved = int(row[0]), int(row[1])
         level = budget.level_of(spent + reserved + amount)
         fmt = budget.format_amount
-        window = start.isoformat(sep=" ") if budget.period not in ("run", "total") \
-            else budget.period
+        window = (f"{budget.period} window {start.isoformat(sep=' ')} UTC"
+                  if budget.period not in ("run", "total") else f"{budget.period} window")
         stop = budget.stop_amount + extra
         what = "streaming call outgrew its reservation" if streaming else "call"
-        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {budget.period} window "
-                   f"{window} UTC) stops this {what}: needs {fmt(amount)}, spent {fmt(spent)}, "
+        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {window}) stops this {what}: needs {fmt(amount)}, spent {fmt(spent)}, "
                    f"reserved {fmt(reserved)}, limit {fmt(budget.limit_amount)}"
                    f"{f' (stops at {fmt(stop)})' if stop != budget.limit_amount else ''}, "
                    f"level {level}")
@@ -632,6 +718,7 @@ class BudgetBook:
 
     def alerts(self, *, budget: str | None = None, since: dt.datetime | None = None
                ) -> list[Alert]:
+        self.flush()
         query = select(AL).order_by(AL.c.created_at, AL.c.id)
         if budget is not None:
             query = query.where(AL.c.budget == budget)
@@ -736,6 +823,7 @@ class BudgetBook:
     # -- reading ----------------------------------------------------------------------
     def status(self, *, budget: str | None = None, key: str | None = None,
                max_windows: int = 200) -> list[BudgetStatus]:
+        self.flush()
         now = self.clock()
         self.reap(now)
         chosen = [self._get(budget)] if budget is not None else list(self._budgets.values())
@@ -768,6 +856,7 @@ class BudgetBook:
         """Smallest remaining fraction (0..1) of the limits that apply; None if none do."""
         if not self._budgets:
             return None
+        self.flush()
         now = self.clock()
         targets = self._targets(ticket, now, create=False)
         if not targets:
@@ -839,6 +928,15 @@ def ledger_spend(conn: Any, budget: Budget, key: str, start: dt.datetime,
             if budget.exclude:
                 query = query.where(column.not_in(budget.exclude))
     return int(conn.execute(query).scalar() or 0)
+
+
+def _flush_at_exit(book_ref: weakref.ref[BudgetBook]) -> None:
+    book = book_ref()
+    if book is not None and book._pending:
+        try:
+            book.flush()
+        except Exception:  # at exit: the reservations expire anyway
+            logger.exception("budgetkit: settling budgets at exit failed")
 
 
 def _worst_case(budget: Budget, ticket: Any) -> int:

@@ -211,6 +211,8 @@ class Engine:
         if self._closed:
             return
         self._closed = True
+        if self._budgets is not None:
+            self._budgets.close()  # settle queued budget updates first
         self._writer.close(timeout)
         self.store.dispose()
 
@@ -228,6 +230,8 @@ class Engine:
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row recorded so far is in the database."""
+        if self._budgets is not None:
+            self._budgets.flush()
         return self._writer.flush(timeout)
 
     def now(self) -> dt.datetime:

@@ -47,9 +47,11 @@ def engine(tmp_path: Path, clock: Clock) -> Iterator[Engine]:
 
 
 def spend(engine: Engine, dollars_thousandths: int) -> None:
-    """Spend $0.001 × n in one call (n thousand input tokens)."""
+    """Spend $0.001 × n in one call (n thousand input tokens); threshold alerts fire when
+    the settler thread has settled it, so wait for that."""
     ticket = engine.admit(MODEL, input_tokens=1000 * dollars_thousandths, max_output_tokens=0)
     engine.settle(ticket)
+    engine.flush()
 
 
 def thresholds(alerts: list[Alert]) -> list[float | None]:

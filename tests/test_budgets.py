@@ -146,6 +146,40 @@ def test_reservation_is_the_worst_case_and_settle_replaces_it(engine: Engine) ->
     assert window(engine, "d") == (1_020_000, 0)
 
 
+def test_queued_settles_never_block_an_admit_that_fits(engine: Engine) -> None:
+    """Settling runs on a background thread; an admit that finds no room settles the
+    queue first, so the budget is never stricter than its settled spend."""
+    engine.add_budget(Budget(name="warm-up", limit=1.0))
+    asleep = threading.Event()
+    idle = threading.Thread(target=asleep.wait, daemon=True)
+    idle.start()
+    engine._budgets._settler = idle  # the settler "is busy": settles stay queued
+    engine.remove_budget("warm-up")
+    for index in range(5):
+        engine.add_budget(Budget(name=f"d{index}", limit=0.004, period="total",
+                                 count_earlier_spend=False))
+        first = engine.admit(MODEL, input_tokens=1000, max_output_tokens=1500)  # $0.004
+        engine.settle(first, output_tokens=0)  # really $0.001
+        second = engine.admit(MODEL, input_tokens=3000, max_output_tokens=0)  # the rest
+        engine.release(second)
+        assert len(engine._budgets._pending) == 1  # only the release is still queued
+        engine.remove_budget(f"d{index}")
+    asleep.set()
+
+
+def test_close_settles_the_queue(tmp_path: Path, clock: Clock) -> None:
+    first = make_engine(tmp_path / "q.db", clock)
+    first.add_budget(Budget(name="d", limit=1.0))
+    for _ in range(20):
+        first.settle(first.admit(MODEL, input_tokens=1000, max_output_tokens=1000),
+                     output_tokens=0)
+    first.close()
+    second = make_engine(tmp_path / "q.db", clock)
+    second.add_budget(Budget(name="d", limit=1.0))
+    assert window(second, "d") == (20_000_000, 0)
+    second.close()
+
+
 def test_default_max_output_is_the_models(engine: Engine) -> None:
     engine.add_budget(Budget(name="d", limit=1.0))
     ticket = engine.admit(MODEL, input_tokens=100)
