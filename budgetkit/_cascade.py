@@ -43,6 +43,7 @@ __all__ = [
     "CascadeResult",
     "Cascade",
     "settle_completion",
+    "asettle_completion",
     "metered_call",
     "is_metered_call",
 ]
@@ -439,7 +440,7 @@ class Cascade:
                     await self.engine.arelease(ticket, error=exc)
                 raise
             attempt = Attempt(number, model, reason, answer, self.evaluate(answer.text))
-            attempt.record = settle_completion(self.engine, ticket, answer)
+            attempt.record = await asettle_completion(self.engine, ticket, answer)
             attempts.append(attempt)
             if attempt.passed:
                 break
@@ -488,6 +489,19 @@ def _as_completion(answer: Completion | str) -> Completion:
         f"a cascade call must return a Completion or a str, got {type(answer).__name__}")
 
 
+def _settle_kwargs(engine: Any, ticket: Any, answer: Completion) -> dict[str, Any]:
+    estimated = answer.input_tokens is None or answer.output_tokens is None
+    output_tokens = answer.output_tokens
+    if output_tokens is None:
+        output_tokens = engine.count_tokens(answer.text, ticket.model) if answer.text else 0
+    input_tokens = answer.input_tokens if answer.input_tokens is not None else ticket.input_tokens
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cached_input_tokens": answer.cached_input_tokens,
+            "cache_write_tokens": answer.cache_write_tokens,
+            "reasoning_tokens": answer.reasoning_tokens, "model": answer.model,
+            "usage_source": "estimated" if estimated else "provider"}
+
+
 def settle_completion(engine: Any, ticket: Any, answer: Completion) -> Any:
     """Settle ``ticket`` with ``answer``'s usage; counts what the provider did not report.
 
@@ -496,13 +510,11 @@ def settle_completion(engine: Any, ticket: Any, answer: Completion) -> Any:
     """
     if engine is None or ticket is None:
         return None
-    estimated = answer.input_tokens is None or answer.output_tokens is None
-    output_tokens = answer.output_tokens
-    if output_tokens is None:
-        output_tokens = engine.count_tokens(answer.text, ticket.model) if answer.text else 0
-    input_tokens = answer.input_tokens if answer.input_tokens is not None else ticket.input_tokens
-    return engine.settle(ticket, input_tokens=input_tokens, output_tokens=output_tokens,
-                         cached_input_tokens=answer.cached_input_tokens,
-                         cache_write_tokens=answer.cache_write_tokens,
-                         reasoning_tokens=answer.reasoning_tokens, model=answer.model,
-                         usage_source="estimated" if estimated else "provider")
+    return engine.settle(ticket, **_settle_kwargs(engine, ticket, answer))
+
+
+async def asettle_completion(engine: Any, ticket: Any, answer: Completion) -> Any:
+    """:func:`settle_completion` for asyncio code (budget commits may touch the database)."""
+    if engine is None or ticket is None:
+        return None
+    return await engine.asettle(ticket, **_settle_kwargs(engine, ticket, answer))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from budgetkit import (BudgetExceeded, Cascade, Completion, ConfigurationError, Engine,
+from budgetkit import (Budget, BudgetExceeded, Cascade, Completion, ConfigurationError, Engine,
                        MatchesRegex, MinLength, RequiredElements, ScoreAtLeast,
                        UnknownModelError, ValidJSON)
 
@@ -146,22 +146,14 @@ def test_a_failing_call_releases_its_ticket_and_raises(engine: Engine) -> None:
     assert rows[0].error_type == "RuntimeError"
 
 
-class _BlockStrong:
-    """A budget stand-in on the engine: refuses the strongest model."""
-
-    def reserve(self, ticket):
-        if ticket.model == "gpt-4o":
-            raise BudgetExceeded("budget 'daily' would be exceeded", budget="daily")
-
-    def commit(self, ticket, cost, tokens):
-        pass
-
-    def release(self, ticket):
-        pass
+def block_model(engine: Engine, model: str) -> None:
+    """A real budget so small that any call to ``model`` is refused before it runs."""
+    engine.add_budget(Budget(limit=0.000001, name=f"cap-{model}", scope="model", match=model,
+                             require_approval=False))
 
 
 def test_budget_blocking_an_escalation_returns_the_answer_in_hand(engine: Engine) -> None:
-    engine._budgets = _BlockStrong()
+    block_model(engine, "gpt-4o")
     call, calls = scripted({"gpt-4o-mini": "no", "gpt-4.1-mini": "still no"})
     result = Cascade(MODELS, [MinLength(10)], engine=engine).run(call, prompt="q",
                                                                   request_id="r")
@@ -173,7 +165,7 @@ def test_budget_blocking_an_escalation_returns_the_answer_in_hand(engine: Engine
 
 
 def test_budget_blocking_the_first_attempt_raises(engine: Engine) -> None:
-    engine._budgets = _BlockStrong()
+    block_model(engine, "gpt-4o")
     call, calls = scripted({})
     with pytest.raises(BudgetExceeded):
         Cascade(["gpt-4o"], engine=engine).run(call, prompt="q")

@@ -54,7 +54,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from budgetkit import ConfigurationError
-from budgetkit._cascade import Completion, metered_call, settle_completion
+from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
 
 from ._callback import usage_from_metadata
@@ -296,7 +296,7 @@ class RoutedChatModel(BaseChatModel):
                 await engine.arelease(ticket, error=exc)
             raise
         message = _as_message(output)
-        settle_completion(engine, ticket, _completion(message))
+        await asettle_completion(engine, ticket, _completion(message))
         return message
 
     def _failures(self, call: _Call, message: AIMessage) -> list[str]:
@@ -595,7 +595,7 @@ class _AsyncStream(_Stream):
         except BaseException as exc:
             self._release(exc)
             raise
-        settle_completion(self.engine, self.ticket, _completion(self.total))
+        await asettle_completion(self.engine, self.ticket, _completion(self.total))
 
 
 # ---------------------------------------------------------------------------- helpers

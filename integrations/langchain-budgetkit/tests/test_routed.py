@@ -12,7 +12,7 @@ from langchain_core.language_models.fake_chat_models import FakeMessagesListChat
 from langchain_core.messages import AIMessage, HumanMessage
 from pydantic import BaseModel
 
-from budgetkit import (BudgetExceeded, Cascade, ConfigurationError, Engine, Fallback,
+from budgetkit import (Budget, BudgetExceeded, Cascade, ConfigurationError, Engine, Fallback,
                        MinLength, Router)
 from langchain_budgetkit import RoutedChatModel
 from langchain_budgetkit._routed import METERED_MARKER, ROUTED_MARKER
@@ -149,20 +149,9 @@ def test_fallback_on_rate_limit_records_the_failed_attempt(engine: Engine) -> No
     assert "fallback from gpt-4o-mini to gpt-4o" in rows[2].route_reason
 
 
-class _BlockCheap:
-    def reserve(self, ticket):
-        if ticket.model == CHEAP:
-            raise BudgetExceeded("budget 'cheap-cap' would be exceeded")
-
-    def commit(self, ticket, cost, tokens):
-        pass
-
-    def release(self, ticket):
-        pass
-
-
 def test_budget_stop_is_not_fallen_back(engine: Engine) -> None:
-    engine._budgets = _BlockCheap()
+    engine.add_budget(Budget(limit=0.000001, name="cheap-cap", scope="model", match=CHEAP,
+                             require_approval=False))
     strong = fake("strong answer")
     model = routed(fake("cheap"), strong, engine=engine,
                    fallback=Fallback([CHEAP, STRONG], sleep=lambda s: None))

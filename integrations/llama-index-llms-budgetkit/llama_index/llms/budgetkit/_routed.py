@@ -44,7 +44,7 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 
 from budgetkit import ConfigurationError
-from budgetkit._cascade import Completion, metered_call, settle_completion
+from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
 from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
                                                       usage_from_raw)
@@ -272,7 +272,8 @@ class RoutedLLM(LLM):
         except BaseException as exc:
             self._release(ticket, exc)
             raise
-        return self._finish(ticket, response, call, reason)
+        await asettle_completion(self._engine, ticket, _completion(response))
+        return _mark(response, call, reason)
 
     def _with_fallback(self, fn: Callable[[str], Any], name: str) -> Any:
         return fn(name) if self.fallback is None else self.fallback.call(fn, prefer=name)
@@ -425,8 +426,8 @@ class RoutedLLM(LLM):
             except BaseException as exc:
                 self._release(ticket, exc)
                 raise
-            settle_completion(self._engine, ticket,
-                              _completion(last) if last is not None else Completion(text=""))
+            await asettle_completion(self._engine, ticket, _completion(last) if last is not None
+                                     else Completion(text=""))
 
         return gen()
 
