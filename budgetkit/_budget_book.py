@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
+import functools
 import logging
 import re
 import threading
@@ -86,6 +87,30 @@ UPDATE budgetkit_budget_reservation SET amount = amount + :amount
 WHERE ticket_id = :ticket AND window_id = :wid RETURNING amount"""
 
 
+@functools.lru_cache(maxsize=64)
+def _reserve_many_sql(count: int) -> str:
+    """:data:`_RESERVE_SQL` for ``count`` windows at once (params w0.., a0.., c0..)."""
+    def case(param: str) -> str:
+        whens = " ".join(f"WHEN :w{i} THEN :{param}{i}" for i in range(count))
+        return f"(CASE id {whens} END)"
+
+    ids = ", ".join(f":w{i}" for i in range(count))
+    return f"""
+UPDATE budgetkit_budget_window SET reserved = reserved + {case("a")}
+WHERE id IN ({ids}) AND spent + reserved + {case("a")} <= {case("c")} + COALESCE(
+    (SELECT SUM(extra) FROM budgetkit_budget_approval
+     WHERE window_id = budgetkit_budget_window.id
+       AND (expires_at IS NULL OR expires_at > :now)), 0)
+RETURNING id, spent, reserved"""
+
+
+@functools.lru_cache(maxsize=64)
+def _hold_many_sql(count: int) -> str:
+    values = ", ".join(f"(:ticket, :w{i}, :a{i}, :expires)" for i in range(count))
+    return ("INSERT INTO budgetkit_budget_reservation (ticket_id, window_id, amount, "
+            f"expires_at) VALUES {values}")
+
+
 class _Driver:
     """Runs the hot-path SQL on a pooled DBAPI connection, one transaction at a time.
 
@@ -105,6 +130,9 @@ class _Driver:
         #: ``Engine.configure_budgets(durable=...)``).
         self.durable = True
         self._sql: dict[str, Any] = {}
+        # SQLite: our transactions are serialised by the book's lock anyway, so one
+        # connection kept for them saves a pool checkout per transaction.
+        self._own: Any = None
 
     def sql(self, text_sql: str) -> Any:
         compiled = self._sql.get(text_sql)
@@ -131,7 +159,8 @@ class _Driver:
                     return list(result.all()) if result.returns_rows else []
                 yield run_sa
             return
-        connection = self.engine.raw_connection()
+        keep = self.dialect == "sqlite"
+        connection = self._own if keep and self._own is not None else self.engine.raw_connection()
         try:
             cursor = connection.cursor()
             if not self.durable and self.dialect == "postgresql":
@@ -150,7 +179,15 @@ class _Driver:
             connection.rollback()
             raise
         finally:
-            connection.close()
+            if keep:
+                self._own = connection
+            else:
+                connection.close()
+
+    def close(self) -> None:
+        if self._own is not None:
+            own, self._own = self._own, None
+            own.close()
 
 
 @dataclass
@@ -422,14 +459,28 @@ class BudgetBook:
         expires = now + dt.timedelta(seconds=self.reservation_timeout)
         at, until = self._driver.time(now), self._driver.time(expires)
         with self._fast() as run:
-            for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
+            if len(plan) == 1:
+                window_id, budget, _key, _start, amount = plan[0]
                 rows = run(_RESERVE_SQL, {"wid": window_id, "amount": amount,
                                           "cap": budget.stop_amount, "now": at})
                 if not rows:
-                    raise _NoRoom(index)  # rolls back the windows reserved so far
+                    raise _NoRoom(0)
                 results.append((int(rows[0][0]), int(rows[0][1])))
-            run(_HOLD_SQL, [{"ticket": ticket_id, "wid": item[0], "amount": item[4],
-                             "expires": until} for item in plan])
+                run(_HOLD_SQL, {"ticket": ticket_id, "wid": window_id, "amount": amount,
+                                "expires": until})
+                return results
+            # Every window in one statement; each row is still checked on its own.
+            params: dict[str, Any] = {"now": at, "ticket": ticket_id, "expires": until}
+            for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
+                params.update({f"w{index}": window_id, f"a{index}": amount,
+                               f"c{index}": budget.stop_amount})
+            got = {int(row[0]): (int(row[1]), int(row[2]))
+                   for row in run(_reserve_many_sql(len(plan)), params)}
+            for index, item in enumerate(plan):
+                if item[0] not in got:
+                    raise _NoRoom(index)  # rolls back the windows reserved
+                results.append(got[item[0]])
+            run(_hold_many_sql(len(plan)), params)
         return results
 
     def _judge(self, ticket: Any, plan: Sequence[tuple[Any, ...]],
@@ -489,7 +540,7 @@ class BudgetBook:
             if not reservations:
                 return
         item = _Settlement(ticket.id, reservations, held, cost_nanos, tokens)
-        if not self.deferred:
+        if not self.deferred or self._closing:
             self._settle_batch([item])
             return
         with self._pending_lock:
@@ -518,6 +569,8 @@ class BudgetBook:
         self._closing = True
         self._wake.set()
         self.flush()
+        with self._db_lock or contextlib.nullcontext():
+            self._driver.close()
 
     def _settle_forever(self) -> None:
         while not self._closing:

@@ -168,13 +168,22 @@ async def test_asyncio_tasks(tmp_path: Path) -> None:
     engine.close()
 
 
-def test_many_budgets_one_transaction_all_or_nothing(tmp_path: Path) -> None:
-    """A call blocked by one budget reserves nothing in the others."""
-    engine = Engine(db=str(tmp_path / "many.db"))
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_many_budgets_one_statement_all_or_nothing(tmp_path: Path, database: str,
+                                                   request: pytest.FixtureRequest) -> None:
+    """All windows are reserved in one statement; one without room reserves nothing."""
+    db = (str(tmp_path / "many.db") if database == "sqlite"
+          else request.getfixturevalue("pg_url"))
+    engine = Engine(db=db)
     for index in range(5):
         engine.add_budget(Budget(name=f"roomy-{index}", limit=10.0))
-    engine.add_budget(Budget(name="tight", limit=0.001, scope="user", match="alice"))
-    with pytest.raises(BudgetExceeded):
-        engine.admit(MODEL, input_tokens=1_000, max_output_tokens=0, user_id="alice")
-    assert all(status.reserved == 0 for status in engine.budget_status())
+    engine.add_budget(Budget(name="tight", limit=0.01, scope="user", match="alice"))
+    ticket = engine.admit(MODEL, input_tokens=1_000, max_output_tokens=0, user_id="alice")
+    assert len(ticket.reservations) == 6
+    assert {s.reserved for s in engine.budget_status()} == {0.0025}
+    engine.settle(ticket)
+    with pytest.raises(BudgetExceeded, match="'tight'"):
+        engine.admit(MODEL, input_tokens=4_000, max_output_tokens=0, user_id="alice")
+    statuses = engine.budget_status()
+    assert {(s.used, s.reserved) for s in statuses} == {(0.0025, 0.0)}
     engine.close()
