@@ -28,6 +28,11 @@ logged, once per kind, and the call goes on. An unpriced model is not recorded a
 $0: it is recorded at the catalog's ``fallback`` price when one is set, otherwise skipped
 with a warning (or raised, with ``strict_models=True``).
 
+Calls recorded elsewhere are skipped: runs of budgetkit's routed model (metadata or
+``response_metadata`` key ``budgetkit_routed``; its inner runs are the real calls) and inner
+runs that model already metered (metadata ``budgetkit_metered``, or made while
+``budgetkit._cascade.is_metered_call()`` is true).
+
 Cache hits: LangChain replays a cached generation through ``on_llm_end`` with its
 original usage and ``usage_metadata["total_cost"] == 0``. A hit served by budgetkit's own
 cache carries ``"budgetkit_cache_hit": True`` in ``response_metadata`` / ``generation_info``;
@@ -54,6 +59,7 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
+from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
 
 from ._messages import message_text, to_openai_messages
@@ -71,6 +77,10 @@ _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
                    "max_new_tokens", "num_predict", "maxOutputTokens")
 _MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
 _CACHE_MARK = "budgetkit_cache_hit"
+#: A run of budgetkit's routed model (its cost is recorded on its inner runs) and an inner
+#: run that model has already recorded itself (see langchain_budgetkit._routed).
+_ROUTED_MARK = "budgetkit_routed"
+_METERED_MARK = "budgetkit_metered"
 
 
 # ---------------------------------------------------------------------------- usage parsing
@@ -163,6 +173,7 @@ class _Run:
     messages: list[dict[str, Any]] | None = None
     chunks: list[str] = field(default_factory=list)
     stream_tokens: int = 0
+    skip: bool = False  # recorded by someone else (see the module docs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,7 +310,9 @@ class _Tracker:
                           if tags else self.tags)
         kwargs["metadata"] = {**self.metadata, **extra} if extra else dict(self.metadata)
         run = _Run(ticket=None, model=str(model) if model else None, messages=messages,
-                   prompt_text=prompt)
+                   prompt_text=prompt,
+                   skip=bool(metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK)
+                             or is_metered_call()))
         if max_tokens is not None and max_tokens > 0:
             kwargs["max_output_tokens"] = max_tokens
         return run, kwargs
@@ -350,6 +363,8 @@ class _Tracker:
         llm_output = response.llm_output or {}
         if response_metadata.get(_CACHE_MARK) or generation_info.get(_CACHE_MARK):
             return _Outcome("discard", run.ticket)  # budgetkit's cache records the hit
+        if response_metadata.get(_ROUTED_MARK):
+            return _Outcome("discard", run.ticket)  # a wrapper: its inner runs are recorded
         model = (response_metadata.get("model_name") or response_metadata.get("model")
                  or llm_output.get("model_name") or llm_output.get("model") or run.model)
         raw_usage = getattr(message, "usage_metadata", None)
@@ -540,6 +555,8 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
         self._admit(run_id, run, admit)
 
     def _admit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
+        if run.skip:
+            return
         if run.model is None:
             self._warn_once("no-model", "budgetkit: a model run names no model (no "
                             "ls_model_name or invocation_params['model']); it is recorded "
@@ -651,6 +668,8 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
         await self._aadmit(run_id, run, admit)
 
     async def _aadmit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
+        if run.skip:
+            return
         if run.model is None:
             self._unpriced(run_id, run, kwargs, None)
             return

@@ -313,3 +313,19 @@ def test_handler_operation_type_default_and_metadata_override(engine, usage_mode
         "operation_type": "text_classification"}})
     assert [row.operation_type for row in engine.usage()] == ["rag_output",
                                                               "text_classification"]
+
+
+def test_calls_recorded_elsewhere_are_skipped(engine, usage_model):
+    from budgetkit._cascade import metered_call
+
+    handler = BudgetkitCallbackHandler(engine)
+    model = usage_model(usage=USAGE)
+    model.invoke("metered by a wrapper", config={"callbacks": [handler],
+                                                 "metadata": {"budgetkit_metered": True}})
+    with metered_call():
+        model.invoke("inside a metered call", config={"callbacks": [handler]})
+    usage_model(usage=USAGE, response_model=None).invoke("wrapper run", config={
+        "callbacks": [handler], "metadata": {"budgetkit_routed": True}})
+    assert engine.usage() == [] and handler._runs == {} and handler._roots == {}
+    model.invoke("a plain call", config={"callbacks": [handler]})
+    assert len(engine.usage()) == 1

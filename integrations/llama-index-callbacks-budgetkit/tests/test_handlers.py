@@ -205,3 +205,23 @@ def test_provider_error_is_an_error_row(engine, fake_openai, root_dispatcher, pa
         openai_llm(fake_openai, handler).chat(MESSAGES)
     [row] = engine.usage()
     assert row.status == "error" and row.cost_nanos == 0
+
+
+def test_calls_recorded_elsewhere_are_skipped(engine, mocks, root_dispatcher):
+    from budgetkit._cascade import metered_call
+    from llama_index.core.llms import CompletionResponse
+
+    handler = BudgetkitEventHandler(engine).register(root_dispatcher)
+    llm = mocks.LLM()
+    with metered_call():  # a routed LLM admitted this call itself
+        llm.complete("metered")
+    tracker = handler._tracker
+    assert tracker.enter("span-1")
+    tracker.begin("span-1", "gpt-4o-mini", tracker.attribution("span-1", "chat_completion"),
+                  prompt="hi", admit=False)
+    hit = CompletionResponse(text="cached", additional_kwargs={"budgetkit_cache_hit": True})
+    tracker.finish("span-1", text=hit.text, raw=hit.raw,
+                   additional_kwargs=hit.additional_kwargs)
+    assert engine.usage() == []
+    llm.complete("plain")
+    assert len(engine.usage()) == 1

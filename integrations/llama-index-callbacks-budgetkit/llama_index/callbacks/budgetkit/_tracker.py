@@ -5,6 +5,11 @@ event id on the legacy path). Only the *outermost* LLM call in a context is reco
 ``CustomLLM.chat`` (``MockLLM`` among others) calls ``complete`` inside, and both fire
 events for what is one provider call; LlamaIndex's own ``TokenCountingHandler`` counts it
 twice.
+
+Calls recorded elsewhere are skipped: calls made while ``budgetkit._cascade.is_metered_call()``
+is true (budgetkit's routed LLM admitted them itself), and responses marked
+``additional_kwargs["budgetkit_cache_hit"]`` (the cache wrote its own ``cached`` row) or
+``["budgetkit_routed"]`` (a wrapper whose inner call is the real one).
 """
 
 from __future__ import annotations
@@ -17,11 +22,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetkit import ConfigurationError, Engine, UnknownModelError
+from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
 
 from ._context import ATTRIBUTION_KEYS, current_attribution
 
 logger = logging.getLogger("budgetkit.llama_index")
+
+_RECORDED_ELSEWHERE = ("budgetkit_cache_hit", "budgetkit_routed")
 
 # The key of the outermost open LLM call of this context, per handler (see module docs).
 _open_call: ContextVar[dict[int, str] | None] = ContextVar("budgetkit_llama_open_call",
@@ -182,6 +190,8 @@ class Tracker:
     # -- nesting --------------------------------------------------------------------------
     def enter(self, key: str) -> bool:
         """Mark ``key`` as this context's open LLM call; ``False`` if it is nested in one."""
+        if is_metered_call():
+            return False
         open_calls = _open_call.get()
         outer = open_calls.get(id(self)) if open_calls else None
         if outer is not None and outer in self._calls:
@@ -223,6 +233,10 @@ class Tracker:
                additional_kwargs: Mapping[str, Any] | None) -> None:
         call = self._calls.pop(key, None)
         if call is None:
+            return
+        if additional_kwargs and any(additional_kwargs.get(mark) for mark in _RECORDED_ELSEWHERE):
+            if call.ticket is not None:
+                self.engine.discard(call.ticket)
             return
         usage = usage_from_raw(raw, additional_kwargs) or call.usage
         model = response_model(raw) or call.model
