@@ -13,7 +13,7 @@ from langchain_core.output_parsers import StrOutputParser
 from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
-from budgetkit import BudgetExceeded, Engine, UnknownModelError
+from budgetkit import Budget, BudgetExceeded, Engine, UnknownModelError
 from budgetkit._catalog import ModelPrice
 from langchain_budgetkit import (AsyncBudgetkitCallbackHandler, BudgetkitCallbackHandler,
                                  get_budgetkit_callback)
@@ -136,45 +136,39 @@ def test_broken_stream_bills_the_partial_output(engine, usage_model):
     assert row.cost_nanos == price(engine, "gpt-4o-mini", row.input_tokens, row.output_tokens)
 
 
-class _BlockingEngine(Engine):
-    """An engine whose budget says no (what the budget book raises at admit)."""
-
-    def admit(self, model: str, **kwargs: Any):  # type: ignore[override]
-        raise BudgetExceeded("daily budget of user alice is spent", scope="user")
-
-
-def test_budget_stop_propagates_before_the_provider_is_called(tmp_path, usage_model):
+def test_budget_stop_propagates_before_the_provider_is_called(engine, usage_model):
+    engine.add_budget(Budget(limit=0.000001, scope="user", match="alice",
+                             require_approval=False))
     model = usage_model(usage=USAGE)
-    with _BlockingEngine(db=str(tmp_path / "b.db")) as engine:
-        handler = BudgetkitCallbackHandler(engine)
-        with pytest.raises(BudgetExceeded, match="daily budget"):
-            model.invoke("hi", config={"callbacks": [handler]})
-        with pytest.raises(BudgetExceeded):
-            asyncio.run(model.ainvoke("hi", config={"callbacks": [handler]}))
-        assert model.calls == 0
-        assert handler._runs == {} and handler._roots == {}
+    handler = BudgetkitCallbackHandler(engine, user_id="alice")
+    with pytest.raises(BudgetExceeded, match="stops this call"):
+        model.invoke("hi", config={"callbacks": [handler]})
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(model.ainvoke("hi", config={"callbacks": [handler]}))
+    assert model.calls == 0
+    assert handler._runs == {} and handler._roots == {}
+    assert [row.status for row in engine.usage()] == ["blocked", "blocked"]
+    model.invoke("hi", config={"callbacks": [BudgetkitCallbackHandler(engine, user_id="bob")]})
+    assert model.calls == 1  # other users are not covered by alice's budget
 
 
-class _StreamCapEngine(Engine):
-    """An engine whose stream check stops output after 2 tokens."""
-
-    def check_stream(self, ticket, output_tokens_so_far: int) -> None:
-        if output_tokens_so_far > 2:
-            raise BudgetExceeded("run budget reached mid-stream")
-
-
-def test_stream_check_cuts_the_stream(tmp_path, usage_model):
+def test_stream_check_cuts_the_stream(engine, usage_model):
+    prompt_tokens = engine.count_message_tokens([{"role": "user", "content": "hi"}],
+                                                "gpt-4o-mini")
+    # each run may use its prompt and 3 more tokens; the call reserves 2 output tokens
+    engine.add_budget(Budget(limit=prompt_tokens + 3, scope="run", period="run",
+                             unit="tokens", require_approval=False))
     model = usage_model(usage=USAGE, reply="a b c d e f g h")
-    with _StreamCapEngine(db=str(tmp_path / "s.db")) as engine:
-        handler = BudgetkitCallbackHandler(engine)
-        received = []
-        with pytest.raises(BudgetExceeded):
-            for chunk in model.stream("hi", config={"callbacks": [handler]}):
-                received.append(chunk.content)
-        [row] = engine.usage()
-        assert row.status == "error" and row.error_type == "BudgetExceeded"
-        assert len(received) < 8
-        assert row.output_tokens == 3  # the tokens generated before the cut are billed
+    handler = BudgetkitCallbackHandler(engine)
+    received = []
+    with pytest.raises(BudgetExceeded):
+        for chunk in model.stream("hi", config={"callbacks": [handler],
+                                                "metadata": {"ls_max_tokens": 2}}):
+            received.append(chunk.content)
+    [row] = engine.usage()
+    assert row.status == "error" and row.error_type == "BudgetExceeded"
+    assert received == ["a", " b", " c"]
+    assert row.output_tokens == 4  # every token generated before the cut is billed
 
 
 def test_budgetkit_cache_hit_is_discarded_not_recorded(engine, usage_model):

@@ -12,7 +12,7 @@ from llama_index.core.llms import ChatMessage
 from llama_index.embeddings.openai import OpenAIEmbedding
 from llama_index.llms.openai import OpenAI
 
-from budgetkit import BudgetExceeded, Engine
+from budgetkit import Budget, BudgetExceeded, Engine
 from llama_index.callbacks.budgetkit import (BudgetkitCallbackHandler, BudgetkitEventHandler,
                                              attribution)
 
@@ -109,27 +109,28 @@ def test_legacy_handler_records_the_same_rows(engine, mocks):
     assert handler.calls == 2
 
 
-class _BlockingEngine(Engine):
-    def admit(self, model: str, **kwargs: Any):  # type: ignore[override]
-        raise BudgetExceeded("project budget spent")
+def tiny_budget(engine: Engine) -> None:
+    engine.add_budget(Budget(limit=0.000001, require_approval=False))  # no call fits
 
 
-def test_legacy_handler_stops_the_call_before_the_provider(tmp_path, fake_openai):
-    with _BlockingEngine(db=str(tmp_path / "b.db")) as engine:
-        llm = openai_llm(fake_openai, BudgetkitCallbackHandler(engine))
-        with pytest.raises(BudgetExceeded):
-            llm.chat(MESSAGES)
-        with pytest.raises(BudgetExceeded):
-            asyncio.run(llm.acomplete("hello"))
-        assert fake_openai.request_count == 0
+def test_legacy_handler_stops_the_call_before_the_provider(engine, fake_openai):
+    tiny_budget(engine)
+    llm = openai_llm(fake_openai, BudgetkitCallbackHandler(engine))
+    with pytest.raises(BudgetExceeded):
+        llm.chat(MESSAGES)
+    with pytest.raises(BudgetExceeded):
+        asyncio.run(llm.acomplete("hello"))
+    assert fake_openai.request_count == 0
+    assert [row.status for row in engine.usage()] == ["blocked", "blocked"]
 
 
-def test_event_handler_records_but_cannot_stop(tmp_path, fake_openai, root_dispatcher):
-    with _BlockingEngine(db=str(tmp_path / "b.db")) as engine:
-        BudgetkitEventHandler(engine).register(root_dispatcher)
-        openai_llm(fake_openai).chat(MESSAGES)  # tracking only: the call goes through
-        assert fake_openai.request_count == 1
-        assert len(engine.usage()) == 1
+def test_event_handler_records_but_cannot_stop(engine, fake_openai, root_dispatcher):
+    tiny_budget(engine)
+    BudgetkitEventHandler(engine).register(root_dispatcher)
+    openai_llm(fake_openai).chat(MESSAGES)  # tracking only: the call goes through
+    assert fake_openai.request_count == 1
+    [row] = engine.usage()
+    assert row.status == "ok" and row.cost_nanos > 0
 
 
 # ---------------------------------------------------------------------------- real clients
