@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import and_, case, func, literal_column, select
+from sqlalchemy import Integer, and_, case, func, literal_column, select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.sql import ColumnElement, Select
 
@@ -286,7 +286,8 @@ def _measures(dialect: str = "sqlite") -> list[Any]:
 
     def counted(condition: Any, label: str) -> Any:
         if dialect == "sqlite":  # a comparison is 0/1 there: cheaper than CASE per row
-            return func.coalesce(func.sum(condition), 0).label(label)
+            # (type_: else SQLAlchemy reads the sum back as a Boolean)
+            return func.coalesce(func.sum(condition, type_=Integer), 0).label(label)
         return func.coalesce(func.sum(case((condition, 1), else_=0)), 0).label(label)
 
     return [

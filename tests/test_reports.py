@@ -69,19 +69,24 @@ def test_summary_groups_and_totals_match_catalog_prices(db_url: str, clock: Fake
                   user_id="bob", operation_type="rag_output", latency_ms=300.0)
         record_at(engine, clock, T0 - dt.timedelta(hours=1), "gpt-4o-mini", 2000, 10,
                   user_id="alice", operation_type="chat_completion", latency_ms=50.0)
-        record_at(engine, clock, T0, "gpt-4o", 1000, 200, user_id="alice", status="cached",
-                  saved_nanos=price("gpt-4o", 1000, 200), latency_ms=1.0)
+        for _ in range(2):
+            record_at(engine, clock, T0, "gpt-4o", 1000, 200, user_id="alice",
+                      status="cached", saved_nanos=price("gpt-4o", 1000, 200), latency_ms=1.0)
+        for status in ("error", "error", "blocked"):
+            record_at(engine, clock, T0, "gpt-4o-mini", 0, 0, status=status)
         summary = budgetkit.summarize(engine, group_by="model", days=1)
 
     by_model = {g.key["model"]: g for g in summary.groups}
     assert set(by_model) == {"gpt-4o", "gpt-4o-mini"}
     big = by_model["gpt-4o"]
-    assert big.calls == 3 and big.cache_hits == 1
-    assert big.input_tokens == 2500 and big.output_tokens == 500
+    assert big.calls == 4 and big.cache_hits == 2
+    assert big.input_tokens == 3500 and big.output_tokens == 700
     assert big.cost_nanos == price("gpt-4o", 1000, 200) + price("gpt-4o", 500, 100)
-    assert big.saved_nanos == price("gpt-4o", 1000, 200)
-    assert big.avg_latency_ms == pytest.approx((100 + 300 + 1) / 3)
-    assert summary.totals.calls == 4
+    assert big.saved_nanos == 2 * price("gpt-4o", 1000, 200)
+    assert big.avg_latency_ms == pytest.approx((100 + 300 + 1 + 1) / 4)
+    small = by_model["gpt-4o-mini"]
+    assert (small.calls, small.errors, small.blocked, small.cache_hits) == (4, 2, 1, 0)
+    assert summary.totals.calls == 8 and summary.totals.errors == 2
     assert summary.totals.cost_nanos == big.cost_nanos + price("gpt-4o-mini", 2000, 10)
     assert summary.groups[0].key["model"] == "gpt-4o"  # most expensive first
 
