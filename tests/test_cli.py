@@ -237,3 +237,23 @@ def test_the_console_script_runs_in_a_subprocess(db: str) -> None:
                           "--db", db], capture_output=True, text=True, timeout=120)
     assert bad.returncode == EXIT_USAGE
     assert bad.stderr.strip() == "budgetkit: error: days must be >= 1, got 0"
+
+
+def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFixture[str],
+                                                       tmp_path: Path) -> None:
+    pytest.importorskip("langchain_openai", reason="the demo needs langchain-openai")
+    db = str(tmp_path / "demo.db")
+    code, out, err = run(capsys, "demo", "--db", db, "--calls", "60", "--json")
+    assert code == EXIT_OK, err
+    result = json.loads(out)
+    demo, report = result["demo"], result["report"]
+    assert demo["answered"] + demo["blocked"] + demo["embedded"] == demo["calls_planned"]
+    assert report["totals"]["calls"] >= demo["answered"]
+    models = {m["model"] for m in report["by_model"]}
+    assert {"gpt-4o", "gpt-4o-mini", "text-embedding-3-small"} <= models  # routed + embedded
+    assert report["totals"]["cache_hits"] > 0  # repeated FAQ answered by the cache
+    assert (tmp_path / "budgets.toml").is_file()  # so `budgetkit serve` shows the gauges
+    status = run_json(capsys, "budgets", "status", "--db", db)
+    assert {s["budget"] for s in status} >= {"demo-team-daily", "demo-monthly"}
+    anomalies = run_json(capsys, "report", "anomalies", "--db", db)
+    assert any(a["direction"] == "spike" for a in anomalies)  # the runaway batch job
