@@ -37,7 +37,7 @@ import numpy as np
 from cachetools import Cache, LRUCache
 
 from ._cache_guard import extract_facts, facts_conflict
-from ._cache_store import UNLOADED, CacheRows, Entry
+from ._cache_store import UNLOADED, CacheRows, Entry, Loaded
 from ._embedders import Embedder, as_embedder
 from ._errors import ConfigurationError, UnknownModelError
 from ._money import nanos_to_usd
@@ -334,19 +334,17 @@ class ResponseCache:
                 stats.misses += 1
                 return None
             entry, kind, similarity = found
-            value = self._rows.touch(entry.key, now)
+            value = self._rows.touch(entry, now)
             if value is _GONE:  # another process invalidated it
                 self._drop(entry)
                 stats.misses += 1
                 return None
-            entry.value = value
-            entry.hit_count += 1
             if kind == "exact":
                 stats.exact_hits += 1
             else:
                 stats.semantic_hits += 1
             stats.saved_nanos += entry.cost_nanos
-        hit = CacheHit(value=entry.value, kind=kind, similarity=similarity, key=entry.key,
+        hit = CacheHit(value=value, kind=kind, similarity=similarity, key=entry.key,
                        namespace=entry.namespace, model=entry.model,
                        saved_nanos=entry.cost_nanos, created_at=entry.created_at)
         if record and self.record_hits:
@@ -437,6 +435,7 @@ class ResponseCache:
             if old is not None:
                 self._drop(old)
             entry.seq = self._rows.upsert(entry, entry.embedder)
+            entry.value = UNLOADED  # read from the database on a hit: memory stays small
             self._add(entry)
             self._flush_evictions()
         return entry.key
@@ -570,6 +569,7 @@ class ResponseCache:
             index = self._index_for(entry.partition, len(entry.vector))
             if index.dim == len(entry.vector):
                 index.add(entry.seq or 0, entry.vector)
+            entry.vector = None  # the index holds the only copy
 
     def _index_for(self, partition: tuple[str, str, str, str, str], dim: int) -> VectorIndex:
         index = self._indexes.get(partition)
@@ -603,24 +603,30 @@ class ResponseCache:
             keys, self._evicted_keys = self._evicted_keys, []
             self._rows.delete_keys(keys)
 
-    def _load(self, entries: list[Entry]) -> None:
+    def _load(self, entries: Loaded) -> None:
         """Adopt rows read from the database (oldest first), vectors in bulk."""
         by_partition: dict[tuple[str, str, str, str, str], list[Entry]] = {}
         for entry in entries:
-            old = self._entries.pop(entry.key, None)
-            if old is not None:
-                self._drop(old)
+            if entry.key in self._entries:
+                self._drop(self._entries.pop(entry.key))
             self._entries[entry.key] = entry
             self._by_seq[entry.seq] = entry  # type: ignore[index]
             self._seen_seq = max(self._seen_seq, entry.seq or 0)
-            if entry.vector is not None and entry.focus:
+            if entry.source is not None and entry.focus:
                 by_partition.setdefault(entry.partition, []).append(entry)
         for partition, members in by_partition.items():
             members = [entry for entry in members if self._by_seq.get(entry.seq) is entry]
-            if members:
-                index = self._index_for(partition, len(members[0].vector))
-                index.add_many((entry.seq for entry in members),
-                               np.stack([entry.vector for entry in members]))
+            for block_number, block in enumerate(entries.blocks):
+                rows = [entry.source[1] for entry in members  # type: ignore[index]
+                        if entry.source[0] == block_number]  # type: ignore[index]
+                if not rows:
+                    continue
+                seqs = [entry.seq for entry in members
+                        if entry.source[0] == block_number]  # type: ignore[index]
+                index = self._index_for(partition, block.shape[1])
+                index.add_many(seqs, block if len(rows) == len(block) else block[rows])
+            for entry in members:
+                entry.source = None
         self._flush_evictions()
 
     def _maybe_sync(self, now: dt.datetime) -> None:

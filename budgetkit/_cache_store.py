@@ -34,11 +34,11 @@ class Entry:
     __slots__ = ("seq", "key", "namespace", "model", "price_model", "params_hash",
                  "context_hash", "focus", "embedder", "task_type", "created_at",
                  "expires_at", "hit_count", "cost_nanos", "input_tokens", "output_tokens",
-                 "vector", "value")
+                 "vector", "value", "source")
 
     def __init__(self, *, key: str, namespace: str, model: str, price_model: str | None,
                  params_hash: str, context_hash: str, focus: str, task_type: str | None,
-                 created_at: dt.datetime, expires_at: dt.datetime | None, cost_nanos: int,
+                 created_at: dt.datetime | None, expires_at: Any, cost_nanos: int,
                  input_tokens: int, output_tokens: int, vector: np.ndarray | None,
                  value: Any = UNLOADED, seq: int | None = None, hit_count: int = 0,
                  embedder: str | None = None) -> None:
@@ -60,6 +60,8 @@ class Entry:
         self.output_tokens = output_tokens
         self.vector = vector
         self.value = value
+        #: (block, row) of the vector in :attr:`Loaded.blocks` for entries read in bulk
+        self.source: tuple[int, int] | None = None
 
     @property
     def partition(self) -> tuple[str, str, str, str, str]:
@@ -68,13 +70,44 @@ class Entry:
                 self.embedder or "")
 
     def expired(self, now: dt.datetime) -> bool:
-        return self.expires_at is not None and now >= self.expires_at
+        if self.expires_at is None:
+            return False
+        if not isinstance(self.expires_at, dt.datetime):  # parsed on first use, not at load
+            self.expires_at = _as_datetime(self.expires_at)
+        return now >= self.expires_at  # type: ignore[operator]
+
+
+def _vectors_of(blobs: list[bytes | None]
+                ) -> tuple[list[np.ndarray], list[tuple[int, int] | None]]:
+    """One matrix per vector size from the raw bytes, and (matrix, row) per blob.
+
+    One ``b"".join`` + ``frombuffer`` instead of a small array per row: loading 100k
+    vectors this way is a single copy.
+    """
+    sources: list[tuple[int, int] | None] = [None] * len(blobs)
+    by_size: dict[int, list[int]] = {}
+    for position, blob in enumerate(blobs):
+        if blob:
+            by_size.setdefault(len(blob), []).append(position)
+    blocks = []
+    for size, positions in by_size.items():
+        blocks.append(np.frombuffer(b"".join([blobs[i] for i in positions]),  # type: ignore[misc]
+                                    dtype=np.float32).reshape(len(positions), size // 4))
+        for row, position in enumerate(positions):
+            sources[position] = (len(blocks) - 1, row)
+    return blocks, sources
 
 
 def _as_datetime(value: Any) -> dt.datetime | None:
     if value is None or isinstance(value, dt.datetime):
         return value
     return dt.datetime.fromisoformat(str(value))
+
+
+class Loaded(list):  # type: ignore[type-arg]
+    """Entries read from the database, with their vectors as a few contiguous matrices."""
+
+    blocks: list[np.ndarray]
 
 
 class CacheRows:
@@ -88,11 +121,12 @@ class CacheRows:
         self.table = CacheEntryRow.__table__  # type: ignore[attr-defined]
 
     def load(self, now: dt.datetime, *, limit: int | None = None,
-             after_seq: int = 0) -> list[Entry]:
+             after_seq: int = 0) -> Loaded:
         """Unexpired entries (newest first when limited), without their responses."""
-        sql = ("SELECT seq, key, namespace, model, price_model, params_hash, context_hash, "
-               "focus, embedder, embedding, task_type, created_at, expires_at, hit_count, "
-               "cost_nanos, input_tokens, output_tokens FROM budgetkit_cache_entry "
+        # Only what a lookup compares; the rest (response, cost, tokens ...) is read by
+        # touch() on a hit.
+        sql = ("SELECT seq, key, namespace, model, params_hash, context_hash, focus, "
+               "embedder, embedding, expires_at FROM budgetkit_cache_entry "
                "WHERE seq > :after AND (expires_at IS NULL OR expires_at > :now) "
                "ORDER BY seq DESC")
         params: dict[str, Any] = {"after": after_seq, "now": now}
@@ -101,20 +135,18 @@ class CacheRows:
             params["limit"] = limit
         with self.store.engine.connect() as conn:
             rows = conn.execute(text(sql), params).fetchall()
-        entries = []
-        for (seq, key, namespace, model, price_model, params_hash, context_hash, focus,
-             embedder, embedding, task_type, created_at, expires_at, hit_count, cost_nanos,
-             input_tokens, output_tokens) in reversed(rows):  # oldest first: LRU order
-            vector = (np.frombuffer(embedding, dtype=np.float32)
-                      if embedding is not None else None)
-            entries.append(Entry(
-                seq=seq, key=key, namespace=namespace, model=model, price_model=price_model,
-                params_hash=params_hash, context_hash=context_hash, focus=focus,
-                embedder=embedder, task_type=task_type,
-                created_at=_as_datetime(created_at),  # type: ignore[arg-type]
-                expires_at=_as_datetime(expires_at), hit_count=hit_count,
-                cost_nanos=cost_nanos, input_tokens=input_tokens,
-                output_tokens=output_tokens, vector=vector))
+        rows.reverse()  # oldest first: LRU order
+        entries = Loaded()
+        entries.blocks, sources = _vectors_of([row[8] for row in rows])
+        for source, (seq, key, namespace, model, params_hash, context_hash, focus, embedder,
+                     _, expires_at) in zip(sources, rows):
+            entry = Entry(seq=seq, key=key, namespace=namespace, model=model, price_model=None,
+                          params_hash=params_hash, context_hash=context_hash, focus=focus,
+                          embedder=embedder, task_type=None, created_at=None,
+                          expires_at=expires_at, cost_nanos=0, input_tokens=0,
+                          output_tokens=0, vector=None)
+            entry.source = source
+            entries.append(entry)
         return entries
 
     def upsert(self, entry: Entry, embedder: str | None) -> int:
@@ -135,15 +167,22 @@ class CacheRows:
             result = conn.execute(insert(self.table).values(**values))
             return int(result.inserted_primary_key[0])
 
-    def touch(self, key: str, now: dt.datetime) -> Any:
-        """Count a hit; returns the stored response, or :attr:`GONE` if the row is gone."""
+    def touch(self, entry: Entry, now: dt.datetime) -> Any:
+        """Count a hit and fill ``entry`` from its row; returns the stored response, or
+        :attr:`GONE` if another process deleted the row."""
+        table = self.table
         with self.store.engine.begin() as conn:
-            result = conn.execute(update(self.table).where(self.table.c.key == key).values(
-                hit_count=self.table.c.hit_count + 1, last_hit_at=now))
+            result = conn.execute(update(table).where(table.c.key == entry.key).values(
+                hit_count=table.c.hit_count + 1, last_hit_at=now))
             if not result.rowcount:
                 return self.GONE
-            return conn.execute(select(self.table.c.response)
-                                .where(self.table.c.key == key)).scalar_one()
+            row = conn.execute(select(
+                table.c.response, table.c.price_model, table.c.task_type, table.c.created_at,
+                table.c.cost_nanos, table.c.input_tokens, table.c.output_tokens,
+                table.c.hit_count).where(table.c.key == entry.key)).one()
+        (response, entry.price_model, entry.task_type, entry.created_at, entry.cost_nanos,
+         entry.input_tokens, entry.output_tokens, entry.hit_count) = row
+        return response
 
     def delete_keys(self, keys: Iterable[str]) -> None:
         keys = list(keys)
