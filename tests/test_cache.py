@@ -215,7 +215,15 @@ def test_invalidate_by_namespace_model_and_pattern(cache: ResponseCache) -> None
 # -- persistence and processes ---------------------------------------------------------------
 def test_entries_survive_restart_and_are_shared(tmp_path: Path, clock: Clock,
                                                 embedder: MiniLMEmbedder) -> None:
-    db = tmp_path / "shared.db"
+    _survive_and_share(str(tmp_path / "shared.db"), clock, embedder)
+
+
+def test_entries_survive_restart_and_are_shared_on_postgres(pg_url: str, clock: Clock,
+                                                            embedder: MiniLMEmbedder) -> None:
+    _survive_and_share(pg_url, clock, embedder)
+
+
+def _survive_and_share(db: str, clock: Clock, embedder: MiniLMEmbedder) -> None:
     with Engine(db, clock=clock) as first, Engine(db, clock=clock) as second:
         writer = ResponseCache(first, embedder=embedder, sync_interval=0.0)
         reader = ResponseCache(second, embedder=embedder, sync_interval=0.0)

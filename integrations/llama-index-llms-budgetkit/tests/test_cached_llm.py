@@ -167,3 +167,16 @@ def test_bad_arguments_are_typed_errors(engine: Engine) -> None:
         CachedLLM(llm="gpt-4o", engine=engine)
     with pytest.raises(ConfigurationError, match="engine= or cache="):
         CachedLLM(llm=PricedLLM())
+
+
+def test_caches_in_front_of_the_routed_llm(engine: Engine) -> None:
+    from llama_index.llms.budgetkit import RoutedLLM
+
+    inner = PricedLLM()
+    routed = RoutedLLM(models={MODEL: inner}, default_model=MODEL, engine=engine)
+    llm = CachedLLM(llm=routed, engine=engine)
+    first = llm.complete("Summarise our refund policy.")
+    second = llm.complete("Summarise our refund policy.")
+    assert inner.calls == 1 and second.text == first.text
+    statuses = sorted(row.status for row in engine.usage())
+    assert statuses == ["cached", "ok"]  # the routed call once, the hit once
