@@ -43,6 +43,8 @@ the handler as ``cached`` rows with zero cost and the money they saved.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import threading
@@ -174,6 +176,8 @@ class _Run:
     chunks: list[str] = field(default_factory=list)
     stream_tokens: int = 0
     skip: bool = False  # recorded by someone else (see the module docs)
+    task: Any = None  # the asyncio task running the call (async path), watched for cancel
+    on_done: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +334,44 @@ class _Tracker:
         kwargs.pop("max_output_tokens", None)
         run.deferred = kwargs
         self._runs[run_id] = run
+        self._watch_task(run_id, run)
 
     def _started(self, run_id: UUID, run: _Run, ticket: Ticket) -> None:
         run.ticket = ticket
         self._runs[run_id] = run
+        self._watch_task(run_id, run)
+
+    # -- cancellation -----------------------------------------------------------------------
+    def _watch_task(self, run_id: UUID, run: _Run) -> None:
+        """On the async path, notice a cancelled call: ``ainvoke`` fires no event for it."""
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # no event loop in this thread: the sync path
+            return
+        if task is not None:
+            run.task = task
+            run.on_done = functools.partial(self._task_done, run_id)
+            task.add_done_callback(run.on_done)
+
+    def _task_done(self, run_id: UUID, task: asyncio.Task[Any]) -> None:
+        if run_id not in self._runs:
+            return  # the run ended normally
+        try:
+            error = (asyncio.CancelledError() if task.cancelled()
+                     else task.exception() or RuntimeError("the model run ended unfinished"))
+            outcome = self._plan_error(error, run_id)
+            if outcome is not None:
+                self._execute(outcome)
+        except Exception:
+            _log_failure("cancellation")
+
+    def _take(self, run_id: UUID) -> _Run | None:
+        """Remove and return a run's state at its end (and stop watching its task)."""
+        self._close(run_id)
+        run = self._runs.pop(run_id, None)
+        if run is not None and run.task is not None:
+            run.task.remove_done_callback(run.on_done)
+        return run
 
     # -- streaming ------------------------------------------------------------------------
     def _on_token(self, token: Any, run_id: UUID) -> tuple[Ticket, int] | None:
@@ -352,8 +390,7 @@ class _Tracker:
 
     # -- end ------------------------------------------------------------------------------
     def _plan_end(self, response: LLMResult, run_id: UUID) -> _Outcome | None:
-        self._close(run_id)
-        run = self._runs.pop(run_id, None)
+        run = self._take(run_id)
         if run is None:
             return None
         generation = next((gen for gens in response.generations for gen in gens), None)
@@ -420,8 +457,7 @@ class _Tracker:
         return Usage(input_tokens, output_tokens)
 
     def _plan_error(self, error: BaseException, run_id: UUID) -> _Outcome | None:
-        self._close(run_id)
-        run = self._runs.pop(run_id, None)
+        run = self._take(run_id)
         if run is None or run.ticket is None:
             return None
         partial = "".join(run.chunks)
@@ -487,8 +523,10 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
     gives every row the chain's root run id), or to a model's ``callbacks=``. Handler-level
     ``user_id`` / ``session_id`` / ``project`` / ``operation_type`` / ``task_type`` /
     ``tags`` / ``metadata`` are defaults; the run's ``metadata`` and ``tags`` override and
-    extend them. Works on both the sync and the async path (LangChain runs sync handlers in
-    a thread pool there) and is thread-safe (``batch`` runs calls on several threads).
+    extend them. Works on both the sync and the async path (it runs inline in the caller's
+    task there, so keep budgets' database fast) and is thread-safe (``batch`` runs calls on
+    several threads). A cancelled ``ainvoke`` is recorded as an ``error`` row
+    (``CancelledError``) when its task ends.
 
     Running totals of the calls it recorded: ``calls``, ``input_tokens``,
     ``output_tokens``, ``cached_input_tokens``, ``reasoning_tokens``, ``total_tokens``,
@@ -496,6 +534,9 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
     """
 
     raise_error = True  # budget stops must reach the caller; everything else is caught
+    # Run in the caller's task on the async path too: no thread-pool hop per event, and a
+    # cancelled ``ainvoke`` (which fires no LangChain event) is seen through its task.
+    run_inline = True
 
     def __init__(self, engine: Engine, *, user_id: str | None = None,
                  session_id: str | None = None, project: str | None = None,
@@ -611,6 +652,7 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
     """
 
     raise_error = True
+    run_inline = True  # awaited in the caller's task (see BudgetkitCallbackHandler)
 
     def __init__(self, engine: Engine, *, user_id: str | None = None,
                  session_id: str | None = None, project: str | None = None,
@@ -715,8 +757,6 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
         if self.engine._budgets is None:  # nothing touches the database on the hot path
             self._execute(outcome)
         else:
-            import asyncio
-
             await asyncio.to_thread(self._execute, outcome)
 
 

@@ -323,3 +323,68 @@ def test_calls_recorded_elsewhere_are_skipped(engine, usage_model):
     assert engine.usage() == [] and handler._runs == {} and handler._roots == {}
     model.invoke("a plain call", config={"callbacks": [handler]})
     assert len(engine.usage()) == 1
+
+
+async def test_cancelled_call_is_an_error_row_without_cost(engine, usage_model):
+    started = asyncio.Event()
+
+    class HangingModel(usage_model):  # type: ignore[misc, valid-type]
+        async def _agenerate(self, messages, stop=None, run_manager=None, **kwargs):
+            started.set()
+            await asyncio.Event().wait()  # never answers
+
+    handler = BudgetkitCallbackHandler(engine)
+    task = asyncio.create_task(HangingModel(usage=USAGE).ainvoke(
+        "hi", config={"callbacks": [handler]}))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # LangChain reports the cancellation from a shielded task that may finish just after
+    # the caller sees CancelledError: wait for it (a synchronisation wait, not a timing).
+    for _ in range(500):
+        if not handler._runs:
+            break
+        await asyncio.sleep(0.01)
+    [row] = engine.usage()
+    assert row.status == "error" and row.error_type == "CancelledError"
+    assert row.cost_nanos == 0 and handler._runs == {}
+
+
+def test_metered_embeddings_budget_stop_and_errors(engine):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from langchain_budgetkit import MeteredEmbeddings
+
+    class FailingEmbedding(DeterministicFakeEmbedding):
+        def embed_query(self, text: str) -> list[float]:
+            raise ConnectionError("embedding service down")
+
+    metered = MeteredEmbeddings(FailingEmbedding(size=4), engine,
+                                model="text-embedding-3-small", project="search")
+    assert len(metered.embed_documents(["one doc", "two docs"])[0]) == 4
+    with pytest.raises(ConnectionError):
+        metered.embed_query("q")
+    engine.add_budget(Budget(limit=0.000001, require_approval=False))
+    with pytest.raises(BudgetExceeded):
+        metered.embed_documents(["a long document " * 50])
+    ok, failed, blocked = engine.usage()
+    assert (ok.operation_type, ok.status, ok.project) == ("embedding", "ok", "search")
+    assert ok.input_tokens == sum(engine.count_tokens(t, "text-embedding-3-small")
+                                  for t in ["one doc", "two docs"])
+    assert ok.usage_source == "estimated"
+    assert (failed.operation_type, failed.status, failed.cost_nanos) == (
+        "query_embedding", "error", 0)
+    assert blocked.status == "blocked"
+
+
+def test_metered_embeddings_needs_a_priced_model(engine):
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    from budgetkit import ConfigurationError
+    from langchain_budgetkit import MeteredEmbeddings
+
+    with pytest.raises(ConfigurationError, match="pass model="):
+        MeteredEmbeddings(DeterministicFakeEmbedding(size=4), engine)
+    with pytest.raises(UnknownModelError, match="acme-embed"):
+        MeteredEmbeddings(DeterministicFakeEmbedding(size=4), engine, model="acme-embed")
