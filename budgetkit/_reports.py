@@ -695,10 +695,13 @@ def _budget_advice(src: _Source) -> list[Recommendation]:
         percent = status.get("percent")
         if percent is None or percent < BUDGET_NEAR:
             continue
+        used, limit = status.get("used") or 0, status.get("limit") or 0
+        amounts = (f"${used:.4f} of ${limit:.4f}" if status.get("unit") == "usd"
+                   else f"{used:,.0f} of {limit:,.0f} tokens")
+        who = f" for {status['scope']}" if status.get("scope_key") else ""
         recs.append(Recommendation(
-            "budget", f"Budget {status.get('name')!r} is at {percent:.0f}% of its "
-            f"{status.get('period', '')} limit ({status.get('used')} of {status.get('limit')}"
-            f" {status.get('unit', '')}) - raise it, or route and cache more",
+            "budget", f"Budget {status.get('name')!r}{who} is at {percent:.0f}% of its "
+            f"{status.get('period', '')} limit ({amounts}) - raise it, or route and cache more",
             "budget_percent", round(float(percent), 2), BUDGET_NEAR))
     return recs
 
