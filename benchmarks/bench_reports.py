@@ -69,7 +69,7 @@ def generate(path: str, rows: int) -> float:
                '{{}}', printf('%032x', x % 50000)
         FROM n
     """)
-    conn.execute(f"""
+    conn.execute("""
         INSERT INTO budgetkit_usage_tag (usage_id, tag)
         SELECT id, json_extract(tags, '$[0]') FROM budgetkit_usage WHERE tags != '[]'
     """)

@@ -329,7 +329,8 @@ def _render_periodic(report: dict[str, Any]) -> str:
     for a in report.get("anomalies", []):
         lines.append(f"Anomaly: {a['description']}")
     if report.get("recommendations"):
-        lines += ["", "Recommendations", *[f"  - {r['message']}" for r in report["recommendations"]]]
+        lines += ["", "Recommendations",
+                  *[f"  - {r['message']}" for r in report["recommendations"]]]
     return "\n".join(lines)
 
 

@@ -102,7 +102,8 @@ def test_time_buckets_are_utc_days_monday_weeks_and_months(db_url: str,
         for when in stamps:
             record_at(engine, clock, when, i=100, o=0)
         kw = dict(start_date="2025-01-01", end_date="2025-02-28")
-        days = {g.key["day"]: g.calls for g in budgetkit.summarize(engine, group_by="day", **kw).groups}
+        days = {g.key["day"]: g.calls
+                for g in budgetkit.summarize(engine, group_by="day", **kw).groups}
         weeks = {g.key["week"]: g.calls
                  for g in budgetkit.summarize(engine, group_by="week", **kw).groups}
         months = {g.key["month"]: g.calls
