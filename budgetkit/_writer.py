@@ -60,6 +60,7 @@ class BatchWriter:
         self._written = 0
         self.dropped = 0
         self._failing = False
+        self._dropping = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -121,8 +122,10 @@ class BatchWriter:
                 self._backlog.popleft()
             self.dropped += overflow
             self._written_cv.notify_all()
-            logger.error("budgetkit: usage backlog full (%d rows); dropped the %d oldest",
-                         self._max_backlog, overflow)
+            if not self._dropping:  # once per outage, not once per call
+                self._dropping = True
+                logger.error("budgetkit: usage backlog full (%d rows); dropping the oldest "
+                             "rows until the database is back", self._max_backlog)
 
     def _take_batch(self) -> list[_Row]:
         with self._lock:
@@ -161,6 +164,10 @@ class BatchWriter:
             delay = self._retry_initial
             with self._lock:
                 self._written += len(batch)
+                if self._dropping:
+                    self._dropping = False
+                    logger.error("budgetkit: %d usage rows were dropped in all while the "
+                                 "database was unreachable", self.dropped)
                 if self._failing:
                     self._failing = False
                     logger.warning("budgetkit: usage store reachable again; backlog of %d "

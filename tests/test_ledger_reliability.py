@@ -180,6 +180,33 @@ def test_sqlite_file_gone_then_back(tmp_path, caplog):
         assert len(engine.usage()) == 51
 
 
+def test_rows_kept_in_memory_up_to_a_bound(tmp_path, caplog):
+    folder = tmp_path / "ledger"
+    folder.mkdir()
+    with Engine(db=str(folder / "usage.db"), max_queue=10, max_backlog=40) as engine:
+        handler = BudgetkitCallbackHandler(engine)
+        model = TinyChatModel()
+        hidden = tmp_path / "unmounted"
+        folder.rename(hidden)
+        (tmp_path / "ledger").write_text("not a folder")
+        engine.store.engine.dispose()
+        with caplog.at_level(logging.ERROR, logger="budgetkit"):
+            for i in range(100):
+                assert model.invoke(f"call {i}", config={
+                    "callbacks": [handler], "metadata": {"request_id": f"call-{i}"}}).content
+            assert wait_until(lambda: engine._writer.dropped >= 50)
+            (tmp_path / "ledger").unlink()
+            hidden.rename(folder)
+            assert engine.flush(timeout=30)
+        rows = engine.usage()
+        assert 40 <= len(rows) <= 50  # the bound (backlog + hand-over queue), newest kept
+        assert len(rows) + engine._writer.dropped == 100
+        full = [r for r in caplog.records if "backlog full" in r.getMessage()]
+        assert len(full) == 1  # once per outage, not per dropped call
+        kept = {row.request_id for row in rows}
+        assert "call-99" in kept and "call-0" not in kept  # the oldest rows go first
+
+
 class _TcpProxy:
     """A TCP forwarder on a fixed local port that can be stopped (connection refused) and
     started again, standing in for a database server that goes down and comes back."""
