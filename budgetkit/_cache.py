@@ -328,13 +328,21 @@ class ResponseCache:
         now = self.now()
         with self._lock:
             self._maybe_sync(now)
-            found = self._find(request, now, use_semantic)
+            found = self._find_exact(request, now)
+            worth_embedding = (found is None and use_semantic and bool(request.focus)
+                               and bool(request.focus.strip())  # type: ignore[union-attr]
+                               and self._has_partition(request))
+        if worth_embedding:
+            query = self._embed(request.focus)  # type: ignore[arg-type]  # outside the lock
+            with self._lock:
+                found = self._find_similar(request, query, now)
+        value = self._rows.touch(found[0], now) if found is not None else None
+        with self._lock:
             stats = self._stats_for(request.namespace)
             if found is None:
                 stats.misses += 1
                 return None
             entry, kind, similarity = found
-            value = self._rows.touch(entry, now)
             if value is _GONE:  # another process invalidated it
                 self._drop(entry)
                 stats.misses += 1
@@ -355,19 +363,24 @@ class ResponseCache:
         """:meth:`lookup` off the event loop (it may embed and touch the database)."""
         return await asyncio.to_thread(functools.partial(self.lookup, **kwargs))
 
-    def _find(self, request: _Request, now: dt.datetime,
-              use_semantic: bool) -> tuple[Entry, HitKind, float] | None:
+    def _find_exact(self, request: _Request,
+                    now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
         entry = self._entries.get(request.key)
         if entry is not None:
             if not entry.expired(now):
                 return entry, "exact", 1.0
             self._drop(entry, delete=True)
-        if not use_semantic or request.focus is None or not request.focus.strip():
-            return None
+        return None
+
+    def _has_partition(self, request: _Request) -> bool:
         index = self._indexes.get(request.partition(self._embedder_name()))
-        if index is None or len(index) == 0:
+        return index is not None and len(index) > 0
+
+    def _find_similar(self, request: _Request, query: np.ndarray,
+                      now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
+        index = self._indexes.get(request.partition(self._embedder_name()))
+        if index is None or not request.focus:
             return None
-        query = self._embed(request.focus)
         facts = extract_facts(request.focus) if self.guard else None
         for seq, score in index.search(query, threshold=self.threshold, k=self.candidates):
             candidate = self._by_seq.get(seq)

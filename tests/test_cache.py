@@ -299,3 +299,27 @@ def test_bad_input_is_a_typed_error_and_changes_nothing(cache: ResponseCache) ->
     with pytest.raises(ConfigurationError, match="threshold"):
         ResponseCache(cache.engine, threshold=1.5)
     assert len(cache) == 0
+
+
+def test_threads_share_one_cache_safely(cache: ResponseCache) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    questions = [f"What is {n} plus {n}?" for n in range(20)]
+
+    def work(question: str) -> bool:
+        if cache.lookup(model=MODEL, prompt=question, record=False) is None:
+            cache.store(question.upper(), model=MODEL, prompt=question)
+        hit = cache.lookup(model=MODEL, prompt=question, record=False)
+        return hit is not None and hit.value == question.upper()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(work, questions * 3))
+    assert len(cache) == 20  # the guard kept "1 plus 1" and "2 plus 2" apart
+
+
+async def test_async_lookup_and_store(cache: ResponseCache) -> None:
+    await cache.astore("Paris", model=MODEL, prompt="What is the capital of France?")
+    hit = await cache.alookup(model=MODEL, prompt="What's the capital of France?")
+    assert hit is not None and hit.value == "Paris"
+    await cache.aclear()
+    assert await cache.alookup(model=MODEL, prompt="What is the capital of France?") is None
