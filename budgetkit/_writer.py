@@ -74,7 +74,9 @@ class BatchWriter:
             self._submitted += 1
             if len(self._queue) < self._max_queue:
                 self._queue.append(row)
-            else:  # never block the caller: keep it in the backlog instead
+            else:  # never block the caller: move everything to the backlog, oldest first
+                self._backlog.extend(self._queue)
+                self._queue.clear()
                 self._append_backlog([row])
             batch_ready = len(self._queue) == self._batch_size
         if batch_ready:
