@@ -23,7 +23,6 @@ import asyncio
 import datetime as dt
 import fnmatch
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -37,6 +36,7 @@ import numpy as np
 from cachetools import Cache, LRUCache
 
 from ._cache_guard import extract_facts, facts_conflict
+from ._cache_keys import CacheRequest, canonical_json, make_request
 from ._cache_store import UNLOADED, CacheRows, Entry, Loaded
 from ._embedders import Embedder, as_embedder
 from ._errors import ConfigurationError, UnknownModelError
@@ -63,14 +63,6 @@ DEFAULT_TASK_TTLS: dict[str, dt.timedelta] = {
 #: Chosen with benchmarks/bench_cache_quality.py: with the guard on, the tuning set's
 #: false-hit rate is 0 % from 0.75 up and the served-paraphrase rate falls off above 0.85.
 DEFAULT_THRESHOLD = 0.85
-
-# Parameters that never change an answer, so they stay out of the key.
-_IGNORED_PARAMS = frozenset({
-    "stream", "stream_options", "timeout", "request_timeout", "max_retries", "user",
-    "metadata", "tags", "callbacks", "run_name", "run_id", "api_key", "base_url",
-    "api_base", "organization", "headers", "extra_headers", "http_client",
-})
-_MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "function_call")
 
 HitKind = Literal["exact", "semantic"]
 
@@ -117,86 +109,6 @@ class CacheStats:
     @property
     def saved(self) -> float:
         return nanos_to_usd(self.saved_nanos)
-
-
-@dataclass(frozen=True)
-class _Request:
-    """A prompt reduced to what the cache compares."""
-
-    namespace: str
-    model: str
-    key: str
-    params_hash: str
-    context_hash: str
-    focus: str | None  # None: only exact lookups (no user message to compare)
-
-    def partition(self, embedder: str) -> tuple[str, str, str, str, str]:
-        return (self.namespace, self.model, self.params_hash, self.context_hash, embedder)
-
-
-def _canonical(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      default=repr)
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):
-        parts = [part.get("text", "") if isinstance(part, Mapping) else str(part)
-                 for part in content]
-        return "\n".join(part for part in parts if part)
-    return "" if content is None else str(content)
-
-
-def _canonical_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    canonical = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message:
-            raise ConfigurationError(
-                f"messages[{index}] must be a dict with 'role' and 'content', got "
-                f"{type(message).__name__}")
-        canonical.append({field: message[field] for field in _MESSAGE_FIELDS
-                          if message.get(field) is not None})
-    return canonical
-
-
-def make_request(*, namespace: str, model: str, prompt: str | None = None,
-                 messages: Sequence[Mapping[str, Any]] | None = None,
-                 params: Mapping[str, Any] | None = None) -> _Request:
-    """Canonicalise one lookup; raises :class:`ConfigurationError` for bad input."""
-    if not namespace or not isinstance(namespace, str):
-        raise ConfigurationError(f"namespace must be a non-empty string, got {namespace!r}")
-    if not model or not isinstance(model, str):
-        raise ConfigurationError(f"model must be a non-empty string, got {model!r}")
-    if (prompt is None) == (messages is None):
-        raise ConfigurationError("give exactly one of prompt= or messages=")
-    kept = {name: value for name, value in (params or {}).items()
-            if name not in _IGNORED_PARAMS and value is not None}
-    params_text = _canonical(kept)
-    if prompt is not None:
-        if not isinstance(prompt, str):
-            raise ConfigurationError(f"prompt must be a string, got {type(prompt).__name__}")
-        body: Any = {"prompt": prompt}
-        context_hash, focus = "", prompt
-    else:
-        canonical = _canonical_messages(messages or [])
-        if not canonical:
-            raise ConfigurationError("messages must not be empty")
-        body = {"messages": canonical}
-        last = canonical[-1]
-        if last["role"] == "user":
-            focus = _text_of(last.get("content"))
-            context_hash = _sha(_canonical(canonical[:-1])) if len(canonical) > 1 else ""
-        else:  # ends with a tool result or an assistant turn: exact matches only
-            focus, context_hash = None, _sha(_canonical(canonical))
-    key = _sha(_canonical({"namespace": namespace, "model": model, "params": kept, **body}))
-    return _Request(namespace=namespace, model=model, key=key,
-                    params_hash=_sha(params_text), context_hash=context_hash, focus=focus)
 
 
 class ResponseCache:
@@ -363,7 +275,7 @@ class ResponseCache:
         """:meth:`lookup` off the event loop (it may embed and touch the database)."""
         return await asyncio.to_thread(functools.partial(self.lookup, **kwargs))
 
-    def _find_exact(self, request: _Request,
+    def _find_exact(self, request: CacheRequest,
                     now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
         entry = self._entries.get(request.key)
         if entry is not None:
@@ -372,11 +284,11 @@ class ResponseCache:
             self._drop(entry, delete=True)
         return None
 
-    def _has_partition(self, request: _Request) -> bool:
+    def _has_partition(self, request: CacheRequest) -> bool:
         index = self._indexes.get(request.partition(self._embedder_name()))
         return index is not None and len(index) > 0
 
-    def _find_similar(self, request: _Request, query: np.ndarray,
+    def _find_similar(self, request: CacheRequest, query: np.ndarray,
                       now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
         index = self._indexes.get(request.partition(self._embedder_name()))
         if index is None or not request.focus:
@@ -699,7 +611,7 @@ def cached(cache: ResponseCache, model: str | None = None, *, namespace: str | N
             if semantic and len(arguments) == 1 and len(texts) == 1:
                 prompt = texts[0]
             else:
-                prompt = _canonical({"function": function.__qualname__, "args": arguments})
+                prompt = canonical_json({"function": function.__qualname__, "args": arguments})
             return {"model": identity, "prompt": prompt, "namespace": namespace,
                     "params": {"function": f"{function.__module__}.{function.__qualname__}"}}
 
