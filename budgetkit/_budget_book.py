@@ -88,19 +88,34 @@ WHERE ticket_id = :ticket AND window_id = :wid RETURNING amount"""
 
 
 @functools.lru_cache(maxsize=64)
-def _reserve_many_sql(count: int) -> str:
-    """:data:`_RESERVE_SQL` for ``count`` windows at once (params w0.., a0.., c0..)."""
+def _reserve_many_sql(count: int, dialect: str) -> str:
+    """:data:`_RESERVE_SQL` for ``count`` windows at once (params w0.., a0.., c0..).
+
+    On PostgreSQL the rows are first locked in id order (as every other budget
+    transaction takes them), because a multi-row UPDATE locks in scan order and two
+    such orders could deadlock. SQLite locks the whole database, so it needs no order.
+    """
+    table = "budgetkit_budget_window"
+    # SQLite's RETURNING cannot name an alias, so each dialect gets its own spelling.
+    row = "w" if dialect == "postgresql" else table
+
     def case(param: str) -> str:
         whens = " ".join(f"WHEN :w{i} THEN :{param}{i}" for i in range(count))
-        return f"(CASE id {whens} END)"
+        return f"(CASE {row}.id {whens} END)"
 
     ids = ", ".join(f":w{i}" for i in range(count))
-    return f"""
-UPDATE budgetkit_budget_window SET reserved = reserved + {case("a")}
-WHERE id IN ({ids}) AND spent + reserved + {case("a")} <= {case("c")} + COALESCE(
+    approved = f"""COALESCE(
     (SELECT SUM(extra) FROM budgetkit_budget_approval
-     WHERE window_id = budgetkit_budget_window.id
-       AND (expires_at IS NULL OR expires_at > :now)), 0)
+     WHERE window_id = {row}.id AND (expires_at IS NULL OR expires_at > :now)), 0)"""
+    if dialect == "postgresql":
+        return f"""
+WITH locked AS MATERIALIZED (SELECT id FROM {table} WHERE id IN ({ids}) ORDER BY id FOR UPDATE)
+UPDATE {table} AS w SET reserved = w.reserved + {case("a")} FROM locked
+WHERE w.id = locked.id AND w.spent + w.reserved + {case("a")} <= {case("c")} + {approved}
+RETURNING w.id, w.spent, w.reserved"""
+    return f"""
+UPDATE {table} SET reserved = reserved + {case("a")}
+WHERE id IN ({ids}) AND spent + reserved + {case("a")} <= {case("c")} + {approved}
 RETURNING id, spent, reserved"""
 
 
@@ -474,8 +489,8 @@ class BudgetBook:
             for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
                 params.update({f"w{index}": window_id, f"a{index}": amount,
                                f"c{index}": budget.stop_amount})
-            got = {int(row[0]): (int(row[1]), int(row[2]))
-                   for row in run(_reserve_many_sql(len(plan)), params)}
+            sql = _reserve_many_sql(len(plan), self._driver.dialect)
+            got = {int(row[0]): (int(row[1]), int(row[2])) for row in run(sql, params)}
             for index, item in enumerate(plan):
                 if item[0] not in got:
                     raise _NoRoom(index)  # rolls back the windows reserved
@@ -582,12 +597,17 @@ class BudgetBook:
                 logger.exception("budgetkit: settling budget reservations failed")
 
     def _settle_batch(self, items: Sequence[_Settlement]) -> None:
-        try:
-            updates = self._settle_rows(items)
-        except self._driver.errors:  # the reservations expire; usage rows are still written
-            logger.exception("budgetkit: could not settle %d ticket(s) in their budgets",
-                             len(items))
-            return
+        for attempt in range(1, 4):
+            try:
+                updates = self._settle_rows(items)
+                break
+            except self._driver.errors:
+                if attempt < 3:  # a deadlock victim or a dropped connection: try again
+                    continue
+                # The reservations expire; the usage rows are still written.
+                logger.exception("budgetkit: could not settle %d ticket(s) in their budgets",
+                                 len(items))
+                return
         for item, spent, reserved in updates:
             budget = item.budget
             for threshold in budget.alert_at:
@@ -706,7 +726,8 @@ class BudgetBook:
                   if budget.period not in ("run", "total") else f"{budget.period} window")
         stop = budget.stop_amount + extra
         what = "streaming call outgrew its reservation" if streaming else "call"
-        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {window}) stops this {what}: needs {fmt(amount)}, spent {fmt(spent)}, "
+        message = (f"budget {budget.name!r} ({budget.describe_key(key)}, {window}) stops this "
+                   f"{what}: needs {fmt(amount)}, spent {fmt(spent)}, "
                    f"reserved {fmt(reserved)}, limit {fmt(budget.limit_amount)}"
                    f"{f' (stops at {fmt(stop)})' if stop != budget.limit_amount else ''}, "
                    f"level {level}")

@@ -40,7 +40,7 @@ def random_call(engine: Engine, rng: random.Random, **attribution: object) -> in
                 return None
             time.sleep(0.0005)  # others' calls are in flight; their actuals may leave room
             continue
-        time.sleep(rng.random() * 0.001)
+        time.sleep(rng.random() * 0.003)  # the provider call
         record = engine.settle(ticket, output_tokens=rng.randint(0, ticket.max_output_tokens))
         assert record is not None
         return record.cost_nanos
@@ -56,13 +56,20 @@ from budgetkit import Budget, Engine
 db, name, seed, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
 engine = Engine(db=db)
 engine.add_budget(Budget(name=name, limit=1.00, period="total"))
+# a second, roomy budget per process: every admit reserves two windows in one statement
+engine.add_budget(Budget(name=name + "-user", limit=100.0, scope="user", period="total"))
 totals, calls = [], []
+errors = []
 def worker(i):
     rng = random.Random(seed * 100 + i)
     spent = n = 0
-    while (cost := random_call(engine, rng)) is not None:
-        spent += cost
-        n += 1
+    try:
+        while (cost := random_call(engine, rng, user_id=f"p{{seed}}")) is not None:
+            spent += cost
+            n += 1
+    except BaseException as exc:
+        errors.append(exc)
+        raise
     totals.append(spent)
     calls.append(n)
 threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
@@ -72,12 +79,14 @@ while not go.exists():
 for t in threads: t.start()
 for t in threads: t.join()
 engine.close()
+if errors:
+    sys.exit(f"worker failed: {{errors[0]!r}}")
 print(json.dumps({{"spent": sum(totals), "calls": sum(calls)}}))
 """
 
 
 def window_totals(engine: Engine, name: str) -> tuple[int, int]:
-    [status] = engine.budget_status(name)
+    [status] = [s for s in engine.budget_status(name) if s.budget == name]
     return round(status.used * 1e9), round(status.reserved * 1e9)
 
 
@@ -106,7 +115,8 @@ def run_processes(db: str, tmp_path: Path) -> None:
     spent, reserved = window_totals(parent, name)
     ledger = sum(row.cost_nanos for row in parent.usage() if row.status == "ok")
     parent.close()
-    assert all(result["calls"] > 0 for result in results)
+    # processes really raced (on a loaded machine one may start late and find nothing left)
+    assert sum(result["calls"] > 0 for result in results) >= 2
     assert reserved == 0
     assert settled == spent == ledger  # the window, the workers and the ledger agree
     assert settled <= 1_000_000_000, "the budget was exceeded"
