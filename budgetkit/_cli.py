@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     span.add_argument("--tag")
 
     parser = _Parser(prog="budgetkit", parents=[common],
-                     description="See where LLM money goes, bound it, and spend less.")
+                     description="See where LLM money goes, bound it, and spend less.",
+                     epilog="exit codes: 0 ok, 1 the work failed (e.g. database unreachable), "
+                            "2 wrong argument or input, 3 optional dependency missing")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     report = sub.add_parser("report", parents=[common, span], help="usage and cost reports")
