@@ -422,12 +422,19 @@ class BudgetBook:
     def _targets(self, ticket: Any, now: dt.datetime, *, create: bool = True
                  ) -> list[tuple[Budget, str, dt.datetime, int | None]]:
         targets = []
+        solo = not (getattr(ticket, "root_run_id", None) or getattr(ticket, "run_id", None))
         for budget in self._budgets.values():
             keys = budget.window_keys(ticket)
             if not keys:
                 continue
             start, end = self._window_bounds(budget, now)
             for key in keys:
+                if solo and (budget.period == "run"
+                             or (budget.scope == "run" and budget.match is None)):
+                    # A call outside any run is a run of its own: nothing can share its
+                    # window, so it is checked in memory (window id None), not stored.
+                    targets.append((budget, key, start, None))
+                    continue
                 targets.append((budget, key, start,
                                 self._window_id(budget, key, start, end, now, create=create)))
         return targets
@@ -449,9 +456,18 @@ class BudgetBook:
         if self._last_reap is None or (now - self._last_reap).total_seconds() >= REAP_INTERVAL:
             self._last_reap = now
             self.reap(now)
+        solo = [(None, budget, key, start, _worst_case(budget, ticket))
+                for budget, key, start, window_id in targets if window_id is None]
+        for _none, budget, key, start, amount in solo:
+            if amount > budget.stop_amount:
+                raise self._blocked(budget, key, start, None, amount, now)
         plan = sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
-                       for budget, key, start, window_id in targets), key=lambda item: item[0])
+                       for budget, key, start, window_id in targets if window_id is not None),
+                      key=lambda item: item[0])
+        results: list[tuple[int, int]] = []
         for attempt in (1, 2):
+            if not plan:
+                break
             try:
                 results = self._reserve_all(ticket.id, plan, now)
                 break
@@ -464,6 +480,8 @@ class BudgetBook:
                     self.reap(now, window_id=window_id)
                     continue
                 raise self._blocked(budget, key, start, window_id, amount, now) from None
+        plan = [*plan, *solo]
+        results = [*results, *((0, item[4]) for item in solo)]
         ticket.reservations = [Reservation(window_id, budget, key, start, amount)
                                for window_id, budget, key, start, amount in plan]
         self._judge(ticket, plan, results)
@@ -516,8 +534,9 @@ class BudgetBook:
                     " used or reserved")
                 if verdict == "review":
                     review.append(budget.name)
-                self._alert(window_id, budget, key, start, f"level:{level}", level, None,
-                            spent, reserved)
+                if window_id is not None:  # a lone call's run has no stored window
+                    self._alert(window_id, budget, key, start, f"level:{level}", level, None,
+                                spent, reserved)
             limit = budget.limit_amount
             if budget.downgrade_below is not None \
                     and max(0, limit - used) / limit < budget.downgrade_below:
@@ -632,6 +651,8 @@ class BudgetBook:
                 held.update({(str(t), int(w)): int(a) for t, w, a in rows})
             for item in items:
                 for reservation in item.reservations:
+                    if reservation.window_id is None:  # a lone call's run: nothing stored
+                        continue
                     actual = item.cost_nanos if reservation.budget.unit == "usd" else item.tokens
                     # 0 when never held, or when the reaper already gave it back
                     give_back = held.get((item.ticket_id, reservation.window_id), 0)
@@ -664,6 +685,12 @@ class BudgetBook:
             if needed <= item.amount:
                 continue  # the common case: no database trip per token
             now = self.clock()
+            if item.window_id is None:  # a lone call's run: its own stop is the only limit
+                if needed > budget.stop_amount:
+                    raise self._blocked(budget, item.scope_key, item.window_start, None,
+                                        needed, now, streaming=True)
+                item.amount = needed
+                continue
             grow_by = [max(needed - item.amount, item.amount // 4, 1), needed - item.amount]
             for grow in dict.fromkeys(grow_by):
                 if self._grow(ticket.id, item, grow, now):
@@ -713,13 +740,16 @@ class BudgetBook:
         return reclaimed
 
     # -- blocking, alerts -------------------------------------------------------------
-    def _blocked(self, budget: Budget, key: str, start: dt.datetime, window_id: int,
+    def _blocked(self, budget: Budget, key: str, start: dt.datetime, window_id: int | None,
                  amount: int, now: dt.datetime, *, streaming: bool = False) -> BudgetExceeded:
-        with self.store.engine.connect() as conn:
-            row = conn.execute(select(W.c.spent, W.c.reserved).where(W.c.id == window_id)).one()
-            extra = int(conn.execute(select(_APPROVED), {"wid": window_id, "now": now}).scalar()
-                        or 0)
-        spent, reserved = int(row[0]), int(row[1])
+        spent = reserved = extra = 0
+        if window_id is not None:
+            with self.store.engine.connect() as conn:
+                row = conn.execute(select(W.c.spent, W.c.reserved)
+                                   .where(W.c.id == window_id)).one()
+                extra = int(conn.execute(select(_APPROVED),
+                                         {"wid": window_id, "now": now}).scalar() or 0)
+            spent, reserved = int(row[0]), int(row[1])
         level = budget.level_of(spent + reserved + amount)
         fmt = budget.format_amount
         window = (f"{budget.period} window {start.isoformat(sep=' ')} UTC"
@@ -731,10 +761,18 @@ class BudgetBook:
                    f"reserved {fmt(reserved)}, limit {fmt(budget.limit_amount)}"
                    f"{f' (stops at {fmt(stop)})' if stop != budget.limit_amount else ''}, "
                    f"level {level}")
-        if budget.require_approval:
-            message += f"; engine.approve({budget.name!r}) lifts the stop for this window"
-        error_type = ApprovalRequired if budget.require_approval else BudgetExceeded
-        self._alert(window_id, budget, key, start, "blocked", "critical", None, spent, reserved)
+        if budget.require_approval and window_id is not None:
+            value = key.split("\x1f")[0] if key and not key.startswith("run:") else None
+            run = next((part[4:] for part in key.split("\x1f") if part.startswith("run:")),
+                       None)
+            args = "".join([repr(budget.name), f", key={value!r}" if value else "",
+                            f", run_id={run!r}" if run else ""])
+            message += f"; engine.approve({args}) lifts the stop for this window"
+        error_type = (ApprovalRequired if budget.require_approval and window_id is not None
+                      else BudgetExceeded)
+        if window_id is not None:
+            self._alert(window_id, budget, key, start, "blocked", "critical", None, spent,
+                        reserved)
         return error_type(message, budget=budget.name, window=start, scope_key=key,
                           spent=budget.to_unit(spent), reserved=budget.to_unit(reserved),
                           limit=budget.to_unit(budget.limit_amount), level=level,

@@ -335,6 +335,21 @@ def test_per_run_period_keys_each_run(engine: Engine) -> None:
     call(engine, cost_in=2000, out=0, run_id="r2")
 
 
+def test_a_call_outside_any_run_is_a_run_of_its_own(engine: Engine) -> None:
+    engine.add_budget(Budget(name="per-run", limit=3000, unit="tokens", period="run"))
+    for _ in range(3):  # each lone call is checked alone, in memory: no stored window
+        call(engine, cost_in=2000, out=500)
+    with pytest.raises(BudgetExceeded) as info:  # no approval can lift a lone call's run
+        engine.admit(MODEL, input_tokens=2000, max_output_tokens=1500)
+    assert type(info.value) is BudgetExceeded and "'per-run'" in str(info.value)
+    assert engine.budget_status("per-run") == []
+    streaming = engine.admit(MODEL, input_tokens=2000, max_output_tokens=500)
+    engine.check_stream(streaming, 900)  # past its reservation, within the run's limit
+    with pytest.raises(BudgetExceeded, match="streaming"):
+        engine.check_stream(streaming, 1001)
+    engine.release(streaming)
+
+
 def test_check_stream_stops_a_run_that_outgrows_its_reservation(engine: Engine) -> None:
     engine.add_budget(Budget(name="per-run", limit=3000, unit="tokens", period="run"))
     engine.add_budget(Budget(name="daily", limit=1.0))  # does not stop streams
@@ -652,10 +667,13 @@ def test_model_budgets_follow_the_seed(engine: Engine) -> None:
     for budget in budgets.values():
         engine.add_budget(budget)
     # gpt-4o may not take 25k tokens in one run; gpt-4o-mini may (its run budget is 30k).
-    with pytest.raises(ApprovalRequired, match="model-gpt-4o-run"):
+    with pytest.raises(BudgetExceeded, match="model-gpt-4o-run"):
         engine.admit("gpt-4o", input_tokens=20_000, max_output_tokens=5_000)
     engine.release(engine.admit("gpt-4o-mini", input_tokens=20_000, max_output_tokens=5_000))
     # another Groq model falls under "other Groq models", each on its own
-    with pytest.raises(ApprovalRequired, match="model-groq-other-run"):
-        engine.admit("llama-3.1-8b-instant" if False else "gemma2-9b-it",
-                     input_tokens=25_000, max_output_tokens=6_000)
+    with pytest.raises(BudgetExceeded, match="model-groq-other-run"):
+        engine.admit("gemma2-9b-it", input_tokens=25_000, max_output_tokens=6_000)
+    # within a run, the per-run budget adds up the run's calls and can be approved
+    engine.settle(engine.admit("gpt-4o", input_tokens=15_000, max_output_tokens=0, run_id="r"))
+    with pytest.raises(ApprovalRequired, match="model-gpt-4o-run.*run_id='r'"):
+        engine.admit("gpt-4o", input_tokens=6_000, max_output_tokens=0, run_id="r")
