@@ -3,13 +3,13 @@
 A few hundred LangChain calls from several users over the last two weeks, through a local
 OpenAI-compatible server (:class:`budgetkit.testing.FakeOpenAIServer`: no network, no key):
 
-- FAQ questions go through ``prompt | ChatOpenAI(gpt-4o-mini) | parser`` with
-  ``BudgetkitCallbackHandler`` recording (and budget-checking) every call and
-  ``BudgetkitCache`` answering repeated questions for free;
-- analysis, code and batch work go through a ``RoutedChatModel`` whose router picks
-  gpt-4o for reasoning, gpt-4.1-mini for code and gpt-4o-mini for the rest; it meters its
-  own inner calls (with the route reason), so the handler is not attached there: that
-  would count them twice until the handler honours the routed model's markers;
+- FAQ questions go through ``prompt | ChatOpenAI(gpt-4o-mini) | parser``; analysis, code
+  and batch work through a ``RoutedChatModel`` whose router picks gpt-4o for reasoning,
+  gpt-4.1-mini for code and gpt-4o-mini for the rest (it meters its inner calls itself,
+  with the route reason);
+- ``BudgetkitCallbackHandler`` is attached to every call: it records (and budget-checks)
+  the plain model's calls and leaves the routed model's, which carry its markers, alone;
+  ``BudgetkitCache`` answers repeated questions for free (one ``cached`` row each);
 - ``MeteredEmbeddings`` meters document ingestion;
 - budgets: a per-user daily limit that stops one heavy user today (then an approval lifts
   it), a team daily budget and a monthly one; alerts fire on the way;
@@ -259,10 +259,9 @@ def _one_call(item: dict[str, Any], chains: Any, handler: Any, embedder: Any, en
                 model="text-embedding-3-small").embed_documents(docs)
         counts["embedded"] += 1
         return
-    config: dict[str, Any] = {"tags": [kind]}
+    config: dict[str, Any] = {"tags": [kind], "callbacks": [handler]}
     if kind == "faq":
         question, task, operation = rng.choice(FAQ), "factual_qa", "chat_completion"
-        config["callbacks"] = [handler]
     elif kind == "batch":
         question = rng.choice(ANALYSIS) + CONTEXT * 3 + f" Batch item {rng.randint(1, 10**6)}."
         task, operation = "multi_step_analysis", "text_generation"

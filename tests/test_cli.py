@@ -248,7 +248,9 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
     result = json.loads(out)
     demo, report = result["demo"], result["report"]
     assert demo["answered"] + demo["blocked"] + demo["embedded"] == demo["calls_planned"]
-    assert report["totals"]["calls"] >= demo["answered"]
+    # one row per answer (paid or cached), per stopped call and per embedding batch
+    assert report["totals"]["calls"] == demo["calls_planned"]
+    assert report["totals"]["blocked"] == demo["blocked"]
     models = {m["model"] for m in report["by_model"]}
     assert {"gpt-4o", "gpt-4o-mini", "text-embedding-3-small"} <= models  # routed + embedded
     assert report["totals"]["cache_hits"] > 0  # repeated FAQ answered by the cache
