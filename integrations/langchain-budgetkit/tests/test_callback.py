@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import pytest
 from langchain_core.caches import InMemoryCache
@@ -14,7 +13,6 @@ from langchain_core.prompts import ChatPromptTemplate
 from langchain_core.runnables import RunnableLambda
 
 from budgetkit import Budget, BudgetExceeded, Engine, UnknownModelError
-from budgetkit._catalog import ModelPrice
 from langchain_budgetkit import (AsyncBudgetkitCallbackHandler, BudgetkitCallbackHandler,
                                  get_budgetkit_callback)
 from langchain_budgetkit._callback import usage_from_metadata
