@@ -409,6 +409,11 @@ class _Tracker:
         if usage is None:
             usage = _usage_from_openai(llm_output.get("token_usage") or llm_output.get("usage")
                                        or generation_info.get("usage"))
+        if usage is None and message is None and llm_output.get("token_usage") == {}:
+            # A legacy LLM answered several prompts in one request: LangChain gives the
+            # request's whole usage to the first prompt's run and an emptied dict to the
+            # others (LLMResult.flatten). Counting these again would double the total.
+            usage = Usage(0, 0)
         source = "provider"
         if raw_usage and raw_usage.get("total_cost") == 0 and usage is not None:
             return self._foreign_cache_hit(run, model, usage)

@@ -196,3 +196,18 @@ def test_server_error_is_an_error_row(engine, fake_openai):
         llm.invoke("hi", config={"callbacks": [BudgetkitCallbackHandler(engine)]})
     [row] = engine.usage()
     assert row.status == "error" and row.cost_nanos == 0
+
+
+def test_legacy_llm_batch_in_one_request_is_counted_once(engine, fake_openai):
+    llm = OpenAI(model="gpt-3.5-turbo-instruct", base_url=fake_openai.base_url,
+                 api_key="test-key", max_retries=0)
+    llm.batch(["first prompt", "second, longer prompt", "third"],
+              config={"callbacks": [BudgetkitCallbackHandler(engine)]})
+    assert fake_openai.request_count == 1  # LangChain sends the three prompts together
+    [usage] = fake_openai.usages
+    rows = engine.usage()
+    assert len(rows) == 3
+    assert sum(r.input_tokens for r in rows) == usage["prompt_tokens"]
+    assert sum(r.output_tokens for r in rows) == usage["completion_tokens"]
+    assert sum(r.cost_nanos for r in rows) == engine.catalog.get(
+        "gpt-3.5-turbo-instruct").cost_nanos(usage["prompt_tokens"], usage["completion_tokens"])
