@@ -50,6 +50,8 @@ logger = logging.getLogger("budgetkit")
 #: Seconds after which a reservation that was never settled is given back (a process
 #: killed mid-call). Longer than any sane model call; configurable per engine.
 DEFAULT_RESERVATION_TIMEOUT = 900.0
+#: SQLite: how long (wall seconds) queued settles wait for an admit to carry them.
+SETTLE_DELAY = 0.02
 #: How often (engine-clock seconds) admit sweeps every expired reservation.
 REAP_INTERVAL = 60.0
 
@@ -305,6 +307,8 @@ class BudgetBook:
         self._last_reap: dt.datetime | None = None
         #: Settle on a background thread in batches (False: on the caller's thread).
         self.deferred = True
+        #: SQLite: queued settles ride along in the next admit's transaction.
+        self.piggyback = bool(store.is_sqlite)
         self._pending: list[_Settlement] = []
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -491,30 +495,51 @@ class BudgetBook:
         results: list[tuple[int, int]] = []
         expires = now + dt.timedelta(seconds=self.reservation_timeout)
         at, until = self._driver.time(now), self._driver.time(expires)
-        with self._fast() as run:
-            if len(plan) == 1:
-                window_id, budget, _key, _start, amount = plan[0]
-                rows = run(_RESERVE_SQL, {"wid": window_id, "amount": amount,
-                                          "cap": budget.stop_amount, "now": at})
-                if not rows:
-                    raise _NoRoom(0)
-                results.append((int(rows[0][0]), int(rows[0][1])))
-                run(_HOLD_SQL, {"ticket": ticket_id, "wid": window_id, "amount": amount,
-                                "expires": until})
-                return results
-            # Every window in one statement; each row is still checked on its own.
-            params: dict[str, Any] = {"now": at, "ticket": ticket_id, "expires": until}
-            for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
-                params.update({f"w{index}": window_id, f"a{index}": amount,
-                               f"c{index}": budget.stop_amount})
-            sql = _reserve_many_sql(len(plan), self._driver.dialect)
-            got = {int(row[0]): (int(row[1]), int(row[2])) for row in run(sql, params)}
-            for index, item in enumerate(plan):
-                if item[0] not in got:
-                    raise _NoRoom(index)  # rolls back the windows reserved
-                results.append(got[item[0]])
-            run(_hold_many_sql(len(plan)), params)
+        settled: list[tuple[Reservation, int, int]] = []
+        taken: list[_Settlement] = []
+        try:
+            with self._fast() as run:
+                if self.piggyback and self._pending:
+                    # SQLite: finished calls settle in this admit's transaction (one commit
+                    # for both); SQLite's single writer lock means no ordering to keep.
+                    with self._pending_lock:
+                        taken, self._pending = self._pending, []
+                    settled = self._apply_settlements(run, taken)
+                self._reserve_in(run, ticket_id, plan, at, until, results)
+        except BaseException:
+            if taken:  # rolled back with the reservation: queue them again
+                with self._pending_lock:
+                    self._pending[:0] = taken
+            raise
+        if settled:
+            self._threshold_alerts(settled)
         return results
+
+    def _reserve_in(self, run: Callable[..., list[Any]], ticket_id: str,
+                    plan: Sequence[tuple[Any, ...]], at: Any, until: Any,
+                    results: list[tuple[int, int]]) -> None:
+        if len(plan) == 1:
+            window_id, budget, _key, _start, amount = plan[0]
+            rows = run(_RESERVE_SQL, {"wid": window_id, "amount": amount,
+                                      "cap": budget.stop_amount, "now": at})
+            if not rows:
+                raise _NoRoom(0)
+            results.append((int(rows[0][0]), int(rows[0][1])))
+            run(_HOLD_SQL, {"ticket": ticket_id, "wid": window_id, "amount": amount,
+                            "expires": until})
+            return
+        # Every window in one statement; each row is still checked on its own.
+        params: dict[str, Any] = {"now": at, "ticket": ticket_id, "expires": until}
+        for index, (window_id, budget, _key, _start, amount) in enumerate(plan):
+            params.update({f"w{index}": window_id, f"a{index}": amount,
+                           f"c{index}": budget.stop_amount})
+        sql = _reserve_many_sql(len(plan), self._driver.dialect)
+        got = {int(row[0]): (int(row[1]), int(row[2])) for row in run(sql, params)}
+        for index, item in enumerate(plan):
+            if item[0] not in got:
+                raise _NoRoom(index)  # rolls back the windows reserved
+            results.append(got[item[0]])
+        run(_hold_many_sql(len(plan)), params)
 
     def _judge(self, ticket: Any, plan: Sequence[tuple[Any, ...]],
                results: Sequence[tuple[int, int]]) -> None:
@@ -610,6 +635,8 @@ class BudgetBook:
         while not self._closing:
             self._wake.wait(1.0)
             self._wake.clear()
+            if self.piggyback and not self._closing:
+                time.sleep(SETTLE_DELAY)  # the next admit will most likely take them
             try:
                 self.flush()
             except Exception:  # keep settling later batches; these reservations expire
@@ -627,6 +654,9 @@ class BudgetBook:
                 logger.exception("budgetkit: could not settle %d ticket(s) in their budgets",
                                  len(items))
                 return
+        self._threshold_alerts(updates)
+
+    def _threshold_alerts(self, updates: Sequence[tuple[Reservation, int, int]]) -> None:
         for item, spent, reserved in updates:
             budget = item.budget
             for threshold in budget.alert_at:
@@ -637,36 +667,41 @@ class BudgetBook:
 
     def _settle_rows(self, items: Sequence[_Settlement]
                      ) -> list[tuple[Reservation, int, int]]:
+        with self._fast() as run:
+            return self._apply_settlements(run, items)
+
+    def _apply_settlements(self, run: Callable[..., list[Any]],
+                           items: Sequence[_Settlement]) -> list[tuple[Reservation, int, int]]:
+        """Settle ``items`` inside the caller's transaction; returns the windows' new state."""
         held_ids = [item.ticket_id for item in items if item.held]
         # window id -> [actual, given back, one of its reservations]
         totals: dict[int, list[Any]] = {}
         updates = []
-        with self._fast() as run:
-            held: dict[tuple[str, int], int] = {}
-            for start in range(0, len(held_ids), 500):
-                chunk = held_ids[start:start + 500]
-                names = ", ".join(f":t{index}" for index in range(len(chunk)))
-                rows = run(_UNHOLD_MANY_SQL.format(tickets=names),
-                           {f"t{index}": ticket_id for index, ticket_id in enumerate(chunk)})
-                held.update({(str(t), int(w)): int(a) for t, w, a in rows})
-            for item in items:
-                for reservation in item.reservations:
-                    if reservation.window_id is None:  # a lone call's run: nothing stored
-                        continue
-                    actual = item.cost_nanos if reservation.budget.unit == "usd" else item.tokens
-                    # 0 when never held, or when the reaper already gave it back
-                    give_back = held.get((item.ticket_id, reservation.window_id), 0)
-                    total = totals.setdefault(reservation.window_id, [0, 0, reservation])
-                    total[0] += actual
-                    total[1] += give_back
-            for window_id in sorted(totals):  # window-id order, as reserve: no deadlocks
-                actual, give_back, reservation = totals[window_id]
-                if actual == 0 and give_back == 0:
+        held: dict[tuple[str, int], int] = {}
+        for start in range(0, len(held_ids), 500):
+            chunk = held_ids[start:start + 500]
+            names = ", ".join(f":t{index}" for index in range(len(chunk)))
+            rows = run(_UNHOLD_MANY_SQL.format(tickets=names),
+                       {f"t{index}": ticket_id for index, ticket_id in enumerate(chunk)})
+            held.update({(str(t), int(w)): int(a) for t, w, a in rows})
+        for item in items:
+            for reservation in item.reservations:
+                if reservation.window_id is None:  # a lone call's run: nothing stored
                     continue
-                rows = run(_SETTLE_SQL, {"wid": window_id, "actual": actual,
-                                         "held": give_back})
-                if rows and actual:
-                    updates.append((reservation, int(rows[0][0]), int(rows[0][1])))
+                actual = item.cost_nanos if reservation.budget.unit == "usd" else item.tokens
+                # 0 when never held, or when the reaper already gave it back
+                give_back = held.get((item.ticket_id, reservation.window_id), 0)
+                total = totals.setdefault(reservation.window_id, [0, 0, reservation])
+                total[0] += actual
+                total[1] += give_back
+        for window_id in sorted(totals):  # window-id order, as reserve: no deadlocks
+            actual, give_back, reservation = totals[window_id]
+            if actual == 0 and give_back == 0:
+                continue
+            rows = run(_SETTLE_SQL, {"wid": window_id, "actual": actual,
+                                     "held": give_back})
+            if rows and actual:
+                updates.append((reservation, int(rows[0][0]), int(rows[0][1])))
         return updates
 
     def check_stream(self, ticket: Any, output_tokens: int) -> None:
