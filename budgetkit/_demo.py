@@ -105,7 +105,11 @@ def _plan(calls: int, users: list[str], rng: random.Random) -> list[dict[str, An
     for day, weight in enumerate(weights):
         count = max(1, round((calls - spike_calls) * weight / total))
         start = dt.datetime.combine((now - dt.timedelta(days=13 - day)).date(), dt.time(8))
-        end = now - dt.timedelta(minutes=2) if day == 13 else start + dt.timedelta(hours=11)
+        end = start + dt.timedelta(hours=11)
+        if day == 13:  # today: the hours so far (never in the future)
+            end = now - dt.timedelta(seconds=30)
+            start = max(end - dt.timedelta(hours=11),
+                        dt.datetime.combine(now.date(), dt.time()))
         for _ in range(count):
             when = start + (end - start) * rng.random()
             kind = rng.choices(["faq", "analysis", "embed"], weights=[6, 3, 1])[0]
@@ -117,7 +121,7 @@ def _plan(calls: int, users: list[str], rng: random.Random) -> list[dict[str, An
     plan += [{"when": spike_day + dt.timedelta(minutes=3 * n), "user": None,
               "kind": "batch"} for n in range(spike_calls)]  # a service account: no user
     plan.sort(key=lambda item: item["when"])
-    return plan[:max(calls, 1)] if len(plan) > calls + spike_calls else plan
+    return plan  # about ``calls`` items (rounding per day)
 
 
 def _budget_file(engine: Any, *, write: bool) -> tuple[Path | None, bool]:
