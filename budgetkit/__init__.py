@@ -62,8 +62,8 @@ _EXPORTS: dict[str, str] = {
     "Budget": "_budgets",
     "BudgetLevels": "_budgets",
     "load_budgets": "_budgets",
-    "BudgetStatus": "_budget_book",
-    "Approval": "_budget_book",
+    "BudgetStatus": "_budget_status",
+    "Approval": "_budget_status",
     "Alert": "_alerts",
     "LoggingSink": "_alerts",
     "WebhookSink": "_alerts",
@@ -104,7 +104,7 @@ if TYPE_CHECKING:
     from ._cache import CacheHit, CacheStats, ResponseCache
     from ._embedders import MiniLMEmbedder, as_embedder
     from ._alerts import Alert, LoggingSink, WebhookSink
-    from ._budget_book import Approval, BudgetStatus
+    from ._budget_status import Approval, BudgetStatus
     from ._budget_presets import model_token_budgets, seed_budgets, token_ladder_budgets
     from ._budgets import Budget, BudgetLevels, load_budgets
     from ._reports import (CostAnalysis, UsageSummary, allocate_costs, cost_analysis,

@@ -20,29 +20,26 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime as dt
-import functools
 import logging
-import re
 import threading
 import time
-import uuid
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, text, update
+from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.sql.expression import bindparam
 
 from ._alerts import Alert, AlertSink, LoggingSink
-from ._budget_tables import (BudgetAlertRow, BudgetApprovalRow, BudgetReservationRow,
-                             BudgetWindowRow)
-from ._budgets import UNLIMITED, Budget, window_bounds
+from ._budget_sql import (_APPROVED, _GROW_HOLD_SQL, _HOLD_SQL, _RESERVE_SQL, _SETTLE_SQL,
+                          _UNHOLD_MANY_SQL, AL, R, W, Driver, _hold_many_sql,
+                          _reserve_many_sql, insert_ignore, ledger_spend)
+from ._budget_status import Approval, BudgetReader, BudgetStatus, attribution_ticket
+from ._budgets import Budget, window_bounds
 from ._errors import ApprovalRequired, BudgetExceeded, ConfigurationError
 
-__all__ = ["BudgetBook", "BudgetStatus", "Approval", "Reservation",
+__all__ = ["BudgetBook", "BudgetStatus", "Approval", "Reservation", "attribution_ticket",
            "DEFAULT_RESERVATION_TIMEOUT"]
 
 logger = logging.getLogger("budgetkit")
@@ -55,158 +52,6 @@ SETTLE_DELAY = 0.02
 #: How often (engine-clock seconds) admit sweeps every expired reservation.
 REAP_INTERVAL = 60.0
 
-W = BudgetWindowRow.__table__  # type: ignore[attr-defined]
-R = BudgetReservationRow.__table__  # type: ignore[attr-defined]
-A = BudgetApprovalRow.__table__  # type: ignore[attr-defined]
-AL = BudgetAlertRow.__table__  # type: ignore[attr-defined]
-
-# Approved extra amounts of a window that are still valid (status, error messages).
-_APPROVED = func.coalesce(
-    select(func.sum(A.c.extra))
-    .where(A.c.window_id == bindparam("wid"),
-           or_(A.c.expires_at.is_(None), A.c.expires_at > bindparam("now")))
-    .scalar_subquery(), 0)
-# The hot path is plain SQL on the driver's connection (SQLAlchemy's per-statement work
-# cost more than the statements themselves). ``:name`` parameters; rewritten for psycopg.
-# The one statement that decides admission (see the module docstring):
-_RESERVE_SQL = """
-UPDATE budgetkit_budget_window SET reserved = reserved + :amount
-WHERE id = :wid AND spent + reserved + :amount <= :cap + COALESCE(
-    (SELECT SUM(extra) FROM budgetkit_budget_approval
-     WHERE window_id = :wid AND (expires_at IS NULL OR expires_at > :now)), 0)
-RETURNING spent, reserved"""
-_HOLD_SQL = """
-INSERT INTO budgetkit_budget_reservation (ticket_id, window_id, amount, expires_at)
-VALUES (:ticket, :wid, :amount, :expires)"""
-_UNHOLD_MANY_SQL = """
-DELETE FROM budgetkit_budget_reservation WHERE ticket_id IN ({tickets})
-RETURNING ticket_id, window_id, amount"""
-_SETTLE_SQL = """
-UPDATE budgetkit_budget_window SET spent = spent + :actual, reserved = reserved - :held
-WHERE id = :wid RETURNING spent, reserved"""
-_GROW_HOLD_SQL = """
-UPDATE budgetkit_budget_reservation SET amount = amount + :amount
-WHERE ticket_id = :ticket AND window_id = :wid RETURNING amount"""
-
-
-@functools.lru_cache(maxsize=64)
-def _reserve_many_sql(count: int, dialect: str) -> str:
-    """:data:`_RESERVE_SQL` for ``count`` windows at once (params w0.., a0.., c0..).
-
-    On PostgreSQL the rows are first locked in id order (as every other budget
-    transaction takes them), because a multi-row UPDATE locks in scan order and two
-    such orders could deadlock. SQLite locks the whole database, so it needs no order.
-    """
-    table = "budgetkit_budget_window"
-    # SQLite's RETURNING cannot name an alias, so each dialect gets its own spelling.
-    row = "w" if dialect == "postgresql" else table
-
-    def case(param: str) -> str:
-        whens = " ".join(f"WHEN :w{i} THEN :{param}{i}" for i in range(count))
-        return f"(CASE {row}.id {whens} END)"
-
-    ids = ", ".join(f":w{i}" for i in range(count))
-    approved = f"""COALESCE(
-    (SELECT SUM(extra) FROM budgetkit_budget_approval
-     WHERE window_id = {row}.id AND (expires_at IS NULL OR expires_at > :now)), 0)"""
-    if dialect == "postgresql":
-        return f"""
-WITH locked AS MATERIALIZED (SELECT id FROM {table} WHERE id IN ({ids}) ORDER BY id FOR UPDATE)
-UPDATE {table} AS w SET reserved = w.reserved + {case("a")} FROM locked
-WHERE w.id = locked.id AND w.spent + w.reserved + {case("a")} <= {case("c")} + {approved}
-RETURNING w.id, w.spent, w.reserved"""
-    return f"""
-UPDATE {table} SET reserved = reserved + {case("a")}
-WHERE id IN ({ids}) AND spent + reserved + {case("a")} <= {case("c")} + {approved}
-RETURNING id, spent, reserved"""
-
-
-@functools.lru_cache(maxsize=64)
-def _hold_many_sql(count: int) -> str:
-    values = ", ".join(f"(:ticket, :w{i}, :a{i}, :expires)" for i in range(count))
-    return ("INSERT INTO budgetkit_budget_reservation (ticket_id, window_id, amount, "
-            f"expires_at) VALUES {values}")
-
-
-class _Driver:
-    """Runs the hot-path SQL on a pooled DBAPI connection, one transaction at a time.
-
-    SQLite keeps datetimes as text; we write them exactly as SQLAlchemy's ``DateTime``
-    does, so the Core queries elsewhere compare them correctly.
-    """
-
-    def __init__(self, store: Any) -> None:
-        self.engine = store.engine
-        self.dialect = store.engine.dialect.name
-        self.raw = self.dialect in ("sqlite", "postgresql")
-        dbapi = getattr(store.engine.dialect, "loaded_dbapi", None)
-        #: What a failed statement raises: SQLAlchemy's errors, or the driver's own.
-        self.errors: tuple[type[BaseException], ...] = (
-            (SQLAlchemyError, dbapi.Error) if dbapi is not None else (SQLAlchemyError,))
-        #: PostgreSQL only: False commits without waiting for the WAL flush (see
-        #: ``Engine.configure_budgets(durable=...)``).
-        self.durable = True
-        self._sql: dict[str, Any] = {}
-        # SQLite: our transactions are serialised by the book's lock anyway, so one
-        # connection kept for them saves a pool checkout per transaction.
-        self._own: Any = None
-
-    def sql(self, text_sql: str) -> Any:
-        compiled = self._sql.get(text_sql)
-        if compiled is None:
-            if self.dialect == "postgresql":
-                compiled = re.sub(r":(\w+)", r"%(\1)s", text_sql)
-            elif self.dialect == "sqlite":
-                compiled = text_sql
-            else:
-                compiled = text(text_sql)
-            self._sql[text_sql] = compiled
-        return compiled
-
-    def time(self, value: dt.datetime) -> Any:
-        return value.strftime("%Y-%m-%d %H:%M:%S.%f") if self.dialect == "sqlite" else value
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[Callable[..., list[Any]]]:
-        """Yields ``run(sql, params)`` (or a list of params: executemany) -> rows."""
-        if not self.raw:
-            with self.engine.begin() as conn:
-                def run_sa(sql: str, params: Any) -> list[Any]:
-                    result = conn.execute(self.sql(sql), params)
-                    return list(result.all()) if result.returns_rows else []
-                yield run_sa
-            return
-        keep = self.dialect == "sqlite"
-        connection = self._own if keep and self._own is not None else self.engine.raw_connection()
-        try:
-            cursor = connection.cursor()
-            if not self.durable and self.dialect == "postgresql":
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
-
-            def run(sql: str, params: Any) -> list[Any]:
-                if isinstance(params, list):
-                    cursor.executemany(self.sql(sql), params)
-                    return []
-                cursor.execute(self.sql(sql), params)
-                return cursor.fetchall() if cursor.description else []
-
-            yield run
-            connection.commit()
-        except BaseException:
-            connection.rollback()
-            raise
-        finally:
-            if keep:
-                self._own = connection
-            else:
-                connection.close()
-
-    def close(self) -> None:
-        if self._own is not None:
-            own, self._own = self._own, None
-            own.close()
-
-
 @dataclass
 class Reservation:
     """What a ticket holds in one budget window (``amount`` in the budget's unit)."""
@@ -216,47 +61,6 @@ class Reservation:
     scope_key: str
     window_start: dt.datetime
     amount: int
-
-
-@dataclass(frozen=True)
-class BudgetStatus:
-    """One budget window now: used (settled), reserved (in flight), remaining, level.
-
-    Amounts are dollars for USD budgets and tokens for token budgets. ``limit`` is the
-    budget's limit; ``stop`` is where calls stop, including approved extra amounts.
-    """
-
-    budget: str
-    scope: str
-    scope_key: str
-    period: str
-    unit: str
-    window_start: dt.datetime
-    window_end: dt.datetime | None
-    limit: float
-    used: float
-    reserved: float
-    remaining: float
-    percentage: float
-    level: str
-    approved_extra: float
-    stop: float
-
-
-@dataclass(frozen=True)
-class Approval:
-    """A lifted critical stop for one window (``extra=None``: no cap until it expires)."""
-
-    id: str
-    budget: str
-    scope_key: str
-    window_start: dt.datetime
-    extra: float | None
-    expires_at: dt.datetime | None
-    approved_by: str | None
-    reason: str | None
-    created_at: dt.datetime
-    active: bool
 
 
 @dataclass
@@ -275,19 +79,7 @@ class _NoRoom(Exception):
         self.index = index
 
 
-def _insert_ignore(store: Any, table: Any) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` for the store's dialect (None: plain insert)."""
-    name = store.engine.dialect.name
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        return None
-    return dialect_insert(table).on_conflict_do_nothing()
-
-
-class BudgetBook:
+class BudgetBook(BudgetReader):
     """Every budget of one engine and its windows in the store. Thread-safe."""
 
     def __init__(self, store: Any, clock: Callable[[], dt.datetime], *,
@@ -316,9 +108,9 @@ class BudgetBook:
         self._settler: threading.Thread | None = None
         self._closing = False
         atexit.register(_flush_at_exit, weakref.ref(self))
-        self._driver = _Driver(store)
-        self._insert_window = _insert_ignore(store, W)
-        self._insert_alert = _insert_ignore(store, AL)
+        self._driver = Driver(store)
+        self._insert_window = insert_ignore(store, W)
+        self._insert_alert = insert_ignore(store, AL)
 
     # -- registry ---------------------------------------------------------------------
     def add(self, budget: Budget, *, replace: bool = False) -> Budget:
@@ -863,220 +655,6 @@ class BudgetBook:
             except Exception:  # a sink's bug must not break the user's call
                 logger.exception("budgetkit: alert sink %r failed", sink)
 
-    def alerts(self, *, budget: str | None = None, since: dt.datetime | None = None
-               ) -> list[Alert]:
-        self.flush()
-        query = select(AL).order_by(AL.c.created_at, AL.c.id)
-        if budget is not None:
-            query = query.where(AL.c.budget == budget)
-        if since is not None:
-            query = query.where(AL.c.created_at >= since)
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        out = []
-        for row in rows:
-            kind, _, threshold = row["kind"].partition(":")
-            known = self._budgets.get(row["budget"])
-            to_unit = known.to_unit if known is not None and known.unit == row["unit"] else (
-                (lambda a: a / 1e9) if row["unit"] == "usd" else float)
-            out.append(Alert(
-                budget=row["budget"], kind=kind, level=row["level"],
-                threshold=float(threshold) if kind == "threshold" else None,
-                period=row["period"], unit=row["unit"], scope_key=row["scope_key"],
-                window_start=row["window_start"], spent=to_unit(row["spent"]),
-                reserved=to_unit(row["reserved"]), limit=to_unit(row["limit_amount"]),
-                percentage=100.0 * row["spent"] / row["limit_amount"],
-                message=row["message"], created_at=row["created_at"]))
-        return out
-
-    # -- approvals --------------------------------------------------------------------
-    def approve(self, name: str, *, extra: float | None = None,
-                expires: dt.datetime | dt.timedelta | float | None = None,
-                by: str | None = None, key: str | None = None, run_id: str | None = None,
-                reason: str | None = None) -> Approval:
-        budget = self._get(name)
-        now = self.clock()
-        each = budget.scope != "global" and budget.match is None
-        if each and key is None:
-            raise ConfigurationError(f"budget {name!r}, field 'key': this budget holds for each "
-                                     f"{budget.scope}; say which one (key=...)")
-        if budget.period == "run" and run_id is None and not (budget.scope == "run" and key):
-            raise ConfigurationError(f"budget {name!r}, field 'run_id': a per-run budget needs "
-                                     "the run to approve (run_id=...)")
-        scope_key = key if each and key is not None else ""
-        if budget.period == "run":
-            run = run_id or key
-            scope_key = (f"{scope_key}\x1frun:{run}" if scope_key and budget.scope != "run"
-                         else f"run:{run}")
-        if extra is not None:
-            if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra <= 0:
-                raise ConfigurationError(f"budget {name!r}, field 'extra': must be a positive "
-                                         f"amount, got {extra!r}")
-            amount = budget.amount_of(extra)
-        else:
-            amount = UNLIMITED
-        if isinstance(expires, dt.timedelta):
-            expires_at: dt.datetime | None = now + expires
-        elif isinstance(expires, (int, float)) and not isinstance(expires, bool):
-            expires_at = now + dt.timedelta(seconds=expires)
-        elif isinstance(expires, dt.datetime):
-            expires_at = (expires.astimezone(dt.timezone.utc).replace(tzinfo=None)
-                          if expires.tzinfo else expires)
-        elif expires is None:
-            expires_at = None
-        else:
-            raise ConfigurationError(f"budget {name!r}, field 'expires': use a datetime, "
-                                     f"timedelta or seconds, got {expires!r}")
-        start, end = self._window_bounds(budget, now)
-        window_id = self._window_id(budget, scope_key, start, end, now)
-        assert window_id is not None
-        approval_id = f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"  # sorts by time
-        with self._transaction() as conn:
-            conn.execute(insert(A), {
-                "id": approval_id, "window_id": window_id, "budget": name,
-                "scope_key": scope_key, "window_start": start, "extra": amount,
-                "unlimited": extra is None, "expires_at": expires_at, "approved_by": by,
-                "reason": reason, "created_at": now})
-        logger.warning("budgetkit: budget %r approved by %s for window %s (%s)", name,
-                       by or "unknown", start, "no cap" if extra is None else f"+{extra}")
-        return Approval(approval_id, name, scope_key, start,
-                        None if extra is None else budget.to_unit(amount), expires_at, by,
-                        reason, now, True)
-
-    def approvals(self, *, budget: str | None = None, active: bool | None = None
-                  ) -> list[Approval]:
-        now = self.clock()
-        query = select(A).order_by(A.c.created_at, A.c.id)
-        if budget is not None:
-            query = query.where(A.c.budget == budget)
-        with self.store.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        out = []
-        for row in rows:
-            known = self._budgets.get(row["budget"])
-            is_active = row["expires_at"] is None or row["expires_at"] > now
-            if known is not None and known.period not in ("run", "total"):
-                is_active = is_active and row["window_start"] == \
-                    self._window_bounds(known, now)[0]
-            if active is not None and is_active != active:
-                continue
-            amount = None if row["unlimited"] else (
-                known.to_unit(row["extra"]) if known is not None else float(row["extra"]))
-            out.append(Approval(row["id"], row["budget"], row["scope_key"], row["window_start"],
-                                amount, row["expires_at"], row["approved_by"], row["reason"],
-                                row["created_at"], is_active))
-        return out
-
-    # -- reading ----------------------------------------------------------------------
-    def status(self, *, budget: str | None = None, key: str | None = None,
-               max_windows: int = 200) -> list[BudgetStatus]:
-        self.flush()
-        now = self.clock()
-        self.reap(now)
-        chosen = [self._get(budget)] if budget is not None else list(self._budgets.values())
-        out: list[BudgetStatus] = []
-        for item in chosen:  # a shared window is opened (and back-filled) to report it
-            if item.scope == "global" and item.period != "run":
-                self._window_id(item, "", *self._window_bounds(item, now), now)
-        with self.store.engine.connect() as conn:
-            for item in chosen:
-                start, end = self._window_bounds(item, now)
-                query = (select(W.c.id, W.c.scope_key, W.c.window_start, W.c.window_end,
-                                W.c.spent, W.c.reserved)
-                         .where(W.c.budget == item.name, W.c.period == item.period,
-                                W.c.unit == item.unit, W.c.window_start == start)
-                         .order_by(W.c.id.desc()).limit(max_windows))
-                if key is not None:
-                    query = query.where(or_(W.c.scope_key == key,
-                                            W.c.scope_key.like(f"{key}\x1f%")))
-                rows = conn.execute(query).all()
-                for window_id, scope_key, w_start, w_end, spent, reserved in rows:
-                    extra = 0
-                    if window_id is not None:
-                        extra = int(conn.execute(select(_APPROVED),
-                                                 {"wid": window_id, "now": now}).scalar() or 0)
-                    out.append(_status(item, scope_key, w_start, w_end, int(spent),
-                                       int(reserved), extra))
-        return out
-
-    def headroom(self, ticket: Any) -> float | None:
-        """Smallest remaining fraction (0..1) of the limits that apply; None if none do."""
-        if not self._budgets:
-            return None
-        self.flush()
-        now = self.clock()
-        targets = self._targets(ticket, now, create=False)
-        if not targets:
-            return None
-        ids = [window_id for *_rest, window_id in targets if window_id is not None]
-        used: dict[int, int] = {}
-        if ids:
-            with self.store.engine.connect() as conn:
-                used = {int(w): int(s) + int(r) for w, s, r in conn.execute(
-                    select(W.c.id, W.c.spent, W.c.reserved).where(W.c.id.in_(ids))).all()}
-        fractions = []
-        for budget, _key, _start, window_id in targets:
-            limit = budget.limit_amount
-            fractions.append(max(0.0, (limit - used.get(window_id or -1, 0)) / limit))
-        return min(fractions)
-
-
-def ledger_spend(conn: Any, budget: Budget, key: str, start: dt.datetime,
-                 end: dt.datetime | None) -> int:
-    """What the usage ledger already holds for a window that is being created.
-
-    A budget added (or given a new period) mid-window counts the window's earlier spend,
-    and only that (LiteLLM #34492 counted everything ever spent). Rows still queued in a
-    writer are not seen.
-    """
-    if not budget.count_earlier_spend:
-        return 0
-    from ._tables import UsageRow, UsageTagRow
-
-    usage = UsageRow.__table__  # type: ignore[attr-defined]
-    tags = UsageTagRow.__table__  # type: ignore[attr-defined]
-    parts = key.split("\x1f") if key else []
-    run = next((part[4:] for part in parts if part.startswith("run:")), None)
-    value = next((part for part in parts if not part.startswith("run:")), None)
-    if run is not None and run.startswith("probe-"):
-        return 0
-    amount = (usage.c.cost_nanos if budget.unit == "usd"
-              else usage.c.input_tokens + usage.c.output_tokens)
-    query = select(func.coalesce(func.sum(amount), 0)).where(
-        usage.c.status.in_(("ok", "error")))
-    if budget.period not in ("run", "total"):
-        query = query.where(usage.c.created_at >= start)
-    if end is not None:
-        query = query.where(usage.c.created_at < end)
-    if budget.provider is not None:
-        query = query.where(usage.c.provider == budget.provider)
-    if run is not None:
-        query = query.where(or_(usage.c.root_run_id == run, usage.c.run_id == run))
-    if budget.scope != "global":
-        pattern = budget.match if budget.match is not None else value
-        if pattern is None:
-            return 0
-        like = any(ch in pattern for ch in "*?")
-        column = {"user": usage.c.user_id, "project": usage.c.project,
-                  "model": usage.c.model, "operation": usage.c.operation_type,
-                  "run": usage.c.root_run_id, "tag": tags.c.tag}[budget.scope]
-
-        def matches(col: Any) -> Any:
-            return (col.like(pattern.replace("%", r"\%").replace("_", r"\_")
-                             .replace("*", "%").replace("?", "_"), escape="\\")
-                    if like else col == pattern)
-
-        if budget.scope == "tag":
-            query = query.where(usage.c.id.in_(select(tags.c.usage_id).where(matches(column))))
-        elif budget.scope == "run":
-            query = query.where(or_(matches(usage.c.root_run_id), matches(usage.c.run_id)))
-        else:
-            query = query.where(matches(column))
-            if budget.exclude:
-                query = query.where(column.not_in(budget.exclude))
-    return int(conn.execute(query).scalar() or 0)
-
-
 def _flush_at_exit(book_ref: weakref.ref[BudgetBook]) -> None:
     book = book_ref()
     if book is not None and book._pending:
@@ -1092,26 +670,3 @@ def _worst_case(budget: Budget, ticket: Any) -> int:
     return int(ticket.input_tokens + ticket.max_output_tokens)
 
 
-def _status(budget: Budget, key: str, start: dt.datetime, end: dt.datetime | None, spent: int,
-            reserved: int, extra: int) -> BudgetStatus:
-    limit = budget.limit_amount
-    stop = budget.stop_amount + extra
-    return BudgetStatus(
-        budget=budget.name, scope=budget.describe_key(key), scope_key=key, period=budget.period,
-        unit=budget.unit, window_start=start, window_end=end, limit=budget.to_unit(limit),
-        used=budget.to_unit(spent), reserved=budget.to_unit(reserved),
-        remaining=budget.to_unit(max(0, limit - spent - reserved)),
-        percentage=100.0 * spent / limit, level=budget.level_of(spent + reserved),
-        approved_extra=budget.to_unit(min(extra, UNLIMITED)),
-        stop=budget.to_unit(stop) if extra < UNLIMITED else float("inf"))
-
-
-def attribution_ticket(*, model: str | None = None, user_id: str | None = None,
-                       project: str | None = None, tags: Iterable[str] = (),
-                       operation_type: str | None = None, run_id: str | None = None,
-                       provider: str | None = None, price: Any = None) -> Any:
-    """A stand-in ticket carrying only attribution (for headroom questions)."""
-    return SimpleNamespace(id=f"probe-{uuid.uuid4().hex}", model=model or "", provider=provider,
-                           price=price,
-                           user_id=user_id, project=project, tags=tuple(tags),
-                           operation_type=operation_type, run_id=run_id, root_run_id=run_id)
