@@ -531,14 +531,16 @@ class ResponseCache:
     def _load(self, entries: Loaded) -> None:
         """Adopt rows read from the database (oldest first), vectors in bulk."""
         by_partition: dict[tuple[str, str, str, str, str], list[Entry]] = {}
+        known, lru, by_seq = self._entries, self._entries.__setitem__, self._by_seq
         for entry in entries:
-            if entry.key in self._entries:
-                self._drop(self._entries.pop(entry.key))
-            self._entries[entry.key] = entry
-            self._by_seq[entry.seq] = entry  # type: ignore[index]
-            self._seen_seq = max(self._seen_seq, entry.seq or 0)
+            if entry.key in known:
+                self._drop(known.pop(entry.key))
+            lru(entry.key, entry)
+            by_seq[entry.seq] = entry  # type: ignore[index]
             if entry.source is not None and entry.focus:
                 by_partition.setdefault(entry.partition, []).append(entry)
+        if entries:
+            self._seen_seq = max(self._seen_seq, max(entry.seq or 0 for entry in entries))
         for partition, members in by_partition.items():
             members = [entry for entry in members if self._by_seq.get(entry.seq) is entry]
             for block_number, block in enumerate(entries.blocks):

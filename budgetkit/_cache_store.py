@@ -63,6 +63,20 @@ class Entry:
         #: (block, row) of the vector in :attr:`Loaded.blocks` for entries read in bulk
         self.source: tuple[int, int] | None = None
 
+    @classmethod
+    def from_row(cls, seq: int, key: str, namespace: str, model: str, params_hash: str,
+                 context_hash: str, focus: str, embedder: str | None, expires_at: Any,
+                 source: tuple[int, int] | None) -> Entry:
+        """An entry read at start: only what lookups compare (the hot loop of a load)."""
+        entry = cls.__new__(cls)
+        entry.seq, entry.key, entry.namespace, entry.model = seq, key, namespace, model
+        entry.params_hash, entry.context_hash, entry.focus = params_hash, context_hash, focus
+        entry.embedder, entry.expires_at, entry.source = embedder, expires_at, source
+        entry.price_model = entry.task_type = entry.created_at = entry.vector = None
+        entry.hit_count = entry.cost_nanos = entry.input_tokens = entry.output_tokens = 0
+        entry.value = UNLOADED
+        return entry
+
     @property
     def partition(self) -> tuple[str, str, str, str, str]:
         """Entries are only ever compared inside one partition."""
@@ -91,8 +105,10 @@ def _vectors_of(blobs: list[bytes | None]
             by_size.setdefault(len(blob), []).append(position)
     blocks = []
     for size, positions in by_size.items():
-        blocks.append(np.frombuffer(b"".join([blobs[i] for i in positions]),  # type: ignore[misc]
-                                    dtype=np.float32).reshape(len(positions), size // 4))
+        joined = bytearray().join([blobs[i] for i in positions])  # type: ignore[misc]
+        # a bytearray is writable, so the index can adopt the matrix without a copy
+        blocks.append(np.frombuffer(joined, dtype=np.float32).reshape(len(positions),
+                                                                     size // 4))
         for row, position in enumerate(positions):
             sources[position] = (len(blocks) - 1, row)
     return blocks, sources
@@ -134,19 +150,24 @@ class CacheRows:
             sql += " LIMIT :limit"
             params["limit"] = limit
         with self.store.engine.connect() as conn:
-            rows = conn.execute(text(sql), params).fetchall()
+            if self.store.is_sqlite:  # the driver's own rows: no per-row wrapping
+                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+                try:
+                    cursor.execute(sql, {**params, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
+                    rows = cursor.fetchall()
+                finally:
+                    cursor.close()
+            else:
+                rows = list(conn.execute(text(sql), params).fetchall())
         rows.reverse()  # oldest first: LRU order
         entries = Loaded()
         entries.blocks, sources = _vectors_of([row[8] for row in rows])
-        for source, (seq, key, namespace, model, params_hash, context_hash, focus, embedder,
-                     _, expires_at) in zip(sources, rows):
-            entry = Entry(seq=seq, key=key, namespace=namespace, model=model, price_model=None,
-                          params_hash=params_hash, context_hash=context_hash, focus=focus,
-                          embedder=embedder, task_type=None, created_at=None,
-                          expires_at=expires_at, cost_nanos=0, input_tokens=0,
-                          output_tokens=0, vector=None)
-            entry.source = source
-            entries.append(entry)
+        from_row = Entry.from_row
+        entries.extend(
+            from_row(seq, key, namespace, model, params_hash, context_hash, focus, embedder,
+                     expires_at, source)
+            for source, (seq, key, namespace, model, params_hash, context_hash, focus,
+                         embedder, _, expires_at) in zip(sources, rows))
         return entries
 
     def upsert(self, entry: Entry, embedder: str | None) -> int:

@@ -142,7 +142,10 @@ class VectorIndex:
         if self._centroids is None:
             cell = self._cells[0]
             start = cell.size
-            cell.extend(id_array, vectors)
+            if start == 0 and vectors.flags.writeable and vectors.flags.c_contiguous:
+                cell.matrix, cell.ids, cell.size = vectors, id_array, len(id_array)  # adopt
+            else:
+                cell.extend(id_array, vectors)
             self._where.update(
                 zip(id_array.tolist(), zip([0] * len(id_array), range(start, cell.size))))
         else:
