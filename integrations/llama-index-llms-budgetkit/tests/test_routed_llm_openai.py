@@ -79,8 +79,6 @@ def test_tracking_handler_records_the_inner_call_once(server, engine, tracking_h
     assert row.model == CHEAP and row.input_tokens == server.usages[0]["prompt_tokens"]
 
 
-@pytest.mark.xfail(strict=False, reason="the LlamaIndex tracker must skip calls made while "
-                   "budgetkit._cascade.is_metered_call() is true")
 def test_tracking_handler_skips_calls_the_routed_llm_metered(server, engine,
                                                              tracking_handler) -> None:
     routed(server, engine).chat([ChatMessage(role="user", content="hi")])
