@@ -11,8 +11,9 @@ OpenAI-compatible server (:class:`budgetkit.testing.FakeOpenAIServer`: no networ
   the plain model's calls and leaves the routed model's, which carry its markers, alone;
   ``BudgetkitCache`` answers repeated questions for free (one ``cached`` row each);
 - ``MeteredEmbeddings`` meters document ingestion;
-- budgets: a per-user daily limit that stops one heavy user today (then an approval lifts
-  it), a team daily budget and a monthly one; alerts fire on the way;
+- budgets: a per-user daily limit that stops one heavy user today (then a lead approves
+  two more cents and the retry goes through), a team daily budget and a monthly one;
+  alerts fire on the way;
 - five days ago a runaway batch job spends far more than usual: the anomaly report shows it.
 
 Rows go to the given database (default: budgetkit's default SQLite file), the budgets are
@@ -120,6 +121,9 @@ def _plan(calls: int, users: list[str], rng: random.Random) -> list[dict[str, An
     spike_day = dt.datetime.combine((now - dt.timedelta(days=5)).date(), dt.time(2))
     plan += [{"when": spike_day + dt.timedelta(minutes=3 * n), "user": None,
               "kind": "batch"} for n in range(spike_calls)]  # a service account: no user
+    # the heavy user's burst just now: enough gpt-4o work to reach the per-user stop
+    plan += [{"when": now - dt.timedelta(minutes=10 - n), "user": users[-1], "kind": "analysis",
+              "task": "complex_reasoning"} for n in range(6)]
     plan.sort(key=lambda item: item["when"])
     return plan  # about ``calls`` items (rounding per day)
 
@@ -204,15 +208,19 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                     _one_call(item, chains, handler, embedder, engine, rng, counts,
                               MeteredEmbeddings, BudgetExceeded)
                     progress.update(index)
-            # a lead approves the blocked user for the rest of the day
+            # a lead approves the stopped user for two more cents today; the retry goes through
             clock.at = None
             heavy = people[-1]
             if counts["blocked"]:
-                try:
-                    engine.approve("demo-per-user-daily", key=heavy, extra=0.02,
-                                   by="demo-lead", reason="month-end analysis")
-                except Exception:  # noqa: BLE001 - the demo goes on without the approval
-                    pass
+                engine.approve("demo-per-user-daily", key=heavy, extra=0.02, by="demo-lead",
+                               reason="month-end analysis")
+                retry = {"when": clock(), "user": heavy, "kind": "analysis",
+                         "task": "complex_reasoning"}
+                plan.append(retry)
+                answered_before = counts["answered"]
+                _one_call(retry, chains, handler, embedder, engine, rng, counts,
+                          MeteredEmbeddings, BudgetExceeded)
+                counts["retry_answered"] = counts["answered"] - answered_before
         engine.flush()
         data, text = render_summary(engine, {"days": 14})
         counts["cache_hits"] = data["totals"]["cache_hits"]
@@ -232,6 +240,11 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                 print("\nRecent alerts")
                 for alert in recent:
                     print(f"  {alert['created_at'][:16].replace('T', ' ')}  {alert['message']}")
+            for approval in engine.approvals():
+                print(f"\nApproval: {approval.approved_by} lifted the stop of "
+                      f"{approval.budget!r} for {approval.scope_key} by "
+                      f"${approval.extra or 0:.2f} ({approval.reason}); the retry was "
+                      + ("answered" if counts.get("retry_answered") else "stopped again"))
             print(f"\nDemo: {counts['answered']} answers ({counts['cache_hits']} from the cache),"
                   f" {counts['embedded']} embedding calls, {counts['blocked']} calls stopped "
                   f"by a budget, into {engine.store.url}")
@@ -270,9 +283,9 @@ def _one_call(item: dict[str, Any], chains: Any, handler: Any, embedder: Any, en
         question = rng.choice(ANALYSIS) + CONTEXT * 3 + f" Batch item {rng.randint(1, 10**6)}."
         task, operation = "multi_step_analysis", "text_generation"
     else:
-        index = rng.randrange(len(ANALYSIS))
+        index = 0 if item.get("task") else rng.randrange(len(ANALYSIS))
         question = ANALYSIS[index] + CONTEXT + f" Ticket {rng.randint(1, 10**6)}."
-        task = "code_generation" if index == 2 else "complex_reasoning"
+        task = item.get("task") or ("code_generation" if index == 2 else "complex_reasoning")
         operation = "rag_output"
     config["metadata"] = {"user_id": user, "operation_type": operation, "task_type": task,
                           "session_id": f"{user or 'batch'}-{item['when']:%Y%m%d}"}

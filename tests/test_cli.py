@@ -248,6 +248,7 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
     result = json.loads(out)
     demo, report = result["demo"], result["report"]
     assert demo["answered"] + demo["blocked"] + demo["embedded"] == demo["calls_planned"]
+    assert demo["blocked"] >= 1 and demo["retry_answered"] == 1  # stopped, approved, answered
     # one row per answer (paid or cached), per stopped call and per embedding batch
     assert report["totals"]["calls"] == demo["calls_planned"]
     assert report["totals"]["blocked"] == demo["blocked"]
