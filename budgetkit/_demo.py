@@ -122,8 +122,8 @@ def _plan(calls: int, users: list[str], rng: random.Random) -> list[dict[str, An
     plan += [{"when": spike_day + dt.timedelta(minutes=3 * n), "user": None,
               "kind": "batch"} for n in range(spike_calls)]  # a service account: no user
     # the heavy user's burst just now: enough gpt-4o work to reach the per-user stop
-    plan += [{"when": now - dt.timedelta(minutes=10 - n), "user": users[-1], "kind": "analysis",
-              "task": "complex_reasoning"} for n in range(6)]
+    plan += [{"when": now - dt.timedelta(minutes=12 - n), "user": users[-1], "kind": "analysis",
+              "task": "complex_reasoning"} for n in range(10)]
     plan.sort(key=lambda item: item["when"])
     return plan  # about ``calls`` items (rounding per day)
 
