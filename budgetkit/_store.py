@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib
+import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, insert, select
+from sqlalchemy import create_engine, delete, event, select
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.pool import StaticPool
 from sqlmodel import SQLModel
@@ -76,6 +77,7 @@ class Store:
         if self.is_sqlite:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._tables_ready = False
+        self._insert_sql: tuple[str, str] | None = None
 
     def create_tables(self) -> None:
         """Create every registered table that does not exist yet (idempotent)."""
@@ -93,18 +95,36 @@ class Store:
 
     # -- usage ledger ----------------------------------------------------------------
     def insert_usage(self, rows: Sequence[Mapping[str, Any]]) -> None:
-        """Insert usage rows (dicts of :class:`UsageRow` columns) in one transaction."""
+        """Insert usage rows (dicts of :class:`UsageRow` columns) in one transaction.
+
+        This is the ledger's hot loop, so it goes straight to the driver's ``executemany``
+        with a statement built once: SQLAlchemy's per-row parameter processing cost ~40 µs
+        of Python per row, time the writer thread took from the application's threads.
+        """
         if not rows:
             return
         self.ensure_tables()
-        usage_table = UsageRow.__table__  # type: ignore[attr-defined]
-        tag_table = UsageTagRow.__table__  # type: ignore[attr-defined]
-        tag_rows = [{"usage_id": row["id"], "tag": tag}
-                    for row in rows for tag in dict.fromkeys(row.get("tags") or ())]
+        usage_sql, tag_sql = self._insert_statements()
+        sqlite = self.is_sqlite
+        usage_params = [_usage_params(row, sqlite) for row in rows]
+        tag_params = [(row["id"], tag)
+                      for row in rows for tag in dict.fromkeys(row.get("tags") or ())]
         with self.engine.begin() as conn:
-            conn.execute(insert(usage_table), [_usage_params(row) for row in rows])
-            if tag_rows:
-                conn.execute(insert(tag_table), tag_rows)
+            conn.exec_driver_sql(usage_sql, usage_params)  # type: ignore[arg-type]
+            if tag_params:
+                conn.exec_driver_sql(tag_sql, tag_params)  # type: ignore[arg-type]
+
+    def _insert_statements(self) -> tuple[str, str]:
+        if self._insert_sql is None:
+            mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
+            quote = self.engine.dialect.identifier_preparer.quote
+            names = ", ".join(quote(name) for name in _usage_columns())
+            marks = ", ".join(mark for _ in _usage_columns())
+            self._insert_sql = (
+                f"INSERT INTO {UsageRow.__tablename__} ({names}) VALUES ({marks})",
+                f"INSERT INTO {UsageTagRow.__tablename__} (usage_id, tag) VALUES ({mark}, {mark})",
+            )
+        return self._insert_sql
 
     def query_usage(self, *, since: dt.datetime | None = None, until: dt.datetime | None = None,
                     model: str | None = None, user_id: str | None = None,
@@ -150,16 +170,29 @@ class Store:
 
 
 _USAGE_COLUMNS: tuple[str, ...] = ()
+_JSON_COLUMNS = frozenset({"tags", "metadata"})
 
 
-def _usage_params(row: Mapping[str, Any]) -> dict[str, Any]:
+def _usage_columns() -> tuple[str, ...]:
     global _USAGE_COLUMNS
     if not _USAGE_COLUMNS:
         _USAGE_COLUMNS = tuple(c.name for c in UsageRow.__table__.columns)  # type: ignore[attr-defined]
-    params = {name: row.get(name) for name in _USAGE_COLUMNS if name != "metadata"}
-    params["metadata"] = row.get("metadata") or {}
-    params["tags"] = list(row.get("tags") or ())
-    return params
+    return _USAGE_COLUMNS
+
+
+def _usage_params(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
+    """One row as driver parameters, in column order (JSON and datetimes pre-encoded as
+    SQLAlchemy would, so rows read back through the ORM are identical)."""
+    values = []
+    for name in _usage_columns():
+        value = row.get(name)
+        if name in _JSON_COLUMNS:
+            value = json.dumps(list(value or ()) if name == "tags" else dict(value or {}),
+                               default=str)
+        elif name == "created_at" and sqlite:
+            value = value.isoformat(sep=" ", timespec="microseconds")
+        values.append(value)
+    return tuple(values)
 
 
 def _utc_naive(value: dt.datetime) -> dt.datetime:
