@@ -11,9 +11,9 @@ OpenAI-compatible server (:class:`budgetkit.testing.FakeOpenAIServer`: no networ
   the plain model's calls and leaves the routed model's, which carry its markers, alone;
   ``BudgetkitCache`` answers repeated questions for free (one ``cached`` row each);
 - ``MeteredEmbeddings`` meters document ingestion;
-- budgets: a per-user daily limit that stops one heavy user today (then a lead approves
-  two more cents and the retry goes through), a team daily budget and a monthly one;
-  alerts fire on the way;
+- budgets: a per-user daily limit (the router steps down a tier as a user nears it; one
+  heavy user's burst on a model pinned to gpt-4o is stopped, a lead approves two more
+  cents and the retry goes through), a team daily budget and a monthly one; alerts fire;
 - five days ago a runaway batch job spends far more than usual: the anomaly report shows it.
 
 Rows go to the given database (default: budgetkit's default SQLite file), the budgets are
@@ -121,9 +121,10 @@ def _plan(calls: int, users: list[str], rng: random.Random) -> list[dict[str, An
     spike_day = dt.datetime.combine((now - dt.timedelta(days=5)).date(), dt.time(2))
     plan += [{"when": spike_day + dt.timedelta(minutes=3 * n), "user": None,
               "kind": "batch"} for n in range(spike_calls)]  # a service account: no user
-    # the heavy user's burst just now: enough gpt-4o work to reach the per-user stop
-    plan += [{"when": now - dt.timedelta(minutes=12 - n), "user": users[-1], "kind": "analysis",
-              "task": "complex_reasoning"} for n in range(10)]
+    # the heavy user's burst just now, on a model pinned to gpt-4o (no router to step down
+    # under budget pressure): it runs into the per-user stop
+    plan += [{"when": now - dt.timedelta(minutes=12 - n), "user": users[-1], "kind": "pinned"}
+             for n in range(10)]
     plan.sort(key=lambda item: item["when"])
     return plan  # about ``calls`` items (rounding per day)
 
@@ -197,6 +198,7 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
             parser = StrOutputParser()
             chains = {"faq": prompt | ChatOpenAI(model="gpt-4o-mini", cache=cache, **common)
                       | parser,
+                      "pinned": prompt | ChatOpenAI(model="gpt-4o", **common) | parser,
                       "routed": prompt | routed | parser}
             handler = BudgetkitCallbackHandler(engine)
             embedder = OpenAIEmbeddings(model="text-embedding-3-small", base_url=server.base_url,
@@ -214,8 +216,7 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
             if counts["blocked"]:
                 engine.approve("demo-per-user-daily", key=heavy, extra=0.02, by="demo-lead",
                                reason="month-end analysis")
-                retry = {"when": clock(), "user": heavy, "kind": "analysis",
-                         "task": "complex_reasoning"}
+                retry = {"when": clock(), "user": heavy, "kind": "pinned"}
                 plan.append(retry)
                 answered_before = counts["answered"]
                 _one_call(retry, chains, handler, embedder, engine, rng, counts,
@@ -283,17 +284,17 @@ def _one_call(item: dict[str, Any], chains: Any, handler: Any, embedder: Any, en
         question = rng.choice(ANALYSIS) + CONTEXT * 3 + f" Batch item {rng.randint(1, 10**6)}."
         task, operation = "multi_step_analysis", "text_generation"
     else:
-        index = 0 if item.get("task") else rng.randrange(len(ANALYSIS))
+        index = 0 if kind == "pinned" else rng.randrange(len(ANALYSIS))
         question = ANALYSIS[index] + CONTEXT + f" Ticket {rng.randint(1, 10**6)}."
-        task = item.get("task") or ("code_generation" if index == 2 else "complex_reasoning")
+        task = "code_generation" if index == 2 else "complex_reasoning"
         operation = "rag_output"
     config["metadata"] = {"user_id": user, "operation_type": operation, "task_type": task,
                           "session_id": f"{user or 'batch'}-{item['when']:%Y%m%d}"}
     if user is None:
         config["metadata"]["project"] = "nightly-batch"
     try:
-        chains["faq" if kind == "faq" else "routed"].invoke({"question": question},
-                                                           config=config)
+        chain = chains[kind] if kind in ("faq", "pinned") else chains["routed"]
+        chain.invoke({"question": question}, config=config)
         counts["answered"] += 1
     except budget_exceeded:
         counts["blocked"] += 1
