@@ -24,7 +24,7 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,8 +33,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from ._alerts import Alert, AlertSink, LoggingSink
 from ._budget_sql import (_APPROVED, _GROW_HOLD_SQL, _HOLD_SQL, _RESERVE_SQL, _SETTLE_SQL,
-                          _UNHOLD_MANY_SQL, AL, R, W, Driver, _hold_many_sql,
-                          _reserve_many_sql, insert_ignore, ledger_spend)
+                          _UNHOLD_MANY_SQL, _UNRESERVE_SQL, AL, R, W, Driver, _hold_many_sql,
+                          _reserve_many_sql, _settle_many_sql, insert_ignore, ledger_spend)
 from ._budget_status import Approval, BudgetReader, BudgetStatus, attribution_ticket
 from ._budgets import Budget, window_bounds
 from ._errors import ApprovalRequired, BudgetExceeded, ConfigurationError
@@ -47,7 +47,7 @@ logger = logging.getLogger("budgetkit")
 #: Seconds after which a reservation that was never settled is given back (a process
 #: killed mid-call). Longer than any sane model call; configurable per engine.
 DEFAULT_RESERVATION_TIMEOUT = 900.0
-#: SQLite: how long (wall seconds) queued settles wait for an admit to carry them.
+#: How long (wall seconds) queued settles wait for an admit to carry them.
 SETTLE_DELAY = 0.02
 #: How often (engine-clock seconds) admit sweeps every expired reservation.
 REAP_INTERVAL = 60.0
@@ -99,8 +99,8 @@ class BudgetBook(BudgetReader):
         self._last_reap: dt.datetime | None = None
         #: Settle on a background thread in batches (False: on the caller's thread).
         self.deferred = True
-        #: SQLite: queued settles ride along in the next admit's transaction.
-        self.piggyback = bool(store.is_sqlite)
+        #: Queued settles ride along in the next admit's transaction (one commit per call).
+        self.piggyback = True
         self._pending: list[_Settlement] = []
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
@@ -267,6 +267,10 @@ class BudgetBook(BudgetReader):
             try:
                 results = self._reserve_all(ticket.id, plan, now)
                 break
+            except self._driver.errors:
+                if attempt == 1:  # a deadlock victim or a dropped connection: once more
+                    continue
+                raise
             except _NoRoom as no_room:
                 window_id, budget, key, start, amount = plan[no_room.index]
                 # Our own finished calls may still hold reservations (queued settles), and
@@ -292,11 +296,13 @@ class BudgetBook(BudgetReader):
         try:
             with self._fast() as run:
                 if self.piggyback and self._pending:
-                    # SQLite: finished calls settle in this admit's transaction (one commit
-                    # for both); SQLite's single writer lock means no ordering to keep.
+                    # Finished calls settle in this admit's transaction: one commit for both.
                     with self._pending_lock:
                         taken, self._pending = self._pending, []
-                    settled = self._apply_settlements(run, taken)
+                    self._lock_windows(run, [*(item[0] for item in plan),
+                                             *(reservation.window_id for done in taken
+                                               for reservation in done.reservations)])
+                    settled = self._apply_settlements(run, taken, locked=True)
                 self._reserve_in(run, ticket_id, plan, at, until, results)
         except BaseException:
             if taken:  # rolled back with the reservation: queue them again
@@ -306,6 +312,20 @@ class BudgetBook(BudgetReader):
         if settled:
             self._threshold_alerts(settled)
         return results
+
+    def _lock_windows(self, run: Callable[..., list[Any]], ids: Iterable[int | None]) -> None:
+        """PostgreSQL: lock these windows in id order before touching reservation rows.
+
+        Every budget transaction takes window rows in id order and only then reservation
+        rows, so no two of them can wait on each other in a cycle. (SQLite locks the whole
+        database per transaction and needs none of this.)
+        """
+        wanted = sorted({window_id for window_id in ids if window_id is not None})
+        if self._driver.dialect != "postgresql" or len(wanted) < 2:
+            return  # one row: nothing to order
+        names = ", ".join(f":l{index}" for index in range(len(wanted)))
+        run(f"SELECT id FROM budgetkit_budget_window WHERE id IN ({names}) "
+            "ORDER BY id FOR UPDATE", {f"l{index}": wid for index, wid in enumerate(wanted)})
 
     def _reserve_in(self, run: Callable[..., list[Any]], ticket_id: str,
                     plan: Sequence[tuple[Any, ...]], at: Any, until: Any,
@@ -462,39 +482,59 @@ class BudgetBook(BudgetReader):
         with self._fast() as run:
             return self._apply_settlements(run, items)
 
-    def _apply_settlements(self, run: Callable[..., list[Any]],
-                           items: Sequence[_Settlement]) -> list[tuple[Reservation, int, int]]:
-        """Settle ``items`` inside the caller's transaction; returns the windows' new state."""
-        held_ids = [item.ticket_id for item in items if item.held]
-        # window id -> [actual, given back, one of its reservations]
+    def _apply_settlements(self, run: Callable[..., list[Any]], items: Sequence[_Settlement],
+                           *, locked: bool = False) -> list[tuple[Reservation, int, int]]:
+        """Settle ``items`` inside the caller's transaction; returns the windows' new state.
+
+        Windows first (spent += actual, reserved -= what was held), then the reservation
+        rows are deleted, the order every budget transaction keeps. A row the reaper
+        deleted first was already given back, so that part is added back.
+        """
+        # window id -> [actual, held, one of its reservations]
         totals: dict[int, list[Any]] = {}
-        updates = []
-        held: dict[tuple[str, int], int] = {}
-        for start in range(0, len(held_ids), 500):
-            chunk = held_ids[start:start + 500]
-            names = ", ".join(f":t{index}" for index in range(len(chunk)))
-            rows = run(_UNHOLD_MANY_SQL.format(tickets=names),
-                       {f"t{index}": ticket_id for index, ticket_id in enumerate(chunk)})
-            held.update({(str(t), int(w)): int(a) for t, w, a in rows})
         for item in items:
             for reservation in item.reservations:
                 if reservation.window_id is None:  # a lone call's run: nothing stored
                     continue
                 actual = item.cost_nanos if reservation.budget.unit == "usd" else item.tokens
-                # 0 when never held, or when the reaper already gave it back
-                give_back = held.get((item.ticket_id, reservation.window_id), 0)
                 total = totals.setdefault(reservation.window_id, [0, 0, reservation])
                 total[0] += actual
-                total[1] += give_back
-        for window_id in sorted(totals):  # window-id order, as reserve: no deadlocks
-            actual, give_back, reservation = totals[window_id]
-            if actual == 0 and give_back == 0:
+                total[1] += reservation.amount if item.held else 0
+        ids = sorted(window_id for window_id, (actual, held, _r) in totals.items()
+                     if actual or held)
+        state: dict[int, tuple[int, int]] = {}
+        if len(ids) == 1:
+            actual, held, _r = totals[ids[0]]
+            rows = run(_SETTLE_SQL, {"wid": ids[0], "actual": actual, "held": held})
+            state = {ids[0]: (int(rows[0][0]), int(rows[0][1]))} if rows else {}
+        elif ids:
+            if not locked:
+                self._lock_windows(run, ids)
+            params: dict[str, Any] = {}
+            for index, window_id in enumerate(ids):
+                params.update({f"w{index}": window_id, f"s{index}": totals[window_id][0],
+                               f"h{index}": totals[window_id][1]})
+            state = {int(row[0]): (int(row[1]), int(row[2]))
+                     for row in run(_settle_many_sql(len(ids)), params)}
+        held_ids = [item.ticket_id for item in items if item.held]
+        deleted: set[tuple[str, int]] = set()
+        for start in range(0, len(held_ids), 500):
+            chunk = held_ids[start:start + 500]
+            names = ", ".join(f":t{index}" for index in range(len(chunk)))
+            rows = run(_UNHOLD_MANY_SQL.format(tickets=names),
+                       {f"t{index}": ticket_id for index, ticket_id in enumerate(chunk)})
+            deleted.update((str(t), int(w)) for t, w, _amount in rows)
+        for item in items:
+            if not item.held:
                 continue
-            rows = run(_SETTLE_SQL, {"wid": window_id, "actual": actual,
-                                     "held": give_back})
-            if rows and actual:
-                updates.append((reservation, int(rows[0][0]), int(rows[0][1])))
-        return updates
+            for reservation in item.reservations:
+                if reservation.window_id is not None and \
+                        (item.ticket_id, reservation.window_id) not in deleted:
+                    # the reaper gave it back already (the call outlived the timeout)
+                    run(_UNRESERVE_SQL, {"wid": reservation.window_id,
+                                         "amount": reservation.amount})
+        return [(totals[window_id][2], *state[window_id]) for window_id in ids
+                if window_id in state and totals[window_id][0]]
 
     def check_stream(self, ticket: Any, output_tokens: int) -> None:
         """Raise :class:`BudgetExceeded` when a streaming call outgrew its reservation in a
@@ -556,6 +596,9 @@ class BudgetBook(BudgetReader):
         for ticket_id, wid, amount in expired:
             # One small transaction each: never holds two locks a settle might want.
             with self._transaction() as conn:
+                if self._driver.dialect == "postgresql":  # window before reservation rows,
+                    conn.execute(select(W.c.id).where(W.c.id == wid)  # as everywhere
+                                 .with_for_update())
                 gone = conn.execute(delete(R).where(R.c.ticket_id == ticket_id,
                                                     R.c.window_id == wid)).rowcount
                 if gone:  # we won the delete, so we give the amount back

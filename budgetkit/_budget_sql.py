@@ -11,6 +11,7 @@ import datetime as dt
 import functools
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -53,6 +54,8 @@ RETURNING ticket_id, window_id, amount"""
 _SETTLE_SQL = """
 UPDATE budgetkit_budget_window SET spent = spent + :actual, reserved = reserved - :held
 WHERE id = :wid RETURNING spent, reserved"""
+_UNRESERVE_SQL = """
+UPDATE budgetkit_budget_window SET reserved = reserved + :amount WHERE id = :wid"""
 _GROW_HOLD_SQL = """
 UPDATE budgetkit_budget_reservation SET amount = amount + :amount
 WHERE ticket_id = :ticket AND window_id = :wid RETURNING amount"""
@@ -91,6 +94,23 @@ RETURNING id, spent, reserved"""
 
 
 @functools.lru_cache(maxsize=64)
+def _settle_many_sql(count: int) -> str:
+    """:data:`_SETTLE_SQL` for ``count`` windows at once (params w0.., s0.., h0..).
+
+    The caller locks the rows in id order first on PostgreSQL (see ``_lock_windows``).
+    """
+    def case(param: str) -> str:
+        whens = " ".join(f"WHEN :w{i} THEN :{param}{i}" for i in range(count))
+        return f"(CASE id {whens} END)"
+
+    ids = ", ".join(f":w{i}" for i in range(count))
+    return f"""
+UPDATE budgetkit_budget_window
+SET spent = spent + {case("s")}, reserved = reserved - {case("h")}
+WHERE id IN ({ids}) RETURNING id, spent, reserved"""
+
+
+@functools.lru_cache(maxsize=64)
 def _hold_many_sql(count: int) -> str:
     values = ", ".join(f"(:ticket, :w{i}, :a{i}, :expires)" for i in range(count))
     return ("INSERT INTO budgetkit_budget_reservation (ticket_id, window_id, amount, "
@@ -116,10 +136,11 @@ class Driver:
         #: ``Engine.configure_budgets(durable=...)``).
         self.durable = True
         self._sql: dict[str, Any] = {}
-        # SQLite: our transactions are serialised by the book's lock anyway, so one
-        # connection kept for them saves a pool checkout per transaction.
-        self._own: Any = None
-        self._own_pid = 0
+        self._idle: list[Any] = []
+        self._idle_pid = os.getpid()
+        self._idle_lock = threading.Lock()
+        # SQLite transactions are serialised by the book's lock: one connection is enough.
+        self.max_idle = 1 if self.dialect == "sqlite" else 8
 
     def sql(self, text_sql: str) -> Any:
         compiled = self._sql.get(text_sql)
@@ -146,10 +167,8 @@ class Driver:
                     return list(result.all()) if result.returns_rows else []
                 yield run_sa
             return
-        keep = self.dialect == "sqlite"
-        if self._own is not None and self._own_pid != os.getpid():
-            self._own = None  # forked: never share a SQLite connection across processes
-        connection = self._own if keep and self._own is not None else self.engine.raw_connection()
+        connection = self._acquire()
+        healthy = True
         try:
             cursor = connection.cursor()
             if not self.durable and self.dialect == "postgresql":
@@ -165,18 +184,41 @@ class Driver:
             yield run
             connection.commit()
         except BaseException:
-            connection.rollback()
+            try:
+                connection.rollback()
+            except Exception:  # the connection itself is broken: drop it
+                healthy = False
             raise
         finally:
-            if keep:
-                self._own, self._own_pid = connection, os.getpid()
-            else:
-                connection.close()
+            self._release(connection, healthy)
+
+    # Our own few idle connections: SQLAlchemy's pool would ping PostgreSQL on every
+    # checkout and roll back on every return, two round trips per transaction.
+    def _acquire(self) -> Any:
+        with self._idle_lock:
+            if self._idle_pid != os.getpid():  # forked: the parent's connections are not ours
+                self._idle, self._idle_pid = [], os.getpid()
+            if self._idle:
+                return self._idle.pop()
+        fairy = self.engine.raw_connection()
+        fairy.detach()  # ours now; close() really closes it
+        return fairy
+
+    def _release(self, connection: Any, healthy: bool) -> None:
+        with self._idle_lock:
+            if healthy and len(self._idle) < self.max_idle and self._idle_pid == os.getpid():
+                self._idle.append(connection)
+                return
+        try:
+            connection.close()
+        except Exception:  # already broken
+            pass
 
     def close(self) -> None:
-        if self._own is not None:
-            own, self._own = self._own, None
-            own.close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for connection in idle:
+            self._release(connection, False)
 
 
 def insert_ignore(store: Any, table: Any) -> Any:

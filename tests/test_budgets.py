@@ -37,7 +37,7 @@ class Clock:
 
 
 def make_engine(db: Path, clock: Clock | None = None) -> Engine:
-    engine = Engine(db=str(db), clock=clock or Clock())
+    engine = Engine(db=str(db), clock=clock or Clock())  # a path or a URL
     engine.catalog.register({"name": MODEL, "provider": "test", "mode": "chat",
                              "input_per_mtok": "1", "output_per_mtok": "2",
                              "context_window": 100_000, "max_output_tokens": 4_000})
@@ -261,7 +261,8 @@ def test_token_budget_counts_input_and_output(engine: Engine) -> None:
 
 
 # -- levels and decisions --------------------------------------------------------------
-def test_levels_warn_review_and_downgrade(engine: Engine) -> None:
+def test_levels_warn_review_and_downgrade(any_engine: Engine) -> None:
+    engine = any_engine
     engine.add_budget(Budget(name="t", limit=10_000, unit="tokens", downgrade_below=0.1,
                              levels=BudgetLevels(moderate=0.5, high=0.8)))
     first = call(engine, cost_in=4000, out=0)
@@ -350,7 +351,8 @@ def test_a_call_outside_any_run_is_a_run_of_its_own(engine: Engine) -> None:
     engine.release(streaming)
 
 
-def test_check_stream_stops_a_run_that_outgrows_its_reservation(engine: Engine) -> None:
+def test_check_stream_stops_a_run_that_outgrows_its_reservation(any_engine: Engine) -> None:
+    engine = any_engine
     engine.add_budget(Budget(name="per-run", limit=3000, unit="tokens", period="run"))
     engine.add_budget(Budget(name="daily", limit=1.0))  # does not stop streams
     ticket = engine.admit(MODEL, input_tokens=1000, max_output_tokens=1000, run_id="r")
@@ -367,7 +369,9 @@ def test_check_stream_stops_a_run_that_outgrows_its_reservation(engine: Engine) 
 
 
 # -- approvals -------------------------------------------------------------------------
-def test_approval_lifts_the_stop_for_this_window_only(engine: Engine, clock: Clock) -> None:
+def test_approval_lifts_the_stop_for_this_window_only(any_engine: Engine, clock: Clock
+                                                      ) -> None:
+    engine = any_engine
     engine.add_budget(Budget(name="d", limit=0.002))
     call(engine)
     with pytest.raises(ApprovalRequired):
@@ -511,7 +515,19 @@ def test_litellm_27639_dead_reservations_expire(tmp_path: Path) -> None:
     second.close()
 
 
-def test_late_settle_after_reclaim_counts_once(engine: Engine, clock: Clock) -> None:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_engine(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock
+               ) -> Iterator[Engine]:
+    """The same engine on a SQLite file and on PostgreSQL (skipped without a server)."""
+    db = (tmp_path / "any.db" if request.param == "sqlite"
+          else request.getfixturevalue("pg_url"))
+    eng = make_engine(db, clock)  # type: ignore[arg-type]
+    yield eng
+    eng.close()
+
+
+def test_late_settle_after_reclaim_counts_once(any_engine: Engine, clock: Clock) -> None:
+    engine = any_engine
     engine.add_budget(Budget(name="d", limit=1.0))
     ticket = engine.admit(MODEL, input_tokens=1000, max_output_tokens=1000)
     clock.advance(seconds=901)
