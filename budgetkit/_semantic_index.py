@@ -272,7 +272,7 @@ def _nearest(vectors: np.ndarray, centroids: np.ndarray, chunk: int = 16_384) ->
 
 
 def _spherical_kmeans(vectors: np.ndarray, n_cells: int, *, seed: int,
-                      iterations: int = 8, sample: int = 40) -> np.ndarray:
+                      iterations: int = 6, sample: int = 24) -> np.ndarray:
     """Unit centroids from k-means on cosine, trained on ``sample`` points per cell."""
     rng = np.random.default_rng(seed)
     size = min(len(vectors), n_cells * sample)
