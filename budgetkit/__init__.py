@@ -74,6 +74,7 @@ _EXPORTS: dict[str, str] = {
     "UsageSummary": "_reports",
     "CostAnalysis": "_reports",
     "summarize": "_reports",
+    "summarize_many": "_reports",
     "cost_series": "_reports",
     "cost_analysis": "_reports",
     "allocate_costs": "_reports",
@@ -108,7 +109,7 @@ if TYPE_CHECKING:
     from ._budget_presets import model_token_budgets, seed_budgets, token_ladder_budgets
     from ._budgets import Budget, BudgetLevels, load_budgets
     from ._reports import (CostAnalysis, UsageSummary, allocate_costs, cost_analysis,
-                           cost_series, summarize, what_if)
+                           cost_series, summarize, summarize_many, what_if)
     from ._budget_reports import budget_report, periodic_report
     from ._forecast import detect_anomalies, forecast
     from ._export import export_usage

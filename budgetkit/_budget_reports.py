@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from ._errors import ConfigurationError
-from ._reports import as_source, cost_analysis, cost_series, run_query, summarize
+from ._reports import as_source, cost_analysis, fill_series, run_query, summarize_many
 
 __all__ = ["as_plain", "budget_rows", "alert_rows", "approval_rows", "budget_report",
            "periodic_report"]
@@ -142,8 +142,8 @@ def periodic_report(source: Any, period: str = "day", *, now: dt.datetime | None
         raise ConfigurationError(f"period must be day, week or month, got {period!r}")
     src = as_source(source, now=now)
     days = _PERIOD_DAYS[period]
-    by_model = summarize(src, group_by="model", days=days, **filters)
-    by_op = summarize(src, group_by="operation_type", days=days, **filters)
+    by_model, by_op, by_day = summarize_many(src, ["model", "operation_type", "day"],
+                                             days=days, **filters)
     budgets = budget_report(src)
     since = by_model.period.start
     report: dict[str, Any] = {
@@ -156,8 +156,7 @@ def periodic_report(source: Any, period: str = "day", *, now: dt.datetime | None
         "alerts": [a for a in budgets["alerts"] if a["created_at"] >= since.isoformat()],
     }
     if period in ("week", "month"):
-        report["trend"] = [g.to_dict() for g in cost_series(src, unit="day", days=days,
-                                                            **filters)]
+        report["trend"] = [g.to_dict() for g in fill_series(by_day, "day")]
         report["forecast"] = forecast(src, period=period, **filters).to_dict()
         report["anomalies"] = [a.to_dict() for a in detect_anomalies(src, days=days, **filters)]
         analysis = cost_analysis(src, days=days, **filters)

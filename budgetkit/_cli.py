@@ -196,12 +196,12 @@ def _group_table(groups: list[dict[str, Any]], dims: Sequence[str]) -> str:
 
 def render_summary(engine: Any, span: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The default report: totals, by model, by operation, daily spend, advice."""
-    from ._reports import cost_analysis, cost_series, summarize
+    from ._reports import as_source, cost_analysis, fill_series, summarize_many
 
-    by_model = summarize(engine, group_by="model", **span)
-    by_op = summarize(engine, group_by="operation_type", **span)
-    series = cost_series(engine, unit="day", **span)
-    analysis = cost_analysis(engine, **span)
+    src = as_source(engine)
+    by_model, by_op, by_day = summarize_many(src, ["model", "operation_type", "day"], **span)
+    series = fill_series(by_day, "day")
+    analysis = cost_analysis(src, **span)
     totals = by_model.totals
     data = {"period": by_model.period.to_dict(), "totals": totals.to_dict(),
             "by_model": [g.to_dict() for g in by_model.groups],

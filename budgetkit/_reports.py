@@ -36,6 +36,7 @@ __all__ = [
     "WhatIf",
     "summarize",
     "cost_series",
+    "summarize_many",
     "cost_analysis",
     "allocate_costs",
     "what_if",
@@ -464,6 +465,50 @@ def _group_order(names: tuple[str, ...]) -> Any:
     return order
 
 
+def summarize_many(source: Any, groupings: Sequence[str | Sequence[str]], *,
+                   days: int | None = None, start_date: Any = None, end_date: Any = None,
+                   now: dt.datetime | None = None, period: Period | None = None,
+                   **filters: Any) -> list[UsageSummary]:
+    """Several summaries of one period from a single scan.
+
+    The rows are grouped once by every dimension named in ``groupings`` together (e.g.
+    day × model × operation_type: a few thousand groups at most), and each summary is
+    rolled up from those groups in Python; integer sums make the roll-up exact. Meant for
+    dashboards and reports that show the same period several ways. Tags (a call counted
+    once per tag) cannot be rolled up: each grouping with ``tag`` gets its own query.
+    """
+    src = as_source(source, now=now)
+    if period is None:
+        period = Period.resolve(days=days, start_date=start_date, end_date=end_date,
+                                now=src.now)
+    wanted = [tuple(dict.fromkeys(canonical_dimension(d) for d in
+                                  ([g] if isinstance(g, str) else list(g))))
+              for g in groupings]
+    union = tuple(dict.fromkeys(n for names in wanted if "tag" not in names for n in names))
+    base = summarize(src, group_by=union, period=period, **filters) if union else None
+    out = []
+    for names in wanted:
+        if base is None or "tag" in names:
+            out.append(summarize(src, group_by=names, period=period, **filters))
+            continue
+        buckets: dict[tuple[Any, ...], list[UsageGroup]] = {}
+        for group in base.groups:
+            buckets.setdefault(tuple(group.key[n] for n in names), []).append(group)
+        groups = [UsageGroup.merge(dict(zip(names, key)), items)
+                  for key, items in buckets.items()]
+        groups.sort(key=_group_order(names))
+        out.append(UsageSummary(period=period, group_by=names, groups=groups,
+                                totals=base.totals, filters=dict(filters)))
+    return out
+
+
+def fill_series(summary: UsageSummary, unit: str) -> list[UsageGroup]:
+    """The ``unit`` groups of a summary with every empty bucket of its period filled in."""
+    found = {g.key[unit]: g for g in summary.groups}
+    return [found.get(label) or UsageGroup(key={unit: label})
+            for label in bucket_labels(summary.period, unit)]
+
+
 def cost_series(source: Any, *, unit: str = "day", days: int | None = None,
                 start_date: Any = None, end_date: Any = None, now: dt.datetime | None = None,
                 period: Period | None = None, **filters: Any) -> list[UsageGroup]:
@@ -471,11 +516,8 @@ def cost_series(source: Any, *, unit: str = "day", days: int | None = None,
     if unit not in TIME_DIMENSIONS:
         raise ConfigurationError(f"unit must be one of {', '.join(TIME_DIMENSIONS)}, got {unit!r}")
     src = as_source(source, now=now)
-    summary = summarize(src, group_by=unit, days=days, start_date=start_date,
-                        end_date=end_date, period=period, **filters)
-    found = {g.key[unit]: g for g in summary.groups}
-    return [found.get(label) or UsageGroup(key={unit: label})
-            for label in bucket_labels(summary.period, unit)]
+    return fill_series(summarize(src, group_by=unit, days=days, start_date=start_date,
+                                 end_date=end_date, period=period, **filters), unit)
 
 
 def bucket_labels(period: Period, unit: str) -> list[str]:
@@ -572,9 +614,8 @@ def cost_analysis(source: Any, *, days: int | None = None, start_date: Any = Non
     model could answer, budgets near their limit, error rate.
     """
     src = as_source(source, now=now)
-    span = dict(days=days, start_date=start_date, end_date=end_date)
-    by_op = summarize(src, group_by="operation_type", **span, **filters)
-    by_model = summarize(src, group_by="model", **span, **filters)
+    by_op, by_model = summarize_many(src, ["operation_type", "model"], days=days,
+                                     start_date=start_date, end_date=end_date, **filters)
     recs: list[Recommendation] = []
     totals = by_op.totals
     if totals.cost_nanos > 0:

@@ -177,6 +177,29 @@ def test_summary_runs_in_sql_not_in_python(eng: Engine, clock: FakeClock) -> Non
     assert statements and not any("+budgetkit_usage" in s for s in statements)
 
 
+def test_summarize_many_rolls_up_one_scan_exactly(eng: Engine, clock: FakeClock) -> None:
+    for n in range(30):
+        record_at(eng, clock, T0 - dt.timedelta(hours=7 * n), ("gpt-4o", "gpt-4o-mini")[n % 2],
+                  100 + n, 10 * n, operation_type=("rag_output", "embedding", "rag_input")[n % 3],
+                  latency_ms=float(n), tags=["x"] if n % 4 == 0 else [],
+                  status="cached" if n % 5 == 0 else "ok")
+    eng.flush()
+    groupings = ["model", "operation_type", "day", ("model", "day"), "tag"]
+    many = budgetkit.summarize_many(eng, groupings, days=10)
+    for grouping, rolled in zip(groupings, many):
+        direct = budgetkit.summarize(eng, group_by=grouping, days=10)
+        assert [g.to_dict() for g in rolled.groups] == [g.to_dict() for g in direct.groups]
+        assert rolled.totals.to_dict() == direct.totals.to_dict()
+    statements: list[str] = []
+    listener = lambda conn, cursor, sql, *rest: statements.append(sql)  # noqa: E731
+    event.listen(eng.store.engine, "before_cursor_execute", listener)
+    try:
+        budgetkit.summarize_many(eng, ["model", "operation_type", "day"], days=10)
+    finally:
+        event.remove(eng.store.engine, "before_cursor_execute", listener)
+    assert sum("GROUP BY" in sql.upper() for sql in statements) == 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(days=-1), "days must be >= 1"),
     (dict(days=0), "days must be >= 1"),

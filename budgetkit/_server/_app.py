@@ -22,7 +22,7 @@ from .. import __version__
 from .._budget_reports import alert_rows, budget_rows
 from .._errors import ConfigurationError, StoreUnavailable, UnknownModelError
 from .._forecast import detect_anomalies, forecast
-from .._reports import as_source, cost_analysis, cost_series, summarize
+from .._reports import as_source, cost_analysis, fill_series, summarize, summarize_many
 from ._models import (CostAnalysisResponse, TokenUsageResponse, UserUsageResponse,
                       seed_daily, seed_summary_row, seed_totals)
 
@@ -219,9 +219,9 @@ def dashboard_payload(engine: Any, who: Principal, days: int) -> dict[str, Any]:
     """Spend per day, cost by model and operation, budgets, alerts, cache savings."""
     src = as_source(engine)
     kw = who.user_filter()
-    by_model = summarize(src, group_by="model", days=days, **kw)
-    by_op = summarize(src, group_by="operation_type", days=days, **kw)
-    series = cost_series(src, unit="day", days=days, **kw)
+    by_model, by_op, by_day = summarize_many(src, ["model", "operation_type", "day"],
+                                             days=days, **kw)
+    series = fill_series(by_day, "day")
     totals = by_model.totals
     analysis = cost_analysis(src, days=days, **kw)
     prediction = forecast(src, period="month", **kw)
