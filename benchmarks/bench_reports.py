@@ -148,7 +148,17 @@ def main() -> None:
         ("cost analysis, 30 days", lambda: budgetkit.cost_analysis(store, days=30, **kw)),
         ("forecast (month)", lambda: budgetkit.forecast(store, **kw)),
         ("anomalies, daily, 30 days", lambda: budgetkit.detect_anomalies(store, **kw)),
+        ("model+operation+day in one scan, 90 d", lambda: budgetkit.summarize_many(
+            store, ["model", "operation_type", "day"], days=90, **kw)),
     ]
+    try:  # the whole dashboard payload (the server extra)
+        from budgetkit._reports import as_source
+        from budgetkit._server._app import Principal, dashboard_payload
+
+        cases.append(("dashboard payload, 30 days", lambda: dashboard_payload(
+            as_source(store, now=NOW), Principal(None), 30)))
+    except ImportError:
+        pass
     results = [(name, best_of(fn)) for name, fn in cases]
 
     # peers: the bare SQL through sqlite3, and loading rows into Python
@@ -163,6 +173,7 @@ def main() -> None:
 
     base = results[0][1]
     print()
+    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'report':<42} {'seconds':>9} {'vs summary':>11}")
     print("-" * 64)
     for name, seconds in results:

@@ -256,3 +256,17 @@ def test_real_uvicorn_server_answers_over_http(engine: Engine) -> None:
             assert http.get("/token-usage?days=-3", headers={
                 "Authorization": f"Bearer {ADMIN}"}).status_code == 422
             assert http.get("/openapi.json").json()["info"]["title"] == "budgetkit"
+
+
+def test_seed_endpoints_on_postgresql(pg_url: str) -> None:
+    clock = FakeClock(NOW)
+    with Engine(db=pg_url, clock=clock) as engine:
+        populate(engine, clock)
+        client = TestClient(create_app(engine, tokens={ADMIN: None, ALICE: "alice"}))
+        body = get(client, "/token-usage?days=7")
+        days = {d["usage_date"]: d["operation_count"] for d in body["daily_usage"]}
+        assert days == {"2025-03-18": 4, "2025-03-19": 6, "2025-03-20": 10}
+        assert body["summary"]["totals"]["total_operations"] == 20
+        assert get(client, "/token-usage", ALICE)["summary"]["totals"]["total_operations"] == 10
+        board = get(client, "/api/dashboard?days=7")
+        assert board["cache"]["hits"] == 1 and len(board["budgets"]) == 3
