@@ -139,6 +139,7 @@ class Driver:
         self._idle: list[Any] = []
         self._idle_pid = os.getpid()
         self._idle_lock = threading.Lock()
+        self._durable_mode: dict[int, bool] = {}  # PostgreSQL: synchronous_commit per connection
         # SQLite transactions are serialised by the book's lock: one connection is enough.
         self.max_idle = 1 if self.dialect == "sqlite" else 8
 
@@ -169,10 +170,13 @@ class Driver:
             return
         connection = self._acquire()
         healthy = True
+        durable = self.durable
         try:
             cursor = connection.cursor()
-            if not self.durable and self.dialect == "postgresql":
-                cursor.execute("SET LOCAL synchronous_commit TO OFF")
+            if self.dialect == "postgresql" and self._durable_mode.get(id(connection),
+                                                                        True) != durable:
+                # a session setting on our own connection: no extra round trip per call
+                cursor.execute(f"SET synchronous_commit TO {'ON' if durable else 'OFF'}")
 
             def run(sql: str, params: Any) -> list[Any]:
                 if isinstance(params, list):
@@ -183,6 +187,8 @@ class Driver:
 
             yield run
             connection.commit()
+            if self.dialect == "postgresql":
+                self._durable_mode[id(connection)] = durable
         except BaseException:
             try:
                 connection.rollback()
@@ -209,6 +215,7 @@ class Driver:
             if healthy and len(self._idle) < self.max_idle and self._idle_pid == os.getpid():
                 self._idle.append(connection)
                 return
+        self._durable_mode.pop(id(connection), None)
         try:
             connection.close()
         except Exception:  # already broken
