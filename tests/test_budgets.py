@@ -397,6 +397,18 @@ def test_approval_lifts_the_stop_for_this_window_only(any_engine: Engine, clock:
         call(engine)
 
 
+def test_non_durable_commits_still_enforce(any_engine: Engine) -> None:
+    engine = any_engine
+    engine.configure_budgets(durable=False)
+    engine.add_budget(Budget(name="d", limit=0.004))
+    call(engine)
+    call(engine)
+    with pytest.raises(ApprovalRequired):
+        call(engine)
+    engine.configure_budgets(durable=True)
+    assert window(engine, "d") == (4_000_000, 0)
+
+
 def test_approve_needs_a_known_budget_and_key(engine: Engine) -> None:
     engine.add_budget(Budget(name="per-user", limit=0.002, scope="user"))
     with pytest.raises(ConfigurationError, match="unknown budget 'nope'"):
