@@ -1,6 +1,7 @@
 """How often the semantic cache serves a paraphrase, and how often it serves a wrong answer.
 
-    python benchmarks/bench_cache_quality.py          # peers: pip install -r benchmarks/requirements-cache.txt
+    pip install -r benchmarks/requirements-cache.txt   # GPTCache + faiss, the peer
+    python benchmarks/bench_cache_quality.py
 
 Data (all labelled; both systems get the same MiniLM int8 vectors):
 
@@ -85,7 +86,8 @@ def sweep(pairs: list[dict[str, Any]], book: VectorBook,
 
 def auc(pairs: list[dict[str, Any]], book: VectorBook) -> float:
     pos = [float(book.vectors[p["a"]] @ book.vectors[p["b"]]) for p in pairs if p["same_answer"]]
-    neg = [float(book.vectors[p["a"]] @ book.vectors[p["b"]]) for p in pairs if not p["same_answer"]]
+    neg = [float(book.vectors[p["a"]] @ book.vectors[p["b"]])
+           for p in pairs if not p["same_answer"]]
     return float(np.mean([[1.0 if x > y else 0.5 if x == y else 0.0 for y in neg] for x in pos]))
 
 
@@ -182,7 +184,8 @@ def main() -> None:
         print(f"\n{name}: {sum(p['same_answer'] for p in pairs)} paraphrases, "
               f"{sum(not p['same_answer'] for p in pairs)} hard negatives, "
               f"ROC-AUC of plain cosine {auc(pairs, book):.2f}")
-        print("| threshold | plain: served | plain: false hits | guard: served | guard: false hits |")
+        print("| threshold | plain: served | plain: false hits | guard: served "
+              "| guard: false hits |")
         print("|---|---|---|---|---|")
         for threshold, served, false, g_served, g_false in sweep(pairs, book, thresholds):
             mark = " (default)" if abs(threshold - DEFAULT_THRESHOLD) < 1e-9 else ""
@@ -205,7 +208,8 @@ def main() -> None:
 
             systems.append(("GPTCache", run_gptcache))
         except ImportError as exc:
-            print(f"(GPTCache not measured: {exc}; pip install -r benchmarks/requirements-cache.txt)")
+            print(f"(GPTCache not measured: {exc}; "
+                  "pip install -r benchmarks/requirements-cache.txt)")
     # not deleted: GPTCache writes its faiss index at interpreter exit
     tmp = tempfile.mkdtemp(prefix="bench-cache-quality-")
     if True:

@@ -46,7 +46,7 @@ def _config_of(llm: Any) -> dict[str, Any]:
     """The inner LLM's plain settings (secrets and objects left out); only ever hashed."""
     try:
         settings = llm.to_dict()
-    except Exception:  # an LLM that cannot describe itself keys on class + model only  # noqa: BLE001
+    except Exception:  # noqa: BLE001  # cannot describe itself: key on class + model only
         return {}
     return {name: value for name, value in settings.items()
             if isinstance(value, (str, int, float, bool, type(None), list, dict))
