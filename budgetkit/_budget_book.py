@@ -278,6 +278,8 @@ class BudgetBook(BudgetReader):
                 if attempt == 1:
                     self.flush()
                     self.reap(now, window_id=window_id)
+                    if self._forget_missing_windows(plan):  # deleted behind our back
+                        return self.reserve(ticket)
                     continue
                 raise self._blocked(budget, key, start, window_id, amount, now) from None
         plan = [*plan, *solo]
@@ -285,6 +287,16 @@ class BudgetBook(BudgetReader):
         ticket.reservations = [Reservation(window_id, budget, key, start, amount)
                                for window_id, budget, key, start, amount in plan]
         self._judge(ticket, plan, results)
+
+    def _forget_missing_windows(self, plan: Sequence[tuple[Any, ...]]) -> bool:
+        """Drop cached ids of windows whose rows are gone (someone cleared the table)."""
+        ids = [item[0] for item in plan]
+        with self.store.engine.connect() as conn:
+            present = set(conn.execute(select(W.c.id).where(W.c.id.in_(ids))).scalars())
+        missing = set(ids) - present
+        if missing:
+            self._window_ids = {k: v for k, v in self._window_ids.items() if v not in missing}
+        return bool(missing)
 
     def _reserve_all(self, ticket_id: str, plan: Sequence[tuple[Any, ...]],
                      now: dt.datetime) -> list[tuple[int, int]]:

@@ -592,6 +592,16 @@ def test_a_new_budget_counts_this_windows_earlier_spend_only(tmp_path: Path) -> 
     engine.close()
 
 
+def test_windows_deleted_behind_the_engines_back_are_recreated(engine: Engine) -> None:
+    engine.add_budget(Budget(name="d", limit=0.01))
+    call(engine)
+    engine.flush()
+    with sqlite3.connect(engine.store.url.removeprefix("sqlite:///")) as conn:
+        conn.execute("delete from budgetkit_budget_window")  # an operator's "reset"
+    call(engine)  # the cached window id is stale: recreated, not a false block
+    assert window(engine, "d") == (4_000_000, 0)  # back-filled from the ledger
+
+
 def test_add_budget_rejects_a_different_budget_under_the_same_name(engine: Engine) -> None:
     engine.add_budget(Budget(name="d", limit=1.0))
     engine.add_budget(Budget(name="d", limit=1.0))  # same: fine
