@@ -590,6 +590,9 @@ class BudgetBook(BudgetReader):
                     raise _NoRoom(0)  # reaped meanwhile: undo, stream on what is settled
         except _NoRoom:
             return True
+        except self._driver.errors:  # never stop a user's stream because the database hiccuped
+            logger.exception("budgetkit: could not grow a streaming reservation")
+            return True
         item.amount += grow
         return True
 

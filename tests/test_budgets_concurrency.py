@@ -123,11 +123,11 @@ def run_processes(db: str, tmp_path: Path) -> None:
     assert 1_000_000_000 - settled < MAX_WORST_NANOS, "left more than one call unused"
 
 
-def test_four_processes_times_eight_threads_on_a_sqlite_file(tmp_path: Path) -> None:
+def test_litellm_23714_four_processes_x_eight_threads_on_a_sqlite_file(tmp_path: Path) -> None:
     run_processes(str(tmp_path / "shared.db"), tmp_path)
 
 
-def test_four_processes_times_eight_threads_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+def test_litellm_23714_four_processes_x_eight_threads_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     run_processes(pg_url, tmp_path)
 
 
