@@ -478,8 +478,10 @@ def test_roll_over_gives_a_fresh_window(tmp_path: Path, period: str, before: dt.
 
 
 # -- LiteLLM regressions -------------------------------------------------------------
-def test_litellm_40095_34732_concurrent_first_requests_of_a_new_user(engine: Engine) -> None:
+def test_litellm_40095_34732_concurrent_first_requests_of_a_new_user(any_engine: Engine
+                                                                     ) -> None:
     """Many first requests of a brand-new user at once: exactly the budget gets through."""
+    engine = any_engine
     engine.add_budget(Budget(name="per-user", limit=0.004, scope="user"))
     admitted, blocked = [], []
     barrier = threading.Barrier(12)
@@ -498,10 +500,10 @@ def test_litellm_40095_34732_concurrent_first_requests_of_a_new_user(engine: Eng
     for thread in threads:
         thread.join()
     assert (len(admitted), len(blocked)) == (2, 10)
-    with sqlite3.connect(engine.store.url.removeprefix("sqlite:///")) as conn:
-        rows = conn.execute("select count(*) from budgetkit_budget_window "
-                            "where budget = 'per-user'").fetchone()
-    assert rows == (1,)
+    with engine.store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("select count(*) from budgetkit_budget_window "
+                                    "where budget = 'per-user'").scalar()
+    assert rows == 1
 
 
 def test_litellm_27639_dead_reservations_expire(tmp_path: Path) -> None:

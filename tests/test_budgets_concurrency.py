@@ -127,7 +127,8 @@ def test_litellm_23714_four_processes_x_eight_threads_on_a_sqlite_file(tmp_path:
     run_processes(str(tmp_path / "shared.db"), tmp_path)
 
 
-def test_litellm_23714_four_processes_x_eight_threads_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+def test_litellm_23714_four_processes_x_eight_threads_on_postgresql(pg_url: str,
+                                                                  tmp_path: Path) -> None:
     run_processes(pg_url, tmp_path)
 
 
