@@ -6,13 +6,18 @@ How it holds across threads and processes:
   WHERE id = w AND spent + reserved + x <= stop + approved_extra``: the check and the
   reserve are one statement, so two processes cannot both take the last dollar (SQLite
   serialises writers; PostgreSQL re-checks the WHERE on the row's newest version).
-- One transaction per admit covers every window that applies, in window-id order (no
-  deadlocks); if any window has no room the whole admit rolls back.
+- One statement and one transaction per admit cover every window that applies; if any
+  window has no room the whole admit rolls back. Window rows are always locked in id
+  order, and before any reservation row, so transactions never wait in a cycle.
 - Windows are created on demand with ``INSERT ... ON CONFLICT DO NOTHING`` and their ids
   cached, so concurrent first calls of a new user meet one row and one limit.
 - Each reservation is also a row with an expiry. Whoever deletes that row (settle,
   release, or the reaper of expired reservations) gives the amount back: exactly once,
   even when a process died between reserve and settle.
+- Settling is queued: it rides in the next admit's transaction (one commit per call) or a
+  background thread does it shortly after. A queued settle only keeps a reservation a
+  little longer, which can make admission stricter, never looser; an admit that finds no
+  room settles the queue and tries again.
 """
 
 from __future__ import annotations
@@ -52,11 +57,16 @@ SETTLE_DELAY = 0.02
 #: How often (engine-clock seconds) admit sweeps every expired reservation.
 REAP_INTERVAL = 60.0
 
+
 @dataclass
 class Reservation:
-    """What a ticket holds in one budget window (``amount`` in the budget's unit)."""
+    """What a ticket holds in one budget window (``amount`` in the budget's unit).
 
-    window_id: int
+    ``window_id`` is None for a per-run budget of a call outside any run (checked in
+    memory, nothing stored).
+    """
+
+    window_id: int | None
     budget: Budget
     scope_key: str
     window_start: dt.datetime
