@@ -156,7 +156,7 @@ def bench_load(count: int, topics: np.ndarray) -> None:
 
     from budgetkit import Engine
     from budgetkit._cache import ResponseCache
-    from budgetkit._cache_tables import CacheEntryRow
+    from budgetkit._cache_tables import CacheEntryRow, CachePartitionRow
 
     rng = np.random.default_rng(7)
     vectors = make_entries(topics, count, rng)
@@ -165,9 +165,15 @@ def bench_load(count: int, topics: np.ndarray) -> None:
         now = dt.datetime(2026, 1, 1)
         with Engine(db, clock=lambda: now) as engine:
             table = CacheEntryRow.__table__  # type: ignore[attr-defined]
+            embedder = "all-MiniLM-L6-v2-onnx-int8"
+            with engine.store.engine.begin() as conn:
+                partition = conn.execute(insert(CachePartitionRow.__table__).values(  # type: ignore[attr-defined]
+                    hash="h", namespace="default", model="gpt-4o-mini", params_hash="p",
+                    context_hash="", embedder=embedder)).inserted_primary_key[0]
             rows = [{"key": f"{i:064x}", "namespace": "default", "model": "gpt-4o-mini",
+                     "partition_id": partition,
                      "price_model": "gpt-4o-mini", "params_hash": "p", "context_hash": "",
-                     "focus": f"question number {i}", "embedder": "all-MiniLM-L6-v2-onnx-int8",
+                     "focus": f"question number {i}", "embedder": embedder,
                      "embedding": vectors[i].tobytes(), "response": f"answer {i}",
                      "task_type": None, "created_at": now,
                      "expires_at": now + dt.timedelta(days=7), "hit_count": 0,

@@ -296,9 +296,13 @@ class ResponseCache:
         if index is None or not request.focus:
             return None
         facts = extract_facts(request.focus) if self.guard else None
-        for seq, score in index.search(query, threshold=self.threshold, k=self.candidates):
-            candidate = self._by_seq.get(seq)
-            if candidate is None:
+        found = [(self._by_seq[seq], score) for seq, score in
+                 index.search(query, threshold=self.threshold, k=self.candidates)
+                 if seq in self._by_seq]
+        for gone in self._rows.fill(candidate for candidate, _ in found):
+            self._drop(gone)  # another process deleted it
+        for candidate, score in found:
+            if not candidate.loaded:
                 continue
             if candidate.expired(now):
                 self._drop(candidate, delete=True)
@@ -383,10 +387,13 @@ class ResponseCache:
                                      "(use clear() to drop everything)")
         with self._lock:
             self._sync()
-            doomed = [entry for entry in self._entries.values()
+            if pattern is not None:  # the prompt text of entries loaded at start
+                for gone in self._rows.fill(self._entries.quiet_values()):
+                    self._drop(gone)
+            doomed = [entry for entry in self._entries.quiet_values()
                       if (namespace is None or entry.namespace == namespace)
                       and (model is None or entry.model == model)
-                      and (pattern is None or fnmatch.fnmatchcase(entry.focus, pattern))]
+                      and (pattern is None or fnmatch.fnmatchcase(entry.focus or "", pattern))]
             for entry in doomed:
                 self._drop(entry)
             self._rows.delete_keys([entry.key for entry in doomed])
@@ -412,7 +419,9 @@ class ResponseCache:
         """Delete expired entries from memory and the database; returns how many."""
         now = self.now()
         with self._lock:
-            doomed = [entry for entry in self._entries.values() if entry.expired(now)]
+            for gone in self._rows.fill(self._entries.quiet_values()):
+                self._drop(gone)
+            doomed = [entry for entry in self._entries.quiet_values() if entry.expired(now)]
             for entry in doomed:
                 self._drop(entry)
             self._rows.delete_expired(now)
@@ -534,26 +543,29 @@ class ResponseCache:
         """Adopt rows read from the database (oldest first), vectors in bulk."""
         by_partition: dict[tuple[str, str, str, str, str], list[Entry]] = {}
         known, lru, by_seq = self._entries, self._entries.__setitem__, self._by_seq
+        has_vector = (entries.block_of >= 0).tolist() if entries else []
         for entry in entries:
             if entry.key in known:
                 self._drop(known.pop(entry.key))
             lru(entry.key, entry)
             by_seq[entry.seq] = entry  # type: ignore[index]
-            if entry.source is not None and entry.focus:
+            if has_vector[entry.source]:  # entries without a prompt text have none
                 by_partition.setdefault(entry.partition, []).append(entry)
         if entries:
             self._seen_seq = max(self._seen_seq, max(entry.seq or 0 for entry in entries))
         for partition, members in by_partition.items():
             members = [entry for entry in members if self._by_seq.get(entry.seq) is entry]
+            positions = np.fromiter((entry.source for entry in members), dtype=np.int64,
+                                    count=len(members))
+            blocks_here = entries.block_of[positions]
             for block_number, block in enumerate(entries.blocks):
-                rows = [entry.source[1] for entry in members  # type: ignore[index]
-                        if entry.source[0] == block_number]  # type: ignore[index]
-                if not rows:
+                chosen = np.flatnonzero(blocks_here == block_number)
+                if len(chosen) == 0:
                     continue
-                seqs = [entry.seq for entry in members
-                        if entry.source[0] == block_number]  # type: ignore[index]
+                rows = entries.row_of[positions[chosen]]
+                matrix = block if len(rows) == len(block) else block[rows]
                 index = self._index_for(partition, block.shape[1])
-                index.add_many(seqs, block if len(rows) == len(block) else block[rows])
+                index.add_many((members[i].seq for i in chosen.tolist()), matrix)
             for entry in members:
                 entry.source = None
         self._flush_evictions()
@@ -584,6 +596,10 @@ class _Entries(LRUCache):  # type: ignore[type-arg]
         key, entry = super().popitem()
         self._on_evict(entry)
         return key, entry
+
+    def quiet_values(self) -> list[Entry]:
+        """Every entry, without touching the recency order (``values()`` would)."""
+        return [Cache.__getitem__(self, key) for key in list(iter(self))]
 
     def get_quietly(self, key: str) -> Entry | None:
         """The entry without making it the most recently used."""

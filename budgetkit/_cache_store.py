@@ -8,13 +8,15 @@ response itself is not loaded at start; it is read on the first hit.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 
-from ._cache_tables import CacheEntryRow
+from ._cache_tables import CacheEntryRow, CachePartitionRow
 from ._store import Store, iter_chunks
 
 __all__ = ["Entry", "CacheRows"]
@@ -29,12 +31,16 @@ UNLOADED: Any = _Unloaded()
 
 
 class Entry:
-    """One cached answer held in memory (the response may still be in the database)."""
+    """One cached answer held in memory.
 
-    __slots__ = ("seq", "key", "namespace", "model", "price_model", "params_hash",
-                 "context_hash", "focus", "embedder", "task_type", "created_at",
-                 "expires_at", "hit_count", "cost_nanos", "input_tokens", "output_tokens",
-                 "vector", "value", "source")
+    Entries read at start carry only what finding them needs (key, partition, vector);
+    the prompt text, expiry and cost are read from the database when the entry becomes a
+    candidate or a hit (:meth:`CacheRows.fill`, :meth:`CacheRows.touch`).
+    """
+
+    __slots__ = ("seq", "key", "partition", "focus", "expires_at", "price_model",
+                 "task_type", "created_at", "hit_count", "cost_nanos", "input_tokens",
+                 "output_tokens", "vector", "value", "source")
 
     def __init__(self, *, key: str, namespace: str, model: str, price_model: str | None,
                  params_hash: str, context_hash: str, focus: str, task_type: str | None,
@@ -44,13 +50,11 @@ class Entry:
                  embedder: str | None = None) -> None:
         self.seq = seq
         self.key = key
-        self.namespace = namespace
-        self.model = model
-        self.price_model = price_model
-        self.params_hash = params_hash
-        self.context_hash = context_hash
+        #: Entries are only ever compared inside one partition:
+        #: (namespace, model, params hash, context hash, embedder).
+        self.partition = (namespace, model, params_hash, context_hash, embedder or "")
         self.focus = focus
-        self.embedder = embedder
+        self.price_model = price_model
         self.task_type = task_type
         self.created_at = created_at
         self.expires_at = expires_at
@@ -60,58 +64,96 @@ class Entry:
         self.output_tokens = output_tokens
         self.vector = vector
         self.value = value
-        #: (block, row) of the vector in :attr:`Loaded.blocks` for entries read in bulk
-        self.source: tuple[int, int] | None = None
+        #: Position in :class:`Loaded` for entries read in bulk (finds the vector)
+        self.source: int | None = None
 
     @classmethod
-    def from_row(cls, seq: int, key: str, namespace: str, model: str, params_hash: str,
-                 context_hash: str, focus: str, embedder: str | None, expires_at: Any,
-                 source: tuple[int, int] | None) -> Entry:
-        """An entry read at start: only what lookups compare (the hot loop of a load)."""
+    def from_row(cls, seq: int, key: str, partition: tuple[str, str, str, str, str],
+                 source: int) -> Entry:
+        """An entry read at start (the hot loop of a load: four fields, nothing parsed)."""
         entry = cls.__new__(cls)
-        entry.seq, entry.key, entry.namespace, entry.model = seq, key, namespace, model
-        entry.params_hash, entry.context_hash, entry.focus = params_hash, context_hash, focus
-        entry.embedder, entry.expires_at, entry.source = embedder, expires_at, source
-        entry.price_model = entry.task_type = entry.created_at = entry.vector = None
-        entry.hit_count = entry.cost_nanos = entry.input_tokens = entry.output_tokens = 0
-        entry.value = UNLOADED
-        return entry
+        entry.seq, entry.key, entry.partition, entry.source = seq, key, partition, source
+        entry.focus = entry.expires_at = UNLOADED
+        return entry  # the other fields read as their defaults until touch() fills them
+
+    def __getattr__(self, name: str) -> Any:
+        """Defaults of the fields an entry read at start does not set (only called for
+        unset slots, so it costs nothing once they are filled)."""
+        try:
+            return _DETAIL_DEFAULTS[name]
+        except KeyError:
+            raise AttributeError(name) from None
 
     @property
-    def partition(self) -> tuple[str, str, str, str, str]:
-        """Entries are only ever compared inside one partition."""
-        return (self.namespace, self.model, self.params_hash, self.context_hash,
-                self.embedder or "")
+    def namespace(self) -> str:
+        return self.partition[0]
+
+    @property
+    def model(self) -> str:
+        return self.partition[1]
+
+    @property
+    def params_hash(self) -> str:
+        return self.partition[2]
+
+    @property
+    def context_hash(self) -> str:
+        return self.partition[3]
+
+    @property
+    def embedder(self) -> str | None:
+        return self.partition[4] or None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the prompt text and expiry are in memory."""
+        return self.focus is not UNLOADED
 
     def expired(self, now: dt.datetime) -> bool:
-        if self.expires_at is None:
+        """Expired by what is known; an entry whose expiry is not loaded yet is checked
+        by the database when it is served (:meth:`CacheRows.touch`)."""
+        if self.expires_at is None or self.expires_at is UNLOADED:
             return False
-        if not isinstance(self.expires_at, dt.datetime):  # parsed on first use, not at load
+        if not isinstance(self.expires_at, dt.datetime):
             self.expires_at = _as_datetime(self.expires_at)
         return now >= self.expires_at  # type: ignore[operator]
 
 
-def _vectors_of(blobs: list[bytes | None]
-                ) -> tuple[list[np.ndarray], list[tuple[int, int] | None]]:
-    """One matrix per vector size from the raw bytes, and (matrix, row) per blob.
+_DETAIL_DEFAULTS: dict[str, Any] = {
+    "price_model": None, "task_type": None, "created_at": None, "vector": None,
+    "value": UNLOADED, "hit_count": 0, "cost_nanos": 0, "input_tokens": 0, "output_tokens": 0}
 
-    One ``b"".join`` + ``frombuffer`` instead of a small array per row: loading 100k
-    vectors this way is a single copy.
+
+def partition_hash(partition: tuple[str, str, str, str, str]) -> str:
+    return hashlib.sha256("\x1f".join(partition).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _vectors_of(blobs: list[bytes | None]
+                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """One matrix per vector size from the raw bytes, and per blob its matrix and row
+    (matrix -1: no vector).
+
+    One ``join`` + ``frombuffer`` instead of a small array per row: loading 100k vectors
+    this way is a single copy.
     """
-    sources: list[tuple[int, int] | None] = [None] * len(blobs)
-    by_size: dict[int, list[int]] = {}
-    for position, blob in enumerate(blobs):
-        if blob:
-            by_size.setdefault(len(blob), []).append(position)
+    sizes = np.fromiter((len(blob) if blob else 0 for blob in blobs), dtype=np.int64,
+                        count=len(blobs))
+    block_of = np.full(len(blobs), -1, dtype=np.int64)
+    row_of = np.zeros(len(blobs), dtype=np.int64)
     blocks = []
-    for size, positions in by_size.items():
-        joined = bytearray().join([blobs[i] for i in positions])  # type: ignore[misc]
+    for size in np.unique(sizes[sizes > 0]).tolist():
+        positions = np.flatnonzero(sizes == size)
+        if len(positions) == len(blobs):
+            parts: list[Any] = blobs
+        else:
+            parts = [blobs[i] for i in positions.tolist()]
         # a bytearray is writable, so the index can adopt the matrix without a copy
+        joined = bytearray().join(parts)
         blocks.append(np.frombuffer(joined, dtype=np.float32).reshape(len(positions),
                                                                      size // 4))
-        for row, position in enumerate(positions):
-            sources[position] = (len(blocks) - 1, row)
-    return blocks, sources
+        block_of[positions] = len(blocks) - 1
+        row_of[positions] = np.arange(len(positions))
+    return blocks, block_of, row_of
 
 
 def _as_datetime(value: Any) -> dt.datetime | None:
@@ -121,9 +163,12 @@ def _as_datetime(value: Any) -> dt.datetime | None:
 
 
 class Loaded(list):  # type: ignore[type-arg]
-    """Entries read from the database, with their vectors as a few contiguous matrices."""
+    """Entries read from the database, with their vectors as a few contiguous matrices:
+    the vector of the entry at position ``i`` is ``blocks[block_of[i]][row_of[i]]``."""
 
     blocks: list[np.ndarray]
+    block_of: np.ndarray
+    row_of: np.ndarray
 
 
 class CacheRows:
@@ -135,45 +180,71 @@ class CacheRows:
         self.store = store if isinstance(store, Store) else Store(store)
         self.store.create_tables()
         self.table = CacheEntryRow.__table__  # type: ignore[attr-defined]
+        self.partitions = CachePartitionRow.__table__  # type: ignore[attr-defined]
+        self._partitions: dict[int, tuple[str, str, str, str, str]] = {}
 
     def load(self, now: dt.datetime, *, limit: int | None = None,
              after_seq: int = 0) -> Loaded:
         """Unexpired entries (newest first when limited), without their responses."""
-        # Only what a lookup compares; the rest (response, cost, tokens ...) is read by
-        # touch() on a hit.
-        sql = ("SELECT seq, key, namespace, model, params_hash, context_hash, focus, "
-               "embedder, embedding, expires_at FROM budgetkit_cache_entry "
-               "WHERE seq > :after AND (expires_at IS NULL OR expires_at > :now) "
-               "ORDER BY seq DESC")
+        # Per row only the key, the partition id and the vector: a few Python objects per
+        # entry. The partitions are few, in their own table; the prompt text, expiry and
+        # cost are read for candidates and hits.
         params: dict[str, Any] = {"after": after_seq, "now": now}
+        rows_sql = ("SELECT seq, key, partition_id, embedding FROM budgetkit_cache_entry "
+                    "WHERE seq > :after AND (expires_at IS NULL OR expires_at > :now) "
+                    "ORDER BY seq DESC")
         if limit is not None:
-            sql += " LIMIT :limit"
+            rows_sql += " LIMIT :limit"
             params["limit"] = limit
         with self.store.engine.connect() as conn:
-            if self.store.is_sqlite:  # the driver's own rows: no per-row wrapping
-                cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
-                try:
-                    cursor.execute(sql, {**params, "now": now.strftime("%Y-%m-%d %H:%M:%S.%f")})
-                    rows = cursor.fetchall()
-                finally:
-                    cursor.close()
-            else:
-                rows = list(conn.execute(text(sql), params).fetchall())
+            for row in self._fetch(conn, "SELECT id, namespace, model, params_hash, "
+                                   "context_hash, embedder FROM budgetkit_cache_partition "
+                                   "WHERE id > :seen", {"seen": max(self._partitions, default=0)}):
+                self._partitions[row[0]] = (row[1], row[2], row[3], row[4], row[5] or "")
+            rows = self._fetch(conn, rows_sql, params)
         rows.reverse()  # oldest first: LRU order
         entries = Loaded()
-        entries.blocks, sources = _vectors_of([row[8] for row in rows])
-        from_row = Entry.from_row
-        entries.extend(
-            from_row(seq, key, namespace, model, params_hash, context_hash, focus, embedder,
-                     expires_at, source)
-            for source, (seq, key, namespace, model, params_hash, context_hash, focus,
-                         embedder, _, expires_at) in zip(sources, rows))
+        entries.blocks, entries.block_of, entries.row_of = _vectors_of([row[3] for row in rows])
+        partitions, from_row = self._partitions, Entry.from_row
+        entries.extend(from_row(seq, key, partitions[part], position)
+                       for position, (seq, key, part, _) in enumerate(rows))
         return entries
+
+    def _fetch(self, conn: Any, sql: str, params: dict[str, Any]) -> list[Any]:
+        if self.store.is_sqlite:  # the driver's own rows: no per-row wrapping
+            cursor = conn.connection.driver_connection.cursor()
+            try:
+                if "now" in params:  # compared as text, so formatted as SQLAlchemy stores it
+                    params = {**params, "now": params["now"].strftime("%Y-%m-%d %H:%M:%S.%f")}
+                cursor.execute(sql, params)
+                return list(cursor.fetchall())
+            finally:
+                cursor.close()
+        return list(conn.execute(text(sql), params).fetchall())
+
+    def fill(self, entries: Iterable[Entry]) -> list[Entry]:
+        """Read prompt text and expiry for entries loaded without them; returns the
+        entries whose rows are gone (another process deleted them)."""
+        missing = {entry.seq: entry for entry in entries if not entry.loaded}
+        if not missing:
+            return []
+        table = self.table
+        found: set[int] = set()
+        with self.store.engine.connect() as conn:
+            for chunk in iter_chunks(list(missing), 500):
+                for seq, focus, expires_at in conn.execute(
+                        select(table.c.seq, table.c.focus, table.c.expires_at)
+                        .where(table.c.seq.in_(chunk))):
+                    entry = missing[seq]
+                    entry.focus, entry.expires_at = focus, expires_at
+                    found.add(seq)
+        return [entry for seq, entry in missing.items() if seq not in found]
 
     def upsert(self, entry: Entry, embedder: str | None) -> int:
         """Write ``entry`` (replacing a row with the same key); returns its ``seq``."""
         values = {
-            "key": entry.key, "namespace": entry.namespace, "model": entry.model,
+            "key": entry.key, "partition_id": self._partition_id(entry.partition),
+            "namespace": entry.namespace, "model": entry.model,
             "price_model": entry.price_model, "params_hash": entry.params_hash,
             "context_hash": entry.context_hash, "focus": entry.focus, "embedder": embedder,
             "embedding": (np.ascontiguousarray(entry.vector, dtype=np.float32).tobytes()
@@ -188,21 +259,46 @@ class CacheRows:
             result = conn.execute(insert(self.table).values(**values))
             return int(result.inserted_primary_key[0])
 
+    def _partition_id(self, partition: tuple[str, str, str, str, str]) -> int:
+        for number, known in self._partitions.items():
+            if known == partition:
+                return number
+        digest = partition_hash(partition)
+        table = self.partitions
+        with self.store.engine.begin() as conn:
+            found = conn.execute(select(table.c.id).where(table.c.hash == digest)).scalar()
+            if found is None:
+                try:
+                    with conn.begin_nested():
+                        found = conn.execute(insert(table).values(
+                            hash=digest, namespace=partition[0], model=partition[1],
+                            params_hash=partition[2], context_hash=partition[3],
+                            embedder=partition[4])).inserted_primary_key[0]
+                except IntegrityError:  # another process inserted it just now
+                    found = conn.execute(select(table.c.id)
+                                         .where(table.c.hash == digest)).scalar_one()
+        self._partitions[int(found)] = partition
+        return int(found)
+
     def touch(self, entry: Entry, now: dt.datetime) -> Any:
         """Count a hit and fill ``entry`` from its row; returns the stored response, or
         :attr:`GONE` if another process deleted the row."""
         table = self.table
+        live = (table.c.key == entry.key) & (table.c.expires_at.is_(None)
+                                             | (table.c.expires_at > now))
         with self.store.engine.begin() as conn:
-            result = conn.execute(update(table).where(table.c.key == entry.key).values(
+            result = conn.execute(update(table).where(live).values(
                 hit_count=table.c.hit_count + 1, last_hit_at=now))
             if not result.rowcount:
                 return self.GONE
             row = conn.execute(select(
                 table.c.response, table.c.price_model, table.c.task_type, table.c.created_at,
                 table.c.cost_nanos, table.c.input_tokens, table.c.output_tokens,
-                table.c.hit_count).where(table.c.key == entry.key)).one()
+                table.c.hit_count, table.c.focus, table.c.expires_at)
+                .where(table.c.key == entry.key)).one()
         (response, entry.price_model, entry.task_type, entry.created_at, entry.cost_nanos,
-         entry.input_tokens, entry.output_tokens, entry.hit_count) = row
+         entry.input_tokens, entry.output_tokens, entry.hit_count, entry.focus,
+         entry.expires_at) = row
         return response
 
     def delete_keys(self, keys: Iterable[str]) -> None:

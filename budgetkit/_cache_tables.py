@@ -14,7 +14,22 @@ from typing import Any, Optional
 from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, LargeBinary, Text
 from sqlmodel import Field, SQLModel
 
-__all__ = ["CacheEntryRow"]
+__all__ = ["CacheEntryRow", "CachePartitionRow"]
+
+
+class CachePartitionRow(SQLModel, table=True):
+    """Entries are compared only within one partition; there are few of them."""
+
+    __tablename__ = "budgetkit_cache_partition"
+
+    id: Optional[int] = Field(default=None, primary_key=True)
+    #: sha256 of the five fields below.
+    hash: str = Field(max_length=64, unique=True)
+    namespace: str = Field(max_length=200)
+    model: str = Field(sa_column=Column(Text, nullable=False))
+    params_hash: str = Field(max_length=64)
+    context_hash: str = Field(max_length=64)
+    embedder: str = Field(default="", max_length=200)
 
 
 class CacheEntryRow(SQLModel, table=True):
@@ -34,6 +49,9 @@ class CacheEntryRow(SQLModel, table=True):
     model: str = Field(sa_column=Column(Text, nullable=False))
     #: Catalog name used to price the saving, when known.
     price_model: Optional[str] = Field(default=None, max_length=200)
+    #: The row of :class:`CachePartitionRow` (namespace, model, parameters, context,
+    #: embedder): loading reads this integer instead of five strings per entry.
+    partition_id: int = Field(index=True)
     #: sha256 of the answer-changing parameters (the semantic index is split by it).
     params_hash: str = Field(max_length=64)
     #: sha256 of the conversation before the last user message ("" for a plain prompt).

@@ -94,7 +94,7 @@ class VectorIndex:
         self._seed = seed
         self._cells: list[_Cell] = [_Cell(dim)]
         self._centroids: np.ndarray | None = None
-        self._where: dict[int, tuple[int, int]] = {}  # id -> (cell, row)
+        self._where: dict[int, int] = {}  # id -> cell << 32 | row
         self._trained_at = 0
 
     def __len__(self) -> int:
@@ -127,7 +127,7 @@ class VectorIndex:
         if self._centroids is not None:
             cell_index = int(np.argmax(self._centroids @ vector))
         row = self._cells[cell_index].append(item_id, vector)
-        self._where[item_id] = (cell_index, row)
+        self._where[item_id] = cell_index << 32 | row
 
     def add_many(self, ids: Iterable[int], vectors: np.ndarray) -> None:
         """Add many vectors at once (the fast path when loading from the store)."""
@@ -146,8 +146,7 @@ class VectorIndex:
                 cell.matrix, cell.ids, cell.size = vectors, id_array, len(id_array)  # adopt
             else:
                 cell.extend(id_array, vectors)
-            self._where.update(
-                zip(id_array.tolist(), zip([0] * len(id_array), range(start, cell.size))))
+            self._where.update(zip(id_array.tolist(), range(start, cell.size)))  # cell 0
         else:
             self._insert_clustered(id_array, vectors)
 
@@ -155,10 +154,10 @@ class VectorIndex:
         place = self._where.pop(item_id, None)
         if place is None:
             return False
-        cell_index, row = place
+        cell_index, row = place >> 32, place & 0xFFFFFFFF
         moved = self._cells[cell_index].remove_row(row)
         if moved is not None:
-            self._where[moved] = (cell_index, row)
+            self._where[moved] = place
         return True
 
     def clear(self) -> None:
@@ -259,8 +258,8 @@ class VectorIndex:
             cell = self._cells[cell_index]
             start = cell.size
             cell.extend(ids[rows], vectors[rows])
-            for offset, item_id in enumerate(ids[rows].tolist()):
-                self._where[item_id] = (cell_index, start + offset)
+            base = cell_index << 32
+            self._where.update(zip(ids[rows].tolist(), range(base + start, base + cell.size)))
 
 
 def _nearest(vectors: np.ndarray, centroids: np.ndarray, chunk: int = 16_384) -> np.ndarray:

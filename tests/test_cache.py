@@ -323,3 +323,32 @@ async def test_async_lookup_and_store(cache: ResponseCache) -> None:
     assert hit is not None and hit.value == "Paris"
     await cache.aclear()
     assert await cache.alookup(model=MODEL, prompt="What is the capital of France?") is None
+
+
+def test_invalidation_by_pattern_keeps_the_recency_order(engine: Engine,
+                                                         embedder: MiniLMEmbedder) -> None:
+    cache = ResponseCache(engine, embedder=embedder, maxsize=3, semantic=False)
+    for prompt in ("alpha", "beta", "gamma"):
+        cache.store(prompt, model=MODEL, prompt=prompt)
+    assert cache.lookup(model=MODEL, prompt="alpha", record=False) is not None
+    cache.invalidate(pattern="nothing*")  # reads every entry: must not refresh them
+    cache.store("delta", model=MODEL, prompt="delta")  # evicts the least recent: beta
+    assert cache.lookup(model=MODEL, prompt="beta", record=False) is None
+    assert cache.lookup(model=MODEL, prompt="alpha", record=False) is not None
+
+
+def test_entries_loaded_at_start_expire_and_match_patterns(tmp_path: Path, clock: Clock,
+                                                           embedder: MiniLMEmbedder) -> None:
+    db = tmp_path / "restart.db"
+    with Engine(db, clock=clock) as engine:
+        cache = ResponseCache(engine, embedder=embedder)
+        cache.store("x", model=MODEL, prompt="How do I reset my password?",
+                    task_type="code_generation")
+        cache.store("y", model=MODEL, prompt="What is the weather in Oslo?")
+    with Engine(db, clock=clock) as engine:
+        cache = ResponseCache(engine, embedder=embedder)
+        clock.advance(hours=2)  # past the 1 h lifetime of code_generation answers
+        assert cache.lookup(model=MODEL, prompt="How do I reset my password?") is None
+        assert cache.lookup(model=MODEL, prompt="How can I reset my password?") is None
+        assert cache.invalidate(pattern="*Oslo*") == 1
+        assert len(cache) == 0
