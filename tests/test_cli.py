@@ -260,3 +260,24 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
     assert {s["budget"] for s in status} >= {"demo-team-daily", "demo-monthly"}
     anomalies = run_json(capsys, "report", "anomalies", "--db", db)
     assert any(a["direction"] == "spike" for a in anomalies)  # the runaway batch job
+
+
+def test_console_money_tables_and_progress_bar() -> None:
+    import io
+
+    from budgetkit._console import Progress, money, table
+
+    assert [money(v) for v in (1234.5, 2.5, 0.0421, 0.000015, 0, -0.5, None)] == [
+        "$1,234.50", "$2.50", "$0.0421", "$0.000015", "$0", "-$0.5000", "-"]
+    text = table([["gpt-4o", "$1.00"], ["gpt-4o-mini", "$0.0100"]], ["model", "cost"], "lr")
+    lines = text.splitlines()
+    assert lines[0].startswith("model") and lines[2].endswith("$1.00")
+    assert len({len(line) for line in lines[2:]}) == 1  # numbers right-aligned
+    stream = io.StringIO()
+    with Progress("rows", 4, stream=stream, enabled=True) as progress:
+        for done in range(1, 5):
+            progress.update(done)
+    assert "100%" in stream.getvalue() and "4/4 rows" in stream.getvalue()
+    quiet = io.StringIO()
+    Progress("rows", 4, stream=quiet).update(4)  # not a terminal: nothing drawn
+    assert quiet.getvalue() == ""
