@@ -213,8 +213,9 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
             # a lead approves the stopped user for two more cents today; the retry goes through
             clock.at = None
             heavy = people[-1]
+            approval = None
             if counts["blocked"]:
-                engine.approve("demo-per-user-daily", key=heavy, extra=0.02, by="demo-lead",
+                approval = engine.approve("demo-per-user-daily", key=heavy, extra=0.02, by="demo-lead",
                                reason="month-end analysis")
                 retry = {"when": clock(), "user": heavy, "kind": "pinned"}
                 plan.append(retry)
@@ -241,7 +242,7 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                 print("\nRecent alerts")
                 for alert in recent:
                     print(f"  {alert['created_at'][:16].replace('T', ' ')}  {alert['message']}")
-            for approval in engine.approvals():
+            if approval is not None:
                 print(f"\nApproval: {approval.approved_by} lifted the stop of "
                       f"{approval.budget!r} for {approval.scope_key} by "
                       f"${approval.extra or 0:.2f} ({approval.reason}); the retry was "
