@@ -192,6 +192,20 @@ def test_forecast_anomalies_and_dashboard_data(client: TestClient) -> None:
     assert board["budgets"] and board["alerts"]
 
 
+def test_allocation_and_what_if(client: TestClient) -> None:
+    shares = get(client, "/token-usage/allocation?by=user&days=30")["allocation"]
+    assert {r["user_id"] for r in shares} == {"alice", "bob"}
+    assert sum(r["share"] for r in shares) == pytest.approx(1.0)
+    repriced = get(client, "/token-usage/what-if?target=gpt-4o-mini&days=30")
+    assert repriced["repriced_cost_usd"] == pytest.approx(price("gpt-4o-mini", 18 * 400, 18 * 50))
+    assert repriced["skipped_models"] == ["text-embedding-3-small"]
+    for bad in ("/token-usage/what-if?target=gpt-99", "/token-usage/allocation?by=colour"):
+        response = client.get(bad, headers={"Authorization": f"Bearer {ADMIN}"})
+        assert response.status_code == 422 and response.json()["detail"]
+    mine = get(client, "/token-usage/allocation?by=user", ALICE)["allocation"]
+    assert [r["user_id"] for r in mine] == ["alice"]
+
+
 def test_dashboard_page_is_self_contained(client: TestClient) -> None:
     page = client.get("/dashboard")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -22,7 +22,8 @@ from .. import __version__
 from .._budget_reports import alert_rows, budget_rows
 from .._errors import ConfigurationError, StoreUnavailable, UnknownModelError
 from .._forecast import detect_anomalies, forecast
-from .._reports import as_source, cost_analysis, fill_series, summarize, summarize_many
+from .._reports import (allocate_costs, as_source, cost_analysis, fill_series, summarize,
+                        summarize_many, what_if)
 from ._models import (CostAnalysisResponse, TokenUsageResponse, UserUsageResponse,
                       seed_daily, seed_summary_row, seed_totals)
 
@@ -178,6 +179,24 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
         found = detect_anomalies(app.state.engine, days=days or 30, threshold=threshold,
                                  unit=unit, **who.user_filter())
         return {"anomalies": [a.to_dict() for a in found]}
+
+    @app.get("/token-usage/allocation", tags=["usage"])
+    def allocation_endpoint(who: Who, by: Annotated[str, Query(
+            description="project, tag, user, model, operation or metadata.<key>")] = "project",
+            days: Days = None, start_date: StartDate = None,
+            end_date: EndDate = None) -> dict[str, Any]:
+        """Spend split by project, tag, user or a metadata key, with each share."""
+        rows = allocate_costs(app.state.engine, by=by, **span(days, start_date, end_date),
+                              **who.user_filter())
+        return {"by": by, "allocation": rows}
+
+    @app.get("/token-usage/what-if", tags=["usage"])
+    def what_if_endpoint(who: Who, target: Annotated[str, Query(min_length=1)],
+                         days: Days = None, start_date: StartDate = None,
+                         end_date: EndDate = None) -> dict[str, Any]:
+        """The period's calls re-priced as if ``target`` had answered them."""
+        return what_if(app.state.engine, target, **span(days, start_date, end_date),
+                       **who.user_filter()).to_dict()
 
     @app.get("/budgets", tags=["budgets"])
     def budgets_endpoint(who: Who) -> dict[str, Any]:
