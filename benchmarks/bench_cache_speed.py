@@ -170,7 +170,11 @@ def bench_load(count: int, topics: np.ndarray) -> None:
                 partition = conn.execute(insert(CachePartitionRow.__table__).values(  # type: ignore[attr-defined]
                     hash="h", namespace="default", model="gpt-4o-mini", params_hash="p",
                     context_hash="", embedder=embedder)).inserted_primary_key[0]
-            rows = [{"key": f"{i:064x}", "namespace": "default", "model": "gpt-4o-mini",
+            from budgetkit._cache_keys import make_request
+
+            keys = [make_request(namespace="default", model="gpt-4o-mini",
+                                 prompt=f"question number {i}").key for i in range(count)]
+            rows = [{"key": keys[i], "namespace": "default", "model": "gpt-4o-mini",
                      "partition_id": partition,
                      "price_model": "gpt-4o-mini", "params_hash": "p", "context_hash": "",
                      "focus": f"question number {i}", "embedder": embedder,
@@ -194,15 +198,16 @@ def bench_load(count: int, topics: np.ndarray) -> None:
                 grown = _rss() - before
                 assert len(cache) == count
                 started = time.perf_counter()
-                cache.lookup(model="gpt-4o-mini", prompt="What is question number 7 about?",
-                             record=False, semantic=False)
+                hit = cache.lookup(model="gpt-4o-mini", prompt="question number 7",
+                                   record=False, semantic=False)
                 first_exact = time.perf_counter() - started
+                assert hit is not None and hit.value == "answer 7"
                 del cache
                 gc.collect()
     print(f"\nResponseCache start with {count:,} entries in SQLite: "
           f"median {statistics.median(runs):.3f} s wall, {statistics.median(cpu):.3f} s CPU "
           f"over 3 starts (best {min(runs):.3f} s wall); "
-          f"resident memory grew {grown / count:,.0f} bytes/entry; first exact lookup "
+          f"resident memory grew {grown / count:,.0f} bytes/entry; first exact hit "
           f"{first_exact * 1000:.1f} ms")
 
 

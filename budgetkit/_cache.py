@@ -20,15 +20,17 @@ are shared by processes on one database. Every hit is written to the ledger as a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import fnmatch
 import functools
+import gc
 import inspect
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -177,7 +179,7 @@ class ResponseCache:
         self._seen_seq = 0
         self._last_sync = time.monotonic()
         self._vector_cache: dict[str, np.ndarray] = {}
-        with self._lock:
+        with self._lock, _no_gc():  # 100k new objects: no point in cycle collections
             self._load(self._rows.load(self.now(), limit=maxsize))
 
     # -- time and configuration ---------------------------------------------------------
@@ -544,8 +546,9 @@ class ResponseCache:
         by_partition: dict[tuple[str, str, str, str, str], list[Entry]] = {}
         known, lru, by_seq = self._entries, self._entries.__setitem__, self._by_seq
         has_vector = (entries.block_of >= 0).tolist() if entries else []
+        fresh = len(known) == 0  # at start nothing can be replaced
         for entry in entries:
-            if entry.key in known:
+            if not fresh and entry.key in known:
                 self._drop(known.pop(entry.key))
             lru(entry.key, entry)
             by_seq[entry.seq] = entry  # type: ignore[index]
@@ -583,6 +586,17 @@ class ResponseCache:
 
 
 _GONE = CacheRows.GONE
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class _Entries(LRUCache):  # type: ignore[type-arg]
