@@ -34,13 +34,29 @@ left to the handler, with ``route_reason`` / ``attempt`` / ``request_id`` in the
 ``bind_tools`` and ``with_structured_output`` pass through to whichever model is chosen:
 the tools (or schema) are bound to it at call time. In a cascade with structured output an
 answer is accepted when it parses; text checks are not applied to tool calls.
+
+Context fit (``fit_context=True``; off by default). The router still comes first: it sends
+a long prompt to the cheapest model whose window takes it. Only when no routed model's
+window takes the prompt (or a required model is too small) does ``fit_context`` change the
+route: instead of raising :class:`budgetkit.ContextWindowExceeded`, the call goes to the
+routed model with the largest window (or the required one). Before *any* inner call
+(routed, cascade attempt, fallback target or default model) a prompt that overflows that
+model's window is fitted with :func:`langchain_budgetkit.fit_messages`: system messages and
+the newest turns kept, a tool call kept with its results, the newest user message cut in
+the middle only when it alone is too long. Counting is exact (the model's tokenizer, bound
+tools included); ``reserve_output`` (default ``max_tokens``, else the router's
+``default_max_output_tokens``) stays free for the reply. A fit is explained in the route
+reason ("context fit: 9000 -> 7100 tokens for gpt-4 (limit 7168), 12 messages dropped"),
+in the usage row's ``metadata["context_fit"]`` and in the answer's marker (``context_fit``:
+model, tokens_before, tokens_after, limit, dropped, truncated). A prompt that cannot be
+fitted (system messages alone too long) still raises ``ContextWindowExceeded``.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from langchain_core.callbacks import (AsyncCallbackManager, AsyncCallbackManagerForLLMRun,
@@ -53,11 +69,12 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, e
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from budgetkit import ConfigurationError
+from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport, default_catalog
 from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
 
 from ._callback import usage_from_metadata
+from ._fitting import fit_messages
 from ._messages import message_text, to_openai_messages
 
 __all__ = ["RoutedChatModel", "ROUTED_MARKER", "METERED_MARKER"]
@@ -72,6 +89,31 @@ _TOOLS_KEY = "budgetkit_tools"            # bound by bind_tools, applied to the 
 _STRUCTURED_KEY = "budgetkit_structured"  # bound by with_structured_output
 _PARSED_KEY = "budgetkit_parsed"          # where the chosen model's parsed output travels
 _ROUTING_KWARGS = ("model", "required_model", "task_type", "low_latency")
+
+
+@dataclass
+class _Fitted:
+    """The prompt one model receives after ``fit_context`` cut it to its window."""
+
+    model: str
+    messages: list[BaseMessage]
+    openai_messages: list[dict[str, Any]]
+    report: FitReport
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What the usage row and the answer's marker record about the fit."""
+        report = self.report
+        return {"model": self.model, "tokens_before": report.tokens_before,
+                "tokens_after": report.tokens_after, "limit": report.limit,
+                "dropped": report.dropped, "truncated": report.truncated}
+
+    def explain(self, reason: str) -> str:
+        report = self.report
+        cut = ", newest user message cut in the middle" if report.truncated else ""
+        return (f"{reason}; context fit: {report.tokens_before} -> {report.tokens_after} "
+                f"tokens for {self.model} (limit {report.limit}), {report.dropped} "
+                f"messages dropped{cut}")
 
 
 @dataclass
@@ -92,10 +134,29 @@ class _Call:
     attempts: int = 0
     parent_run_id: str | None = None
     model: str | None = None  # the model of the latest attempt
+    # fit_context: model -> its fitted prompt (None: the whole prompt fits that model)
+    fitted: dict[str, _Fitted | None] = field(default_factory=dict)
+
+    def prompt_for(self, model: str) -> tuple[list[BaseMessage], list[dict[str, Any]]]:
+        """The messages ``model`` is sent (LangChain and OpenAI form)."""
+        fitted = self.fitted.get(model)
+        if fitted is None:
+            return self.messages, self.openai_messages
+        return fitted.messages, fitted.openai_messages
+
+    def explain(self, model: str | None, reason: str) -> str:
+        """``reason`` plus what fitting the prompt to ``model`` did, if anything."""
+        fitted = self.fitted.get(model) if model else None
+        return reason if fitted is None else fitted.explain(reason)
 
 
 class RoutedChatModel(BaseChatModel):
-    """A chat model that sends each call to one of several chat models (see module doc)."""
+    """A chat model that sends each call to one of several chat models (see module doc).
+
+    With ``fit_context=True`` a prompt too long for the model a call goes to is fitted to
+    its window (system messages and newest turns kept) instead of failing; the router's
+    escalation to a larger-window model comes first. Off by default.
+    """
 
     model_config = ConfigDict(arbitrary_types_allowed=True, extra="ignore")
 
@@ -113,6 +174,11 @@ class RoutedChatModel(BaseChatModel):
     """Output tokens reserved when routing for context fit and admitting (not forwarded)."""
     temperature: float | None = None
     stop: list[str] | None = None
+    fit_context: bool = False
+    """Fit a prompt that overflows the chosen model's window instead of failing."""
+    reserve_output: int | None = None
+    """With ``fit_context``: output tokens kept free in the window (default ``max_tokens``,
+    else the router's ``default_max_output_tokens``, else the fitter's default)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -123,6 +189,10 @@ class RoutedChatModel(BaseChatModel):
             raise ConfigurationError("RoutedChatModel needs models={catalog name: chat model}")
         if self.router is not None and self.cascade is not None:
             raise ConfigurationError("give a router or a cascade, not both")
+        if self.reserve_output is not None and (isinstance(self.reserve_output, bool)
+                                                or self.reserve_output < 0):
+            raise ConfigurationError(
+                f"reserve_output must be an int >= 0, got {self.reserve_output!r}")
         needed: dict[str, Sequence[str]] = {
             "router": getattr(self.router, "models", ()),
             "cascade": getattr(self.cascade, "models", ()),
@@ -223,16 +293,72 @@ class RoutedChatModel(BaseChatModel):
             raise ConfigurationError(
                 f"model {required!r} is not one of the routed models: {', '.join(self.models)}")
         if self.router is not None:
-            return self.router.route(
-                messages=call.openai_messages, required_model=required,
-                task_type=call.task_type, low_latency=call.low_latency,
-                max_output_tokens=self.max_tokens, user_id=call.attribution.get("user_id"),
-                project=call.attribution.get("project"),
-                tags=tuple(getattr(run_manager, "tags", None) or ()))
+            try:
+                return self.router.route(
+                    messages=call.openai_messages, required_model=required,
+                    task_type=call.task_type, low_latency=call.low_latency,
+                    max_output_tokens=self._reserve(),
+                    user_id=call.attribution.get("user_id"),
+                    project=call.attribution.get("project"),
+                    tags=tuple(getattr(run_manager, "tags", None) or ()))
+            except ContextWindowExceeded as exc:
+                if not self.fit_context:
+                    raise
+                return self._largest_window(required, exc)
         if required is not None:
             return RouteDecision(required, None, (f"required model {required}",))
         model = self.default_model or next(iter(self.models))
         return RouteDecision(model, None, (f"default model {model}",))
+
+    # -- context fit ----------------------------------------------------------------------
+    @property
+    def _catalog(self) -> Any:
+        for owner in (self.router, self._engine):
+            catalog = getattr(owner, "catalog", None)
+            if catalog is not None:
+                return catalog
+        return default_catalog()
+
+    def _reserve(self) -> int | None:
+        """Output tokens the router's window check keeps free (the fit keeps the same)."""
+        if self.fit_context and self.reserve_output is not None:
+            return self.reserve_output
+        return self.max_tokens
+
+    def _largest_window(self, required: str | None, exc: ContextWindowExceeded) -> RouteDecision:
+        """No routed model takes the whole prompt: the required model, else the one with the
+        largest window (cheapest tier first among equals); the prompt is fitted to it."""
+        catalog = self._catalog
+
+        def window(name: str) -> int:
+            price = catalog.get(name)
+            return price.context_window or price.max_input_tokens
+
+        if required is not None:
+            reason = (f"required model {required}; {exc.tokens} tokens (prompt + reserved "
+                      f"output) exceed its window of {window(required)}")
+            return RouteDecision(required, self.router.tier_of(required), (reason,))
+        model = max(self.router.models, key=window)
+        reason = (f"no routed model's window takes {exc.tokens} tokens (prompt + reserved "
+                  f"output) -> {model}, the largest window ({window(model)})")
+        return RouteDecision(model, self.router.tier_of(model), (reason,))
+
+    def _fit(self, name: str, call: _Call) -> None:
+        """With ``fit_context``, fit the prompt to ``name``'s window once per model."""
+        if not self.fit_context or name in call.fitted:
+            return
+        catalog = self._catalog
+        if not catalog.get(name).context_window:  # the catalog does not know: nothing to fit to
+            call.fitted[name] = None
+            return
+        reserve = self._reserve()
+        if reserve is None and self.router is not None:
+            reserve = self.router.default_max_output_tokens
+        result = fit_messages(call.messages, name, reserve_output=reserve,
+                              tools=call.tools["tools"] if call.tools else None, catalog=catalog)
+        report = result.report
+        call.fitted[name] = (_Fitted(name, result.messages, to_openai_messages(result.messages),
+                                     report) if report.dropped or report.truncated else None)
 
     def _inner(self, name: str, call: _Call) -> Runnable:
         model: Runnable = self.models[name]
@@ -255,23 +381,29 @@ class RoutedChatModel(BaseChatModel):
             config["callbacks"] = manager
         return config
 
-    def _admit_kwargs(self, call: _Call, reason: str) -> dict[str, Any]:
-        return dict(call.attribution, messages=call.openai_messages,
+    def _admit_kwargs(self, name: str, call: _Call, reason: str) -> dict[str, Any]:
+        metadata: dict[str, Any] = {"routed": True}
+        fitted = call.fitted.get(name)
+        if fitted is not None:
+            metadata["context_fit"] = fitted.summary
+        return dict(call.attribution, messages=call.prompt_for(name)[1],
                     max_output_tokens=self.max_tokens, request_id=call.request_id,
                     attempt=call.attempts, route_reason=reason,
-                    parent_run_id=call.parent_run_id, metadata={"routed": True})
+                    parent_run_id=call.parent_run_id, metadata=metadata)
 
     # -- one inner call -------------------------------------------------------------------
     def _call_model(self, name: str, call: _Call, reason: str,
                     manager: CallbackManager | None) -> AIMessage:
         engine = self._engine
+        self._fit(name, call)
         call.attempts += 1
         call.model = name
-        ticket = engine.admit(name, **self._admit_kwargs(call, reason)) if engine else None
+        reason = call.explain(name, reason)
+        ticket = engine.admit(name, **self._admit_kwargs(name, call, reason)) if engine else None
         try:
             with metered_call(ticket is not None):
                 output = self._inner(name, call).invoke(
-                    call.messages, config=self._config(name, call, reason, manager),
+                    call.prompt_for(name)[0], config=self._config(name, call, reason, manager),
                     stop=call.stop, **call.kwargs)
         except BaseException as exc:
             if ticket is not None:
@@ -284,12 +416,16 @@ class RoutedChatModel(BaseChatModel):
     async def _acall_model(self, name: str, call: _Call, reason: str,
                            manager: AsyncCallbackManager | None) -> AIMessage:
         engine = self._engine
+        self._fit(name, call)
         call.attempts += 1
-        ticket = await engine.aadmit(name, **self._admit_kwargs(call, reason)) if engine else None
+        call.model = name
+        reason = call.explain(name, reason)
+        ticket = (await engine.aadmit(name, **self._admit_kwargs(name, call, reason))
+                  if engine else None)
         try:
             with metered_call(ticket is not None):
                 output = await self._inner(name, call).ainvoke(
-                    call.messages, config=self._config(name, call, reason, manager),
+                    call.prompt_for(name)[0], config=self._config(name, call, reason, manager),
                     stop=call.stop, **call.kwargs)
         except BaseException as exc:
             if ticket is not None:
@@ -517,16 +653,22 @@ class _Stream:
         self.first: AIMessageChunk | None = None
         self.total: AIMessageChunk | None = None
 
-    def open(self) -> None:
+    def _start(self) -> None:
         call = self.call
+        self.owner._fit(self.name, call)
         call.attempts += 1
         call.model = self.name
+        self.reason = call.explain(self.name, self.reason)
+
+    def open(self) -> None:
+        call = self.call
+        self._start()
         if self.engine is not None:
-            self.ticket = self.engine.admit(self.name,
-                                            **self.owner._admit_kwargs(call, self.reason))
+            self.ticket = self.engine.admit(
+                self.name, **self.owner._admit_kwargs(self.name, call, self.reason))
         try:
             self.iterator = iter(self.owner._inner(self.name, call).stream(
-                call.messages, config=self.owner._config(self.name, call, self.reason,
+                call.prompt_for(self.name)[0], config=self.owner._config(self.name, call, self.reason,
                                                          self.manager),
                 stop=call.stop, **call.kwargs))
             self.first = _as_chunk(self._next(AIMessageChunk(content="")))
@@ -561,14 +703,13 @@ class _Stream:
 class _AsyncStream(_Stream):
     async def open(self) -> None:  # type: ignore[override]
         call = self.call
-        call.attempts += 1
-        call.model = self.name
+        self._start()
         if self.engine is not None:
             self.ticket = await self.engine.aadmit(
-                self.name, **self.owner._admit_kwargs(call, self.reason))
+                self.name, **self.owner._admit_kwargs(self.name, call, self.reason))
         try:
             self.aiterator = self.owner._inner(self.name, call).astream(
-                call.messages, config=self.owner._config(self.name, call, self.reason,
+                call.prompt_for(self.name)[0], config=self.owner._config(self.name, call, self.reason,
                                                          self.manager),
                 stop=call.stop, **call.kwargs).__aiter__()
             self.first = _as_chunk(await self._anext() or AIMessageChunk(content=""))
@@ -670,8 +811,12 @@ def _completion(message: BaseMessage) -> Completion:
 
 
 def _marker(call: _Call, reason: str) -> dict[str, Any]:
-    return {"model": call.model, "route_reason": reason, "attempts": call.attempts,
-            "request_id": call.request_id}
+    marker = {"model": call.model, "route_reason": call.explain(call.model, reason),
+              "attempts": call.attempts, "request_id": call.request_id}
+    fitted = call.fitted.get(call.model) if call.model else None
+    if fitted is not None:
+        marker["context_fit"] = fitted.summary
+    return marker
 
 
 def _result(message: AIMessage, call: _Call, reason: str) -> ChatResult:

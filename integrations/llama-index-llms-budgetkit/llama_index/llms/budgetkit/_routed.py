@@ -27,13 +27,27 @@ handler does not record it again. Responses carry ``additional_kwargs["budgetkit
 ``metadata`` describes the model a call without hints starts on (the cheapest tier, the
 cascade's first model, or ``default_model``), with ``model_name`` set to its catalog name;
 :attr:`last_decision` holds the most recent routing decision.
+
+Context fit (``fit_context=True``; off by default). The router comes first: it sends a long
+prompt to the cheapest model whose window takes it. Only when no routed model's window
+takes the prompt (or the required model is too small) does ``fit_context`` step in: instead
+of raising :class:`budgetkit.ContextWindowExceeded`, the call goes to the routed model with
+the largest window (or the required one). Before *any* inner call (router, cascade attempt,
+fallback target or default model), a prompt that overflows that model's window is fitted
+with :func:`llama_index.callbacks.budgetkit.fit_messages`: system messages and the newest
+turns kept, tool calls kept with their results, the newest user message (or a ``complete``
+prompt) cut in the middle only when it alone is too long. Counting is exact;
+``reserve_output`` (default ``max_tokens``, else the router's ``default_max_output_tokens``)
+stays free for the reply. The fit is explained in the route reason, in the usage row's
+``metadata["context_fit"]`` and in the response marker's ``context_fit`` (model,
+tokens_before, tokens_after, limit, dropped, truncated).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen,
@@ -43,9 +57,11 @@ from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatRes
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 
-from budgetkit import ConfigurationError
+import budgetkit
+from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport, default_catalog
 from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
+from llama_index.callbacks.budgetkit import fit_messages
 from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
                                                       usage_from_raw)
 
@@ -56,6 +72,34 @@ ROUTED_MARKER = "budgetkit_routed"
 _ROUTING_KWARGS = ("model", "required_model", "task_type", "low_latency")
 
 Response = Any  # ChatResponse | CompletionResponse
+# An inner call: (the LLM, the messages or prompt it is sent) -> response, stream or awaitable
+Invoke = Callable[[Any, Any], Any]
+
+
+@dataclass
+class _Fitted:
+    """The prompt one model receives after ``fit_context`` cut it to its window."""
+
+    model: str
+    chat_messages: list[ChatMessage] | None  # a chat's kept messages
+    messages: list[dict[str, Any]] | None    # the same, OpenAI form
+    prompt: str | None                       # a complete's cut prompt
+    report: FitReport
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """What the usage row and the response marker record about the fit."""
+        report = self.report
+        return {"model": self.model, "tokens_before": report.tokens_before,
+                "tokens_after": report.tokens_after, "limit": report.limit,
+                "dropped": report.dropped, "truncated": report.truncated}
+
+    def explain(self, reason: str) -> str:
+        report = self.report
+        cut = ", newest user message cut in the middle" if report.truncated else ""
+        return (f"{reason}; context fit: {report.tokens_before} -> {report.tokens_after} "
+                f"tokens for {self.model} (limit {report.limit}), {report.dropped} "
+                f"messages dropped{cut}")
 
 
 @dataclass
@@ -71,10 +115,30 @@ class _Call:
     low_latency: bool
     attempts: int = 0
     model: str | None = None
+    chat_messages: list[ChatMessage] | None = None
+    # fit_context: model -> its fitted prompt (None: the whole prompt fits that model)
+    fitted: dict[str, _Fitted | None] = field(default_factory=dict)
+
+    def inputs_for(self, model: str) -> Any:
+        """What ``model`` is sent: the chat messages, or the prompt of a ``complete``."""
+        fitted = self.fitted.get(model)
+        if self.chat_messages is not None:
+            return self.chat_messages if fitted is None else fitted.chat_messages
+        return self.prompt if fitted is None else fitted.prompt
+
+    def explain(self, model: str, reason: str) -> str:
+        """``reason`` plus what fitting the prompt to ``model`` did, if anything."""
+        fitted = self.fitted.get(model)
+        return reason if fitted is None else fitted.explain(reason)
 
 
 class RoutedLLM(LLM):
-    """An LLM that sends each call to one of several LLMs (see the module docstring)."""
+    """An LLM that sends each call to one of several LLMs (see the module docstring).
+
+    With ``fit_context=True`` a prompt too long for the model a call goes to is fitted to
+    its window (system messages and newest turns kept) instead of failing; the router's
+    escalation to a larger-window model comes first. Off by default.
+    """
 
     models: dict[str, Any] = Field(default_factory=dict,
                                    description="Catalog model name -> LlamaIndex LLM.")
@@ -89,6 +153,11 @@ class RoutedLLM(LLM):
         default=None, description="Output tokens reserved for context fit and admission.")
     user_id: str | None = None
     project: str | None = None
+    fit_context: bool = Field(
+        default=False, description="Fit a prompt that overflows the chosen model's window.")
+    reserve_output: int | None = Field(
+        default=None, description="With fit_context: output tokens kept free in the window "
+        "(default max_tokens, else the router's default_max_output_tokens).")
     _last_decision: RouteDecision | None = PrivateAttr(default=None)
 
     def __init__(self, **kwargs: Any) -> None:
@@ -100,6 +169,10 @@ class RoutedLLM(LLM):
             raise ConfigurationError("RoutedLLM needs models={catalog name: LLM}")
         if self.router is not None and self.cascade is not None:
             raise ConfigurationError("give a router or a cascade, not both")
+        if self.reserve_output is not None and (isinstance(self.reserve_output, bool)
+                                                or self.reserve_output < 0):
+            raise ConfigurationError(
+                f"reserve_output must be an int >= 0, got {self.reserve_output!r}")
         needed: dict[str, Sequence[str]] = {
             "router": getattr(self.router, "models", ()),
             "cascade": getattr(self.cascade, "models", ()),
@@ -154,7 +227,8 @@ class RoutedLLM(LLM):
         low_latency = bool(kwargs.pop("low_latency", self.low_latency))
         return _Call(messages=to_openai_messages(messages) if messages is not None else None,
                      prompt=prompt, kwargs=kwargs, request_id=request_id,
-                     required_model=required, task_type=task_type, low_latency=low_latency)
+                     required_model=required, task_type=task_type, low_latency=low_latency,
+                     chat_messages=list(messages) if messages is not None else None)
 
     def _decide(self, call: _Call) -> RouteDecision:
         required = call.required_model
@@ -162,11 +236,16 @@ class RoutedLLM(LLM):
             raise ConfigurationError(
                 f"model {required!r} is not one of the routed models: {', '.join(self.models)}")
         if self.router is not None:
-            decision = self.router.route(
-                call.prompt if call.messages is None else None, messages=call.messages,
-                required_model=required, task_type=call.task_type,
-                low_latency=call.low_latency, max_output_tokens=self.max_tokens,
-                user_id=self.user_id, project=self.project)
+            try:
+                decision = self.router.route(
+                    call.prompt if call.messages is None else None, messages=call.messages,
+                    required_model=required, task_type=call.task_type,
+                    low_latency=call.low_latency, max_output_tokens=self._reserve(),
+                    user_id=self.user_id, project=self.project)
+            except ContextWindowExceeded as exc:
+                if not self.fit_context:
+                    raise
+                decision = self._largest_window(required, exc)
         elif required is not None:
             decision = RouteDecision(required, None, (f"required model {required}",))
         else:
@@ -174,31 +253,98 @@ class RoutedLLM(LLM):
         self._last_decision = decision
         return decision
 
+    # -- context fit ----------------------------------------------------------------------
+    @property
+    def _catalog(self) -> Any:
+        for owner in (self.router, self._engine):
+            catalog = getattr(owner, "catalog", None)
+            if catalog is not None:
+                return catalog
+        return default_catalog()
+
+    def _reserve(self) -> int | None:
+        """Output tokens the router's window check keeps free (the fit keeps the same)."""
+        if self.fit_context and self.reserve_output is not None:
+            return self.reserve_output
+        return self.max_tokens
+
+    def _largest_window(self, required: str | None, exc: ContextWindowExceeded) -> RouteDecision:
+        """No routed model takes the whole prompt: the required model, else the one with the
+        largest window (cheapest tier first among equals); the prompt is fitted to it."""
+        catalog = self._catalog
+
+        def window(name: str) -> int:
+            price = catalog.get(name)
+            return price.context_window or price.max_input_tokens
+
+        if required is not None:
+            reason = (f"required model {required}; {exc.tokens} tokens (prompt + reserved "
+                      f"output) exceed its window of {window(required)}")
+            return RouteDecision(required, self.router.tier_of(required), (reason,))
+        model = max(self.router.models, key=window)
+        reason = (f"no routed model's window takes {exc.tokens} tokens (prompt + reserved "
+                  f"output) -> {model}, the largest window ({window(model)})")
+        return RouteDecision(model, self.router.tier_of(model), (reason,))
+
+    def _fit(self, name: str, call: _Call) -> None:
+        """With ``fit_context``, fit the prompt to ``name``'s window once per model."""
+        if not self.fit_context or name in call.fitted:
+            return
+        catalog = self._catalog
+        if not catalog.get(name).context_window:  # the catalog does not know: nothing to fit to
+            call.fitted[name] = None
+            return
+        reserve = self._reserve()
+        if reserve is None and self.router is not None:
+            reserve = self.router.default_max_output_tokens
+        fitted: _Fitted | None
+        if call.chat_messages is not None:
+            kept, report = fit_messages(call.chat_messages, name, reserve_output=reserve,
+                                        catalog=catalog)
+            fitted = _Fitted(name, kept, to_openai_messages(kept), None, report)
+        else:  # a complete prompt is one user message: only cutting it can help
+            cut, report = budgetkit.fit_messages([{"role": "user", "content": call.prompt}],
+                                                 name, reserve_output=reserve, catalog=catalog)
+            fitted = _Fitted(name, None, None, cut[0]["content"], report)
+        call.fitted[name] = fitted if report.dropped or report.truncated else None
+
+    # -- admission ----------------------------------------------------------------------
+    # _admit / _aadmit start every inner call: they fit the prompt to the model (with
+    # fit_context) before the row is admitted, so the row counts what the model is sent.
     def _admit(self, name: str, call: _Call, reason: str) -> Any:
         engine = self._engine
+        self._fit(name, call)
         call.attempts += 1
         call.model = name
         if engine is None:
             return None
-        return engine.admit(name, **self._admit_kwargs(call, reason))
+        return engine.admit(name, **self._admit_kwargs(name, call, reason))
 
     async def _aadmit(self, name: str, call: _Call, reason: str) -> Any:
         engine = self._engine
+        self._fit(name, call)
         call.attempts += 1
         call.model = name
         if engine is None:
             return None
-        return await engine.aadmit(name, **self._admit_kwargs(call, reason))
+        return await engine.aadmit(name, **self._admit_kwargs(name, call, reason))
 
-    def _admit_kwargs(self, call: _Call, reason: str) -> dict[str, Any]:
+    def _admit_kwargs(self, name: str, call: _Call, reason: str) -> dict[str, Any]:
         attribution = {key: value for key, value in (
             ("user_id", self.user_id), ("project", self.project),
             ("task_type", call.task_type)) if value is not None}
-        return dict(attribution, messages=call.messages, prompt=call.prompt,
+        metadata: dict[str, Any] = {"routed": True}
+        fitted = call.fitted.get(name)
+        if fitted is not None:
+            metadata["context_fit"] = fitted.summary
+        messages, prompt = call.messages, call.prompt
+        if fitted is not None:
+            messages, prompt = fitted.messages, fitted.prompt
+        return dict(attribution, messages=messages, prompt=prompt,
                     max_output_tokens=self.max_tokens, request_id=call.request_id,
-                    attempt=call.attempts, route_reason=reason,
+                    attempt=call.attempts, route_reason=call.explain(name, reason),
                     operation_type="chat_completion" if call.messages is not None
-                    else "text_generation", metadata={"routed": True})
+                    else "text_generation", metadata=metadata)
 
     def _finish(self, ticket: Any, response: Response, call: _Call, reason: str) -> Response:
         settle_completion(self._engine, ticket, _completion(response))
@@ -209,7 +355,7 @@ class RoutedLLM(LLM):
             self._engine.release(ticket, error=exc)
 
     # -- the drivers: one call, the cascade loop, the fallback -------------------------------
-    def _run(self, call: _Call, invoke: Callable[[Any], Response]) -> Response:
+    def _run(self, call: _Call, invoke: Invoke) -> Response:
         if self.cascade is None:
             decision = self._decide(call)
             return self._with_fallback(
@@ -227,7 +373,7 @@ class RoutedLLM(LLM):
             previous = (name, failures)
         return response
 
-    async def _arun(self, call: _Call, invoke: Callable[[Any], Any]) -> Response:
+    async def _arun(self, call: _Call, invoke: Invoke) -> Response:
         if self.cascade is None:
             decision = self._decide(call)
             return await self._awith_fallback(
@@ -252,23 +398,21 @@ class RoutedLLM(LLM):
                                                        previous[1])
         return self.cascade.attempt_reason(number, before)
 
-    def _once(self, name: str, call: _Call, reason: str,
-              invoke: Callable[[Any], Response]) -> Response:
+    def _once(self, name: str, call: _Call, reason: str, invoke: Invoke) -> Response:
         ticket = self._admit(name, call, reason)
         try:
             with metered_call(ticket is not None):
-                response = invoke(self.models[name])
+                response = invoke(self.models[name], call.inputs_for(name))
         except BaseException as exc:
             self._release(ticket, exc)
             raise
         return self._finish(ticket, response, call, reason)
 
-    async def _aonce(self, name: str, call: _Call, reason: str,
-                     invoke: Callable[[Any], Any]) -> Response:
+    async def _aonce(self, name: str, call: _Call, reason: str, invoke: Invoke) -> Response:
         ticket = await self._aadmit(name, call, reason)
         try:
             with metered_call(ticket is not None):
-                response = await invoke(self.models[name])
+                response = await invoke(self.models[name], call.inputs_for(name))
         except BaseException as exc:
             self._release(ticket, exc)
             raise
@@ -284,52 +428,57 @@ class RoutedLLM(LLM):
         return await self.fallback.acall(fn, prefer=name)
 
     # -- chat and complete ----------------------------------------------------------------
+    # Each inner call gets ``(llm, inputs)``: the messages or prompt that model is sent,
+    # which fit_context may have cut to its window.
     def chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._prepare(kwargs, messages=messages)
-        return self._run(call, lambda llm: llm.chat(messages, **call.kwargs))
+        return self._run(call, lambda llm, msgs: llm.chat(msgs, **call.kwargs))
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         call = self._prepare(kwargs, prompt=prompt)
-        return self._run(call, lambda llm: llm.complete(prompt, formatted=formatted,
-                                                        **call.kwargs))
+        return self._run(call, lambda llm, text: llm.complete(text, formatted=formatted,
+                                                              **call.kwargs))
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         call = self._prepare(kwargs, messages=messages)
-        return await self._arun(call, lambda llm: llm.achat(messages, **call.kwargs))
+        return await self._arun(call, lambda llm, msgs: llm.achat(msgs, **call.kwargs))
 
     async def acomplete(self, prompt: str, formatted: bool = False,
                         **kwargs: Any) -> CompletionResponse:
         call = self._prepare(kwargs, prompt=prompt)
-        return await self._arun(call, lambda llm: llm.acomplete(prompt, formatted=formatted,
-                                                                **call.kwargs))
+        return await self._arun(call, lambda llm, text: llm.acomplete(text, formatted=formatted,
+                                                                      **call.kwargs))
 
     # -- streaming ------------------------------------------------------------------------
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         call = self._prepare(kwargs, messages=messages)
-        return self._stream(call, lambda llm: llm.stream_chat(messages, **call.kwargs),
-                            lambda llm: llm.chat(messages, **call.kwargs))
+        return self._stream(call, lambda llm, msgs: llm.stream_chat(msgs, **call.kwargs),
+                            lambda llm, msgs: llm.chat(msgs, **call.kwargs))
 
     def stream_complete(self, prompt: str, formatted: bool = False,
                         **kwargs: Any) -> CompletionResponseGen:
         call = self._prepare(kwargs, prompt=prompt)
         return self._stream(
-            call, lambda llm: llm.stream_complete(prompt, formatted=formatted, **call.kwargs),
-            lambda llm: llm.complete(prompt, formatted=formatted, **call.kwargs))
+            call,
+            lambda llm, text: llm.stream_complete(text, formatted=formatted, **call.kwargs),
+            lambda llm, text: llm.complete(text, formatted=formatted, **call.kwargs))
 
     async def astream_chat(self, messages: Sequence[ChatMessage],
                            **kwargs: Any) -> ChatResponseAsyncGen:
         call = self._prepare(kwargs, messages=messages)
-        return await self._astream(call, lambda llm: llm.astream_chat(messages, **call.kwargs),
-                                   lambda llm: llm.achat(messages, **call.kwargs))
+        return await self._astream(
+            call, lambda llm, msgs: llm.astream_chat(msgs, **call.kwargs),
+            lambda llm, msgs: llm.achat(msgs, **call.kwargs))
 
     async def astream_complete(self, prompt: str, formatted: bool = False,
                                **kwargs: Any) -> CompletionResponseAsyncGen:
         call = self._prepare(kwargs, prompt=prompt)
         return await self._astream(
-            call, lambda llm: llm.astream_complete(prompt, formatted=formatted, **call.kwargs),
-            lambda llm: llm.acomplete(prompt, formatted=formatted, **call.kwargs))
+            call,
+            lambda llm, text: llm.astream_complete(text, formatted=formatted, **call.kwargs),
+            lambda llm, text: llm.acomplete(text, formatted=formatted, **call.kwargs))
 
-    def _stream_target(self, call: _Call, whole: Callable[[Any], Response]) -> tuple[Any, str]:
+    def _stream_target(self, call: _Call, whole: Invoke) -> tuple[Any, str]:
         """(model to stream or an accepted buffered response, reason)."""
         if self.cascade is None:
             decision = self._decide(call)
@@ -347,8 +496,7 @@ class RoutedLLM(LLM):
             previous = (name, failures)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stream(self, call: _Call, open_stream: Callable[[Any], Iterator[Response]],
-                whole: Callable[[Any], Response]) -> Iterator[Response]:
+    def _stream(self, call: _Call, open_stream: Invoke, whole: Invoke) -> Iterator[Response]:
         target, reason = self._stream_target(call, whole)
         if not isinstance(target, str):  # the cascade accepted a cheap, buffered answer
             def single() -> Iterator[Response]:  # a real generator, as LlamaIndex expects
@@ -359,7 +507,7 @@ class RoutedLLM(LLM):
             ticket = self._admit(name, call, reason)
             try:
                 with metered_call(ticket is not None):
-                    iterator = iter(open_stream(self.models[name]))
+                    iterator = iter(open_stream(self.models[name], call.inputs_for(name)))
                     first = next(iterator, None)  # inside the fallback's try
             except BaseException as exc:
                 self._release(ticket, exc)
@@ -390,8 +538,8 @@ class RoutedLLM(LLM):
 
         return gen()
 
-    async def _astream(self, call: _Call, open_stream: Callable[[Any], Any],
-                       whole: Callable[[Any], Any]) -> AsyncIterator[Response]:
+    async def _astream(self, call: _Call, open_stream: Invoke,
+                       whole: Invoke) -> AsyncIterator[Response]:
         target, reason = await self._astream_target(call, whole)
         if not isinstance(target, str):
             async def single() -> AsyncIterator[Response]:
@@ -402,7 +550,8 @@ class RoutedLLM(LLM):
             ticket = await self._aadmit(name, call, reason)
             try:
                 with metered_call(ticket is not None):
-                    iterator = (await open_stream(self.models[name])).__aiter__()
+                    iterator = (await open_stream(self.models[name],
+                                                  call.inputs_for(name))).__aiter__()
                     first = await _anext(iterator)
             except BaseException as exc:
                 self._release(ticket, exc)
@@ -431,7 +580,7 @@ class RoutedLLM(LLM):
 
         return gen()
 
-    async def _astream_target(self, call: _Call, whole: Callable[[Any], Any]) -> tuple[Any, str]:
+    async def _astream_target(self, call: _Call, whole: Invoke) -> tuple[Any, str]:
         if self.cascade is None:
             decision = self._decide(call)
             return decision.model, _reason(decision, decision.model)
@@ -491,7 +640,11 @@ def _as_delta(response: Response) -> Response:
 
 
 def _mark(response: Response, call: _Call, reason: str) -> Response:
-    response.additional_kwargs[ROUTED_MARKER] = {
-        "model": call.model, "route_reason": reason, "attempts": call.attempts,
-        "request_id": call.request_id}
+    marker = {"model": call.model, "route_reason": reason, "attempts": call.attempts,
+              "request_id": call.request_id}
+    fitted = call.fitted.get(call.model) if call.model else None
+    if fitted is not None:
+        marker["route_reason"] = fitted.explain(reason)
+        marker["context_fit"] = fitted.summary
+    response.additional_kwargs[ROUTED_MARKER] = marker
     return response
