@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import logging
 import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from ._catalog import ModelPrice, PriceCatalog, default_catalog
@@ -48,46 +49,127 @@ def _new_id() -> str:
     return f"{random.getrandbits(128):032x}"
 
 
-@dataclass(eq=False)
 class Ticket:
     """An admitted call: who it is for, what it may cost, what it reserved.
 
     Hand it back to :meth:`Engine.settle` or :meth:`Engine.release`.
+
+    ``input_tokens`` (and ``worst_case_nanos``, which depends on it) may be counted on
+    first read: with no budget registered the engine does not count a prompt the provider
+    will report the usage of anyway. The count is of the prompt as it was admitted.
     """
 
-    id: str
-    model: str
-    price: ModelPrice
-    input_tokens: int
-    max_output_tokens: int
-    worst_case_nanos: int
-    operation_type: str = "chat_completion"
-    provider: str | None = None
-    user_id: str | None = None
-    session_id: str | None = None
-    project: str | None = None
-    request_id: str | None = None
-    run_id: str | None = None
-    parent_run_id: str | None = None
-    root_run_id: str | None = None
-    task_type: str | None = None
-    attempt: int | None = None
-    route_reason: str | None = None
-    tags: tuple[str, ...] = ()
-    metadata: dict[str, Any] = field(default_factory=dict)
-    prompt_hash: str | None = None
-    prompt_preview: str | None = None
-    started: float = 0.0
-    #: Outcome of the budget check: "allow", "warn", "downgrade", ... (budgets fill it).
-    decision: str = "allow"
-    #: Budget reservations held by this ticket (owned by the budget book).
-    reservations: list[Any] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    done: bool = False
+    __slots__ = ("id", "model", "price", "_input_tokens", "max_output_tokens",
+                 "_worst_case_nanos", "operation_type", "provider", "user_id", "session_id",
+                 "project", "request_id", "run_id", "parent_run_id", "root_run_id",
+                 "task_type", "attempt", "route_reason", "tags", "metadata", "prompt_hash",
+                 "prompt_preview", "started", "decision", "reservations", "warnings", "done",
+                 "_pending_count")
+
+    def __init__(self, id: str, model: str, price: ModelPrice, input_tokens: int | None,
+                 max_output_tokens: int, worst_case_nanos: int | None,
+                 operation_type: str = "chat_completion", provider: str | None = None,
+                 user_id: str | None = None, session_id: str | None = None,
+                 project: str | None = None, request_id: str | None = None,
+                 run_id: str | None = None, parent_run_id: str | None = None,
+                 root_run_id: str | None = None, task_type: str | None = None,
+                 attempt: int | None = None, route_reason: str | None = None,
+                 tags: tuple[str, ...] = (), metadata: dict[str, Any] | None = None,
+                 prompt_hash: str | None = None, prompt_preview: str | None = None,
+                 started: float = 0.0, decision: str = "allow",
+                 reservations: list[Any] | None = None, warnings: list[str] | None = None,
+                 done: bool = False,
+                 pending_count: Callable[[], int] | None = None) -> None:
+        self.id = id
+        self.model = model
+        self.price = price
+        self._input_tokens = input_tokens
+        self.max_output_tokens = max_output_tokens
+        self._worst_case_nanos = worst_case_nanos
+        self.operation_type = operation_type
+        self.provider = provider
+        self.user_id = user_id
+        self.session_id = session_id
+        self.project = project
+        self.request_id = request_id
+        self.run_id = run_id
+        self.parent_run_id = parent_run_id
+        self.root_run_id = root_run_id
+        self.task_type = task_type
+        self.attempt = attempt
+        self.route_reason = route_reason
+        self.tags = tags
+        self.metadata = {} if metadata is None else metadata
+        self.prompt_hash = prompt_hash
+        self.prompt_preview = prompt_preview
+        self.started = started
+        #: Outcome of the budget check: "allow", "warn", "downgrade", ... (budgets fill it).
+        self.decision = decision
+        #: Budget reservations held by this ticket (owned by the budget book).
+        self.reservations = [] if reservations is None else reservations
+        self.warnings = [] if warnings is None else warnings
+        self.done = done
+        # Counts the admitted prompt when input_tokens is first read (None once counted).
+        self._pending_count = pending_count
+        if input_tokens is None and pending_count is None:
+            raise ConfigurationError("a Ticket needs input_tokens or a way to count them")
+
+    @property
+    def input_tokens(self) -> int:
+        """Prompt tokens as admitted (counted on first read when the engine deferred it)."""
+        value = self._input_tokens
+        if value is None:
+            count = self._pending_count
+            assert count is not None
+            value = self._input_tokens = count()
+            self._pending_count = None  # counted once; drop the prompt it held
+        return value
+
+    @input_tokens.setter
+    def input_tokens(self, value: int) -> None:
+        self._input_tokens = value
+        self._pending_count = None
+        self._worst_case_nanos = None
+
+    @property
+    def input_counted(self) -> bool:
+        """Whether the prompt has been counted yet (see the class docs)."""
+        return self._input_tokens is not None
+
+    @property
+    def worst_case_nanos(self) -> int:
+        """Cost of the prompt plus ``max_output_tokens`` of output, in nano-dollars."""
+        value = self._worst_case_nanos
+        if value is None:
+            value = self._worst_case_nanos = self.price.cost_nanos(self.input_tokens,
+                                                                   self.max_output_tokens)
+        return value
+
+    @worst_case_nanos.setter
+    def worst_case_nanos(self, value: int) -> None:
+        self._worst_case_nanos = value
 
     @property
     def worst_case_cost(self) -> float:
         return nanos_to_usd(self.worst_case_nanos)
+
+    def __repr__(self) -> str:
+        tokens = self._input_tokens if self._input_tokens is not None else "<not counted>"
+        return (f"Ticket(id={self.id!r}, model={self.model!r}, input_tokens={tokens}, "
+                f"max_output_tokens={self.max_output_tokens}, decision={self.decision!r}, "
+                f"done={self.done})")
+
+
+def _snapshot_messages(messages: Iterable[Mapping[str, Any]]) -> tuple[Mapping[str, Any], ...]:
+    """The prompt as admitted (a later ``messages.append`` must not change what is counted),
+    checked now so that bad input fails at admit even when counting is deferred."""
+    snapshot = tuple(messages)
+    for message in snapshot:
+        if not isinstance(message, Mapping):
+            raise ConfigurationError(
+                f"messages must be dicts with 'role' and 'content', got {type(message).__name__}"
+                " (framework messages are converted by the adapters)")
+    return snapshot
 
 
 @dataclass(frozen=True)
@@ -137,10 +219,18 @@ class UsageRecord:
         return nanos_to_usd(self.saved_nanos)
 
     def as_row(self) -> dict[str, Any]:
-        row = dict(self.__dict__)  # every field, without a getattr per field (hot path)
+        """The record as a dict of :class:`UsageRow` columns (``tags`` a list)."""
+        row = dict(self.__dict__)  # every field, without a getattr per field
         row["tags"] = list(self.tags)
         row["metadata"] = dict(self.metadata)
         return row
+
+    @classmethod
+    def _from_fields(cls, values: dict[str, Any]) -> UsageRecord:
+        """Build from a dict with every field (the engine's hot path: no per-field setattr)."""
+        record = object.__new__(cls)
+        record.__dict__.update(values)
+        return record
 
 
 def prompt_hash(text: str) -> str:
@@ -287,19 +377,31 @@ class Engine:
         """
         price = self.catalog.get(model)
         text_for_hash: str | None = None
+        pending_count: Callable[[], int] | None = None
         if input_tokens is None:
             if messages is not None:
-                input_tokens = self.count_message_tokens(messages, model)
-                text_for_hash = "\x1e".join(f"{m.get('role')}\x1f{m.get('content')}"
-                                            for m in messages)
+                messages = _snapshot_messages(messages)
+                text_for_hash = "\x1e".join([f"{m.get('role')}\x1f{m.get('content')}"
+                                             for m in messages])
+                if self._budgets is None:  # nothing to check now: count if someone asks
+                    pending_count = functools.partial(self.count_message_tokens, messages,
+                                                      model)
+                else:
+                    input_tokens = self.count_message_tokens(messages, model)
             elif prompt is not None:
-                input_tokens = self.count_tokens(prompt, model)
+                if not isinstance(prompt, str):
+                    raise ConfigurationError(
+                        f"prompt must be a str, got {type(prompt).__name__}")
                 text_for_hash = prompt
+                if self._budgets is None:
+                    pending_count = functools.partial(self.count_tokens, prompt, model)
+                else:
+                    input_tokens = self.count_tokens(prompt, model)
             else:
                 input_tokens = 0
         elif prompt is not None:
             text_for_hash = prompt
-        if input_tokens < 0:
+        if input_tokens is not None and input_tokens < 0:
             raise ConfigurationError(f"input_tokens must be >= 0, got {input_tokens}")
         if max_output_tokens is None:
             max_output_tokens = (0 if price.mode == "embedding"
@@ -307,19 +409,19 @@ class Engine:
         elif max_output_tokens < 0:
             raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
         ticket = Ticket(
-            id=_new_id(), model=model, price=price, input_tokens=input_tokens,
-            max_output_tokens=max_output_tokens,
-            worst_case_nanos=price.cost_nanos(input_tokens, max_output_tokens),
+            _new_id(), model, price, input_tokens, max_output_tokens,
+            None if input_tokens is None else price.cost_nanos(input_tokens, max_output_tokens),
             operation_type=operation_type, provider=provider or price.provider,
             user_id=user_id, session_id=session_id, project=project or self.project,
             request_id=request_id, run_id=run_id, parent_run_id=parent_run_id,
             root_run_id=root_run_id or (run_id if parent_run_id is None else None),
             task_type=task_type, attempt=attempt, route_reason=route_reason,
-            tags=tuple(tags), metadata=dict(metadata or {}),
+            tags=tags if type(tags) is tuple else tuple(tags),
+            metadata=dict(metadata) if metadata else {},
             prompt_hash=prompt_hash(text_for_hash) if text_for_hash is not None else None,
             prompt_preview=(redact_preview(text_for_hash)
                             if self.store_prompts and text_for_hash is not None else None),
-            started=time.perf_counter(),
+            started=time.perf_counter(), pending_count=pending_count,
         )
         if self._budgets is not None:
             try:
@@ -499,22 +601,31 @@ class Engine:
                 self._budgets.release(ticket)
         if latency_ms is None and status != "blocked":
             latency_ms = (time.perf_counter() - ticket.started) * 1000.0
-        record = UsageRecord(
-            id=ticket.id, created_at=self.now(), model=model or ticket.model,
-            provider=ticket.provider, operation_type=ticket.operation_type, status=status,
-            input_tokens=input_tokens, output_tokens=output_tokens,
-            cached_input_tokens=cached_input_tokens, cache_write_tokens=cache_write_tokens,
-            reasoning_tokens=reasoning_tokens, total_tokens=input_tokens + output_tokens,
-            cost_nanos=cost_nanos, saved_nanos=saved_nanos, latency_ms=latency_ms,
-            usage_source=usage_source, error_type=error_type, user_id=ticket.user_id,
-            session_id=ticket.session_id, project=ticket.project,
-            request_id=ticket.request_id, run_id=ticket.run_id,
-            parent_run_id=ticket.parent_run_id, root_run_id=ticket.root_run_id,
-            task_type=ticket.task_type, attempt=ticket.attempt,
-            route_reason=ticket.route_reason, tags=ticket.tags, metadata=ticket.metadata,
-            prompt_hash=ticket.prompt_hash, prompt_preview=ticket.prompt_preview,
-        )
-        self._writer.submit(record.as_row())
+        # One dict holds the record's fields (a frozen dataclass's __init__ costs a
+        # setattr per field: ~4 µs per call); the writer gets a copy whose metadata is a
+        # snapshot, so a listener mutating ``record.metadata`` cannot change the row.
+        values = {
+            "id": ticket.id, "created_at": self.now(), "model": model or ticket.model,
+            "provider": ticket.provider, "operation_type": ticket.operation_type,
+            "status": status, "input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cached_input_tokens": cached_input_tokens,
+            "cache_write_tokens": cache_write_tokens, "reasoning_tokens": reasoning_tokens,
+            "total_tokens": input_tokens + output_tokens, "cost_nanos": cost_nanos,
+            "saved_nanos": saved_nanos, "latency_ms": latency_ms,
+            "usage_source": usage_source, "error_type": error_type,
+            "user_id": ticket.user_id, "session_id": ticket.session_id,
+            "project": ticket.project, "request_id": ticket.request_id,
+            "run_id": ticket.run_id, "parent_run_id": ticket.parent_run_id,
+            "root_run_id": ticket.root_run_id, "task_type": ticket.task_type,
+            "attempt": ticket.attempt, "route_reason": ticket.route_reason,
+            "tags": ticket.tags, "metadata": ticket.metadata,
+            "prompt_hash": ticket.prompt_hash, "prompt_preview": ticket.prompt_preview,
+        }
+        record = UsageRecord._from_fields(values)
+        row = values.copy()
+        metadata = values["metadata"]
+        row["metadata"] = dict(metadata) if metadata else {}
+        self._writer.submit(row)
         for listener in self._listeners:
             try:
                 listener(record)

@@ -275,3 +275,87 @@ def test_asyncio_gather_of_many_calls(engine):
     rows = engine.usage()
     assert len(rows) == 100
     assert sorted(row.input_tokens for row in rows) == list(range(1, 101))
+
+
+# ---------------------------------------------------------------------------- deferred counting
+
+def _counting(engine):
+    """Wrap the engine's prompt counters; returns the list of calls made."""
+    calls = []
+    real_messages, real_text = engine.count_message_tokens, engine.count_tokens
+
+    def count_messages(messages, model, **kwargs):
+        calls.append("messages")
+        return real_messages(messages, model, **kwargs)
+
+    def count_text(text, model):
+        calls.append("text")
+        return real_text(text, model)
+
+    engine.count_message_tokens, engine.count_tokens = count_messages, count_text
+    return calls
+
+
+def test_without_budgets_a_reported_usage_means_the_prompt_is_never_counted(engine):
+    calls = _counting(engine)
+    ticket = engine.admit("gpt-4o-mini", messages=[{"role": "user", "content": "hi there"}])
+    assert not ticket.input_counted and ticket.prompt_hash
+    engine.settle(ticket, input_tokens=12, output_tokens=3)
+    assert calls == []
+    [row] = engine.usage()
+    assert (row.input_tokens, row.usage_source, row.prompt_hash) == (12, "provider",
+                                                                     ticket.prompt_hash)
+
+
+def test_deferred_count_is_of_the_admitted_prompt_and_runs_once(engine):
+    calls = _counting(engine)
+    messages = [{"role": "user", "content": "how much is a ticket?"}]
+    expected = engine.count_message_tokens(list(messages), "gpt-4o-mini")
+    calls.clear()
+    ticket = engine.admit("gpt-4o-mini", messages=messages, max_output_tokens=100)
+    messages.append({"role": "assistant", "content": "a much longer answer " * 20})
+    # no usage reported: settle falls back to the count of the prompt as admitted
+    engine.settle(ticket, output_tokens=7, usage_source="estimated")
+    assert ticket.input_tokens == expected and ticket.input_counted
+    assert ticket.worst_case_nanos == ticket.price.cost_nanos(expected, 100)
+    assert calls == ["messages"]
+    [row] = engine.usage()
+    assert (row.input_tokens, row.output_tokens, row.usage_source) == (expected, 7, "estimated")
+
+
+def test_deferred_prompt_count_for_text_and_release_with_partial_output(engine):
+    calls = _counting(engine)
+    ticket = engine.admit("gpt-4o", prompt="Tell me a story about a lighthouse.")
+    engine.release(ticket, error="TimeoutError", input_tokens=ticket.input_tokens,
+                   output_tokens=5)
+    [row] = engine.usage()
+    assert row.input_tokens == engine.count_tokens("Tell me a story about a lighthouse.",
+                                                   "gpt-4o") > 0
+    assert row.cost_nanos > 0 and calls.count("text") == 1 + 1  # release + the check here
+
+
+def test_with_a_budget_the_prompt_is_counted_at_admit(engine):
+    from budgetkit import Budget
+
+    engine.add_budget(Budget(limit=1.00))
+    ticket = engine.admit("gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert ticket.input_counted and ticket.input_tokens > 0
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda e: e.admit("gpt-4o", messages=["just a string"]), "messages must be dicts"),
+    (lambda e: e.admit("gpt-4o", prompt=42), "prompt must be a str"),
+])
+def test_bad_prompt_fails_at_admit_even_when_counting_is_deferred(engine, call, match):
+    with pytest.raises(ConfigurationError, match=match):
+        call(engine)
+    assert engine.usage() == []
+
+
+def test_a_listener_changing_record_metadata_does_not_change_the_row(engine):
+    engine.add_listener(lambda record: record.metadata.update(changed=True))
+    ticket = engine.admit("gpt-4o", input_tokens=3, metadata={"k": "v"})
+    record = engine.settle(ticket, output_tokens=1)
+    assert record is not None and record.as_row()["metadata"] == {"k": "v", "changed": True}
+    [row] = engine.usage()
+    assert row.metadata_ == {"k": "v"}
