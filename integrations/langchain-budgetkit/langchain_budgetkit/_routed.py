@@ -667,10 +667,9 @@ class _Stream:
             self.ticket = self.engine.admit(
                 self.name, **self.owner._admit_kwargs(self.name, call, self.reason))
         try:
+            config = self.owner._config(self.name, call, self.reason, self.manager)
             self.iterator = iter(self.owner._inner(self.name, call).stream(
-                call.prompt_for(self.name)[0], config=self.owner._config(self.name, call, self.reason,
-                                                         self.manager),
-                stop=call.stop, **call.kwargs))
+                call.prompt_for(self.name)[0], config=config, stop=call.stop, **call.kwargs))
             self.first = _as_chunk(self._next(AIMessageChunk(content="")))
         except BaseException as exc:
             self._release(exc)
@@ -708,10 +707,10 @@ class _AsyncStream(_Stream):
             self.ticket = await self.engine.aadmit(
                 self.name, **self.owner._admit_kwargs(self.name, call, self.reason))
         try:
+            config = self.owner._config(self.name, call, self.reason, self.manager)
             self.aiterator = self.owner._inner(self.name, call).astream(
-                call.prompt_for(self.name)[0], config=self.owner._config(self.name, call, self.reason,
-                                                         self.manager),
-                stop=call.stop, **call.kwargs).__aiter__()
+                call.prompt_for(self.name)[0], config=config, stop=call.stop,
+                **call.kwargs).__aiter__()
             self.first = _as_chunk(await self._anext() or AIMessageChunk(content=""))
         except BaseException as exc:
             self._release(exc)

@@ -175,8 +175,8 @@ def test_when_no_window_fits_the_largest_model_gets_the_fitted_history(engine: E
     assert row.usage_source == "estimated"
     assert row.route_reason == marker["route_reason"]
     assert row.route_reason.startswith(
-        f"no routed model's window takes {admitted(full, LARGE, catalog) + RESERVE} tokens (prompt + reserved output)"
-        f" -> {LARGE}, the largest window (1200)")
+        f"no routed model's window takes {admitted(full, LARGE, catalog) + RESERVE} tokens "
+        f"(prompt + reserved output) -> {LARGE}, the largest window (1200)")
     assert row.route_reason.endswith(
         f"; context fit: {before} -> {after} tokens for {LARGE} (limit {limit}), "
         f"{fit['dropped']} messages dropped")
