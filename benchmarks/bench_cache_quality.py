@@ -12,13 +12,18 @@ Data (all labelled; both systems get the same MiniLM int8 vectors):
 * ``../shared/data/cache-eval/gptcache_mock_data.json``: GPTCache's own 999 paraphrase
   pairs (all should hit; a hit on another pair's question is a wrong answer).
 * ``../shared/data/cache-eval/conv-*``: 240 labelled multi-turn pairs (120 should hit,
-  120 traps whose last user message is identical).
+  120 traps whose last user message is identical). The conversation rules
+  (:func:`budgetkit._cache_keys.is_standalone`) were tuned on the *billing* files only;
+  retail + services are held out.
 
 1. Threshold sweep on single-turn pairs (one cached question per pair): served-paraphrase
    and false-hit rates with a plain threshold and with budgetkit's guard.
 2. Whole caches at default settings, same vectors: budgetkit vs GPTCache 0.1.44
    (SQLite + faiss, ``SearchDistanceEvaluation``, ``similarity_threshold=0.8``,
    ``get_prompt`` / the last message as key, as its README sets up a similar-search cache).
+3. Multi-turn pairs by subtype, tuning (billing) vs held-out (retail + services): budgetkit
+   with every earlier turn in the key (``standalone_turns=False``, the behaviour before)
+   and with standalone last questions keyed on themselves (the default).
 """
 
 from __future__ import annotations
@@ -120,9 +125,11 @@ def score(cases: list[Case], answers: list[Any]) -> tuple[int, int, int, int]:
     return served, sum(c[3] for c in cases), wrong, len(cases)
 
 
-def run_budgetkit(cases: list[Case], book: VectorBook, workdir: Path, label: str) -> list[Any]:
+def run_budgetkit(cases: list[Case], book: VectorBook, workdir: Path, label: str,
+                  **options: Any) -> list[Any]:
     with Engine(workdir / f"bk-{label}.db") as engine:
-        cache = ResponseCache(engine, embedder=book, record_hits=False, sync_interval=1e9)
+        cache = ResponseCache(engine, embedder=book, record_hits=False, sync_interval=1e9,
+                              **options)
         for cached, _, answer, _ in cases:
             key = {"messages": cached} if isinstance(cached, list) else {"prompt": cached}
             cache.store(answer, model=MODEL, **key, cost_nanos=0, input_tokens=0,
@@ -158,6 +165,51 @@ def run_gptcache(cases: list[Case], book: VectorBook, workdir: Path, label: str)
     return [get(text_of(asked), cache_obj=cache) for _, asked, _, _ in cases]
 
 
+SUBTYPES = ("same_context_reworded", "irrelevant_history", "same_context_extra_chatter",
+            "context_swap", "detail_swap", "intent_flip")
+
+
+def conversation_table(tuning: list[dict[str, Any]], heldout: list[dict[str, Any]],
+                       book: VectorBook, workdir: Path) -> None:
+    """Per subtype: pairs served right (should-hit) or served at all (traps)."""
+    variants = (("before: whole conversation in the key", {"standalone_turns": False}),
+                ("after: standalone last questions (default)", {}))
+    counts: dict[tuple[str, str, str], tuple[int, int]] = {}
+    for split, pairs in (("tuning", tuning), ("held-out", heldout)):
+        cases = conversation_cases(pairs)
+        for variant, options in variants:
+            answers = run_budgetkit(cases, book, workdir, f"conv-{split}-{len(counts)}",
+                                    **options)
+            for subtype in SUBTYPES:
+                chosen = [i for i, p in enumerate(pairs) if p["subtype"] == subtype]
+                right = sum(answers[i] == pairs[i]["id"] for i in chosen)
+                served = sum(answers[i] is not None for i in chosen)
+                should = pairs[chosen[0]]["same_answer"] if chosen else True
+                counts[(split, variant, subtype)] = (right if should else served, len(chosen))
+            wrong = sum(a is not None and (not p["same_answer"] or a != p["id"])
+                        for a, p in zip(answers, pairs))
+            counts[(split, variant, "wrong answers, all pairs")] = (wrong, len(pairs))
+    header = [f"{split}: {variant.split(':')[0]}" for split in ("tuning", "held-out")
+              for variant, _ in variants]
+    print("| subtype (should-hit: served right; trap: served) | " + " | ".join(header) + " |")
+    print("|---" * (len(header) + 1) + "|")
+    for subtype in (*SUBTYPES, "wrong answers, all pairs"):
+        cells = []
+        for split in ("tuning", "held-out"):
+            for variant, _ in variants:
+                got, total = counts[(split, variant, subtype)]
+                cells.append(f"{got}/{total}")
+        print(f"| {subtype} | " + " | ".join(cells) + " |")
+    for split, pairs in (("tuning", tuning), ("held-out", heldout)):
+        for variant, _ in variants:
+            hits = sum(counts[(split, variant, s)][0] for s in SUBTYPES[:3])
+            positives = sum(p["same_answer"] for p in pairs)
+            traps = sum(counts[(split, variant, s)][0] for s in SUBTYPES[3:])
+            print(f"{split}, {variant}: should-hit served {hits}/{positives} "
+                  f"({percent(hits, positives).strip()}), traps served {traps}/"
+                  f"{len(pairs) - positives}")
+
+
 def percent(part: int, whole: int) -> str:
     return f"{100.0 * part / whole:5.1f} %" if whole else "   -  "
 
@@ -170,6 +222,10 @@ def main() -> None:
     mock = json.loads((SHARED / "gptcache_mock_data.json").read_text())
     conversations = [row for path in sorted(SHARED.glob("conv-*/*.jsonl"))
                      for row in load_jsonl(path)]
+    conv_tuning = [row for path in sorted(SHARED.glob("conv-*/billing.jsonl"))
+                   for row in load_jsonl(path)]
+    conv_heldout = [row for path in sorted(SHARED.glob("conv-*/*.jsonl"))
+                    if path.name != "billing.jsonl" for row in load_jsonl(path)]
     book = VectorBook()
     started = time.perf_counter()
     book.add([p[k] for p in tuning + heldout for k in ("a", "b")]
@@ -222,6 +278,8 @@ def main() -> None:
                 print(f"| {label} | {system} | {served}/{positives} ({percent(served, positives)}) "
                       f"| {wrong}/{total} ({percent(wrong, total)}) "
                       f"| {1000 * elapsed / (2 * len(cases)):.2f} ms/op |")
+    print("\n3. Multi-turn pairs by subtype; rules tuned on billing, retail + services held out")
+    conversation_table(conv_tuning, conv_heldout, book, Path(tmp))
     print("\nGPTCache mock pairs have no negatives: a hit on another pair's question is counted "
           "as wrong,\nbut most such pairs in this file are near-duplicate questions with the "
           "same answer.")

@@ -8,7 +8,9 @@ Then the **semantic** layer: the prompt (or, for a conversation, its last user m
 is embedded and compared with the entries of the same *partition*: the same namespace,
 model, parameters and the same conversation before that last message. Sharing the
 partition is what keeps tenants, models and conversations apart: nothing is ever served
-across them. Inside it the best cosine above ``threshold`` wins, unless the
+across them. One exception, measured on labelled multi-turn pairs: a last message that
+stands on its own (:func:`budgetkit._cache_keys.is_standalone`) is partitioned by the
+system messages only, so the earlier small talk does not matter. Inside it the best cosine above ``threshold`` wins, unless the
 miss-as-hit guard (:mod:`budgetkit._cache_guard`) finds that the two prompts differ in
 a number, date, negation, polarity or named entity.
 
@@ -38,7 +40,7 @@ import numpy as np
 from cachetools import Cache, LRUCache
 
 from ._cache_guard import extract_facts, facts_conflict
-from ._cache_keys import CacheRequest, canonical_json, make_request
+from ._cache_keys import CONTEXT_MARK, CacheRequest, canonical_json, make_request
 from ._cache_store import UNLOADED, CacheRows, Entry, Loaded
 from ._embedders import Embedder, as_embedder
 from ._errors import ConfigurationError, UnknownModelError
@@ -127,6 +129,9 @@ class ResponseCache:
     ``task_type`` (a zero lifetime means never cached; ``None`` never expires).
     ``maxsize``: entries kept, least recently used evicted (also from the database).
     ``sync_interval``: seconds between looks for entries other processes added.
+    ``standalone_turns``: a conversation whose last user message stands on its own
+    ("Does Flixora offer a free trial?") is served from the same question asked after
+    other turns; off, a semantic match needs every earlier message to be identical.
     """
 
     def __init__(self, engine: Engine | None = None, *, db: Any = None,
@@ -137,7 +142,8 @@ class ResponseCache:
                  maxsize: int = 100_000, record_hits: bool = True,
                  clock: Callable[[], dt.datetime] | None = None,
                  sync_interval: float = 1.0, candidates: int = 8,
-                 ivf_min: int | None = 20_000, nprobe: int = 24) -> None:
+                 ivf_min: int | None = 20_000, nprobe: int = 24,
+                 standalone_turns: bool = True) -> None:
         if not -1.0 <= threshold <= 1.0:
             raise ConfigurationError(f"threshold must be a cosine in [-1, 1], got {threshold}")
         if maxsize <= 0:
@@ -165,6 +171,7 @@ class ResponseCache:
         self.record_hits = record_hits and engine is not None
         self.sync_interval = sync_interval
         self.candidates = candidates
+        self.standalone_turns = standalone_turns
         self._clock = clock
         self._embedder: Embedder | None = None
         self._embedder_spec = embedder
@@ -239,7 +246,8 @@ class ResponseCache:
         :meth:`Engine.record`).
         """
         request = make_request(namespace=namespace or self.namespace, model=model,
-                               prompt=prompt, messages=messages, params=params)
+                               prompt=prompt, messages=messages, params=params,
+                               standalone_turns=self.standalone_turns)
         if self.ttl_for(task_type) == dt.timedelta(0):
             return None  # never cached, so never served either
         use_semantic = self.semantic if semantic is None else semantic
@@ -291,18 +299,25 @@ class ResponseCache:
         return None
 
     def _has_partition(self, request: CacheRequest) -> bool:
-        index = self._indexes.get(request.partition(self._embedder_name()))
-        return index is not None and len(index) > 0
+        for partition in request.partitions(self._embedder_name()):
+            index = self._indexes.get(partition)
+            if index is not None and len(index) > 0:
+                return True
+        return False
 
     def _find_similar(self, request: CacheRequest, query: np.ndarray,
                       now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
-        index = self._indexes.get(request.partition(self._embedder_name()))
-        if index is None or not request.focus:
+        if not request.focus:
             return None
         facts = extract_facts(request.focus) if self.guard else None
-        found = [(self._by_seq[seq], score) for seq, score in
-                 index.search(query, threshold=self.threshold, k=self.candidates)
-                 if seq in self._by_seq]
+        found: list[tuple[Entry, float]] = []
+        for partition in request.partitions(self._embedder_name()):
+            index = self._indexes.get(partition)
+            if index is not None:
+                found += [(self._by_seq[seq], score) for seq, score in
+                          index.search(query, threshold=self.threshold, k=self.candidates)
+                          if seq in self._by_seq]
+        found.sort(key=lambda pair: -pair[1])
         for gone in self._rows.fill(candidate for candidate, _ in found):
             self._drop(gone)  # another process deleted it
         for candidate, score in found:
@@ -311,7 +326,10 @@ class ResponseCache:
             if candidate.expired(now):
                 self._drop(candidate, delete=True)
                 continue
-            if facts is not None and facts_conflict(facts, extract_facts(candidate.focus)):
+            question, context = _split_focus(candidate.focus)
+            if not _same_conversation(request, candidate, context):
+                continue
+            if facts is not None and facts_conflict(facts, extract_facts(question)):
                 self._stats_for(request.namespace).refused_by_guard += 1
                 continue
             return candidate, "semantic", score
@@ -332,7 +350,8 @@ class ResponseCache:
         is never cached.
         """
         request = make_request(namespace=namespace or self.namespace, model=model,
-                               prompt=prompt, messages=messages, params=params)
+                               prompt=prompt, messages=messages, params=params,
+                               standalone_turns=self.standalone_turns)
         ttl = self.ttl_for(task_type)
         if ttl == dt.timedelta(0):
             return None
@@ -359,7 +378,7 @@ class ResponseCache:
         now = self.now()
         entry = Entry(key=request.key, namespace=request.namespace, model=request.model,
                       price_model=price_model, params_hash=request.params_hash,
-                      context_hash=request.context_hash, focus=request.focus or "",
+                      context_hash=request.context_hash, focus=request.stored_focus or "",
                       task_type=task_type, created_at=now,
                       expires_at=now + ttl if ttl is not None else None,
                       cost_nanos=cost_nanos, input_tokens=input_tokens,
@@ -397,7 +416,8 @@ class ResponseCache:
             doomed = [entry for entry in self._entries.quiet_values()
                       if (namespace is None or entry.namespace == namespace)
                       and (model is None or entry.model == model)
-                      and (pattern is None or fnmatch.fnmatchcase(entry.focus or "", pattern))]
+                      and (pattern is None
+                           or fnmatch.fnmatchcase(_split_focus(entry.focus or "")[0], pattern))]
             for entry in doomed:
                 self._drop(entry)
             self._rows.delete_keys([entry.key for entry in doomed])
@@ -588,6 +608,26 @@ class ResponseCache:
 
 
 _GONE = CacheRows.GONE
+
+
+def _split_focus(stored: str) -> tuple[str, str | None]:
+    """(the question, the exact-context hash a standalone turn was asked in, or None)."""
+    question, mark, context = stored.partition(CONTEXT_MARK)
+    return question, context if mark else None
+
+
+def _same_conversation(request: CacheRequest, candidate: Entry, context: str | None) -> bool:
+    """Whether ``candidate`` may answer ``request`` as far as the conversation goes.
+
+    Entries of the request's own partition always may. From the other partition: a
+    standalone question may take any entry asked in exactly its conversation, and a
+    dependent question ("cancel it") only a standalone entry asked in exactly its
+    conversation: never one asked after other turns.
+    """
+    if candidate.context_hash in (request.context_hash, request.exact_context_hash):
+        return True
+    return (context if context is not None else candidate.context_hash) == \
+        request.exact_context_hash
 
 
 def _embed_extra_installed() -> bool:
