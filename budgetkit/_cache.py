@@ -10,9 +10,10 @@ model, parameters and the same conversation before that last message. Sharing th
 partition is what keeps tenants, models and conversations apart: nothing is ever served
 across them. One exception, measured on labelled multi-turn pairs: a last message that
 stands on its own (:func:`budgetkit._cache_keys.is_standalone`) is partitioned by the
-system messages only, so the earlier small talk does not matter. Inside it the best cosine above ``threshold`` wins, unless the
-miss-as-hit guard (:mod:`budgetkit._cache_guard`) finds that the two prompts differ in
-a number, date, negation, polarity or named entity.
+system messages only, so the conversation before it does not matter. Inside a partition
+the best cosine above ``threshold`` wins, unless the miss-as-hit guard
+(:mod:`budgetkit._cache_guard`) finds that the two prompts differ in a number, date,
+negation, polarity or named entity.
 
 Entries persist through the store (``budgetkit_cache_entry``), load back at start and
 are shared by processes on one database. Every hit is written to the ledger as a
@@ -123,7 +124,8 @@ class ResponseCache:
     ``semantic``: also serve reworded prompts (needs ``embedder``: any callable texts ->
     vectors, a LangChain ``Embeddings`` or a LlamaIndex embedding model; by default the
     local MiniLM of ``budgetkit[embed]``). Left at ``None`` it is on when an embedder is
-    given or the ``embed`` extra is installed, and off (exact matches only) otherwise. ``threshold``: the least cosine served.
+    given or the ``embed`` extra is installed, and off (exact matches only) otherwise.
+    ``threshold``: the least cosine served.
     ``guard``: refuse matches that differ in numbers, dates, negation or entities (leave
     it on unless you measured otherwise). ``task_ttls`` / ``default_ttl``: lifetime by
     ``task_type`` (a zero lifetime means never cached; ``None`` never expires).
