@@ -183,16 +183,27 @@ def _usage_columns() -> tuple[str, ...]:
 def _usage_params(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
     """One row as driver parameters, in column order (JSON and datetimes pre-encoded as
     SQLAlchemy would, so rows read back through the ORM are identical)."""
-    values = []
-    for name in _usage_columns():
-        value = row.get(name)
-        if name in _JSON_COLUMNS:
-            value = json.dumps(list(value or ()) if name == "tags" else dict(value or {}),
-                               default=str)
-        elif name == "created_at" and sqlite:
-            value = value.isoformat(sep=" ", timespec="microseconds")
-        values.append(value)
+    # Runs on the writer thread for every row, holding the GIL the application's threads
+    # want: one list comprehension, and no JSON encoder for the usual empty tags/metadata.
+    columns = _usage_columns()
+    values = [row.get(name) for name in columns]
+    tags_at, metadata_at, created_at = _SPECIAL_AT or _special_positions(columns)
+    tags, metadata = values[tags_at], values[metadata_at]
+    values[tags_at] = json.dumps(list(tags), default=str) if tags else "[]"
+    values[metadata_at] = json.dumps(dict(metadata), default=str) if metadata else "{}"
+    if sqlite:
+        values[created_at] = values[created_at].isoformat(sep=" ", timespec="microseconds")
     return tuple(values)
+
+
+_SPECIAL_AT: tuple[int, int, int] | None = None
+
+
+def _special_positions(columns: tuple[str, ...]) -> tuple[int, int, int]:
+    global _SPECIAL_AT
+    _SPECIAL_AT = (columns.index("tags"), columns.index("metadata"),
+                   columns.index("created_at"))
+    return _SPECIAL_AT
 
 
 def _utc_naive(value: dt.datetime) -> dt.datetime:

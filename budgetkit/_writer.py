@@ -54,7 +54,9 @@ class BatchWriter:
         self._max_backlog = max_backlog
         self._flush_interval = flush_interval
         self._retry_initial, self._retry_max = retry_initial, retry_max
-        self._lock = threading.Lock()
+        # Reentrant: SIGTERM's handler flushes on the main thread, possibly while that
+        # thread is inside ``submit`` holding this lock (a plain Lock deadlocks there).
+        self._lock = threading.RLock()
         self._written_cv = threading.Condition(self._lock)
         self._submitted = 0
         self._written = 0
@@ -71,13 +73,15 @@ class BatchWriter:
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
-            self._submitted += 1
             if len(self._queue) < self._max_queue:
                 self._queue.append(row)
             else:  # never block the caller: move everything to the backlog, oldest first
                 self._backlog.extend(self._queue)
                 self._queue.clear()
                 self._append_backlog([row])
+            # counted once queued: a flush interrupting this (SIGTERM) never waits for a row
+            # that is not there
+            self._submitted += 1
             batch_ready = len(self._queue) == self._batch_size
         if batch_ready:
             self._wake.set()

@@ -73,8 +73,8 @@ logger = logging.getLogger("budgetkit.langchain")
 
 #: Decisions of the engine that must stop the user's call; everything else is logged.
 _STOPS = (BudgetExceeded, ContextWindowExceeded)
-_ATTRIBUTION_KEYS = ("user_id", "session_id", "project", "operation_type", "task_type",
-                     "request_id")
+_ATTRIBUTION_KEYS = frozenset(("user_id", "session_id", "project", "operation_type",
+                               "task_type", "request_id"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
                    "max_new_tokens", "num_predict", "maxOutputTokens")
 _MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
@@ -190,6 +190,15 @@ class _Outcome:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
+def _first(mapping: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
+    """The first truthy value of ``keys`` in ``mapping`` (``None`` when there is none)."""
+    for key in keys:
+        value = mapping.get(key)
+        if value:
+            return value
+    return None
+
+
 def _json_safe(value: Any, depth: int = 0) -> Any:
     """Metadata goes to a JSON column: keep JSON values, stringify the rest."""
     if value is None or isinstance(value, (str, bool, int, float)):
@@ -283,33 +292,48 @@ class _Tracker:
                     serialized: dict[str, Any] | None, *, operation_type: str,
                     messages: list[dict[str, Any]] | None = None,
                     prompt: str | None = None) -> tuple[_Run, dict[str, Any]]:
+        # Runs on every model call: plain loops and dict lookups, no generators or copies.
         metadata = metadata or {}
         params = invocation_params or {}
         model = metadata.get("ls_model_name")
         if not model:
-            model = next((params[key] for key in _MODEL_KEYS if params.get(key)), None)
-        if not model and serialized:
-            kwargs = serialized.get("kwargs") or {}
-            model = next((kwargs[key] for key in _MODEL_KEYS if kwargs.get(key)), None)
-        max_tokens = next((params[key] for key in _MAX_TOKEN_KEYS
-                           if isinstance(params.get(key), int)), None)
-        if max_tokens is None and isinstance(metadata.get("ls_max_tokens"), int):
-            max_tokens = metadata["ls_max_tokens"]
-        root = self._open(run_id, parent_run_id)
+            model = _first(params, _MODEL_KEYS)
+            if not model and serialized:
+                model = _first(serialized.get("kwargs") or {}, _MODEL_KEYS)
+        max_tokens = None
+        for key in _MAX_TOKEN_KEYS:
+            value = params.get(key)
+            if isinstance(value, int):
+                max_tokens = value
+                break
+        else:
+            value = metadata.get("ls_max_tokens")
+            if isinstance(value, int):
+                max_tokens = value
         kwargs: dict[str, Any] = {"operation_type": self.defaults["operation_type"]
                                   or operation_type}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] | None = None
         for key, value in metadata.items():
             if key in _ATTRIBUTION_KEYS:
                 if value is not None:
                     kwargs[key] = value if isinstance(value, str) else str(value)
             elif not key.startswith(("ls_", "lc_")):  # LangChain's own keys
+                if extra is None:
+                    extra = {}
                 extra[key] = _json_safe(value)
         for key, value in self._default_attribution:
-            kwargs.setdefault(key, value)
-        kwargs["run_id"] = str(run_id)
-        kwargs["parent_run_id"] = str(parent_run_id) if parent_run_id else None
-        kwargs["root_run_id"] = str(root)
+            if key not in kwargs:
+                kwargs[key] = value
+        run_text = str(run_id)
+        if parent_run_id is None:  # a top-level run is its own root
+            self._roots[run_id] = run_id
+            kwargs["run_id"] = kwargs["root_run_id"] = run_text
+            kwargs["parent_run_id"] = None
+        else:
+            root = self._open(run_id, parent_run_id)
+            kwargs["run_id"] = run_text
+            kwargs["parent_run_id"] = str(parent_run_id)
+            kwargs["root_run_id"] = str(root)
         kwargs["tags"] = (self.tags + tuple(tag for tag in tags if tag not in self.tags)
                           if tags else self.tags)
         kwargs["metadata"] = {**self.metadata, **extra} if extra else dict(self.metadata)
