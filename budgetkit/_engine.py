@@ -476,12 +476,15 @@ class Engine:
         """
         if input_tokens is None:
             input_tokens = ticket.input_tokens
-        for label, value in (("input_tokens", input_tokens), ("output_tokens", output_tokens),
-                             ("cached_input_tokens", cached_input_tokens),
-                             ("cache_write_tokens", cache_write_tokens),
-                             ("reasoning_tokens", reasoning_tokens)):
-            if value < 0:
-                raise ConfigurationError(f"{label} must be >= 0, got {value}")
+        if (input_tokens < 0 or output_tokens < 0 or cached_input_tokens < 0
+                or cache_write_tokens < 0 or reasoning_tokens < 0):
+            for label, value in (("input_tokens", input_tokens),
+                                 ("output_tokens", output_tokens),
+                                 ("cached_input_tokens", cached_input_tokens),
+                                 ("cache_write_tokens", cache_write_tokens),
+                                 ("reasoning_tokens", reasoning_tokens)):
+                if value < 0:
+                    raise ConfigurationError(f"{label} must be >= 0, got {value}")
         price = ticket.price
         if model and model != ticket.model:
             reported = self.catalog.resolve(model)

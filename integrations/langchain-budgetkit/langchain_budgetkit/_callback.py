@@ -228,6 +228,10 @@ class _Tracker:
                          "operation_type": operation_type, "task_type": task_type}
         self._default_attribution = [(key, value) for key, value in self.defaults.items()
                                      if value is not None and key != "operation_type"]
+        # Each run's attribution starts as a copy of one of these (per kind of call).
+        self._base_kwargs = {kind: {"operation_type": operation_type or kind,
+                                    **dict(self._default_attribution)}
+                             for kind in ("chat_completion", "text_generation")}
         self.tags = tuple(tags)
         self.metadata = dict(metadata or {})
         self.strict_models = strict_models
@@ -310,8 +314,11 @@ class _Tracker:
             value = metadata.get("ls_max_tokens")
             if isinstance(value, int):
                 max_tokens = value
-        kwargs: dict[str, Any] = {"operation_type": self.defaults["operation_type"]
-                                  or operation_type}
+        base = self._base_kwargs.get(operation_type)
+        if base is None:
+            base = {"operation_type": self.defaults["operation_type"] or operation_type,
+                    **dict(self._default_attribution)}
+        kwargs: dict[str, Any] = base.copy()  # the run's metadata overrides the defaults
         extra: dict[str, Any] | None = None
         for key, value in metadata.items():
             if key in _ATTRIBUTION_KEYS:
@@ -321,9 +328,6 @@ class _Tracker:
                 if extra is None:
                     extra = {}
                 extra[key] = _json_safe(value)
-        for key, value in self._default_attribution:
-            if key not in kwargs:
-                kwargs[key] = value
         run_text = str(run_id)
         if parent_run_id is None:  # a top-level run is its own root
             self._roots[run_id] = run_id
@@ -368,10 +372,10 @@ class _Tracker:
     # -- cancellation -----------------------------------------------------------------------
     def _watch_task(self, run_id: UUID, run: _Run) -> None:
         """On the async path, notice a cancelled call: ``ainvoke`` fires no event for it."""
-        try:
-            task = asyncio.current_task()
-        except RuntimeError:  # no event loop in this thread: the sync path
+        loop = asyncio._get_running_loop()  # None on the sync path (no exception raised)
+        if loop is None:
             return
+        task = asyncio.current_task(loop)
         if task is not None:
             run.task = task
             run.on_done = functools.partial(self._task_done, run_id)
@@ -417,7 +421,9 @@ class _Tracker:
         run = self._take(run_id)
         if run is None:
             return None
-        generation = next((gen for gens in response.generations for gen in gens), None)
+        generations = response.generations
+        generation = (generations[0][0] if generations and generations[0]
+                      else next((gen for gens in generations for gen in gens), None))
         message = generation.message if isinstance(generation, ChatGeneration) else None
         response_metadata = getattr(message, "response_metadata", None) or {}
         generation_info = (generation.generation_info if generation is not None else None) or {}
@@ -449,8 +455,12 @@ class _Tracker:
                 return None
             return _Outcome("record", None, model,
                             dict(run.deferred, usage_source=source, **usage.settle_kwargs()))
-        return _Outcome("settle", run.ticket, model,
-                        dict(usage.settle_kwargs(), model=model, usage_source=source))
+        return _Outcome("settle", run.ticket, model, {
+            "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
+            "cached_input_tokens": usage.cached_input_tokens,
+            "cache_write_tokens": usage.cache_write_tokens,
+            "reasoning_tokens": usage.reasoning_tokens, "model": model,
+            "usage_source": source})
 
     def _foreign_cache_hit(self, run: _Run, model: str | None, usage: Usage) -> _Outcome | None:
         attribution = run.deferred
