@@ -170,7 +170,7 @@ def _snapshot_messages(messages: Iterable[Mapping[str, Any]]) -> tuple[Mapping[s
     checked now so that bad input fails at admit even when counting is deferred."""
     snapshot = tuple(messages)
     for message in snapshot:
-        if not isinstance(message, Mapping):
+        if type(message) is not dict and not isinstance(message, Mapping):
             raise ConfigurationError(
                 f"messages must be dicts with 'role' and 'content', got {type(message).__name__}"
                 " (framework messages are converted by the adapters)")
@@ -613,7 +613,9 @@ class Engine:
         # setattr per field: ~4 µs per call); the writer gets a copy whose metadata is a
         # snapshot, so a listener mutating ``record.metadata`` cannot change the row.
         values = {
-            "id": ticket.id, "created_at": self.now(), "model": model or ticket.model,
+            "id": ticket.id,
+            "created_at": _utcnow() if self._clock is _utcnow else self.now(),
+            "model": model or ticket.model,
             "provider": ticket.provider, "operation_type": ticket.operation_type,
             "status": status, "input_tokens": input_tokens, "output_tokens": output_tokens,
             "cached_input_tokens": cached_input_tokens,

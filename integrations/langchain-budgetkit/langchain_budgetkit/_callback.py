@@ -644,7 +644,10 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             self._unpriced(run_id, run, kwargs, None)
             return
         try:
-            ticket = self.engine.admit(run.model, **self._admit_kwargs(run, kwargs))
+            if run.messages is not None:  # (no dict copy: this runs on every call)
+                ticket = self.engine.admit(run.model, messages=run.messages, **kwargs)
+            else:
+                ticket = self.engine.admit(run.model, prompt=run.prompt_text or "", **kwargs)
         except _STOPS:
             self._close(run_id)
             raise
