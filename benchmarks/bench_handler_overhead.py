@@ -7,18 +7,24 @@ hits all of them alike:
 - ``bare``: no callbacks;
 - ``UsageMetadataCallbackHandler``: langchain-core's built-in usage counter (sums tokens
   in memory: no pricing, no persistence);
-- ``BudgetkitCallbackHandler``: admits (counts the prompt, prices the worst case), settles
-  (prices the reported usage), and hands the row to the background writer of a SQLite
-  ledger (WAL file in a temporary folder).
+- ``BudgetkitCallbackHandler``: admits (prices the worst case; with no budget the prompt
+  is counted only if the provider reports no usage), settles (prices the reported usage),
+  and hands the row to the background writer of a SQLite ledger (WAL file in a temporary
+  folder);
+- the same handler on a second ledger with ``--budgets`` budgets (default 3: global, per
+  user, per project; limits never reached), so every admit reserves and every settle
+  commits in each budget's window.
 
 Overhead = a handler's per-call latency minus the bare call's, at p50 and p99.
 
-    python benchmarks/bench_handler_overhead.py [--calls 3000] [--rounds 5]
+    python benchmarks/bench_handler_overhead.py [--calls 3000] [--rounds 5] [--budgets 3]
+                                                [--unique-prompts]
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import tempfile
 import time
@@ -30,7 +36,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_core.outputs import ChatGeneration, ChatResult
 
-from budgetkit import Engine
+from budgetkit import Budget, Engine
 from langchain_budgetkit import BudgetkitCallbackHandler
 
 PROMPT = [SystemMessage("You are a helpful assistant for an online shop."),
@@ -60,12 +66,26 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int) -> list[float]:
+def prompts(calls: int, unique: bool) -> list[list[Any]]:
+    """The prompts of one round: the same one, or each its own (no token-count cache hit),
+    as real traffic is."""
+    if not unique:
+        return [PROMPT] * calls
+    return [[PROMPT[0], HumanMessage(f"Where is my order #{random.randrange(10**9)}? It was "
+                                     f"due {random.choice(DAYS)}; ticket {random.random()}.")]
+            for _ in range(calls)]
+
+
+DAYS = ("yesterday", "on Monday", "last week", "two days ago")
+
+
+def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int,
+               unique: bool = False) -> list[float]:
     latencies = []
     clock = time.perf_counter_ns
-    for _ in range(calls):
+    for prompt in prompts(calls, unique):
         start = clock()
-        model.invoke(PROMPT, config=config)
+        model.invoke(prompt, config=config)
         latencies.append((clock() - start) / 1000.0)  # µs
     return latencies
 
@@ -74,11 +94,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=3000, help="calls per condition per round")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--unique-prompts", action="store_true",
+                        help="a different prompt per call (default: one repeated prompt)")
+    parser.add_argument("--budgets", type=int, default=3,
+                        help="budgets of the last condition (0: leave it out)")
     args = parser.parse_args()
 
     model = FakeChatModel()
     with tempfile.TemporaryDirectory() as folder, \
-            Engine(db=str(Path(folder) / "bench.db")) as engine:
+            Engine(db=str(Path(folder) / "bench.db")) as engine, \
+            Engine(db=str(Path(folder) / "budgets.db")) as budget_engine:
         usage_handler = UsageMetadataCallbackHandler()
         budget_handler = BudgetkitCallbackHandler(engine, user_id="bench", project="bench")
         conditions = {
@@ -86,14 +111,26 @@ def main() -> None:
             "UsageMetadataCallbackHandler": {"callbacks": [usage_handler]},
             "BudgetkitCallbackHandler (SQLite)": {"callbacks": [budget_handler]},
         }
+        if args.budgets:
+            for index in range(args.budgets):
+                scope = ("global", "user", "project")[index % 3]
+                budget_engine.add_budget(Budget(
+                    name=f"bench-{index}", limit=1_000_000.0, scope=scope,
+                    match={"global": None, "user": "bench", "project": "bench"}[scope]))
+            with_budgets = BudgetkitCallbackHandler(budget_engine, user_id="bench",
+                                                    project="bench")
+            conditions[f"BudgetkitCallbackHandler ({args.budgets} budgets)"] = {
+                "callbacks": [with_budgets]}
         samples: dict[str, list[float]] = {name: [] for name in conditions}
         for config in conditions.values():  # warm up imports, caches, the writer
             time_calls(model, config, 300)
         for _ in range(args.rounds):
             for name, config in conditions.items():
-                samples[name].extend(time_calls(model, config, args.calls))
-        assert engine.flush(timeout=60)
+                samples[name].extend(time_calls(model, config, args.calls,
+                                                args.unique_prompts))
+        assert engine.flush(timeout=60) and budget_engine.flush(timeout=60)
         recorded = len(engine.usage(user_id="bench"))
+        recorded_budgets = len(budget_engine.usage(user_id="bench"))
 
     bare50 = percentile(samples["bare (no callbacks)"], 0.50)
     bare99 = percentile(samples["bare (no callbacks)"], 0.99)
@@ -103,16 +140,18 @@ def main() -> None:
         rows.append((name, p50, p99, p50 - bare50, p99 - bare99, statistics.fmean(values)))
     usage_added = rows[1][3]
     total = args.calls * args.rounds
-    print(f"{total} calls per condition ({args.rounds} interleaved rounds), latencies in µs\n")
-    print(f"| {'condition':<34} | {'p50':>7} | {'p99':>7} | {'added p50':>9} | "
+    print(f"{total} calls per condition ({args.rounds} interleaved rounds, "
+          f"{'a new prompt per call' if args.unique_prompts else 'one repeated prompt'}), "
+          f"latencies in µs\n")
+    print(f"| {'condition':<38} | {'p50':>7} | {'p99':>7} | {'added p50':>9} | "
           f"{'added p99':>9} | {'vs usage handler (p50)':>22} |")
-    print(f"|{'-' * 36}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 24}|")
+    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 24}|")
     for name, p50, p99, add50, add99, _ in rows:
         ratio = "" if name.startswith("bare") else f"{add50 / usage_added:.2f}x"
-        print(f"| {name:<34} | {p50:7.1f} | {p99:7.1f} | {add50:9.1f} | {add99:9.1f} | "
+        print(f"| {name:<38} | {p50:7.1f} | {p99:7.1f} | {add50:9.1f} | {add99:9.1f} | "
               f"{ratio:>22} |")
     print(f"\nbudgetkit rows written: {recorded} (every warm-up and timed call: "
-          f"{300 + total})")
+          f"{300 + total})" + (f"; with budgets: {recorded_budgets}" if args.budgets else ""))
 
 
 if __name__ == "__main__":
