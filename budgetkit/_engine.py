@@ -125,9 +125,10 @@ class Ticket:
         value = self._input_tokens
         if value is None:
             count = self._pending_count
-            assert count is not None
+            if count is None:  # another thread has just counted it
+                return self._input_tokens  # type: ignore[return-value]
             value = self._input_tokens = count()
-            self._pending_count = None  # counted once; drop the prompt it held
+            self._pending_count = None  # counted; drop the prompt it held
         return value
 
     @input_tokens.setter
