@@ -39,6 +39,7 @@ from langchain_core.outputs import ChatGeneration, Generation
 from budgetkit import ConfigurationError, Engine
 from budgetkit._cache import CacheHit, ResponseCache
 
+from ._callback import current_call_attribution
 from ._messages import to_openai_messages
 
 __all__ = ["BudgetkitCache", "CACHE_HIT_MARK"]
@@ -147,7 +148,10 @@ class BudgetkitCache(BaseCache):
 
     def lookup(self, prompt: str, llm_string: str) -> RETURN_VAL_TYPE | None:
         """The cached generations for ``prompt`` under ``llm_string``, or ``None``."""
-        hit = self.cache.lookup(**self._request(prompt, llm_string))
+        # The hit's row belongs to the run asking (its user, project, run ids), which
+        # budgetkit's callback handler, if attached, has just started in this context.
+        hit = self.cache.lookup(**self._request(prompt, llm_string),
+                                **current_call_attribution())
         if hit is None:
             return None
         return [_mark(loads(item, allowed_objects="core"), hit)

@@ -73,6 +73,44 @@ logger = logging.getLogger("budgetkit.langchain")
 
 #: Decisions of the engine that must stop the user's call; everything else is logged.
 _STOPS = (BudgetExceeded, ContextWindowExceeded)
+# The attribution of the model run that started last in this context. LangChain asks its
+# cache right after on_chat_model_start / on_llm_start, in the same thread or task, but
+# gives the cache no run context: BudgetkitCache reads this to attribute a hit's row to the
+# run's user, project and run ids.
+_CALL_KEYS = ("operation_type", "user_id", "session_id", "project", "request_id", "run_id",
+              "parent_run_id", "root_run_id", "tags", "metadata")
+
+
+class _Call:
+    """A started model run's attribution. Ending the run marks the object rather than
+    resetting the variable: LangChain ends async runs inside child tasks (copied contexts),
+    where a reset would not reach the caller's context, but the shared object's mark does."""
+
+    __slots__ = ("run_id", "attribution", "ended")
+
+    def __init__(self, run_id: UUID, attribution: dict[str, Any]) -> None:
+        self.run_id, self.attribution, self.ended = run_id, attribution, False
+
+
+_current_call: ContextVar[_Call | None] = ContextVar("budgetkit_current_call", default=None)
+
+
+def current_call_attribution() -> dict[str, Any]:
+    """Attribution of the model run being started in this context ({} outside one)."""
+    current = _current_call.get()
+    return dict(current.attribution) if current is not None and not current.ended else {}
+
+
+def _enter_call(run_id: UUID, kwargs: dict[str, Any]) -> None:
+    _current_call.set(_Call(run_id, {key: kwargs[key] for key in _CALL_KEYS if key in kwargs}))
+
+
+def _leave_call(run_id: UUID) -> None:
+    current = _current_call.get()
+    if current is not None and current.run_id == run_id:
+        current.ended = True
+
+
 _ATTRIBUTION_KEYS = frozenset(("user_id", "session_id", "project", "operation_type",
                                "task_type", "request_id"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
@@ -418,6 +456,7 @@ class _Tracker:
 
     # -- end ------------------------------------------------------------------------------
     def _plan_end(self, response: LLMResult, run_id: UUID) -> _Outcome | None:
+        _leave_call(run_id)
         run = self._take(run_id)
         if run is None:
             return None
@@ -496,6 +535,7 @@ class _Tracker:
         return Usage(input_tokens, output_tokens)
 
     def _plan_error(self, error: BaseException, run_id: UUID) -> _Outcome | None:
+        _leave_call(run_id)
         run = self._take(run_id)
         if run is None or run.ticket is None:
             return None
@@ -635,6 +675,7 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
         self._admit(run_id, run, admit)
 
     def _admit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
+        _enter_call(run_id, kwargs)
         if run.skip:
             return
         if run.model is None:
@@ -752,6 +793,7 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
         await self._aadmit(run_id, run, admit)
 
     async def _aadmit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
+        _enter_call(run_id, kwargs)
         if run.skip:
             return
         if run.model is None:

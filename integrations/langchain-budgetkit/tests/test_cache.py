@@ -73,6 +73,29 @@ def test_chat_hit_is_marked_recorded_once_and_not_double_counted(
     assert cached.saved_nanos == ok.cost_nanos > 0  # it saved exactly what the call cost
 
 
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_a_hit_row_is_attributed_to_the_run_that_asked(
+        engine: Engine, usage_model: Any, use_async: bool) -> None:
+    handler = BudgetkitCallbackHandler(engine, project="shop")
+    model = usage_model(usage=USAGE, cache=BudgetkitCache(engine))
+    model.invoke("Where is my order?", config={"callbacks": [handler],
+                                                "metadata": {"user_id": "ana"}})
+    config = {"callbacks": [handler], "metadata": {"user_id": "bob", "session_id": "s9"},
+              "tags": ["mobile"]}
+    if use_async:
+        await model.ainvoke("Where is my order?", config=config)
+    else:
+        model.invoke("Where is my order?", config=config)
+    hit = engine.usage(status="cached")
+    assert len(hit) == 1
+    assert (hit[0].user_id, hit[0].session_id, hit[0].project) == ("bob", "s9", "shop")
+    assert hit[0].run_id and hit[0].run_id == hit[0].root_run_id
+    assert "mobile" in hit[0].tags
+    # Outside any handler's run the cache records the hit without attribution.
+    model.invoke("Where is my order?")
+    assert [row.user_id for row in engine.usage(status="cached")] == ["bob", None]
+
+
 def test_nothing_is_shared_across_namespaces_models_or_parameters(
         engine: Engine, usage_model: Any) -> None:
     class NamedModel(usage_model):  # type: ignore[misc,valid-type]
