@@ -69,9 +69,11 @@ from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, e
 from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
-from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport, default_catalog
+from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport
 from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
+from budgetkit._routed import (check_routed_models, explain_fit, fallback_reason,
+                               fit_summary, largest_window_decision, routing_catalog)
 
 from ._callback import usage_from_metadata
 from ._fitting import fit_messages
@@ -103,17 +105,10 @@ class _Fitted:
     @property
     def summary(self) -> dict[str, Any]:
         """What the usage row and the answer's marker record about the fit."""
-        report = self.report
-        return {"model": self.model, "tokens_before": report.tokens_before,
-                "tokens_after": report.tokens_after, "limit": report.limit,
-                "dropped": report.dropped, "truncated": report.truncated}
+        return fit_summary(self.model, self.report)
 
     def explain(self, reason: str) -> str:
-        report = self.report
-        cut = ", newest user message cut in the middle" if report.truncated else ""
-        return (f"{reason}; context fit: {report.tokens_before} -> {report.tokens_after} "
-                f"tokens for {self.model} (limit {report.limit}), {report.dropped} "
-                f"messages dropped{cut}")
+        return explain_fit(reason, self.model, self.report)
 
 
 @dataclass
@@ -187,23 +182,9 @@ class RoutedChatModel(BaseChatModel):
     def _check_models(self) -> None:
         if not self.models:
             raise ConfigurationError("RoutedChatModel needs models={catalog name: chat model}")
-        if self.router is not None and self.cascade is not None:
-            raise ConfigurationError("give a router or a cascade, not both")
-        if self.reserve_output is not None and (isinstance(self.reserve_output, bool)
-                                                or self.reserve_output < 0):
-            raise ConfigurationError(
-                f"reserve_output must be an int >= 0, got {self.reserve_output!r}")
-        needed: dict[str, Sequence[str]] = {
-            "router": getattr(self.router, "models", ()),
-            "cascade": getattr(self.cascade, "models", ()),
-            "fallback": getattr(self.fallback, "models", ()),
-            "default_model": [self.default_model] if self.default_model else []}
-        for owner, names in needed.items():
-            missing = [name for name in names if name not in self.models]
-            if missing:
-                raise ConfigurationError(
-                    f"{owner} names model(s) {', '.join(missing)} that models= does not "
-                    f"provide; models: {', '.join(self.models)}")
+        check_routed_models(self.models, router=self.router, cascade=self.cascade,
+                            fallback=self.fallback, default_model=self.default_model,
+                            reserve_output=self.reserve_output)
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -304,7 +285,7 @@ class RoutedChatModel(BaseChatModel):
             except ContextWindowExceeded as exc:
                 if not self.fit_context:
                     raise
-                return self._largest_window(required, exc)
+                return largest_window_decision(self.router, self._catalog, required, exc)
         if required is not None:
             return RouteDecision(required, None, (f"required model {required}",))
         model = self.default_model or next(iter(self.models))
@@ -313,35 +294,13 @@ class RoutedChatModel(BaseChatModel):
     # -- context fit ----------------------------------------------------------------------
     @property
     def _catalog(self) -> Any:
-        for owner in (self.router, self._engine):
-            catalog = getattr(owner, "catalog", None)
-            if catalog is not None:
-                return catalog
-        return default_catalog()
+        return routing_catalog(self.router, self._engine)
 
     def _reserve(self) -> int | None:
         """Output tokens the router's window check keeps free (the fit keeps the same)."""
         if self.fit_context and self.reserve_output is not None:
             return self.reserve_output
         return self.max_tokens
-
-    def _largest_window(self, required: str | None, exc: ContextWindowExceeded) -> RouteDecision:
-        """No routed model takes the whole prompt: the required model, else the one with the
-        largest window (cheapest tier first among equals); the prompt is fitted to it."""
-        catalog = self._catalog
-
-        def window(name: str) -> int:
-            price = catalog.get(name)
-            return price.context_window or price.max_input_tokens
-
-        if required is not None:
-            reason = (f"required model {required}; {exc.tokens} tokens (prompt + reserved "
-                      f"output) exceed its window of {window(required)}")
-            return RouteDecision(required, self.router.tier_of(required), (reason,))
-        model = max(self.router.models, key=window)
-        reason = (f"no routed model's window takes {exc.tokens} tokens (prompt + reserved "
-                  f"output) -> {model}, the largest window ({window(model)})")
-        return RouteDecision(model, self.router.tier_of(model), (reason,))
 
     def _fit(self, name: str, call: _Call) -> None:
         """With ``fit_context``, fit the prompt to ``name``'s window once per model."""
@@ -451,7 +410,8 @@ class RoutedChatModel(BaseChatModel):
         if self.cascade is None:
             decision = self._decide(call, run_manager)
             message = self._with_fallback(
-                lambda name: self._call_model(name, call, _reason(decision, name), manager),
+                lambda name: self._call_model(name, call, fallback_reason(decision, name),
+                                              manager),
                 decision.model)
             return _result(message, call, decision.reason)
         reason, message, previous = "", None, None
@@ -473,7 +433,8 @@ class RoutedChatModel(BaseChatModel):
         if self.cascade is None:
             decision = self._decide(call, run_manager)
             message = await self._awith_fallback(
-                lambda name: self._acall_model(name, call, _reason(decision, name), manager),
+                lambda name: self._acall_model(name, call, fallback_reason(decision, name),
+                                               manager),
                 decision.model)
             return _result(message, call, decision.reason)
         reason, message, previous = "", None, None
@@ -580,7 +541,7 @@ class RoutedChatModel(BaseChatModel):
         """(model to stream, reason); a cascade buffers every attempt but the last."""
         if self.cascade is None:
             decision = self._decide(call, run_manager)
-            return decision.model, _reason(decision, decision.model)
+            return decision.model, fallback_reason(decision, decision.model)
         previous = None
         models = self.cascade.models
         for number, name in enumerate(models, start=1):
@@ -623,7 +584,7 @@ class RoutedChatModel(BaseChatModel):
                               manager: Any) -> tuple[Any, Any]:
         if self.cascade is None:
             decision = self._decide(call, run_manager)
-            return decision.model, _reason(decision, decision.model)
+            return decision.model, fallback_reason(decision, decision.model)
         previous = None
         models = self.cascade.models
         for number, name in enumerate(models, start=1):
@@ -762,12 +723,6 @@ def _child_manager(run_manager: Any) -> Any:
     manager.add_metadata({key: value for key, value in run_manager.inheritable_metadata.items()
                           if key != ROUTED_MARKER and not key.startswith("ls_")})
     return manager
-
-
-def _reason(decision: RouteDecision, name: str) -> str:
-    if name == decision.model:
-        return decision.reason
-    return f"{decision.reason}; fallback from {decision.model} to {name}"
 
 
 def _as_message(output: Any) -> AIMessage:

@@ -58,9 +58,11 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 
 import budgetkit
-from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport, default_catalog
+from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport
 from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
 from budgetkit._router import RouteDecision
+from budgetkit._routed import (check_routed_models, explain_fit, fallback_reason,
+                               fit_summary, largest_window_decision, routing_catalog)
 from llama_index.callbacks.budgetkit import fit_messages
 from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
                                                       usage_from_raw)
@@ -89,17 +91,10 @@ class _Fitted:
     @property
     def summary(self) -> dict[str, Any]:
         """What the usage row and the response marker record about the fit."""
-        report = self.report
-        return {"model": self.model, "tokens_before": report.tokens_before,
-                "tokens_after": report.tokens_after, "limit": report.limit,
-                "dropped": report.dropped, "truncated": report.truncated}
+        return fit_summary(self.model, self.report)
 
     def explain(self, reason: str) -> str:
-        report = self.report
-        cut = ", newest user message cut in the middle" if report.truncated else ""
-        return (f"{reason}; context fit: {report.tokens_before} -> {report.tokens_after} "
-                f"tokens for {self.model} (limit {report.limit}), {report.dropped} "
-                f"messages dropped{cut}")
+        return explain_fit(reason, self.model, self.report)
 
 
 @dataclass
@@ -167,23 +162,9 @@ class RoutedLLM(LLM):
     def _check_models(self) -> None:
         if not self.models:
             raise ConfigurationError("RoutedLLM needs models={catalog name: LLM}")
-        if self.router is not None and self.cascade is not None:
-            raise ConfigurationError("give a router or a cascade, not both")
-        if self.reserve_output is not None and (isinstance(self.reserve_output, bool)
-                                                or self.reserve_output < 0):
-            raise ConfigurationError(
-                f"reserve_output must be an int >= 0, got {self.reserve_output!r}")
-        needed: dict[str, Sequence[str]] = {
-            "router": getattr(self.router, "models", ()),
-            "cascade": getattr(self.cascade, "models", ()),
-            "fallback": getattr(self.fallback, "models", ()),
-            "default_model": [self.default_model] if self.default_model else []}
-        for owner, names in needed.items():
-            missing = [name for name in names if name not in self.models]
-            if missing:
-                raise ConfigurationError(
-                    f"{owner} names model(s) {', '.join(missing)} that models= does not "
-                    f"provide; models: {', '.join(self.models)}")
+        check_routed_models(self.models, router=self.router, cascade=self.cascade,
+                            fallback=self.fallback, default_model=self.default_model,
+                            reserve_output=self.reserve_output)
 
     @classmethod
     def class_name(cls) -> str:
@@ -245,7 +226,7 @@ class RoutedLLM(LLM):
             except ContextWindowExceeded as exc:
                 if not self.fit_context:
                     raise
-                decision = self._largest_window(required, exc)
+                decision = largest_window_decision(self.router, self._catalog, required, exc)
         elif required is not None:
             decision = RouteDecision(required, None, (f"required model {required}",))
         else:
@@ -256,35 +237,13 @@ class RoutedLLM(LLM):
     # -- context fit ----------------------------------------------------------------------
     @property
     def _catalog(self) -> Any:
-        for owner in (self.router, self._engine):
-            catalog = getattr(owner, "catalog", None)
-            if catalog is not None:
-                return catalog
-        return default_catalog()
+        return routing_catalog(self.router, self._engine)
 
     def _reserve(self) -> int | None:
         """Output tokens the router's window check keeps free (the fit keeps the same)."""
         if self.fit_context and self.reserve_output is not None:
             return self.reserve_output
         return self.max_tokens
-
-    def _largest_window(self, required: str | None, exc: ContextWindowExceeded) -> RouteDecision:
-        """No routed model takes the whole prompt: the required model, else the one with the
-        largest window (cheapest tier first among equals); the prompt is fitted to it."""
-        catalog = self._catalog
-
-        def window(name: str) -> int:
-            price = catalog.get(name)
-            return price.context_window or price.max_input_tokens
-
-        if required is not None:
-            reason = (f"required model {required}; {exc.tokens} tokens (prompt + reserved "
-                      f"output) exceed its window of {window(required)}")
-            return RouteDecision(required, self.router.tier_of(required), (reason,))
-        model = max(self.router.models, key=window)
-        reason = (f"no routed model's window takes {exc.tokens} tokens (prompt + reserved "
-                  f"output) -> {model}, the largest window ({window(model)})")
-        return RouteDecision(model, self.router.tier_of(model), (reason,))
 
     def _fit(self, name: str, call: _Call) -> None:
         """With ``fit_context``, fit the prompt to ``name``'s window once per model."""
@@ -359,7 +318,7 @@ class RoutedLLM(LLM):
         if self.cascade is None:
             decision = self._decide(call)
             return self._with_fallback(
-                lambda name: self._once(name, call, _reason(decision, name), invoke),
+                lambda name: self._once(name, call, fallback_reason(decision, name), invoke),
                 decision.model)
         previous: tuple[str, list[str]] | None = None
         response = None
@@ -377,7 +336,7 @@ class RoutedLLM(LLM):
         if self.cascade is None:
             decision = self._decide(call)
             return await self._awith_fallback(
-                lambda name: self._aonce(name, call, _reason(decision, name), invoke),
+                lambda name: self._aonce(name, call, fallback_reason(decision, name), invoke),
                 decision.model)
         previous: tuple[str, list[str]] | None = None
         response = None
@@ -482,7 +441,7 @@ class RoutedLLM(LLM):
         """(model to stream or an accepted buffered response, reason)."""
         if self.cascade is None:
             decision = self._decide(call)
-            return decision.model, _reason(decision, decision.model)
+            return decision.model, fallback_reason(decision, decision.model)
         previous: tuple[str, list[str]] | None = None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self._attempt_reason(number, previous)
@@ -583,7 +542,7 @@ class RoutedLLM(LLM):
     async def _astream_target(self, call: _Call, whole: Invoke) -> tuple[Any, str]:
         if self.cascade is None:
             decision = self._decide(call)
-            return decision.model, _reason(decision, decision.model)
+            return decision.model, fallback_reason(decision, decision.model)
         previous: tuple[str, list[str]] | None = None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self._attempt_reason(number, previous)
@@ -605,12 +564,6 @@ async def _anext(iterator: Any) -> Any:
         return await iterator.__anext__()
     except StopAsyncIteration:
         return None
-
-
-def _reason(decision: RouteDecision, name: str) -> str:
-    if name == decision.model:
-        return decision.reason
-    return f"{decision.reason}; fallback from {decision.model} to {name}"
 
 
 def _text(response: Response) -> str:
