@@ -63,6 +63,7 @@ from langchain_core.tracers.context import register_configure_hook
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
 from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
+from budgetkit._usage import Usage
 
 from ._messages import message_text, to_openai_messages
 
@@ -124,23 +125,6 @@ _METERED_MARK = "budgetkit_metered"
 
 
 # ---------------------------------------------------------------------------- usage parsing
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    """Token counts of one call in budgetkit's convention (details inside the totals)."""
-
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    def settle_kwargs(self) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cached_input_tokens": self.cached_input_tokens,
-                "cache_write_tokens": self.cache_write_tokens,
-                "reasoning_tokens": self.reasoning_tokens}
-
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and value > 0 else 0

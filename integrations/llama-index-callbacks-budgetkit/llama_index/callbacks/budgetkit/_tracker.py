@@ -24,6 +24,7 @@ from typing import Any
 from budgetkit import ConfigurationError, Engine, UnknownModelError
 from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
+from budgetkit._usage import Usage
 
 from ._context import ATTRIBUTION_KEYS, current_attribution
 
@@ -34,21 +35,6 @@ _RECORDED_ELSEWHERE = ("budgetkit_cache_hit", "budgetkit_routed")
 # The key of the outermost open LLM call of this context, per handler (see module docs).
 _open_call: ContextVar[dict[int, str] | None] = ContextVar("budgetkit_llama_open_call",
                                                            default=None)
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    input_tokens: int
-    output_tokens: int
-    cached_input_tokens: int = 0
-    cache_write_tokens: int = 0
-    reasoning_tokens: int = 0
-
-    def as_kwargs(self) -> dict[str, int]:
-        return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
-                "cached_input_tokens": self.cached_input_tokens,
-                "cache_write_tokens": self.cache_write_tokens,
-                "reasoning_tokens": self.reasoning_tokens}
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -251,10 +237,10 @@ class Tracker:
         try:
             if call.ticket is not None:
                 self._count(self.engine.settle(call.ticket, model=model, usage_source=source,
-                                               **usage.as_kwargs()))
+                                               **usage.settle_kwargs()))
             else:
                 self._count(self.engine.record(model, usage_source=source, **call.kwargs,
-                                               **usage.as_kwargs()))
+                                               **usage.settle_kwargs()))
         except UnknownModelError as exc:
             self.warn_once(f"unknown:{exc.model}", "budgetkit: not recording calls to %r: %s",
                            exc.model, exc)
