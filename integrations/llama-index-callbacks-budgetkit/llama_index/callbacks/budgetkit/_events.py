@@ -41,7 +41,7 @@ from pydantic import PrivateAttr
 
 from budgetkit import Engine
 
-from ._tracker import Tracker, log_failure, to_openai_messages
+from ._tracker import Tracker, TrackerTotals, log_failure, to_openai_messages
 
 __all__ = ["BudgetkitEventHandler"]
 
@@ -62,7 +62,7 @@ def _model_of(model_dict: Mapping[str, Any] | None) -> str | None:
     return None
 
 
-class BudgetkitEventHandler(BaseEventHandler):
+class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
     """Records LlamaIndex LLM and embedding calls in a budgetkit ledger (tracking only).
 
     Attribution: the handler's defaults (``user_id=``, ``project=``, ...), then the
@@ -87,31 +87,6 @@ class BudgetkitEventHandler(BaseEventHandler):
     @classmethod
     def class_name(cls) -> str:
         return "BudgetkitEventHandler"
-
-    # -- totals --------------------------------------------------------------------------
-    @property
-    def engine(self) -> Engine:
-        return self._tracker.engine
-
-    @property
-    def calls(self) -> int:
-        return self._tracker.calls
-
-    @property
-    def input_tokens(self) -> int:
-        return self._tracker.input_tokens
-
-    @property
-    def output_tokens(self) -> int:
-        return self._tracker.output_tokens
-
-    @property
-    def total_tokens(self) -> int:
-        return self._tracker.total_tokens
-
-    @property
-    def cost(self) -> float:
-        return self._tracker.cost
 
     def register(self, dispatcher: Any = None) -> BudgetkitEventHandler:
         """Add this handler (and its error-catching span handler) to ``dispatcher``

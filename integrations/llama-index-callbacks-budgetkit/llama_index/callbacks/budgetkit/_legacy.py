@@ -26,14 +26,14 @@ from llama_index.core.instrumentation.span import active_span_id
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine
 
 from ._events import _model_of, is_query_span
-from ._tracker import Tracker, log_failure, to_openai_messages
+from ._tracker import Tracker, TrackerTotals, log_failure, to_openai_messages
 
 __all__ = ["BudgetkitCallbackHandler"]
 
 _STOPS = (BudgetExceeded, ContextWindowExceeded)
 
 
-class BudgetkitCallbackHandler(BaseCallbackHandler):
+class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
     """Records (and, with budgets, admits) LlamaIndex LLM and embedding calls.
 
     Attribution as for :class:`BudgetkitEventHandler`: handler defaults, then the
@@ -52,30 +52,6 @@ class BudgetkitCallbackHandler(BaseCallbackHandler):
                                 project=project, task_type=task_type, tags=tags,
                                 metadata=metadata)
         self._embeddings: dict[str, tuple[str | None, str]] = {}
-
-    @property
-    def engine(self) -> Engine:
-        return self._tracker.engine
-
-    @property
-    def calls(self) -> int:
-        return self._tracker.calls
-
-    @property
-    def input_tokens(self) -> int:
-        return self._tracker.input_tokens
-
-    @property
-    def output_tokens(self) -> int:
-        return self._tracker.output_tokens
-
-    @property
-    def total_tokens(self) -> int:
-        return self._tracker.total_tokens
-
-    @property
-    def cost(self) -> float:
-        return self._tracker.cost
 
     def start_trace(self, trace_id: str | None = None) -> None:
         return None

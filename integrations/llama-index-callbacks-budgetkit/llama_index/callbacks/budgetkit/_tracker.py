@@ -296,6 +296,36 @@ class Tracker:
                            model, exc)
 
 
+class TrackerTotals:
+    """The running totals both handlers expose, read from their ``_tracker``."""
+
+    _tracker: Tracker
+
+    @property
+    def engine(self) -> Engine:
+        return self._tracker.engine
+
+    @property
+    def calls(self) -> int:
+        return self._tracker.calls
+
+    @property
+    def input_tokens(self) -> int:
+        return self._tracker.input_tokens
+
+    @property
+    def output_tokens(self) -> int:
+        return self._tracker.output_tokens
+
+    @property
+    def total_tokens(self) -> int:
+        return self._tracker.total_tokens
+
+    @property
+    def cost(self) -> float:
+        return self._tracker.cost
+
+
 def log_failure(where: str) -> None:
     # A bug in tracking must not break the user's call: report it and carry on.
     logger.exception("budgetkit: tracking failed in %s; the call continues untracked", where)
