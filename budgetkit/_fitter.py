@@ -321,6 +321,35 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], model: str, *,
                                 catalog=catalog)
 
 
+class _LazyOpenAIMessages(Sequence[Mapping[str, Any]]):
+    """Framework messages seen as OpenAI dicts, each converted when the fitter first reads it:
+    a fit reads the newest messages up to the window, so long histories are mostly never
+    converted. Adapters subclass it with ``_convert`` (one message) and ``role``."""
+
+    def __init__(self, messages: list[Any]) -> None:
+        self._messages = messages
+        self._converted: list[dict[str, Any] | None] = [None] * len(messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        found = self._converted[index]
+        if found is None:
+            found = self._converted[index] = self._convert(index)
+        return found
+
+    def _convert(self, index: int) -> dict[str, Any]:
+        """The OpenAI form of ``self._messages[index]``."""
+        raise NotImplementedError
+
+    def role(self, index: int) -> str:
+        """The OpenAI role of ``self._messages[index]``."""
+        raise NotImplementedError
+
+
 def fit_message_sequence(msgs: Sequence[Mapping[str, Any]], roles: Sequence[str], model: str, *,
                          reserve_output: int | None = None, max_tokens: int | None = None,
                          on_overflow: OnOverflow = "truncate",

@@ -16,7 +16,7 @@ from langchain_core.messages import (AIMessage, BaseMessage, HumanMessage, Syste
                                      ToolMessage, convert_to_openai_messages)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit._fitter import fit_message_sequence
+from budgetkit._fitter import _LazyOpenAIMessages, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_messages", "to_openai_tools"]
 
@@ -94,25 +94,11 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return [_to_openai(message, i) for i, message in enumerate(messages)]
 
 
-class _Converted(Sequence[dict[str, Any]]):
-    """The OpenAI form of each message, converted when the fitter first reads it: a fit
-    reads the newest messages up to the window, so long histories are mostly never
-    converted."""
+class _Converted(_LazyOpenAIMessages):
+    """LangChain messages in OpenAI form, converted when the fitter first reads them."""
 
-    def __init__(self, messages: list[BaseMessage]) -> None:
-        self._messages = messages
-        self._converted: list[dict[str, Any] | None] = [None] * len(messages)
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        found = self._converted[index]
-        if found is None:
-            found = self._converted[index] = _to_openai(self._messages[index], index)
-        return found
+    def _convert(self, index: int) -> dict[str, Any]:
+        return _to_openai(self._messages[index], index)
 
     def role(self, index: int) -> str:
         message = self._messages[index]

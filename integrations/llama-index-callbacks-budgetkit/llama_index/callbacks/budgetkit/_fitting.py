@@ -17,7 +17,7 @@ from llama_index.core.base.llms.types import (ChatMessage, ImageBlock, TextBlock
                                               ToolCallBlock)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit._fitter import fit_message_sequence
+from budgetkit._fitter import _LazyOpenAIMessages, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_message"]
 
@@ -91,23 +91,11 @@ def _cut_copy(original: ChatMessage, fitted: Mapping[str, Any]) -> ChatMessage:
                                        "additional_kwargs": dict(original.additional_kwargs)})
 
 
-class _Converted(Sequence[dict[str, Any]]):
-    """The OpenAI form of each ChatMessage, converted when the fitter first reads it."""
+class _Converted(_LazyOpenAIMessages):
+    """ChatMessages in OpenAI form, converted when the fitter first reads them."""
 
-    def __init__(self, messages: list[ChatMessage]) -> None:
-        self._messages = messages
-        self._converted: list[dict[str, Any] | None] = [None] * len(messages)
-
-    def __len__(self) -> int:
-        return len(self._messages)
-
-    def __getitem__(self, index: Any) -> Any:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        found = self._converted[index]
-        if found is None:
-            found = self._converted[index] = to_openai_message(self._messages[index])
-        return found
+    def _convert(self, index: int) -> dict[str, Any]:
+        return to_openai_message(self._messages[index])
 
     def role(self, index: int) -> str:
         role = self._messages[index].role
