@@ -41,8 +41,9 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
                 item["tool_calls"] = [
                     {"id": call.get("id"), "type": "function",
                      "function": {"name": call.get("name", ""),
+                                  # as langchain-openai serialises them when sending
                                   "arguments": json.dumps(call.get("args", {}),
-                                                          separators=(",", ":"))}}
+                                                          ensure_ascii=False)}}
                     for call in tool_calls]
         elif role == "tool":
             item["tool_call_id"] = getattr(message, "tool_call_id", None)

@@ -27,6 +27,7 @@ from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
 
 from ._context import ATTRIBUTION_KEYS, current_attribution
+from ._fitting import to_openai_message
 
 logger = logging.getLogger("budgetkit.llama_index")
 
@@ -90,17 +91,12 @@ def response_model(raw: Any) -> str | None:
 
 
 def to_openai_messages(messages: Sequence[Any]) -> list[dict[str, Any]]:
-    """LlamaIndex ``ChatMessage`` objects → OpenAI-format dicts for token counting."""
-    converted = []
-    for message in messages:
-        role = getattr(message, "role", "user")
-        item: dict[str, Any] = {"role": getattr(role, "value", role),
-                                "content": getattr(message, "content", None) or ""}
-        name = (getattr(message, "additional_kwargs", None) or {}).get("name")
-        if name:
-            item["name"] = name
-        converted.append(item)
-    return converted
+    """LlamaIndex ``ChatMessage`` objects → OpenAI-format dicts for token counting.
+
+    One converter serves tracking, caching, routing and fitting, so a prompt is counted the
+    same way everywhere (tool calls and tool results included).
+    """
+    return [to_openai_message(message) for message in messages]
 
 
 @dataclass(slots=True)
