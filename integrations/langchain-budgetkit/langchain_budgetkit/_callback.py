@@ -99,11 +99,14 @@ _current_call: ContextVar[_Call | None] = ContextVar("budgetkit_current_call", d
 def current_call_attribution() -> dict[str, Any]:
     """Attribution of the model run being started in this context ({} outside one)."""
     current = _current_call.get()
-    return dict(current.attribution) if current is not None and not current.ended else {}
+    if current is None or current.ended:
+        return {}
+    kwargs = current.attribution  # filtered here, off the per-call path
+    return {key: kwargs[key] for key in _CALL_KEYS if key in kwargs}
 
 
 def _enter_call(run_id: UUID, kwargs: dict[str, Any]) -> None:
-    _current_call.set(_Call(run_id, {key: kwargs[key] for key in _CALL_KEYS if key in kwargs}))
+    _current_call.set(_Call(run_id, kwargs))  # the run's admit kwargs, never mutated
 
 
 def _leave_call(run_id: UUID) -> None:
