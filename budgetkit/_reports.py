@@ -1,9 +1,12 @@
 """Reports over the usage ledger: where the money went, computed in the database.
 
-Every report is one or a few ``GROUP BY`` queries (SQLAlchemy core) over
-``budgetkit_usage``; rows are never loaded into Python to be summed, so a summary over a
-million rows takes well under a second on SQLite. Time buckets (hour, day, week, month) are
-built with each dialect's own date functions, in UTC; weeks start on Monday.
+Every report is one or a few ``GROUP BY`` queries (SQLAlchemy core); rows are never loaded
+into Python to be summed. Where the rollup (:mod:`budgetkit._rollup`) can answer exactly -
+grouping and filters only by dimensions it holds - a period is read as whole days and
+hours of pre-aggregated buckets, plus the raw rows of the partial hours at its edges;
+anything else (tags, sessions, metadata, a rollup not yet built) reads ``budgetkit_usage``.
+Both paths give the same integers. Time buckets (hour, day, week, month) are built with
+each dialect's own date functions, in UTC; weeks start on Monday.
 
 A report *source* is an :class:`~budgetkit.Engine` (pending rows are flushed first and the
 engine's clock and catalog are used), a ``Store``, or a database URL / SQLite path.
@@ -21,7 +24,8 @@ from sqlalchemy import Integer, and_, case, func, literal_column, select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.sql import ColumnElement, Select
 
-from ._catalog import PriceCatalog, default_catalog
+from . import _rollup
+from ._catalog import default_catalog
 from ._errors import ConfigurationError, StoreUnavailable
 from ._money import nanos_to_usd
 from ._store import Store
@@ -67,10 +71,20 @@ class _Source:
     catalog: PriceCatalog
     engine: Any = None
     bounds: tuple[Any, Any] | None = None  # oldest and newest created_at, read once
+    rollup: bool | None = None  # whether the rollup holds every row, read once
 
     @property
     def dialect(self) -> str:
         return self.store.engine.dialect.name
+
+    def rollup_ready(self) -> bool:
+        if self.rollup is None:
+            try:
+                with self.store.engine.connect() as conn:
+                    self.rollup = _rollup.is_ready(conn)
+            except (OperationalError, ProgrammingError):
+                self.rollup = False  # the ledger query that follows reports the problem
+        return self.rollup
 
 
 def _utcnow() -> dt.datetime:
@@ -222,8 +236,11 @@ def plan_columns(src: _Source, period: Period | None, filters: Mapping[str, Any]
         return _Cols(False)  # a user / model / tag filter is selective: use its index
     if src.bounds is None:
         c = USAGE.c
-        src.bounds = tuple(run_query(src, select(func.min(c.created_at),
-                                                 func.max(c.created_at)))[0])
+        # two subqueries: SQLite answers a lone min() or max() from the index in one step,
+        # but min() and max() together by walking the whole index
+        src.bounds = tuple(run_query(src, select(
+            select(func.min(c.created_at)).scalar_subquery(),
+            select(func.max(c.created_at)).scalar_subquery()))[0])
     oldest, newest = (_as_datetime(v) for v in src.bounds)
     if oldest is None or newest is None or newest <= oldest:
         return _Cols(False)
@@ -432,27 +449,109 @@ def summarize(source: Any, *, group_by: str | Sequence[str] = ("model",),
     if period is None:
         period = Period.resolve(days=days, start_date=start_date, end_date=end_date,
                                 now=src.now)
-    cols = plan_columns(src, period, filters)
-    where = _filters(src, period, filters, cols)
-    measures = _measures(src.dialect)
     groups: list[UsageGroup] = []
     if names:
-        exprs = [_dimension_expr(src, n, cols).label(f"g{i}") for i, n in enumerate(names)]
-        query = select(*exprs, *measures).select_from(USAGE).where(and_(*where))
-        if "tag" in names:
-            query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == USAGE.c.id))
-        query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
-        for row in run_query(src, query):
-            key = {n: row._mapping[f"g{i}"] for i, n in enumerate(names)}
-            groups.append(UsageGroup.from_row(key, row))
+        groups = grouped_usage(src, names, period, filters)
         groups.sort(key=_group_order(names))
     if names and "tag" not in names:  # groups are disjoint: one scan gives both
         totals = UsageGroup.merge({}, groups)
     else:
-        totals = UsageGroup.from_row({}, run_query(src, select(*measures).select_from(USAGE)
-                                                   .where(and_(*where)))[0])
+        totals = grouped_usage(src, (), period, filters)[0]
     return UsageSummary(period=period, group_by=names, groups=groups, totals=totals,
                         filters=dict(filters))
+
+
+def grouped_usage(src: _Source, names: tuple[str, ...], period: Period,
+                  filters: Mapping[str, Any]) -> list[UsageGroup]:
+    """The period's usage grouped by ``names`` (unsorted; ``()``: one group of totals),
+    from the rollup's buckets plus the raw rows at the edges when the rollup can answer,
+    else from the ledger in one query."""
+    pieces = _rollup_pieces(src, names, period, filters)
+    if pieces is None:
+        return _ledger_groups(src, names, period, filters)
+    parts: dict[tuple[Any, ...], list[UsageGroup]] = {}
+    for kind, start, end, inclusive in pieces:
+        if kind == "raw":  # an edge of at most a day: the created_at index finds it
+            found = _ledger_groups(src, names, Period(start, end, inclusive), filters,
+                                   use_indexes=True)
+        else:
+            found = _rollup_groups(src, kind, names, start, end, filters)
+        for group in found:
+            parts.setdefault(tuple(group.key[n] for n in names), []).append(group)
+    merged = [UsageGroup.merge(dict(zip(names, key)), items) for key, items in parts.items()]
+    return merged or ([UsageGroup(key={})] if not names else [])
+
+
+def _rollup_pieces(src: _Source, names: tuple[str, ...], period: Period,
+                   filters: Mapping[str, Any]) -> list[_rollup.Piece] | None:
+    """How to read the period from the rollup, or None when only the ledger can answer."""
+    needed = [n for n in names if n not in TIME_DIMENSIONS]
+    needed += [_DIMENSION_ALIASES.get(k, k) for k, v in filters.items() if v is not None]
+    if any(n not in _DIMENSION_COLUMNS for n in needed):
+        return None  # tags, metadata, an unknown filter (the ledger path names it)
+    columns = {_DIMENSION_COLUMNS[n] for n in needed}
+    grains = [grain for grain in _rollup.GRAINS
+              if _rollup.shape_for(grain, columns) is not None
+              and not (grain == "day" and "hour" in names)]
+    if not grains or period.end <= period.start:
+        return None
+    pieces = _rollup.plan_pieces(period.start, period.end, period.end_inclusive, grains)
+    if all(kind == "raw" for kind, *_ in pieces) or not src.rollup_ready():
+        return None
+    return pieces
+
+
+def _ledger_groups(src: _Source, names: tuple[str, ...], period: Period,
+                   filters: Mapping[str, Any], use_indexes: bool = False) -> list[UsageGroup]:
+    cols = _Cols(False) if use_indexes else plan_columns(src, period, filters)
+    where = _filters(src, period, filters, cols)
+    measures = _measures(src.dialect)
+    if not names:
+        query = select(*measures).select_from(USAGE).where(and_(*where))
+        return [UsageGroup.from_row({}, run_query(src, query)[0])]
+    exprs = [_dimension_expr(src, n, cols).label(f"g{i}") for i, n in enumerate(names)]
+    query = select(*exprs, *measures).select_from(USAGE).where(and_(*where))
+    if "tag" in names:
+        query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == USAGE.c.id))
+    query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
+    return [UsageGroup.from_row({n: row._mapping[f"g{i}"] for i, n in enumerate(names)}, row)
+            for row in run_query(src, query)]
+
+
+def _rollup_groups(src: _Source, grain: str, names: tuple[str, ...], start: dt.datetime,
+                   end: dt.datetime, filters: Mapping[str, Any]) -> list[UsageGroup]:
+    needed = {_DIMENSION_COLUMNS[n] for n in names if n not in TIME_DIMENSIONS}
+    needed |= {_DIMENSION_COLUMNS[_DIMENSION_ALIASES.get(k, k)]
+               for k, v in filters.items() if v is not None}
+    shape = _rollup.shape_for(grain, needed)
+    assert shape is not None  # _rollup_pieces checked
+    t = shape.table
+    where = [t.c.bucket >= start, t.c.bucket < end]
+    where += [t.c[_DIMENSION_COLUMNS[_DIMENSION_ALIASES.get(k, k)]] == v
+              for k, v in filters.items() if v is not None]
+    exprs = [(time_bucket(src.dialect, n, t.c.bucket) if n in TIME_DIMENSIONS
+              else t.c[_DIMENSION_COLUMNS[n]]).label(f"g{i}") for i, n in enumerate(names)]
+    query = select(*exprs, *_rollup_measures(t)).where(and_(*where))
+    if names:
+        query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
+    return [UsageGroup.from_row({n: row._mapping[f"g{i}"] for i, n in enumerate(names)}, row)
+            for row in run_query(src, query)]
+
+
+def _rollup_measures(t: Any) -> list[Any]:
+    """The ledger's measures (see :func:`_measures`) as sums of the rollup's sums."""
+    def summed(name: str, label: str | None = None) -> Any:
+        return func.coalesce(func.sum(t.c[name]), 0).label(label or name)
+
+    def calls_with(status: str, label: str) -> Any:
+        return func.coalesce(func.sum(case((t.c.status == status, t.c.calls), else_=0)),
+                             0).label(label)
+
+    return [summed("calls"), summed("input_tokens"), summed("output_tokens"),
+            summed("cached_input_tokens"), summed("total_tokens"), summed("cost_nanos"),
+            summed("saved_nanos"), calls_with("cached", "cache_hits"),
+            calls_with("error", "errors"), calls_with("blocked", "blocked"),
+            summed("latency_n"), func.sum(t.c.latency_sum).label("latency_sum")]
 
 
 def _group_order(names: tuple[str, ...]) -> Any:
@@ -548,206 +647,7 @@ def bucket_labels(period: Period, unit: str) -> list[str]:
     return labels
 
 
-# -- cost analysis and recommendations -----------------------------------------------
-@dataclass(frozen=True)
-class Recommendation:
-    """Advice derived from the data, with the figure that triggered it."""
-
-    kind: str
-    message: str
-    metric: str
-    value: float
-    threshold: float
-    potential_savings_usd: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "message": self.message, "metric": self.metric,
-                "value": self.value, "threshold": self.threshold,
-                "potential_savings_usd": self.potential_savings_usd}
-
-
-@dataclass(frozen=True)
-class CostAnalysis:
-    """Cost per token and per operation/model, and what to do about it."""
-
-    period: Period
-    totals: UsageGroup
-    by_operation: list[UsageGroup]
-    by_model: list[UsageGroup]
-    recommendations: list[Recommendation]
-
-    def to_dict(self) -> dict[str, Any]:
-        def costs(groups: list[UsageGroup], dim: str) -> dict[str, Any]:
-            return {str(g.key[dim]): {"total_cost": g.cost, "total_tokens": g.total_tokens,
-                                      "operation_count": g.calls,
-                                      "cost_per_operation": g.cost_per_call,
-                                      "cost_per_token": g.cost_per_token}
-                    for g in groups}
-        return {"period": self.period.to_dict(), "total_cost_usd": self.totals.cost,
-                "total_tokens": self.totals.total_tokens,
-                "cost_per_token": self.totals.cost_per_token,
-                "saved_usd": self.totals.saved,
-                "operation_costs": costs(self.by_operation, "operation_type"),
-                "model_costs": costs(self.by_model, "model"),
-                "recommendations": [r.message for r in self.recommendations],
-                "recommendation_details": [r.to_dict() for r in self.recommendations]}
-
-
-# Thresholds of the recommendations (module constants, so a reader sees them in one place).
-EMBEDDING_SHARE = 0.30  # embedding spend above 30 % of the total
-REPEAT_SHARE = 0.10  # more than 10 % of paid calls repeat an earlier prompt exactly
-SHORT_PROMPT_TOKENS = 500  # "short simple prompt": under 500 input and 200 output tokens
-SHORT_OUTPUT_TOKENS = 200
-SHORT_CALL_SHARE = 0.50  # most of an expensive model's calls are short
-ROUTE_DOWN_RATIO = 5.0  # a same-provider model at least 5x cheaper exists
-BUDGET_NEAR = 80.0  # a budget window at 80 % or more of its limit
-ERROR_SHARE = 0.05
-
-
-def cost_analysis(source: Any, *, days: int | None = None, start_date: Any = None,
-                  end_date: Any = None, now: dt.datetime | None = None,
-                  **filters: Any) -> CostAnalysis:
-    """The Token Usage Tracking seed's cost analysis, with recommendations.
-
-    Each recommendation names the figure behind it: embedding share of spend, share of
-    calls repeating an earlier prompt, short prompts sent to a model a cheaper same-provider
-    model could answer, budgets near their limit, error rate.
-    """
-    src = as_source(source, now=now)
-    by_op, by_model = summarize_many(src, ["operation_type", "model"], days=days,
-                                     start_date=start_date, end_date=end_date, **filters)
-    recs: list[Recommendation] = []
-    totals = by_op.totals
-    if totals.cost_nanos > 0:
-        recs += _embedding_advice(src, by_model, totals)
-        recs += _caching_advice(src, by_op.period, filters)
-        recs += _routing_advice(src, by_op.period, filters)
-    if totals.calls and totals.errors / totals.calls > ERROR_SHARE:
-        share = totals.errors / totals.calls
-        recs.append(Recommendation(
-            "errors", f"{totals.errors} of {totals.calls} calls ({share:.0%}) failed - check "
-            "provider errors and retry settings; failed calls can still be billed",
-            "error_share", round(share, 4), ERROR_SHARE))
-    if not filters.get("user_id"):
-        recs += _budget_advice(src)
-    return CostAnalysis(period=by_op.period, totals=totals, by_operation=by_op.groups,
-                        by_model=by_model.groups, recommendations=recs)
-
-
-def _embedding_advice(src: _Source, by_model: UsageSummary,
-                      totals: UsageGroup) -> list[Recommendation]:
-    embedding = 0
-    for group in by_model.groups:
-        price = src.catalog.resolve(str(group.key["model"]))
-        if price is not None and price.mode == "embedding":
-            embedding += group.cost_nanos
-    share = embedding / totals.cost_nanos
-    if share <= EMBEDDING_SHARE:
-        return []
-    return [Recommendation(
-        "embedding_share", f"High embedding costs: {share:.0%} of spend "
-        f"(${nanos_to_usd(embedding):.4f}) - consider optimizing chunk sizes and "
-        "not re-embedding unchanged documents", "embedding_cost_share", round(share, 4),
-        EMBEDDING_SHARE)]
-
-
-def _caching_advice(src: _Source, period: Period,
-                    filters: Mapping[str, Any]) -> list[Recommendation]:
-    c = plan_columns(src, period, filters)
-    # paid calls whose prompt is known (hashed); embeddings recorded without one don't count
-    where = _filters(src, period, filters, c) + [c.status == "ok", c.prompt_hash.is_not(None)]
-    paid = run_query(src, select(func.count()).select_from(USAGE).where(and_(*where)))[0][0]
-    repeats = (select(c.prompt_hash, (func.count() - 1).label("extra"),
-                      (func.sum(c.cost_nanos) - func.min(c.cost_nanos)).label("extra_cost"))
-               .select_from(USAGE)
-               .where(and_(*where))
-               .group_by(c.prompt_hash).having(func.count() > 1).subquery())
-    extra, extra_cost = run_query(src, select(func.coalesce(func.sum(repeats.c.extra), 0),
-                                              func.coalesce(func.sum(repeats.c.extra_cost), 0)))[0]
-    if not paid or int(extra) / paid <= REPEAT_SHARE:
-        return []
-    share = int(extra) / paid
-    saving = nanos_to_usd(int(extra_cost))
-    return [Recommendation(
-        "caching", f"Consider implementing caching for frequent queries: {int(extra)} of "
-        f"{paid} paid calls ({share:.0%}) repeated an earlier prompt exactly, costing "
-        f"${saving:.4f}", "repeated_prompt_share", round(share, 4), REPEAT_SHARE,
-        potential_savings_usd=saving)]
-
-
-def _routing_advice(src: _Source, period: Period,
-                    filters: Mapping[str, Any]) -> list[Recommendation]:
-    c = plan_columns(src, period, filters)
-    short = and_(c.input_tokens < SHORT_PROMPT_TOKENS, c.output_tokens < SHORT_OUTPUT_TOKENS)
-    query = (select(c.model.label("model"), func.count().label("calls"),
-                    func.sum(case((short, 1), else_=0)).label("short_calls"),
-                    func.sum(case((short, c.input_tokens), else_=0)).label("short_in"),
-                    func.sum(case((short, c.output_tokens), else_=0)).label("short_out"),
-                    func.sum(case((short, c.cost_nanos), else_=0)).label("short_cost"))
-             .select_from(USAGE)
-             .where(and_(*_filters(src, period, filters, c), c.status == "ok"))
-             .group_by(c.model))
-    recs = []
-    for row in run_query(src, query):
-        model, calls, short_calls = row.model, int(row.calls), int(row.short_calls or 0)
-        price = src.catalog.resolve(model)
-        if price is None or price.mode != "chat" or not calls:
-            continue
-        if short_calls / calls < SHORT_CALL_SHARE or not row.short_cost:
-            continue
-        cheaper = _cheaper_model(src.catalog, price)
-        if cheaper is None:
-            continue
-        repriced = cheaper.cost_nanos(int(row.short_in), int(row.short_out))
-        actual = int(row.short_cost)
-        if repriced * ROUTE_DOWN_RATIO > actual:
-            continue
-        share = short_calls / calls
-        recs.append(Recommendation(
-            "route_down", f"{model} answered {short_calls} short prompts ({share:.0%} of its "
-            f"calls, under {SHORT_PROMPT_TOKENS} input tokens) for ${nanos_to_usd(actual):.4f}; "
-            f"{cheaper.name} would have cost ${nanos_to_usd(repriced):.4f} - route simple "
-            "requests to a cheaper model", "short_call_share", round(share, 4),
-            SHORT_CALL_SHARE, potential_savings_usd=nanos_to_usd(actual - repriced)))
-    return recs
-
-
-def _cheaper_model(catalog: PriceCatalog, price: Any) -> Any:
-    """The cheapest chat model of the same provider (by input + output price), if cheaper."""
-    best = None
-    for candidate in catalog:
-        if candidate.mode != "chat" or candidate.provider != price.provider:
-            continue
-        if candidate.input_picos + candidate.output_picos <= 0:
-            continue  # free/unpriced entries are not a recommendation
-        if best is None or (candidate.input_picos + candidate.output_picos
-                            < best.input_picos + best.output_picos):
-            best = candidate
-    if best is None or best.name == price.name:
-        return None
-    return best
-
-
-def _budget_advice(src: _Source) -> list[Recommendation]:
-    from ._budget_reports import budget_rows
-
-    recs = []
-    for status in budget_rows(src.engine):
-        percent = status.get("percent")
-        if percent is None or percent < BUDGET_NEAR:
-            continue
-        used, limit = status.get("used") or 0, status.get("limit") or 0
-        amounts = (f"${used:.4f} of ${limit:.4f}" if status.get("unit") == "usd"
-                   else f"{used:,.0f} of {limit:,.0f} tokens")
-        who = f" for {status['scope']}" if status.get("scope_key") else ""
-        recs.append(Recommendation(
-            "budget", f"Budget {status.get('name')!r}{who} is at {percent:.0f}% of its "
-            f"{status.get('period', '')} limit ({amounts}) - raise it, or route and cache more",
-            "budget_percent", round(float(percent), 2), BUDGET_NEAR))
-    return recs
-
-
-# -- allocation and what-if ----------------------------------------------------------------
+# -- allocation ----------------------------------------------------------------------------
 def allocate_costs(source: Any, *, by: str = "project", days: int | None = None,
                    start_date: Any = None, end_date: Any = None,
                    now: dt.datetime | None = None, **filters: Any) -> list[dict[str, Any]]:
@@ -763,63 +663,17 @@ def allocate_costs(source: Any, *, by: str = "project", days: int | None = None,
             for g in summary.groups]
 
 
-@dataclass(frozen=True)
-class WhatIf:
-    """Past usage re-priced as if ``target`` had answered it."""
-
-    target: str
-    period: Period
-    rows: list[dict[str, Any]]
-    actual_nanos: int
-    repriced_nanos: int
-    skipped_models: list[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"target": self.target, "period": self.period.to_dict(), "models": self.rows,
-                "actual_cost_usd": nanos_to_usd(self.actual_nanos),
-                "repriced_cost_usd": nanos_to_usd(self.repriced_nanos),
-                "difference_usd": nanos_to_usd(self.repriced_nanos - self.actual_nanos),
-                "skipped_models": self.skipped_models}
+_MOVED = ("Recommendation", "CostAnalysis", "WhatIf", "cost_analysis", "what_if")
 
 
-def what_if(source: Any, target: str, *, days: int | None = None, start_date: Any = None,
-            end_date: Any = None, now: dt.datetime | None = None,
-            **filters: Any) -> WhatIf:
-    """Re-price the period's paid calls with ``target``'s catalog price.
+def __getattr__(name: str) -> Any:
+    # cost analysis and what-if live in budgetkit._cost_analysis (which imports this
+    # module); imported on first use so either module can be imported first
+    if name in _MOVED:
+        from . import _cost_analysis
 
-    Token counts are kept as recorded (a different model would tokenize a little
-    differently). Calls of a different mode (embeddings when the target is a chat model)
-    and models the catalog does not know are left out and listed in ``skipped_models``.
-    """
-    src = as_source(source, now=now)
-    target_price = src.catalog.get(target)  # UnknownModelError names the model
-    period = Period.resolve(days=days, start_date=start_date, end_date=end_date, now=src.now)
-    c = plan_columns(src, period, filters)
-    query = (select(c.model.label("model"), func.count().label("calls"),
-                    func.sum(c.input_tokens).label("i"), func.sum(c.output_tokens).label("o"),
-                    func.sum(c.cached_input_tokens).label("ci"),
-                    func.sum(c.cost_nanos).label("cost"))
-             .select_from(USAGE)
-             .where(and_(*_filters(src, period, filters, c), c.status.in_(("ok", "error"))))
-             .group_by(c.model))
-    rows, skipped, actual_total, repriced_total = [], [], 0, 0
-    for row in run_query(src, query):
-        price = src.catalog.resolve(row.model)
-        if price is None or price.mode != target_price.mode:
-            skipped.append(row.model)
-            continue
-        actual = int(row.cost or 0)
-        repriced = target_price.cost_nanos(int(row.i or 0), int(row.o or 0),
-                                           cached_input_tokens=int(row.ci or 0))
-        actual_total += actual
-        repriced_total += repriced
-        rows.append({"model": row.model, "calls": int(row.calls),
-                     "actual_cost_usd": nanos_to_usd(actual),
-                     "repriced_cost_usd": nanos_to_usd(repriced),
-                     "difference_usd": nanos_to_usd(repriced - actual)})
-    rows.sort(key=lambda r: -r["actual_cost_usd"])
-    return WhatIf(target=target_price.name, period=period, rows=rows, actual_nanos=actual_total,
-                  repriced_nanos=repriced_total, skipped_models=sorted(skipped))
+        return getattr(_cost_analysis, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def iter_dimension_values(source: Any, dimension: str, **filters: Any) -> Iterable[Any]:

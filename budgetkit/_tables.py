@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Optional
 
-from sqlalchemy import JSON, BigInteger, Column, DateTime, Index
+from sqlalchemy import JSON, BigInteger, Column, DateTime, Float, Index, Integer, String, Table
 from sqlmodel import Field, SQLModel
 
-__all__ = ["UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES"]
+__all__ = ["UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES", "USAGE_HOURLY",
+           "USAGE_DAILY", "USAGE_DAILY_USER", "ROLLUP_STATE"]
 
 # The operation types of the Token Usage Tracking seed; users may record their own.
 OPERATION_TYPES = (
@@ -79,3 +80,49 @@ class UsageTagRow(SQLModel, table=True):
 
     usage_id: str = Field(primary_key=True, max_length=32)
     tag: str = Field(primary_key=True, max_length=200)
+
+
+# -- the rollup: usage pre-aggregated per hour / day (maintained by budgetkit._rollup) ----------
+# Grouping dimensions of the rollups. user_id and session_id are left out of the wide ones:
+# with them nearly every call is its own bucket, so the rollup would be as large as the
+# ledger; a narrow per-user daily rollup serves "by user" instead.
+ROLLUP_DIMENSIONS = ("model", "provider", "operation_type", "project", "status", "task_type")
+ROLLUP_USER_DIMENSIONS = ("user_id", "status")
+# Summed measures, each the sum of the ledger column of the same name, plus ``calls`` (rows)
+# and ``latency_n`` (rows with a latency).
+ROLLUP_MEASURES = ("calls", "input_tokens", "output_tokens", "cached_input_tokens",
+                   "cache_write_tokens", "reasoning_tokens", "total_tokens", "cost_nanos",
+                   "saved_nanos", "latency_n", "latency_sum")
+_DIMENSION_LENGTHS = {"model": 200, "provider": 64, "operation_type": 64, "project": 200,
+                      "status": 16, "task_type": 64, "user_id": 200}
+
+
+def _rollup_table(name: str, dimensions: tuple[str, ...]) -> Table:
+    # Primary key (bucket, dims_key): dims_key is a digest of the dimension values, because
+    # a unique constraint over nullable columns treats NULLs as distinct and ON CONFLICT
+    # would never match a bucket whose user or project is NULL. WITHOUT ROWID keeps SQLite's
+    # rows in key order, so a period is one contiguous range.
+    return Table(
+        name, SQLModel.metadata,
+        Column("bucket", DateTime, primary_key=True),
+        Column("dims_key", String(32), primary_key=True),
+        *[Column(dim, String(_DIMENSION_LENGTHS[dim]), nullable=True) for dim in dimensions],
+        *[Column(measure, BigInteger, nullable=False, default=0)
+          for measure in ROLLUP_MEASURES if measure != "latency_sum"],
+        Column("latency_sum", Float, nullable=False, default=0.0),
+        sqlite_with_rowid=False,
+    )
+
+
+USAGE_HOURLY = _rollup_table("budgetkit_usage_hourly", ROLLUP_DIMENSIONS)
+USAGE_DAILY = _rollup_table("budgetkit_usage_daily", ROLLUP_DIMENSIONS)
+USAGE_DAILY_USER = _rollup_table("budgetkit_usage_daily_user", ROLLUP_USER_DIMENSIONS)
+
+# One row per rollup family: present (with the current version) once the rollup holds every
+# ledger row. A ledger that had rows before the rollup existed has none until it is rebuilt.
+ROLLUP_STATE = Table(
+    "budgetkit_rollup_state", SQLModel.metadata,
+    Column("name", String(64), primary_key=True),
+    Column("version", Integer, nullable=False),
+    Column("built_at", DateTime, nullable=False),
+)
