@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -80,14 +79,20 @@ DAYS = ("yesterday", "on Monday", "last week", "two days ago")
 
 
 def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int,
-               unique: bool = False) -> list[float]:
+               unique: bool = False, engine: Engine | None = None) -> tuple[list[float], float]:
+    """Each call's latency (µs), and the process's CPU time for them all (s), counting
+    the work the calls left to background threads (the engine is flushed inside)."""
     latencies = []
     clock = time.perf_counter_ns
-    for prompt in prompts(calls, unique):
+    batch = prompts(calls, unique)
+    cpu = time.process_time()
+    for prompt in batch:
         start = clock()
         model.invoke(prompt, config=config)
         latencies.append((clock() - start) / 1000.0)  # µs
-    return latencies
+    if engine is not None:
+        engine.flush()
+    return latencies, time.process_time() - cpu
 
 
 def main() -> None:
@@ -121,35 +126,50 @@ def main() -> None:
                                                     project="bench")
             conditions[f"BudgetkitCallbackHandler ({args.budgets} budgets)"] = {
                 "callbacks": [with_budgets]}
+        engines = {name: None for name in conditions}
+        engines["BudgetkitCallbackHandler (SQLite)"] = engine
+        for name in conditions:
+            if "budgets)" in name:
+                engines[name] = budget_engine
         samples: dict[str, list[float]] = {name: [] for name in conditions}
-        for config in conditions.values():  # warm up imports, caches, the writer
-            time_calls(model, config, 300)
+        cpu: dict[str, float] = {name: 0.0 for name in conditions}
+        for name, config in conditions.items():  # warm up imports, caches, the writer
+            time_calls(model, config, 300, engine=engines[name])
         for _ in range(args.rounds):
             for name, config in conditions.items():
-                samples[name].extend(time_calls(model, config, args.calls,
-                                                args.unique_prompts))
+                latencies, seconds = time_calls(model, config, args.calls,
+                                                args.unique_prompts, engines[name])
+                samples[name].extend(latencies)
+                cpu[name] += seconds
         assert engine.flush(timeout=60) and budget_engine.flush(timeout=60)
         recorded = len(engine.usage(user_id="bench"))
         recorded_budgets = len(budget_engine.usage(user_id="bench"))
 
     bare50 = percentile(samples["bare (no callbacks)"], 0.50)
     bare99 = percentile(samples["bare (no callbacks)"], 0.99)
+    total = args.calls * args.rounds
+    bare_cpu = cpu["bare (no callbacks)"] / total * 1e6
     rows = []
     for name, values in samples.items():
         p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
-        rows.append((name, p50, p99, p50 - bare50, p99 - bare99, statistics.fmean(values)))
-    usage_added = rows[1][3]
-    total = args.calls * args.rounds
+        cpu_us = cpu[name] / total * 1e6
+        rows.append((name, p50, p99, p50 - bare50, p99 - bare99, cpu_us - bare_cpu))
+    usage_added, usage_cpu = rows[1][3], rows[1][5]
     print(f"{total} calls per condition ({args.rounds} interleaved rounds, "
           f"{'a new prompt per call' if args.unique_prompts else 'one repeated prompt'}), "
-          f"latencies in µs\n")
+          f"latencies in µs; added CPU: the process's CPU time per call over the bare "
+          f"call's, background threads included\n")
     print(f"| {'condition':<38} | {'p50':>7} | {'p99':>7} | {'added p50':>9} | "
-          f"{'added p99':>9} | {'vs usage handler (p50)':>22} |")
-    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 24}|")
-    for name, p50, p99, add50, add99, _ in rows:
-        ratio = "" if name.startswith("bare") else f"{add50 / usage_added:.2f}x"
+          f"{'added p99':>9} | {'added CPU':>9} | {'vs usage (p50)':>14} | "
+          f"{'vs usage (CPU)':>14} |")
+    print(f"|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 16}|"
+          f"{'-' * 16}|")
+    for name, p50, p99, add50, add99, add_cpu in rows:
+        bare = name.startswith("bare")
+        ratio = "" if bare else f"{add50 / usage_added:.2f}x"
+        cpu_ratio = "" if bare else f"{add_cpu / usage_cpu:.2f}x"
         print(f"| {name:<38} | {p50:7.1f} | {p99:7.1f} | {add50:9.1f} | {add99:9.1f} | "
-              f"{ratio:>22} |")
+              f"{add_cpu:9.1f} | {ratio:>14} | {cpu_ratio:>14} |")
     print(f"\nbudgetkit rows written: {recorded} (every warm-up and timed call: "
           f"{300 + total})" + (f"; with budgets: {recorded_budgets}" if args.budgets else ""))
 

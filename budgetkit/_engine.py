@@ -9,6 +9,7 @@ LlamaIndex gets the same behaviour.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import functools
 import hashlib
@@ -69,7 +70,7 @@ class Ticket:
                  "project", "request_id", "run_id", "parent_run_id", "root_run_id",
                  "task_type", "attempt", "route_reason", "tags", "metadata", "prompt_hash",
                  "prompt_preview", "started", "decision", "reservations", "warnings", "done",
-                 "_pending_count")
+                 "_pending_count", "ended")
 
     def __init__(self, id: str, model: str, price: ModelPrice, input_tokens: int | None,
                  max_output_tokens: int, worst_case_nanos: int | None,
@@ -116,6 +117,10 @@ class Ticket:
         self.done = done
         # Counts the admitted prompt when input_tokens is first read (None once counted).
         self._pending_count = pending_count
+        #: When the call really ended, as :meth:`Engine.mark_end` gives it, if it is
+        #: finished later than that (an adapter deferring its bookkeeping); None: when
+        #: it is finished.
+        self.ended: tuple[float, dt.datetime] | None = None
         if input_tokens is None and pending_count is None:
             raise ConfigurationError("a Ticket needs input_tokens or a way to count them")
 
@@ -292,8 +297,14 @@ class Engine:
         self._clock = clock
         self.store = Store(db) if not isinstance(db, Store) else db
         self.store.create_tables()
+        self._deferred: collections.deque[Callable[[], object]] = collections.deque()
+        # Reentrant: SIGTERM's flush may interrupt this thread inside a deferred job.
+        self._deferred_lock = threading.RLock()
+        self._max_deferred = max_queue
         self._writer = BatchWriter(self.store.insert_usage, batch_size=batch_size,
-                                   max_queue=max_queue, max_backlog=max_backlog)
+                                   max_queue=max_queue, max_backlog=max_backlog,
+                                   prepare=self.run_deferred)
+        self._batch_size = batch_size
         self._lock = threading.Lock()
         self._listeners: list[Callable[[UsageRecord], None]] = []
         self._budgets: Any = None  # the budget book, created by add_budget
@@ -306,6 +317,7 @@ class Engine:
         """Flush pending rows and release the database. Idempotent."""
         if self._closed:
             return
+        self.run_deferred()
         self._closed = True
         if self._budgets is not None:
             self._budgets.close()  # settle queued budget updates first
@@ -326,9 +338,55 @@ class Engine:
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row recorded so far is in the database."""
+        self.run_deferred()  # before settling budgets: deferred jobs settle tickets
         if self._budgets is not None:
             self._budgets.flush()
         return self._writer.flush(timeout)
+
+    def defer(self, job: Callable[[], object]) -> None:
+        """Run ``job()`` off the caller's thread, before the ledger's next batch is taken.
+
+        For adapters: what a finished call needs (parsing the response, pricing, building
+        its row) can wait a few milliseconds, and an LLM app's threads mostly wait on the
+        network, when this work then costs them nothing. :meth:`flush`, :meth:`close`,
+        normal exit and SIGTERM run every deferred job first. Jobs run in order, one at a
+        time; a job that raises is logged. When too many are waiting (the writer cannot
+        keep up), the caller runs them itself.
+        """
+        if self._closed:
+            job()
+            return
+        deferred = self._deferred
+        deferred.append(job)
+        waiting = len(deferred)
+        if waiting >= self._max_deferred:
+            self.run_deferred()
+        elif waiting == self._batch_size:
+            self._writer.wake()
+
+    @property
+    def has_budgets(self) -> bool:
+        """Whether any budget is registered (calls are then admitted before they run)."""
+        budgets = self._budgets
+        return budgets is not None and bool(budgets)
+
+    def mark_end(self) -> tuple[float, dt.datetime]:
+        """The moment a call ended, for :attr:`Ticket.ended` (latency and row time)."""
+        return time.perf_counter(), (_utcnow() if self._clock is _utcnow else self.now())
+
+    def run_deferred(self) -> int:
+        """Run every deferred job now, on this thread; returns how many ran."""
+        deferred = self._deferred
+        ran = 0
+        with self._deferred_lock:  # also waits for a batch another thread is running
+            while deferred:
+                job = deferred.popleft()
+                ran += 1
+                try:
+                    job()
+                except Exception:  # one bad job must not stop the others' rows
+                    logger.exception("budgetkit: deferred job %r failed", job)
+        return ran
 
     def now(self) -> dt.datetime:
         """The engine clock's current time as naive UTC."""
@@ -338,7 +396,9 @@ class Engine:
         return value
 
     def add_listener(self, listener: Callable[[UsageRecord], None]) -> None:
-        """Call ``listener(record)`` for every usage record (on the caller's thread)."""
+        """Call ``listener(record)`` for every usage record, on the thread that finishes
+        the call: the caller's for :meth:`settle` / :meth:`release` / :meth:`record`, the
+        ledger writer's for work an adapter deferred (see :meth:`defer`)."""
         with self._lock:
             self._listeners = [*self._listeners, listener]
 
@@ -381,6 +441,39 @@ class Engine:
         dicts) or ``prompt`` (text). Raises :class:`BudgetExceeded` when a budget would be
         broken; nothing is reserved or recorded then except a ``blocked`` row.
         """
+        ticket = self.ticket(
+            model, input_tokens=input_tokens, messages=messages, prompt=prompt,
+            max_output_tokens=max_output_tokens, operation_type=operation_type,
+            provider=provider, user_id=user_id, session_id=session_id, project=project,
+            request_id=request_id, run_id=run_id, parent_run_id=parent_run_id,
+            root_run_id=root_run_id, task_type=task_type, attempt=attempt,
+            route_reason=route_reason, tags=tags, metadata=metadata)
+        if self._budgets is not None:
+            try:
+                self._budgets.reserve(ticket)
+            except Exception as exc:
+                from ._errors import BudgetExceeded
+
+                if isinstance(exc, BudgetExceeded):
+                    self._finish(ticket, status="blocked", error_type=type(exc).__name__)
+                raise
+        return ticket
+
+    def ticket(self, model: str, *, input_tokens: int | None = None,
+               messages: Sequence[Mapping[str, Any]] | None = None, prompt: str | None = None,
+               max_output_tokens: int | None = None, operation_type: str = "chat_completion",
+               provider: str | None = None, user_id: str | None = None,
+               session_id: str | None = None, project: str | None = None,
+               request_id: str | None = None, run_id: str | None = None,
+               parent_run_id: str | None = None, root_run_id: str | None = None,
+               task_type: str | None = None, attempt: int | None = None,
+               route_reason: str | None = None, tags: Iterable[str] = (),
+               metadata: Mapping[str, Any] | None = None) -> Ticket:
+        """A ticket for a call, like :meth:`admit` but checking no budget.
+
+        For a call that has already happened (an adapter that does its bookkeeping after
+        the call): settling it still counts its cost in every budget that applies.
+        """
         price = self.catalog.get(model)
         text_for_hash: str | None = None
         pending_count: Callable[[], int] | None = None
@@ -414,7 +507,7 @@ class Engine:
                                  else price.max_output_tokens or self.default_max_output_tokens)
         elif max_output_tokens < 0:
             raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
-        ticket = Ticket(
+        return Ticket(
             _new_id(), model, price, input_tokens, max_output_tokens,
             None if input_tokens is None else price.cost_nanos(input_tokens, max_output_tokens),
             operation_type=operation_type, provider=provider or price.provider,
@@ -429,16 +522,6 @@ class Engine:
                             if self.store_prompts and text_for_hash is not None else None),
             started=time.perf_counter(), pending_count=pending_count,
         )
-        if self._budgets is not None:
-            try:
-                self._budgets.reserve(ticket)
-            except Exception as exc:
-                from ._errors import BudgetExceeded
-
-                if isinstance(exc, BudgetExceeded):
-                    self._finish(ticket, status="blocked", error_type=type(exc).__name__)
-                raise
-        return ticket
 
     async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
         """:meth:`admit` for asyncio code (budget checks may touch the database).
@@ -549,13 +632,18 @@ class Engine:
                reasoning_tokens: int = 0, status: Status = "ok",
                usage_source: UsageSource = "provider", saved_nanos: int = 0,
                latency_ms: float | None = None, error_type: str | None = None,
-               **attribution: Any) -> UsageRecord:
+               created_at: dt.datetime | None = None, **attribution: Any) -> UsageRecord:
         """Record a call that was not admitted first (embeddings, cache hits, imports).
 
         ``status="cached"`` records a zero-cost row; pass what the hit saved as
-        ``saved_nanos``. ``attribution`` takes the keyword arguments of :meth:`admit`.
+        ``saved_nanos``. ``created_at`` is when the call happened (default: now).
+        ``attribution`` takes the keyword arguments of :meth:`admit`.
         """
         ticket = self._ticket_for_record(model, input_tokens, attribution)
+        if created_at is not None:
+            if created_at.tzinfo is not None:
+                created_at = created_at.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            ticket.ended = (ticket.started, created_at)
         cost = 0
         if status == "ok":
             cost = ticket.price.cost_nanos(input_tokens, output_tokens,
@@ -608,14 +696,20 @@ class Engine:
                 self._budgets.commit(ticket, cost_nanos, input_tokens + output_tokens)
             else:
                 self._budgets.release(ticket)
+        ended = ticket.ended
         if latency_ms is None and status != "blocked":
-            latency_ms = (time.perf_counter() - ticket.started) * 1000.0
+            latency_ms = ((time.perf_counter() if ended is None else ended[0])
+                          - ticket.started) * 1000.0
+        if ended is not None:
+            created_at = ended[1]
+        else:
+            created_at = _utcnow() if self._clock is _utcnow else self.now()
         # One dict holds the record's fields (a frozen dataclass's __init__ costs a
         # setattr per field: ~4 µs per call); the writer gets a copy whose metadata is a
         # snapshot, so a listener mutating ``record.metadata`` cannot change the row.
         values = {
             "id": ticket.id,
-            "created_at": _utcnow() if self._clock is _utcnow else self.now(),
+            "created_at": created_at,
             "model": model or ticket.model,
             "provider": ticket.provider, "operation_type": ticket.operation_type,
             "status": status, "input_tokens": input_tokens, "output_tokens": output_tokens,

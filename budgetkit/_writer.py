@@ -43,8 +43,12 @@ class BatchWriter:
     def __init__(self, write: Callable[[Sequence[_Row]], None], *, batch_size: int = 500,
                  max_queue: int = 10_000, max_backlog: int = 100_000,
                  flush_interval: float = 0.05, retry_initial: float = 0.1,
-                 retry_max: float = 5.0, name: str = "budgetkit-writer") -> None:
+                 retry_max: float = 5.0, name: str = "budgetkit-writer",
+                 prepare: Callable[[], None] | None = None) -> None:
         self._write = write
+        # Runs before each batch is taken and at the start of every flush: work deferred
+        # off the callers' threads that produces rows (see Engine.defer).
+        self._prepare = prepare
         self._batch_size = batch_size
         self._queue: deque[_Row] = deque()
         self._max_queue = max_queue
@@ -86,6 +90,10 @@ class BatchWriter:
         if batch_ready:
             self._wake.set()
 
+    def wake(self) -> None:
+        """Take the next batch now rather than at the next interval."""
+        self._wake.set()
+
     @property
     def pending(self) -> int:
         with self._lock:
@@ -94,6 +102,7 @@ class BatchWriter:
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Wait until every row submitted so far is written; ``False`` on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        self._run_prepare()
         self._wake.set()  # write now rather than at the next interval
         with self._lock:
             target = self._submitted
@@ -106,6 +115,7 @@ class BatchWriter:
 
     def close(self, timeout: float | None = 10.0) -> bool:
         """Flush and stop the thread. Idempotent."""
+        self._run_prepare()  # deferred rows are submitted before submitting closes
         with self._lock:
             if self._closed:
                 return True
@@ -118,6 +128,13 @@ class BatchWriter:
             logger.error("budgetkit: %d usage rows could not be written before close",
                          self.pending)
         return done
+
+    def _run_prepare(self) -> None:
+        if self._prepare is not None:
+            try:
+                self._prepare()
+            except Exception:  # never lose the rows already queued over it
+                logger.exception("budgetkit: deferred ledger work failed")
 
     # -- consumer side -----------------------------------------------------------------
     def _append_backlog(self, rows: Sequence[_Row]) -> None:
@@ -144,6 +161,7 @@ class BatchWriter:
     def _run(self) -> None:
         delay = self._retry_initial
         while True:
+            self._run_prepare()
             batch = self._take_batch()
             if not batch:
                 if self._stopping:

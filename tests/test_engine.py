@@ -359,3 +359,60 @@ def test_a_listener_changing_record_metadata_does_not_change_the_row(engine):
     assert record is not None and record.as_row()["metadata"] == {"k": "v", "changed": True}
     [row] = engine.usage()
     assert row.metadata_ == {"k": "v"}
+
+
+# ---------------------------------------------------------------------------- deferred work
+
+def test_deferred_jobs_run_in_order_before_a_flush_and_survive_a_failing_one(engine, caplog):
+    ran: list[int] = []
+
+    def job(index: int) -> None:
+        if index == 2:
+            raise ValueError("job 2 is broken")
+        ticket = engine.ticket("gpt-4o-mini", input_tokens=10, request_id=f"job-{index}")
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+        ran.append(index)
+
+    for index in range(5):
+        engine.defer(lambda index=index: job(index))
+    engine.flush()
+    assert ran == [0, 1, 3, 4]
+    assert sorted(row.request_id for row in engine.usage()) == [f"job-{i}" for i in (0, 1, 3, 4)]
+    assert "job 2 is broken" in caplog.text
+
+
+def test_deferred_jobs_run_on_close_and_inline_after_it(tmp_path):
+    engine = Engine(db=str(tmp_path / "defer.db"))
+    ran = []
+    engine.defer(lambda: ran.append("before close"))
+    engine.close()
+    assert ran == ["before close"]
+    engine.defer(lambda: ran.append("after close"))  # nothing is left to run it later
+    assert ran == ["before close", "after close"]
+
+
+def test_the_writer_thread_runs_deferred_jobs_without_a_flush(engine):
+    done = threading.Event()
+    engine.defer(done.set)
+    assert done.wait(5.0)  # the writer takes them at its next batch
+
+
+def test_a_ticket_finished_later_keeps_the_moment_its_call_ended(ledger, fake_clock):
+    engine = ledger
+    ticket = engine.ticket("gpt-4o-mini", input_tokens=10)
+    ended = engine.mark_end()
+    fake_clock.advance(seconds=30)  # bookkeeping runs well after the call ended
+    ticket.ended = ended
+    record = engine.settle(ticket, input_tokens=10, output_tokens=1)
+    assert record is not None and record.created_at == ended[1]
+    assert record.latency_ms is not None and record.latency_ms < 30_000
+
+
+def test_ticket_checks_no_budget_but_its_spend_counts(engine):
+    from budgetkit import Budget
+
+    engine.add_budget(Budget(name="tiny", limit=0.000001))
+    ticket = engine.ticket("gpt-4o-mini", input_tokens=100_000)  # no BudgetExceeded
+    engine.settle(ticket, input_tokens=100_000, output_tokens=10)
+    engine.flush()
+    assert engine.budget_status("tiny")[0].used > 0

@@ -126,10 +126,45 @@ _SIGTERM_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_sigterm_keeps_every_finished_call(tmp_path):
+# The LangChain handler leaves each call's bookkeeping to the engine's deferred work.
+_SIGTERM_LANGCHAIN_SCRIPT = textwrap.dedent("""
+    import sys
+    from langchain_core.language_models import BaseChatModel
+    from langchain_core.messages import AIMessage
+    from langchain_core.outputs import ChatGeneration, ChatResult
+    from budgetkit import Engine
+    from langchain_budgetkit import BudgetkitCallbackHandler
+
+    class Fake(BaseChatModel):
+        model_name: str = "gpt-4o-mini"
+
+        @property
+        def _llm_type(self):
+            return "fake"
+
+        def _generate(self, messages, stop=None, run_manager=None, **kwargs):
+            usage = {"input_tokens": 10, "output_tokens": 1, "total_tokens": 11}
+            return ChatResult(generations=[ChatGeneration(
+                message=AIMessage(content="ok", usage_metadata=usage))])
+
+    engine = Engine(db=sys.argv[1])
+    handler = BudgetkitCallbackHandler(engine)
+    model = Fake()
+    done = 0
+    while True:
+        model.invoke("hi", config={"callbacks": [handler],
+                                   "metadata": {"request_id": f"call-{done}"}})
+        done += 1
+        print(done, flush=True)
+""")
+
+
+@pytest.mark.parametrize("script_text", [_SIGTERM_SCRIPT, _SIGTERM_LANGCHAIN_SCRIPT],
+                         ids=["engine", "langchain-handler"])
+def test_sigterm_keeps_every_finished_call(tmp_path, script_text):
     db = tmp_path / "sigterm.db"
     script = tmp_path / "calls.py"
-    script.write_text(_SIGTERM_SCRIPT)
+    script.write_text(script_text)
     process = subprocess.Popen([sys.executable, str(script), str(db)],
                                stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
@@ -144,7 +179,7 @@ def test_sigterm_keeps_every_finished_call(tmp_path):
         finished = int(line)  # calls that finished before the signal landed
     assert process.returncode == -signal.SIGTERM  # it still dies of SIGTERM
     with Engine(db=str(db)) as engine:
-        run_ids = {row.run_id for row in engine.usage()}
+        run_ids = {row.request_id or row.run_id for row in engine.usage()}
     assert {f"call-{i}" for i in range(finished)} <= run_ids
     assert len(run_ids) >= finished >= 300
 

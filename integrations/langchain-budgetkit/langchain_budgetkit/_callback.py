@@ -6,16 +6,22 @@
 
 The life of one model run, by LangChain event:
 
-- ``on_chat_model_start`` / ``on_llm_start``: the prompt is converted to OpenAI-format
-  messages and the engine *admits* the call (counts the prompt, prices the worst case,
-  checks budgets). A :class:`budgetkit.BudgetExceeded` propagates (the handler has
-  ``raise_error = True``), so the provider is never called; the engine has already written
-  the ``blocked`` row.
+- ``on_chat_model_start`` / ``on_llm_start``: when the engine has budgets (or
+  ``strict_models`` is set), the prompt is converted to OpenAI-format messages and the
+  engine *admits* the call (counts the prompt, prices the worst case, checks budgets). A
+  :class:`budgetkit.BudgetExceeded` propagates (the handler has ``raise_error = True``), so
+  the provider is never called; the engine has already written the ``blocked`` row.
+  Without budgets nothing needs deciding before the call, so the handler only notes the
+  run (its prompt, metadata and start time).
 - ``on_llm_new_token``: streamed text is kept (for the estimate below) and, when the engine
   offers ``check_stream``, the budget is checked as tokens arrive; its
   ``BudgetExceeded`` cuts the stream.
-- ``on_llm_end``: the provider's ``usage_metadata`` (cache reads, cache writes and reasoning
-  tokens included) settles the ticket, priced as the model the response names. Without
+- ``on_llm_end``: the run is handed to :meth:`budgetkit.Engine.defer` with the moment it
+  ended; off the caller's thread, the provider's ``usage_metadata`` (cache reads, cache
+  writes and reasoning tokens included) settles the ticket, priced as the model the
+  response names, and the row gets the call's real latency and end time. (LLM apps' threads
+  mostly wait on the network, where this work costs them nothing; ``engine.flush()``,
+  reading the handler's totals and exit run whatever is still waiting.) Without
   usage (some streams, fakes) the tokenizer counts the prompt and the output and the row
   says ``usage_source="estimated"``.
 - ``on_llm_error``: the reservation is returned; the row has status ``error`` and costs
@@ -45,9 +51,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -55,7 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID
 
-from langchain_core.callbacks import AsyncCallbackHandler, BaseCallbackHandler
+from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
@@ -66,9 +72,10 @@ from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
 
 from ._messages import message_text, to_openai_messages
+from ._usage_parse import (first_value, json_safe, tool_call_text, usage_from_metadata,
+                           usage_from_openai)
 
-__all__ = ["BudgetkitCallbackHandler", "AsyncBudgetkitCallbackHandler",
-           "get_budgetkit_callback", "usage_from_metadata"]
+__all__ = ["BudgetkitCallbackHandler", "get_budgetkit_callback", "usage_from_metadata"]
 
 logger = logging.getLogger("budgetkit.langchain")
 
@@ -83,14 +90,14 @@ _CALL_KEYS = ("operation_type", "user_id", "session_id", "project", "request_id"
 
 
 class _Call:
-    """A started model run's attribution. Ending the run marks the object rather than
+    """A started model run, for attribution. Ending the run marks the object rather than
     resetting the variable: LangChain ends async runs inside child tasks (copied contexts),
     where a reset would not reach the caller's context, but the shared object's mark does."""
 
-    __slots__ = ("run_id", "attribution", "ended")
+    __slots__ = ("run_id", "run", "tracker", "ended")
 
-    def __init__(self, run_id: UUID, attribution: dict[str, Any]) -> None:
-        self.run_id, self.attribution, self.ended = run_id, attribution, False
+    def __init__(self, run_id: UUID, run: _Run, tracker: _Tracker) -> None:
+        self.run_id, self.run, self.tracker, self.ended = run_id, run, tracker, False
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("budgetkit_current_call", default=None)
@@ -101,12 +108,12 @@ def current_call_attribution() -> dict[str, Any]:
     current = _current_call.get()
     if current is None or current.ended:
         return {}
-    kwargs = current.attribution  # filtered here, off the per-call path
+    try:  # worked out here, off the per-call path (most calls never ask)
+        kwargs = current.tracker._resolve(current.run_id, current.run)
+    except Exception:
+        _log_failure("attribution")
+        return {}
     return {key: kwargs[key] for key in _CALL_KEYS if key in kwargs}
-
-
-def _enter_call(run_id: UUID, kwargs: dict[str, Any]) -> None:
-    _current_call.set(_Call(run_id, kwargs))  # the run's admit kwargs, never mutated
 
 
 def _leave_call(run_id: UUID) -> None:
@@ -127,87 +134,40 @@ _ROUTED_MARK = "budgetkit_routed"
 _METERED_MARK = "budgetkit_metered"
 
 
-# ---------------------------------------------------------------------------- usage parsing
-
-def _int(value: Any) -> int:
-    return value if isinstance(value, int) and value > 0 else 0
-
-
-def _is(key: str, name: str) -> bool:
-    """``key`` is ``name`` or a service tier's spelling of it (``priority_cache_read``)."""
-    return key.endswith(name) and (len(key) == len(name) or key[-len(name) - 1] == "_")
-
-
-def usage_from_metadata(usage: Mapping[str, Any] | None) -> Usage | None:
-    """Read LangChain's ``usage_metadata`` (``None`` when it reports nothing).
-
-    ``cache_read`` → cached input, ``cache_creation`` → cache writes (Anthropic's
-    ``ephemeral_5m_input_tokens`` / ``ephemeral_1h_input_tokens`` instead when present, so
-    writes are counted once), ``reasoning`` → reasoning tokens. OpenAI's priority and flex
-    tiers prefix these keys with the tier name; both spellings are read.
-    """
-    if not usage:
-        return None
-    input_tokens = _int(usage.get("input_tokens"))
-    output_tokens = _int(usage.get("output_tokens"))
-    if not input_tokens and not output_tokens:
-        return None  # fakes and some streams report zeros: nothing was measured
-    cached = created = ephemeral = reasoning = 0
-    for key, value in (usage.get("input_token_details") or {}).items():
-        if value and isinstance(value, int):
-            if _is(key, "cache_read"):
-                cached += value
-            elif _is(key, "cache_creation"):
-                created += value
-            elif key.startswith("ephemeral_") and key.endswith("_input_tokens"):
-                ephemeral += value
-    for key, value in (usage.get("output_token_details") or {}).items():
-        if value and isinstance(value, int) and _is(key, "reasoning"):
-            reasoning += value
-    # The details are parts of the totals; never let a provider quirk exceed them.
-    cached = min(cached, input_tokens)
-    cache_write = min(ephemeral or created, input_tokens - cached)
-    return Usage(input_tokens, output_tokens, cached, cache_write, min(reasoning, output_tokens))
-
-
-def _usage_from_openai(token_usage: Mapping[str, Any] | None) -> Usage | None:
-    """Read an OpenAI-style ``token_usage`` dict (legacy LLMs' ``llm_output``)."""
-    if not token_usage:
-        return None
-    prompt = _int(token_usage.get("prompt_tokens") or token_usage.get("input_tokens"))
-    completion = _int(token_usage.get("completion_tokens") or token_usage.get("output_tokens"))
-    if not prompt and not completion:
-        return None
-    prompt_details = token_usage.get("prompt_tokens_details") or {}
-    completion_details = token_usage.get("completion_tokens_details") or {}
-    cached = min(_int(prompt_details.get("cached_tokens")), prompt)
-    return Usage(prompt, completion, cached, 0,
-                 min(_int(completion_details.get("reasoning_tokens")), completion))
-
-
 # ---------------------------------------------------------------------------- run state
 
 @dataclass(slots=True)
 class _Run:
-    """What the handler keeps between a model run's start and its end."""
+    """A model run between its start and its end: what LangChain gave at the start (read
+    when the run is resolved, usually off the caller's thread) and what was decided."""
 
-    ticket: Ticket | None
-    model: str | None
+    operation_type: str
+    parent_run_id: UUID | None
+    root_run_id: UUID
+    tags: list[str] | None
+    metadata: dict[str, Any] | None
+    params: dict[str, Any] | None
+    serialized: dict[str, Any] | None
+    prompt: Sequence[BaseMessage] | str
+    started: float
+    ticket: Ticket | None = None
+    model: str | None = None
+    #: the admit keyword arguments, once resolved (see _Tracker._resolve)
+    kwargs: dict[str, Any] | None = None
+    messages: list[dict[str, Any]] | None = None  # the prompt as OpenAI-format messages
+    prompt_text: str | None = None  # the prompt of a completion LLM
     #: set when the catalog could not price the start model: recorded at the end if the
     #: response names a model it can price
     deferred: dict[str, Any] | None = None
-    prompt_text: str | None = None
-    messages: list[dict[str, Any]] | None = None
     chunks: list[str] = field(default_factory=list)
     stream_tokens: int = 0
-    skip: bool = False  # recorded by someone else (see the module docs)
     task: Any = None  # the asyncio task running the call (async path), watched for cancel
     on_done: Any = None
 
 
 @dataclass(frozen=True, slots=True)
 class _Outcome:
-    """What to tell the engine at a run's end (executed sync or async by the handler)."""
+    """What to tell the engine at a run's end."""
 
     action: str  # "settle" | "discard" | "record" | "release"
     ticket: Ticket | None = None
@@ -215,28 +175,28 @@ class _Outcome:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
-def _first(mapping: Mapping[str, Any], keys: tuple[str, ...]) -> Any:
-    """The first truthy value of ``keys`` in ``mapping`` (``None`` when there is none)."""
-    for key in keys:
-        value = mapping.get(key)
-        if value:
-            return value
-    return None
+class _Totals:
+    """Running totals of the calls a handler recorded."""
+
+    __slots__ = ("calls", "input_tokens", "output_tokens", "cached_input_tokens",
+                 "reasoning_tokens", "cost_nanos", "usage_by_model")
+
+    def __init__(self) -> None:
+        self.calls = self.input_tokens = self.output_tokens = 0
+        self.cached_input_tokens = self.reasoning_tokens = self.cost_nanos = 0
+        self.usage_by_model: dict[str, dict[str, int]] = {}
 
 
-def _json_safe(value: Any, depth: int = 0) -> Any:
-    """Metadata goes to a JSON column: keep JSON values, stringify the rest."""
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if depth < 4 and isinstance(value, Mapping):
-        return {str(key): _json_safe(item, depth + 1) for key, item in value.items()}
-    if depth < 4 and isinstance(value, (list, tuple)):
-        return [_json_safe(item, depth + 1) for item in value]
-    return str(value)
+def _total(name: str) -> property:
+    def read(self: _Tracker) -> Any:
+        self.engine.run_deferred()  # calls that ended but are not counted yet
+        return getattr(self._totals, name)
+
+    return property(read, doc=f"Running total: {name.replace('_', ' ')}.")
 
 
 class _Tracker:
-    """The framework-event logic both handlers share; the engine calls are left to them."""
+    """The framework-event logic both handlers share."""
 
     def __init__(self, engine: Engine, *, user_id: str | None = None,
                  session_id: str | None = None, project: str | None = None,
@@ -264,15 +224,17 @@ class _Tracker:
         self._roots: dict[UUID, UUID] = {}  # run id -> root run id, for runs still open
         self._warned: set[str] = set()
         self._totals_lock = threading.Lock()
-        self.calls = 0
-        self.input_tokens = 0
-        self.output_tokens = 0
-        self.cached_input_tokens = 0
-        self.reasoning_tokens = 0
-        self.cost_nanos = 0
-        self.usage_by_model: dict[str, dict[str, int]] = {}
+        self._totals = _Totals()
 
     # -- running totals -------------------------------------------------------------------
+    calls = _total("calls")
+    input_tokens = _total("input_tokens")
+    output_tokens = _total("output_tokens")
+    cached_input_tokens = _total("cached_input_tokens")
+    reasoning_tokens = _total("reasoning_tokens")
+    cost_nanos = _total("cost_nanos")
+    usage_by_model = _total("usage_by_model")
+
     @property
     def total_tokens(self) -> int:
         return self.input_tokens + self.output_tokens
@@ -286,15 +248,16 @@ class _Tracker:
         if record is None:
             return
         with self._totals_lock:
-            self.calls += 1
-            self.input_tokens += record.input_tokens
-            self.output_tokens += record.output_tokens
-            self.cached_input_tokens += record.cached_input_tokens
-            self.reasoning_tokens += record.reasoning_tokens
-            self.cost_nanos += record.cost_nanos
-            per_model = self.usage_by_model.get(record.model)
+            totals = self._totals
+            totals.calls += 1
+            totals.input_tokens += record.input_tokens
+            totals.output_tokens += record.output_tokens
+            totals.cached_input_tokens += record.cached_input_tokens
+            totals.reasoning_tokens += record.reasoning_tokens
+            totals.cost_nanos += record.cost_nanos
+            per_model = totals.usage_by_model.get(record.model)
             if per_model is None:
-                per_model = self.usage_by_model[record.model] = {
+                per_model = totals.usage_by_model[record.model] = {
                     "calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_nanos": 0}
             per_model["calls"] += 1
             per_model["input_tokens"] += record.input_tokens
@@ -316,19 +279,42 @@ class _Tracker:
         self._roots.pop(run_id, None)
 
     # -- start --------------------------------------------------------------------------
-    def _plan_start(self, run_id: UUID, parent_run_id: UUID | None, tags: list[str] | None,
-                    metadata: dict[str, Any] | None, invocation_params: dict[str, Any] | None,
-                    serialized: dict[str, Any] | None, *, operation_type: str,
-                    messages: list[dict[str, Any]] | None = None,
-                    prompt: str | None = None) -> tuple[_Run, dict[str, Any]]:
-        # Runs on every model call: plain loops and dict lookups, no generators or copies.
-        metadata = metadata or {}
-        params = invocation_params or {}
+    def _begin(self, run_id: UUID, parent_run_id: UUID | None, tags: list[str] | None,
+               metadata: dict[str, Any] | None, kwargs: dict[str, Any],
+               serialized: dict[str, Any] | None, operation_type: str,
+               prompt: Sequence[BaseMessage] | str) -> _Run | None:
+        """Note a starting model run: only what cannot wait (the run tree, the context the
+        cache reads, the asyncio task). ``None``: someone else records this run."""
+        run = _Run(operation_type, parent_run_id, self._open(run_id, parent_run_id), tags,
+                   metadata, kwargs.get("invocation_params"), serialized, prompt,
+                   time.perf_counter())
+        _current_call.set(_Call(run_id, run, self))
+        if (metadata and (metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK))) \
+                or is_metered_call():
+            return None
+        self._runs[run_id] = run
+        self._watch_task(run_id, run)
+        return run
+
+    @property
+    def _admits_at_start(self) -> bool:
+        """Whether a run must be admitted before the call: only a budget can stop a call
+        (and ``strict_models`` must raise on the caller's thread)."""
+        return self.strict_models or self.engine.has_budgets
+
+    def _resolve(self, run_id: UUID, run: _Run) -> dict[str, Any]:
+        """The run's model and admit keyword arguments, worked out once from what LangChain
+        gave at its start."""
+        kwargs = run.kwargs
+        if kwargs is not None:
+            return kwargs
+        metadata = run.metadata or {}
+        params = run.params or {}
         model = metadata.get("ls_model_name")
         if not model:
-            model = _first(params, _MODEL_KEYS)
-            if not model and serialized:
-                model = _first(serialized.get("kwargs") or {}, _MODEL_KEYS)
+            model = first_value(params, _MODEL_KEYS)
+            if not model and run.serialized:
+                model = first_value(run.serialized.get("kwargs") or {}, _MODEL_KEYS)
         max_tokens = None
         for key in _MAX_TOKEN_KEYS:
             value = params.get(key)
@@ -339,11 +325,11 @@ class _Tracker:
             value = metadata.get("ls_max_tokens")
             if isinstance(value, int):
                 max_tokens = value
-        base = self._base_kwargs.get(operation_type)
+        base = self._base_kwargs.get(run.operation_type)
         if base is None:
-            base = {"operation_type": self.defaults["operation_type"] or operation_type,
+            base = {"operation_type": self.defaults["operation_type"] or run.operation_type,
                     **dict(self._default_attribution)}
-        kwargs: dict[str, Any] = base.copy()  # the run's metadata overrides the defaults
+        kwargs = base.copy()  # the run's metadata overrides the defaults
         extra: dict[str, Any] | None = None
         for key, value in metadata.items():
             if key in _ATTRIBUTION_KEYS:
@@ -352,47 +338,54 @@ class _Tracker:
             elif not key.startswith(("ls_", "lc_")):  # LangChain's own keys
                 if extra is None:
                     extra = {}
-                extra[key] = _json_safe(value)
-        run_text = str(run_id)
-        if parent_run_id is None:  # a top-level run is its own root
-            self._roots[run_id] = run_id
-            kwargs["run_id"] = kwargs["root_run_id"] = run_text
-            kwargs["parent_run_id"] = None
-        else:
-            root = self._open(run_id, parent_run_id)
-            kwargs["run_id"] = run_text
-            kwargs["parent_run_id"] = str(parent_run_id)
-            kwargs["root_run_id"] = str(root)
+                extra[key] = json_safe(value)
+        kwargs["run_id"] = str(run_id)
+        kwargs["parent_run_id"] = (str(run.parent_run_id) if run.parent_run_id is not None
+                                   else None)
+        kwargs["root_run_id"] = str(run.root_run_id)
+        tags = run.tags
         kwargs["tags"] = (self.tags + tuple(tag for tag in tags if tag not in self.tags)
                           if tags else self.tags)
         kwargs["metadata"] = {**self.metadata, **extra} if extra else dict(self.metadata)
-        run = _Run(ticket=None, model=str(model) if model else None, messages=messages,
-                   prompt_text=prompt,
-                   skip=bool(metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK)
-                             or is_metered_call()))
         if max_tokens is not None and max_tokens > 0:
             kwargs["max_output_tokens"] = max_tokens
-        return run, kwargs
+        if isinstance(run.prompt, str):
+            run.prompt_text = run.prompt
+        else:
+            run.messages = to_openai_messages(run.prompt)
+        run.model = str(model) if model else None
+        run.kwargs = kwargs
+        return kwargs
 
-    def _admit_kwargs(self, run: _Run, kwargs: dict[str, Any]) -> dict[str, Any]:
+    def _prompt_kwargs(self, run: _Run) -> dict[str, Any]:
         if run.messages is not None:
-            return dict(kwargs, messages=run.messages)
-        return dict(kwargs, prompt=run.prompt_text or "")
+            return {"messages": run.messages}
+        return {"prompt": run.prompt_text or ""}
 
-    def _unpriced(self, run_id: UUID, run: _Run, kwargs: dict[str, Any],
-                  error: Exception | None) -> None:
+    def _unpriced(self, run: _Run, kwargs: dict[str, Any]) -> None:
         """The start model cannot be priced: try again with the response's model name."""
-        if self.strict_models and error is not None:
-            raise error
-        kwargs.pop("max_output_tokens", None)
-        run.deferred = kwargs
-        self._runs[run_id] = run
-        self._watch_task(run_id, run)
+        deferred = dict(kwargs)
+        deferred.pop("max_output_tokens", None)
+        run.deferred = deferred
 
-    def _started(self, run_id: UUID, run: _Run, ticket: Ticket) -> None:
-        run.ticket = ticket
-        self._runs[run_id] = run
-        self._watch_task(run_id, run)
+    def _no_model(self, run: _Run, kwargs: dict[str, Any]) -> None:
+        self._warn_once("no-model", "budgetkit: a model run names no model (no "
+                        "ls_model_name or invocation_params['model']); it is recorded "
+                        "only if its response names one")
+        self._unpriced(run, kwargs)
+
+    def _admit_failed(self, run_id: UUID, run: _Run, kwargs: dict[str, Any],
+                      error: Exception) -> None:
+        """admit raised: a budget stop or a strict unknown model propagates, the rest is
+        logged (the call goes on untracked, or recorded if its response names a model)."""
+        if isinstance(error, _STOPS) or (self.strict_models
+                                        and isinstance(error, UnknownModelError)):
+            self._take(run_id)
+            raise error
+        if isinstance(error, UnknownModelError):
+            self._unpriced(run, kwargs)
+        else:
+            _log_failure("admit")
 
     # -- cancellation -----------------------------------------------------------------------
     def _watch_task(self, run_id: UUID, run: _Run) -> None:
@@ -412,9 +405,7 @@ class _Tracker:
         try:
             error = (asyncio.CancelledError() if task.cancelled()
                      else task.exception() or RuntimeError("the model run ended unfinished"))
-            outcome = self._plan_error(error, run_id)
-            if outcome is not None:
-                self._execute(outcome)
+            self._end(run_id, None, error)
         except Exception:
             _log_failure("cancellation")
 
@@ -435,22 +426,59 @@ class _Tracker:
         if not text:
             return None
         run.chunks.append(text)
-        check = getattr(self.engine, "check_stream", None)
-        if check is None or run.ticket is None:
+        if run.ticket is None or not run.ticket.reservations:
             return None
         run.stream_tokens += self.engine.count_tokens(text, run.ticket.model)
         return run.ticket, run.stream_tokens
 
     # -- end ------------------------------------------------------------------------------
-    def _plan_end(self, response: LLMResult, run_id: UUID) -> _Outcome | None:
+    def _end(self, run_id: UUID, response: LLMResult | None,
+             error: BaseException | None) -> None:
+        """A run ended: what is left is bookkeeping, handed to the engine's deferred work."""
         _leave_call(run_id)
         run = self._take(run_id)
         if run is None:
-            return None
-        generations = response.generations
-        generation = (generations[0][0] if generations and generations[0]
-                      else next((gen for gens in generations for gen in gens), None))
-        message = generation.message if isinstance(generation, ChatGeneration) else None
+            return
+        generation = None
+        if response is not None:
+            # Taken now: LangChain's cache replaces a shared generation's message on a
+            # later hit (to zero its cost), which must not turn this call into a hit.
+            generations = response.generations
+            generation = (generations[0][0] if generations and generations[0]
+                          else next((gen for gens in generations for gen in gens), None))
+        self.engine.defer(functools.partial(
+            self._complete, run_id, run, response, generation,
+            getattr(generation, "message", None), error, self.engine.mark_end()))
+
+    def _complete(self, run_id: UUID, run: _Run, response: LLMResult | None,
+                  generation: Any, message: Any, error: BaseException | None,
+                  ended: tuple[float, Any]) -> None:
+        """Settle, release or record a finished run (usually on the writer's thread)."""
+        try:
+            if run.ticket is None and run.deferred is None:
+                kwargs = self._resolve(run_id, run)
+                if run.model is None:
+                    self._no_model(run, kwargs)
+                else:
+                    try:  # the call has happened: no budget check, but it still counts
+                        run.ticket = self.engine.ticket(run.model, **self._prompt_kwargs(run),
+                                                        **kwargs)
+                        run.ticket.started = run.started
+                    except UnknownModelError:
+                        self._unpriced(run, kwargs)
+            if run.ticket is not None:
+                run.ticket.ended = ended
+            outcome = (self._plan_end(response, generation, message, run)
+                       if response is not None else self._plan_error(error, run))
+            if outcome is not None:
+                self._execute(outcome, ended, run.started)
+        except Exception:
+            _log_failure("on_llm_end" if error is None else "on_llm_error")
+
+    def _plan_end(self, response: LLMResult, generation: Any, message: Any,
+                  run: _Run) -> _Outcome | None:
+        if not isinstance(generation, ChatGeneration):
+            message = None
         response_metadata = getattr(message, "response_metadata", None) or {}
         generation_info = (generation.generation_info if generation is not None else None) or {}
         llm_output = response.llm_output or {}
@@ -463,8 +491,8 @@ class _Tracker:
         raw_usage = getattr(message, "usage_metadata", None)
         usage = usage_from_metadata(raw_usage)
         if usage is None:
-            usage = _usage_from_openai(llm_output.get("token_usage") or llm_output.get("usage")
-                                       or generation_info.get("usage"))
+            usage = usage_from_openai(llm_output.get("token_usage") or llm_output.get("usage")
+                                      or generation_info.get("usage"))
         if usage is None and message is None and llm_output.get("token_usage") == {}:
             # A legacy LLM answered several prompts in one request: LangChain gives the
             # request's whole usage to the first prompt's run and an emptied dict to the
@@ -516,15 +544,13 @@ class _Tracker:
             for generations in response.generations[:1]:
                 for generation in generations:
                     text += generation.text
-                    extra += _tool_call_text(generation)
+                    extra += tool_call_text(generation)
         output_tokens = self.engine.count_tokens(text + extra, counting_model) if (
             text or extra) else 0
         return Usage(input_tokens, output_tokens)
 
-    def _plan_error(self, error: BaseException, run_id: UUID) -> _Outcome | None:
-        _leave_call(run_id)
-        run = self._take(run_id)
-        if run is None or run.ticket is None:
+    def _plan_error(self, error: BaseException, run: _Run) -> _Outcome | None:
+        if run.ticket is None:
             return None
         partial = "".join(run.chunks)
         if not partial:
@@ -535,7 +561,7 @@ class _Tracker:
             "error": error, "input_tokens": run.ticket.input_tokens,
             "output_tokens": output_tokens, "usage_source": "estimated"})
 
-    def _execute(self, outcome: _Outcome) -> None:
+    def _execute(self, outcome: _Outcome, ended: tuple[float, Any], run_started: float) -> None:
         engine = self.engine
         try:
             if outcome.action == "settle":
@@ -550,12 +576,12 @@ class _Tracker:
             else:  # record
                 if outcome.ticket is not None:
                     engine.discard(outcome.ticket)
-                self._record(outcome)
+                self._record(outcome, ended, run_started)
         except UnknownModelError as exc:
             self._warn_once(f"unknown:{exc.model}", "budgetkit: not recording calls to %r: %s",
                             exc.model, exc)
 
-    def _record(self, outcome: _Outcome) -> None:
+    def _record(self, outcome: _Outcome, ended: tuple[float, Any], run_started: float) -> None:
         assert outcome.model is not None
         kwargs = dict(outcome.kwargs)
         if kwargs.get("status") == "cached":
@@ -565,14 +591,9 @@ class _Tracker:
                 cached_input_tokens=kwargs["cached_input_tokens"],
                 cache_write_tokens=kwargs["cache_write_tokens"])
             kwargs["usage_source"] = "provider"
-        self._count(self.engine.record(outcome.model, **kwargs))
-
-
-def _tool_call_text(generation: Any) -> str:
-    message = getattr(generation, "message", None)
-    calls = getattr(message, "tool_calls", None) or ()
-    return "".join(call.get("name", "") + json.dumps(call.get("args", {}), separators=(",", ":"))
-                   for call in calls)
+        self._count(self.engine.record(outcome.model, created_at=ended[1],
+                                       latency_ms=(ended[0] - run_started) * 1000.0,
+                                       **kwargs))
 
 
 def _log_failure(where: str) -> None:
@@ -596,7 +617,9 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
 
     Running totals of the calls it recorded: ``calls``, ``input_tokens``,
     ``output_tokens``, ``cached_input_tokens``, ``reasoning_tokens``, ``total_tokens``,
-    ``cost`` (USD), ``cost_nanos`` and ``usage_by_model``.
+    ``cost`` (USD), ``cost_nanos`` and ``usage_by_model``. A call's row is written, and
+    counted in these, a few milliseconds after it ends (see the module docs); reading a
+    total first finishes every call that has ended.
     """
 
     raise_error = True  # budget stops must reach the caller; everything else is caught
@@ -638,53 +661,43 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
                             messages: list[list[BaseMessage]], *, run_id: UUID,
                             parent_run_id: UUID | None = None, tags: list[str] | None = None,
                             metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        try:
-            prompt = to_openai_messages(messages[0] if messages else [])
-            run, admit = self._plan_start(run_id, parent_run_id, tags, metadata,
-                                          kwargs.get("invocation_params"), serialized,
-                                          operation_type="chat_completion", messages=prompt)
+        try:  # the prompt as it is now (a later append must not change what is counted)
+            run = self._begin(run_id, parent_run_id, tags, metadata, kwargs, serialized,
+                              "chat_completion", tuple(messages[0]) if messages else ())
         except Exception:
             _log_failure("on_chat_model_start")
             return
-        self._admit(run_id, run, admit)
+        if run is not None and self._admits_at_start:
+            self._admit(run_id, run)
 
     def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *, run_id: UUID,
                      parent_run_id: UUID | None = None, tags: list[str] | None = None,
                      metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
         try:
-            run, admit = self._plan_start(run_id, parent_run_id, tags, metadata,
-                                          kwargs.get("invocation_params"), serialized,
-                                          operation_type="text_generation",
-                                          prompt=prompts[0] if prompts else "")
+            run = self._begin(run_id, parent_run_id, tags, metadata, kwargs, serialized,
+                              "text_generation", prompts[0] if prompts else "")
         except Exception:
             _log_failure("on_llm_start")
             return
-        self._admit(run_id, run, admit)
+        if run is not None and self._admits_at_start:
+            self._admit(run_id, run)
 
-    def _admit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
-        _enter_call(run_id, kwargs)
-        if run.skip:
-            return
-        if run.model is None:
-            self._warn_once("no-model", "budgetkit: a model run names no model (no "
-                            "ls_model_name or invocation_params['model']); it is recorded "
-                            "only if its response names one")
-            self._unpriced(run_id, run, kwargs, None)
-            return
+    def _admit(self, run_id: UUID, run: _Run) -> None:
         try:
-            if run.messages is not None:  # (no dict copy: this runs on every call)
-                ticket = self.engine.admit(run.model, messages=run.messages, **kwargs)
-            else:
-                ticket = self.engine.admit(run.model, prompt=run.prompt_text or "", **kwargs)
-        except _STOPS:
-            self._close(run_id)
-            raise
-        except UnknownModelError as exc:
-            self._unpriced(run_id, run, kwargs, exc)
+            kwargs = self._resolve(run_id, run)
         except Exception:
             _log_failure("admit")
+            return
+        if run.model is None:
+            self._no_model(run, kwargs)
+            return
+        try:
+            ticket = self.engine.admit(run.model, **self._prompt_kwargs(run), **kwargs)
+        except Exception as exc:
+            self._admit_failed(run_id, run, kwargs, exc)
         else:
-            self._started(run_id, run, ticket)
+            ticket.started = run.started
+            run.ticket = ticket
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
         try:
@@ -693,142 +706,19 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             _log_failure("on_llm_new_token")
             return
         if check is not None:
-            self.engine.check_stream(*check)  # type: ignore[attr-defined]
+            self.engine.check_stream(*check)
 
     def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            outcome = self._plan_end(response, run_id)
-            if outcome is not None:
-                self._execute(outcome)
+            self._end(run_id, response, None)
         except Exception:
             _log_failure("on_llm_end")
 
     def on_llm_error(self, error: BaseException, *, run_id: UUID, **kwargs: Any) -> None:
         try:
-            outcome = self._plan_error(error, run_id)
-            if outcome is not None:
-                self._execute(outcome)
+            self._end(run_id, None, error)
         except Exception:
             _log_failure("on_llm_error")
-
-
-class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
-    """:class:`BudgetkitCallbackHandler` for asyncio-only apps: no thread-pool hop per event.
-
-    Budget checks that touch the database run through the engine's async methods. Note that
-    LangChain swallows exceptions of *async* handlers on the *sync* path (``invoke``): there
-    it records usage but cannot stop a call. Use the sync handler when budgets must also
-    stop sync calls.
-    """
-
-    raise_error = True
-    run_inline = True  # awaited in the caller's task (see BudgetkitCallbackHandler)
-
-    def __init__(self, engine: Engine, *, user_id: str | None = None,
-                 session_id: str | None = None, project: str | None = None,
-                 operation_type: str | None = None, task_type: str | None = None,
-                 tags: Sequence[str] = (), metadata: Mapping[str, Any] | None = None,
-                 strict_models: bool = False) -> None:
-        _Tracker.__init__(self, engine, user_id=user_id, session_id=session_id,
-                          project=project, operation_type=operation_type,
-                          task_type=task_type, tags=tags, metadata=metadata,
-                          strict_models=strict_models)
-
-    async def on_chain_start(self, serialized: Any, inputs: Any, *, run_id: UUID,
-                             parent_run_id: UUID | None = None, **kwargs: Any) -> None:
-        self._open(run_id, parent_run_id)
-
-    async def on_chain_end(self, outputs: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        self._close(run_id)
-
-    async def on_chain_error(self, error: BaseException, *, run_id: UUID,
-                             **kwargs: Any) -> None:
-        self._close(run_id)
-
-    on_tool_start = on_retriever_start = on_chain_start  # type: ignore[assignment]
-    on_tool_end = on_retriever_end = on_chain_end  # type: ignore[assignment]
-    on_tool_error = on_retriever_error = on_chain_error  # type: ignore[assignment]
-
-    async def on_chat_model_start(self, serialized: dict[str, Any],
-                                  messages: list[list[BaseMessage]], *, run_id: UUID,
-                                  parent_run_id: UUID | None = None,
-                                  tags: list[str] | None = None,
-                                  metadata: dict[str, Any] | None = None,
-                                  **kwargs: Any) -> None:
-        try:
-            prompt = to_openai_messages(messages[0] if messages else [])
-            run, admit = self._plan_start(run_id, parent_run_id, tags, metadata,
-                                          kwargs.get("invocation_params"), serialized,
-                                          operation_type="chat_completion", messages=prompt)
-        except Exception:
-            _log_failure("on_chat_model_start")
-            return
-        await self._aadmit(run_id, run, admit)
-
-    async def on_llm_start(self, serialized: dict[str, Any], prompts: list[str], *,
-                           run_id: UUID, parent_run_id: UUID | None = None,
-                           tags: list[str] | None = None,
-                           metadata: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        try:
-            run, admit = self._plan_start(run_id, parent_run_id, tags, metadata,
-                                          kwargs.get("invocation_params"), serialized,
-                                          operation_type="text_generation",
-                                          prompt=prompts[0] if prompts else "")
-        except Exception:
-            _log_failure("on_llm_start")
-            return
-        await self._aadmit(run_id, run, admit)
-
-    async def _aadmit(self, run_id: UUID, run: _Run, kwargs: dict[str, Any]) -> None:
-        _enter_call(run_id, kwargs)
-        if run.skip:
-            return
-        if run.model is None:
-            self._unpriced(run_id, run, kwargs, None)
-            return
-        try:
-            ticket = await self.engine.aadmit(run.model, **self._admit_kwargs(run, kwargs))
-        except _STOPS:
-            self._close(run_id)
-            raise
-        except UnknownModelError as exc:
-            self._unpriced(run_id, run, kwargs, exc)
-        except Exception:
-            _log_failure("admit")
-        else:
-            self._started(run_id, run, ticket)
-
-    async def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            check = self._on_token(token, run_id)
-        except Exception:
-            _log_failure("on_llm_new_token")
-            return
-        if check is not None:
-            self.engine.check_stream(*check)  # type: ignore[attr-defined]
-
-    async def on_llm_end(self, response: LLMResult, *, run_id: UUID, **kwargs: Any) -> None:
-        try:
-            outcome = self._plan_end(response, run_id)
-            if outcome is not None:
-                await self._aexecute(outcome)
-        except Exception:
-            _log_failure("on_llm_end")
-
-    async def on_llm_error(self, error: BaseException, *, run_id: UUID,
-                           **kwargs: Any) -> None:
-        try:
-            outcome = self._plan_error(error, run_id)
-            if outcome is not None:
-                await self._aexecute(outcome)
-        except Exception:
-            _log_failure("on_llm_error")
-
-    async def _aexecute(self, outcome: _Outcome) -> None:
-        if self.engine._budgets is None:  # nothing touches the database on the hot path
-            self._execute(outcome)
-        else:
-            await asyncio.to_thread(self._execute, outcome)
 
 
 # ---------------------------------------------------------------------------- context manager

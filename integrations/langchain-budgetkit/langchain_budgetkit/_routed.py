@@ -75,7 +75,7 @@ from budgetkit._router import RouteDecision
 from budgetkit._routed import (check_routed_models, explain_fit, fallback_reason,
                                fit_summary, largest_window_decision, routing_catalog)
 
-from ._callback import usage_from_metadata
+from ._usage_parse import usage_from_metadata
 from ._fitting import fit_messages
 from ._messages import message_text, to_openai_messages
 

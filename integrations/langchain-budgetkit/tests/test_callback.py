@@ -15,7 +15,7 @@ from langchain_core.runnables import RunnableLambda
 from budgetkit import Budget, BudgetExceeded, Engine, UnknownModelError
 from langchain_budgetkit import (AsyncBudgetkitCallbackHandler, BudgetkitCallbackHandler,
                                  get_budgetkit_callback)
-from langchain_budgetkit._callback import usage_from_metadata
+from langchain_budgetkit._usage_parse import usage_from_metadata
 
 USAGE = {"input_tokens": 1200, "output_tokens": 300, "total_tokens": 1500,
          "input_token_details": {"cache_read": 1000},
@@ -169,20 +169,27 @@ def test_stream_check_cuts_the_stream(engine, usage_model):
     assert row.output_tokens == 4  # every token generated before the cut is billed
 
 
-def test_budgetkit_cache_hit_is_discarded_not_recorded(engine, usage_model):
-    model = usage_model(usage=USAGE)
-    handler = BudgetkitCallbackHandler(engine)
+@pytest.mark.parametrize("with_budget", [False, True])
+def test_budgetkit_cache_hit_is_discarded_not_recorded(engine, with_budget):
     from langchain_core.messages import AIMessage
     from langchain_core.outputs import ChatGeneration, LLMResult
 
+    if with_budget:  # the run is admitted at its start: the hit returns its reservation
+        engine.add_budget(Budget(name="day", limit=5.0))
+    handler = BudgetkitCallbackHandler(engine)
     run_id = __import__("uuid").uuid4()
     handler.on_chat_model_start({}, [[]], run_id=run_id,
                                 metadata={"ls_model_name": "gpt-4o-mini"})
     ticket = handler._runs[run_id].ticket
+    assert (ticket is not None) is with_budget
     hit = AIMessage(content="cached", usage_metadata=USAGE,
                     response_metadata={"budgetkit_cache_hit": True})
     handler.on_llm_end(LLMResult(generations=[[ChatGeneration(message=hit)]]), run_id=run_id)
-    assert ticket.done and engine.usage() == [] and handler.calls == 0
+    assert engine.usage() == [] and handler.calls == 0
+    if with_budget:
+        assert ticket.done
+        engine.flush()
+        assert engine.budget_status("day")[0].reserved == 0
 
 
 def test_langchain_cache_hit_is_a_cached_row_with_money_saved(engine, usage_model):
@@ -386,3 +393,43 @@ def test_metered_embeddings_needs_a_priced_model(engine):
         MeteredEmbeddings(DeterministicFakeEmbedding(size=4), engine)
     with pytest.raises(UnknownModelError, match="acme-embed"):
         MeteredEmbeddings(DeterministicFakeEmbedding(size=4), engine, model="acme-embed")
+
+
+# ---------------------------------------------------------------------------- deferred bookkeeping
+
+def test_row_keeps_the_calls_own_time_and_latency_though_written_later(engine, usage_model):
+    import time
+
+    class Slow(usage_model):  # type: ignore[misc, valid-type]
+        def _generate(self, *args, **kwargs):
+            time.sleep(0.05)
+            return super()._generate(*args, **kwargs)
+
+    handler = BudgetkitCallbackHandler(engine)
+    engine._writer._prepare = None  # hold the bookkeeping back until the flush below
+    before = engine.now()
+    Slow(usage=USAGE).invoke("hi", config={"callbacks": [handler]})
+    after = engine.now()
+    assert len(engine._deferred) == 1  # nothing was priced or built on the caller's thread
+    time.sleep(0.2)
+    (row,) = engine.usage()
+    assert before <= row.created_at <= after
+    assert 50 <= row.latency_ms < 200
+
+
+def test_reading_a_total_finishes_calls_that_ended(engine, usage_model):
+    handler = BudgetkitCallbackHandler(engine)
+    engine._writer._prepare = None  # only the read below can run the bookkeeping
+    usage_model(usage=USAGE).invoke("hi", config={"callbacks": [handler]})
+    assert handler.calls == 1 and handler.input_tokens == USAGE["input_tokens"]
+    assert handler.cost > 0 and not engine._deferred
+
+
+def test_a_later_cache_hit_of_the_same_generation_leaves_the_first_call_paid(engine, usage_model):
+    handler = BudgetkitCallbackHandler(engine)
+    engine._writer._prepare = None  # the hit replaces the shared generation's message first
+    model = usage_model(usage=USAGE, cache=InMemoryCache())
+    model.invoke("same question", config={"callbacks": [handler]})
+    model.invoke("same question", config={"callbacks": [handler]})
+    statuses = [row.status for row in engine.usage()]
+    assert statuses == ["ok", "cached"]
