@@ -3,7 +3,7 @@
     budgetkit report [summary|costs|forecast|anomalies|what-if|allocation|daily|weekly|monthly]
     budgetkit budgets list|status        budgetkit alerts        budgetkit approve BUDGET
     budgetkit export -o usage.csv        budgetkit prices MODEL  budgetkit purge --older-than 90
-    budgetkit serve                      budgetkit demo
+    budgetkit rollup [--rebuild]         budgetkit serve         budgetkit demo
 
 Every command takes ``--db`` (a SQLAlchemy URL or a SQLite path; default ``BUDGETKIT_DB`` or
 ``~/.budgetkit/budgetkit.db``), ``--budgets`` (a TOML/JSON budget file; default
@@ -118,6 +118,13 @@ def _parser() -> argparse.ArgumentParser:
     purge = sub.add_parser("purge", parents=[common], help="delete old usage rows")
     purge.add_argument("--older-than", type=int, required=True, metavar="DAYS")
     purge.add_argument("--dry-run", action="store_true", help="only count")
+
+    rollup = sub.add_parser("rollup", parents=[common],
+                            help="state of the report rollup; --rebuild recomputes it")
+    rollup.add_argument("--rebuild", action="store_true",
+                        help="recompute the hourly/daily rollup from every usage row (needed "
+                             "once for a ledger older than the rollup, or after rows were "
+                             "written around budgetkit)")
 
     serve = sub.add_parser("serve", parents=[common], help="HTTP API and dashboard")
     serve.add_argument("--host", default="127.0.0.1")
@@ -498,6 +505,28 @@ def cmd_purge(args: argparse.Namespace, engine: Any) -> int:
     return EXIT_OK
 
 
+def cmd_rollup(args: argparse.Namespace, engine: Any) -> int:
+    engine.flush()
+    if args.rebuild:
+        state = engine.store.rebuild_rollup()
+    else:
+        state = engine.store.rollup_status()
+    data = state.to_dict()
+    counts = ", ".join(f"{name.removeprefix('budgetkit_usage_')} {integer(n)}"
+                       for name, n in state.buckets.items())
+    if args.rebuild:
+        text = f"Rebuilt the rollup in {state.seconds:.1f} s ({counts} buckets)."
+    elif state.ready:
+        built = state.built_at.strftime("%Y-%m-%d %H:%M") if state.built_at else "?"
+        text = (f"Rollup ready (version {state.version}, trusted since {built} UTC; "
+                f"{counts} buckets): reports read it.")
+    else:
+        text = ("Rollup not built: reports read the usage rows directly (slower on large "
+                "ledgers). Run 'budgetkit rollup --rebuild'.")
+    _emit(args, data, text)
+    return EXIT_OK
+
+
 # -- serve, demo ------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace, engine: Any) -> int:
     try:
@@ -533,7 +562,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- main -----------------------------------------------------------------------------------
 _ENGINE_COMMANDS = {"report": cmd_report, "budgets": cmd_budgets, "alerts": cmd_alerts,
                     "approve": cmd_approve, "export": cmd_export, "purge": cmd_purge,
-                    "serve": cmd_serve}
+                    "rollup": cmd_rollup, "serve": cmd_serve}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

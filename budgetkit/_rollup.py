@@ -201,7 +201,9 @@ def _refresh(conn: Connection, shape: Shape, start: dt.datetime | None,
     # digests are computed here, so the grouped rows pass through Python, in chunks
     sql = _upsert_sql(shape.name, conn.dialect.paramstyle)
     width = len(dims)
-    result = conn.execution_options(yield_per=10_000).execute(query)
+    # (the option on the statement: on the connection it would stick, and PostgreSQL's
+    # server-side cursors cannot run the executemany below)
+    result = conn.execute(query.execution_options(yield_per=10_000))
     for chunk in result.partitions():
         params = [(row[0], dims_key(tuple(row[1:1 + width])), *row[1:]) for row in chunk]
         conn.exec_driver_sql(sql, params)  # type: ignore[arg-type]
