@@ -15,6 +15,12 @@ cannot stop a call: for budgets that stop calls use the legacy
 (do not use both on the same LLM: each records every call). A call that raises before any
 output fires no end event; :meth:`register` also adds a span handler that records it as an
 ``error`` row.
+
+Run ids: each row's ``run_id`` is its LLM / embedding span, ``parent_run_id`` the span that
+called it and ``root_run_id`` the outermost span (the ``query`` / ``chat`` / agent ``run``),
+so every row of one query shares a root. Parents are known only to span handlers: a handler
+added with :meth:`register` knows them; one added with ``add_event_handler`` alone records
+``run_id`` only.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from pydantic import PrivateAttr
 
 from budgetkit import Engine
 
+from ._runs import RunIds, SpanTree
 from ._tracker import Tracker, TrackerTotals, log_failure, to_openai_messages
 
 __all__ = ["BudgetkitEventHandler"]
@@ -72,7 +79,8 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
     """
 
     _tracker: Tracker = PrivateAttr()
-    _embedding_models: dict[str, str | None] = PrivateAttr(default_factory=dict)
+    _embedding_models: dict[str, tuple[str | None, RunIds]] = PrivateAttr(default_factory=dict)
+    _spans: SpanTree = PrivateAttr(default_factory=SpanTree)
 
     def __init__(self, engine: Engine, *, user_id: str | None = None,
                  session_id: str | None = None, project: str | None = None,
@@ -83,6 +91,7 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
                                 project=project, task_type=task_type, tags=tags,
                                 metadata=metadata)
         self._embedding_models = {}
+        self._spans = SpanTree()
 
     @classmethod
     def class_name(cls) -> str:
@@ -96,7 +105,7 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
 
             dispatcher = get_dispatcher()
         dispatcher.add_event_handler(self)
-        dispatcher.add_span_handler(_ErrorSpanHandler(tracker=self._tracker))
+        dispatcher.add_span_handler(_SpanHandler(tracker=self._tracker, spans=self._spans))
         return self
 
     # -- events --------------------------------------------------------------------------
@@ -112,12 +121,14 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
         if isinstance(event, LLMChatStartEvent):
             if tracker.enter(key):
                 tracker.begin(key, _model_of(event.model_dict),
-                              tracker.attribution(key, "chat_completion", event.tags),
+                              tracker.attribution(key, "chat_completion", event.tags,
+                                                  self._spans.run_ids(key)),
                               messages=to_openai_messages(event.messages), admit=False)
         elif isinstance(event, LLMCompletionStartEvent):
             if tracker.enter(key):
                 tracker.begin(key, _model_of(event.model_dict),
-                              tracker.attribution(key, "text_generation", event.tags),
+                              tracker.attribution(key, "text_generation", event.tags,
+                                                  self._spans.run_ids(key)),
                               prompt=event.prompt, admit=False)
         elif isinstance(event, LLMChatInProgressEvent):
             tracker.progress(key, event.response.delta, event.response.raw)
@@ -137,34 +148,39 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
         elif isinstance(event, ExceptionEvent):
             tracker.fail(key, event.exception)
         elif isinstance(event, EmbeddingStartEvent):
-            self._embedding_models[key] = _model_of(event.model_dict)
+            self._embedding_models[key] = (_model_of(event.model_dict), self._spans.run_ids(key))
         elif isinstance(event, EmbeddingEndEvent):
-            model = self._embedding_models.pop(key, None)
+            model, run = self._embedding_models.pop(key, (None, self._spans.run_ids(key)))
             operation = "query_embedding" if is_query_span(key) else "embedding"
-            tracker.embedding(key, model, event.chunks, operation, event.tags)
+            tracker.embedding(key, model, event.chunks, operation, event.tags, run)
 
 
-class _ErrorSpanHandler(BaseSpanHandler[SimpleSpan]):
-    """Sees calls that raise before their end event (no event reports those)."""
+class _SpanHandler(BaseSpanHandler[SimpleSpan]):
+    """Feeds the handler's span tree (run ids) and sees calls that raise before their end
+    event (no event reports those)."""
 
     tracker: Any = None
+    spans: Any = None
 
-    def __init__(self, tracker: Tracker) -> None:
+    def __init__(self, tracker: Tracker, spans: SpanTree) -> None:
         super().__init__()
         self.tracker = tracker
+        self.spans = spans
 
     @classmethod
     def class_name(cls) -> str:
-        return "BudgetkitErrorSpanHandler"
+        return "BudgetkitSpanHandler"
 
     def new_span(self, id_: str, bound_args: inspect.BoundArguments,
                  instance: Any = None, parent_span_id: str | None = None,
                  tags: dict[str, Any] | None = None, **kwargs: Any) -> SimpleSpan | None:
-        return None  # nothing to keep per span
+        self.spans.open(id_, parent_span_id)
+        return None  # the base class keeps nothing: the tree is ours
 
     def prepare_to_exit_span(self, id_: str, bound_args: inspect.BoundArguments,
                              instance: Any = None, result: Any = None,
                              **kwargs: Any) -> SimpleSpan | None:
+        self.spans.close(id_)
         return None
 
     def prepare_to_drop_span(self, id_: str, bound_args: inspect.BoundArguments,
@@ -174,4 +190,5 @@ class _ErrorSpanHandler(BaseSpanHandler[SimpleSpan]):
             self.tracker.fail(id_, err)
         except Exception:
             log_failure("span drop")
+        self.spans.close(id_)
         return None

@@ -10,6 +10,11 @@ an exception raised in ``on_event_start`` for an LLM event aborts ``chat`` / ``c
 ``blocked`` row), every other call is settled with the provider's usage when it ends.
 Anything else that goes wrong in tracking is logged and never breaks the call.
 
+Run ids: ``run_id`` is the LLM / embedding event's id, ``parent_run_id`` the event it runs
+in and ``root_run_id`` the outermost trace or event open around it (the ``query`` trace of a
+query engine, the ``chat`` trace of a chat engine turn), so every row of one query shares a
+root.
+
 ``Settings.callback_manager`` reaches only LLMs created after it is set (or fetched via
 ``Settings.llm``); pass ``callback_manager=`` to LLMs created earlier.
 """
@@ -26,6 +31,7 @@ from llama_index.core.instrumentation.span import active_span_id
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine
 
 from ._events import _model_of, is_query_span
+from ._runs import RunIds, end_legacy_trace, legacy_run_ids, start_legacy_trace
 from ._tracker import Tracker, TrackerTotals, log_failure, to_openai_messages
 
 __all__ = ["BudgetkitCallbackHandler"]
@@ -51,14 +57,14 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
         self._tracker = Tracker(engine, user_id=user_id, session_id=session_id,
                                 project=project, task_type=task_type, tags=tags,
                                 metadata=metadata)
-        self._embeddings: dict[str, tuple[str | None, str]] = {}
+        self._embeddings: dict[str, tuple[str | None, str, RunIds]] = {}
 
     def start_trace(self, trace_id: str | None = None) -> None:
-        return None
+        start_legacy_trace(trace_id)
 
     def end_trace(self, trace_id: str | None = None,
                   trace_map: dict[str, list[str]] | None = None) -> None:
-        return None
+        end_legacy_trace()
 
     def on_event_start(self, event_type: CBEventType, payload: dict[str, Any] | None = None,
                        event_id: str = "", parent_id: str = "", **kwargs: Any) -> str:
@@ -68,7 +74,8 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
                 operation = ("query_embedding" if is_query_span(active_span_id.get())
                              else "embedding")
                 self._embeddings[event_id] = (
-                    _model_of(payload.get(EventPayload.SERIALIZED)), operation)
+                    _model_of(payload.get(EventPayload.SERIALIZED)), operation,
+                    legacy_run_ids(event_id, parent_id))
                 return event_id
             if event_type != CBEventType.LLM or not self._tracker.enter(event_id):
                 return event_id
@@ -77,11 +84,12 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
             max_output = serialized.get("num_output")
             messages = payload.get(EventPayload.MESSAGES)
             tracker = self._tracker
+            run = legacy_run_ids(event_id, parent_id)
             if messages is not None:
-                kwargs_ = tracker.attribution(event_id, "chat_completion")
+                kwargs_ = tracker.attribution(event_id, "chat_completion", run=run)
                 prepared = {"messages": to_openai_messages(messages)}
             else:
-                kwargs_ = tracker.attribution(event_id, "text_generation")
+                kwargs_ = tracker.attribution(event_id, "text_generation", run=run)
                 prepared = {"prompt": str(payload.get(EventPayload.PROMPT) or "")}
         except Exception:
             log_failure("on_event_start")
@@ -101,9 +109,10 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
         payload = payload or {}
         try:
             if event_type == CBEventType.EMBEDDING:
-                model, operation = self._embeddings.pop(event_id, (None, "embedding"))
+                model, operation, run = self._embeddings.pop(event_id, (None, "embedding", None))
                 chunks = payload.get(EventPayload.CHUNKS) or []
-                self._tracker.embedding(event_id, model, [str(c) for c in chunks], operation)
+                self._tracker.embedding(event_id, model, [str(c) for c in chunks], operation,
+                                        run=run)
             elif event_type == CBEventType.LLM:
                 self._end_llm(event_id, payload)
         except Exception:

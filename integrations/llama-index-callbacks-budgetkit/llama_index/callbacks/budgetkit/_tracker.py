@@ -28,6 +28,7 @@ from budgetkit._usage import Usage
 
 from ._context import ATTRIBUTION_KEYS, current_attribution
 from ._fitting import to_openai_message
+from ._runs import RunIds
 
 logger = logging.getLogger("budgetkit.llama_index")
 
@@ -157,7 +158,10 @@ class Tracker:
 
     # -- attribution ------------------------------------------------------------------
     def attribution(self, key: str, operation_type: str,
-                    event_tags: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    event_tags: Mapping[str, Any] | None = None,
+                    run: RunIds | None = None) -> dict[str, Any]:
+        """Row fields of call ``key``; ``run`` places it in its query / chat / agent run
+        (without it the call is its own run of unknown parent)."""
         scoped = current_attribution()
         fields: dict[str, Any] = {"operation_type": operation_type, **self._defaults}
         for source in (scoped, event_tags or {}):
@@ -167,7 +171,8 @@ class Tracker:
                     fields[name] = str(value)
         tags = self._tags + tuple(tag for tag in scoped.get("tags", ()) if tag not in self._tags)
         metadata = {**self._metadata, **scoped.get("metadata", {})}
-        return dict(fields, run_id=key, tags=tags, metadata=metadata)
+        run_ids = (run or RunIds(key, None, None)).as_kwargs()
+        return dict(fields, **run_ids, tags=tags, metadata=metadata)
 
     # -- nesting --------------------------------------------------------------------------
     def enter(self, key: str) -> bool:
@@ -276,7 +281,8 @@ class Tracker:
         return Usage(input_tokens, self.engine.count_tokens(output, counting) if output else 0)
 
     def embedding(self, key: str, model: str | None, chunks: Sequence[str],
-                  operation_type: str, event_tags: Mapping[str, Any] | None = None) -> None:
+                  operation_type: str, event_tags: Mapping[str, Any] | None = None,
+                  run: RunIds | None = None) -> None:
         """Record one embedding call (tokens counted: LlamaIndex reports none)."""
         if not model:
             self.warn_once("embedding:no-model", "budgetkit: an embedding call names no "
@@ -286,7 +292,8 @@ class Tracker:
             tokens = sum(self.engine.count_tokens(chunk, model) for chunk in chunks)
             self._count(self.engine.record(model, input_tokens=tokens,
                                            usage_source="estimated",
-                                           **self.attribution(key, operation_type, event_tags)))
+                                           **self.attribution(key, operation_type, event_tags,
+                                                             run)))
         except UnknownModelError as exc:
             self.warn_once(f"unknown:{model}", "budgetkit: not recording embeddings of %r: %s",
                            model, exc)
