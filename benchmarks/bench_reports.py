@@ -2,12 +2,16 @@
 
 Generates N usage rows (default 1,000,000, spread over 90 days, 6 models, 7 operation
 types, 200 users, a tag on 20 % of rows) into a fresh SQLite file with one
-``INSERT ... SELECT`` over a recursive CTE, then times each report, best of 3, next to the
-peers: the same summary done the naive way (load rows with ``Store.query_usage`` and sum in
-Python, on a 3-day slice and scaled up) and the bare SQL through the stdlib ``sqlite3``
-module (the floor any SQLAlchemy layer sits on).
+``INSERT ... SELECT`` over a recursive CTE. Those rows go around budgetkit's writer, so the
+rollup is then rebuilt from them (``Store.rebuild_rollup``, what ``budgetkit rollup
+--rebuild`` runs; timed). Then each report is timed, best of 3, next to the peers: the
+same summary read from the ledger alone (the rollup ignored), done the naive way (load
+rows with ``Store.query_usage`` and sum in Python, on a 3-day slice and scaled up), and the
+bare SQL through the stdlib ``sqlite3`` module. Last, what the rollup costs the writer:
+``Store.insert_usage`` of 500-row batches shaped like the generated rows, with and without
+the rollup upserts.
 
-    /work/venv/bin/python benchmarks/bench_reports.py [--rows 1000000] [--db PATH]
+    /work/venv/bin/python benchmarks/bench_reports.py [--rows 1000000] [--db PATH] [--reuse]
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sqlite3
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import budgetkit  # noqa: E402
+from budgetkit._reports import as_source  # noqa: E402
 from budgetkit._store import Store  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 31, 12, 0, 0)
@@ -129,6 +135,9 @@ def main() -> None:
         print(f"generated {args.rows:,} rows in {made:.1f} s ({size_mb:.0f} MB) at {path}")
 
     store = Store(path)
+    rebuilt = store.rebuild_rollup()  # the generated rows went around the writer
+    print(f"rollup rebuilt in {rebuilt.seconds:.1f} s: "
+          + ", ".join(f"{name} {n:,}" for name, n in rebuilt.buckets.items()))
     kw: dict[str, Any] = {"now": NOW}
     cases: list[tuple[str, Callable[[], Any]]] = [
         ("summary by model, 90 days (all rows)", lambda: budgetkit.summarize(
@@ -140,10 +149,16 @@ def main() -> None:
         ("summary by user, 90 days", lambda: budgetkit.summarize(
             store, group_by="user", days=90, **kw)),
         ("daily series, 90 days", lambda: budgetkit.cost_series(store, days=90, **kw)),
+        ("hourly series, 90 days", lambda: budgetkit.cost_series(
+            store, unit="hour", days=90, **kw)),
         ("summary by tag, 90 days", lambda: budgetkit.summarize(
             store, group_by="tag", days=90, **kw)),
         ("one user, 30 days (index)", lambda: budgetkit.summarize(
             store, group_by="operation_type", days=30, user_id="user-7", **kw)),
+        ("summary by session, 90 days (ledger)", lambda: budgetkit.summarize(
+            store, group_by="session", days=90, **kw)),
+        ("what-if gpt-4o-mini, 90 days", lambda: budgetkit.what_if(
+            store, "gpt-4o-mini", days=90, **kw)),
         ("cost analysis, 30 days", lambda: budgetkit.cost_analysis(store, days=30, **kw)),
         ("forecast (month)", lambda: budgetkit.forecast(store, **kw)),
         ("anomalies, daily, 30 days", lambda: budgetkit.detect_anomalies(store, **kw)),
@@ -151,7 +166,6 @@ def main() -> None:
             store, ["model", "operation_type", "day"], days=90, **kw)),
     ]
     try:  # the whole dashboard payload (the server extra)
-        from budgetkit._reports import as_source
         from budgetkit._server._app import Principal, dashboard_payload
 
         cases.append(("dashboard payload, 30 days", lambda: dashboard_payload(
@@ -160,7 +174,13 @@ def main() -> None:
         pass
     results = [(name, best_of(fn)) for name, fn in cases]
 
-    # peers: the bare SQL through sqlite3, and loading rows into Python
+    # peers: the ledger alone, the bare SQL through sqlite3, and loading rows into Python
+    def ledger_only() -> Any:
+        src = as_source(store, now=NOW)
+        src.rollup = False  # as if the rollup were not built
+        return budgetkit.summarize(src, group_by="model", days=90)
+
+    ledger = best_of(ledger_only)
     raw = sqlite3.connect(path)
     floor = best_of(lambda: raw.execute(
         "SELECT model, count(*), sum(input_tokens), sum(output_tokens), sum(total_tokens), "
@@ -178,10 +198,59 @@ def main() -> None:
     for name, seconds in results:
         print(f"{name:<42} {seconds:>9.3f} {seconds / base:>10.2f}x")
     print("-" * 64)
-    print(f"{'peer: bare SQL via sqlite3 (8 aggregates)':<42} {floor:>9.3f} {floor / base:>10.2f}x")
-    print(f"{'peer: load rows + sum in Python (scaled)':<42} {naive:>9.3f} {naive / base:>10.2f}x")
+    peers = [("peer: same summary, ledger only (no rollup)", ledger),
+             ("peer: bare SQL via sqlite3 (8 aggregates)", floor),
+             ("peer: load rows + sum in Python (scaled)", naive)]
+    for name, seconds in peers:
+        print(f"{name:<42} {seconds:>9.3f} {seconds / base:>10.2f}x")
+    print("-" * 64)
+    print(f"{'rollup rebuild of ' + format(args.rows, ',') + ' rows (once)':<42} "
+          f"{rebuilt.seconds:>9.3f}")
+    plain_ms, rollup_ms = insert_cost()
+    print(f"{'writer: insert 500-row batch, no rollup':<42} {plain_ms / 1000:>9.4f}")
+    print(f"{'writer: insert 500-row batch, with rollup':<42} {rollup_ms / 1000:>9.4f}"
+          f"   (+{(rollup_ms - plain_ms) / 500 * 1000:.0f} us per row)")
     verdict = "PASS" if base < 1.0 else "FAIL"
     print(f"\nsummary over {args.rows:,} rows: {base:.3f} s (goal < 1 s): {verdict}")
+
+
+def insert_cost(batches: int = 40) -> tuple[float, float]:
+    """Milliseconds per 500-row ``Store.insert_usage`` batch without / with the rollup
+    (rows like the generated ones, in time order; best of 3 rounds, fresh files)."""
+    def rows(start: int) -> list[dict[str, Any]]:
+        out = []
+        for x in range(start, start + 500):
+            out.append({
+                "id": uuid.uuid4().hex,
+                # as often as in the generated ledger: a batch spans about an hour
+                "created_at": NOW + dt.timedelta(seconds=x * 90 * 86400 / 1_000_000),
+                "operation_type": OPERATIONS[x % 7], "provider": "openai",
+                "model": MODELS[(x // 7) % 6], "input_tokens": 100 + x % 900,
+                "output_tokens": (x % 7) * 40, "cached_input_tokens": (x % 5) * 10,
+                "cache_write_tokens": 0, "reasoning_tokens": 0,
+                "total_tokens": 100 + x % 900 + (x % 7) * 40, "cost_nanos": 1000 + x % 997,
+                "saved_nanos": 0, "latency_ms": float(50 + x % 400),
+                "status": "cached" if x % 10 == 0 else "ok", "usage_source": "provider",
+                "user_id": f"user-{x % 200}", "session_id": f"session-{x % 5000}",
+                "project": f"project-{x % 5}",
+                "tags": [f"team-{x % 3}"] if x % 5 == 0 else [], "metadata": {}})
+        return out
+
+    work = [rows(i * 500) for i in range(batches)]
+    best = {False: float("inf"), True: float("inf")}
+    folder = tempfile.mkdtemp(prefix="bk-insert-")
+    for round_ in range(3):
+        for maintain in (False, True):
+            target = Store(os.path.join(folder, f"insert-{round_}-{maintain}.db"))
+            target.create_tables()
+            target._maintain_rollup = maintain  # the switch insert_usage reads
+            start = time.perf_counter()
+            for batch in work:
+                target.insert_usage(batch)
+            best[maintain] = min(best[maintain],
+                                 (time.perf_counter() - start) / batches * 1000)
+            target.dispose()
+    return best[False], best[True]
 
 
 if __name__ == "__main__":

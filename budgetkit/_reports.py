@@ -56,6 +56,7 @@ _DIMENSION_COLUMNS = {  # public name -> column of budgetkit_usage
     "session_id": "session_id", "project": "project", "provider": "provider",
     "status": "status", "task_type": "task_type",
 }
+_ROLLUP_COLUMNS = {**_DIMENSION_COLUMNS, "tag": "tag"}  # dimensions a rollup may hold
 _DIMENSION_ALIASES = {"operation": "operation_type", "user": "user_id", "session": "session_id",
                       "team": "project"}
 FILTERS = ("model", "user_id", "operation_type", "project", "session_id", "status",
@@ -486,10 +487,12 @@ def _rollup_pieces(src: _Source, names: tuple[str, ...], period: Period,
                    filters: Mapping[str, Any]) -> list[_rollup.Piece] | None:
     """How to read the period from the rollup, or None when only the ledger can answer."""
     needed = [n for n in names if n not in TIME_DIMENSIONS]
-    needed += [_DIMENSION_ALIASES.get(k, k) for k, v in filters.items() if v is not None]
-    if any(n not in _DIMENSION_COLUMNS for n in needed):
-        return None  # tags, metadata, an unknown filter (the ledger path names it)
-    columns = {_DIMENSION_COLUMNS[n] for n in needed}
+    filtered = [_DIMENSION_ALIASES.get(k, k) for k, v in filters.items() if v is not None]
+    if any(n not in _ROLLUP_COLUMNS for n in [*needed, *filtered]):
+        return None  # metadata, an unknown filter (the ledger path names it)
+    if "tag" in needed and "tag" in filtered:
+        return None  # the other tags of calls carrying one tag: only the ledger knows
+    columns = {_ROLLUP_COLUMNS[n] for n in [*needed, *filtered]}
     grains = [grain for grain in _rollup.GRAINS
               if _rollup.shape_for(grain, columns) is not None
               and not (grain == "day" and "hour" in names)]
@@ -520,22 +523,31 @@ def _ledger_groups(src: _Source, names: tuple[str, ...], period: Period,
 
 def _rollup_groups(src: _Source, grain: str, names: tuple[str, ...], start: dt.datetime,
                    end: dt.datetime, filters: Mapping[str, Any]) -> list[UsageGroup]:
-    needed = {_DIMENSION_COLUMNS[n] for n in names if n not in TIME_DIMENSIONS}
-    needed |= {_DIMENSION_COLUMNS[_DIMENSION_ALIASES.get(k, k)]
-               for k, v in filters.items() if v is not None}
-    shape = _rollup.shape_for(grain, needed)
+    needed = {_ROLLUP_COLUMNS[n] for n in names if n not in TIME_DIMENSIONS}
+    filtered = {_ROLLUP_COLUMNS[_DIMENSION_ALIASES.get(k, k)]: v
+                for k, v in filters.items() if v is not None}
+    shape = _rollup.shape_for(grain, needed | set(filtered))
     assert shape is not None  # _rollup_pieces checked
     t = shape.table
     where = [t.c.bucket >= start, t.c.bucket < end]
-    where += [t.c[_DIMENSION_COLUMNS[_DIMENSION_ALIASES.get(k, k)]] == v
-              for k, v in filters.items() if v is not None]
-    exprs = [(time_bucket(src.dialect, n, t.c.bucket) if n in TIME_DIMENSIONS
-              else t.c[_DIMENSION_COLUMNS[n]]).label(f"g{i}") for i, n in enumerate(names)]
+    where += [t.c[column] == value for column, value in filtered.items()]
+    # Grouped by the table's own grain, the bucket itself is the group: labelled here
+    # rather than formatted per row in SQL (3x faster over the hourly table).
+    exprs = [(t.c.bucket if n == grain else time_bucket(src.dialect, n, t.c.bucket)
+              if n in TIME_DIMENSIONS else t.c[_ROLLUP_COLUMNS[n]]).label(f"g{i}")
+             for i, n in enumerate(names)]
     query = select(*exprs, *_rollup_measures(t)).where(and_(*where))
     if names:
         query = query.group_by(*[literal_column(f"g{i}") for i in range(len(names))])
-    return [UsageGroup.from_row({n: row._mapping[f"g{i}"] for i, n in enumerate(names)}, row)
-            for row in run_query(src, query)]
+    return [UsageGroup.from_row(
+        {n: _bucket_label(row._mapping[f"g{i}"], n) if n == grain else row._mapping[f"g{i}"]
+         for i, n in enumerate(names)}, row) for row in run_query(src, query)]
+
+
+def _bucket_label(bucket: Any, unit: str) -> str:
+    """The label :func:`time_bucket` gives the hour / day starting at ``bucket``."""
+    start = bucket if isinstance(bucket, dt.datetime) else dt.datetime.fromisoformat(bucket)
+    return start.strftime("%Y-%m-%d %H:00") if unit == "hour" else start.date().isoformat()
 
 
 def _rollup_measures(t: Any) -> list[Any]:

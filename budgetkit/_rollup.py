@@ -7,6 +7,8 @@ set of grouping dimensions, holding the sums of every measure a report shows:
 - ``budgetkit_usage_hourly``: hour x model, provider, operation type, project, status, task type
 - ``budgetkit_usage_daily``: the same per day (derived from the hourly buckets on rebuild)
 - ``budgetkit_usage_daily_user``: day x user, status
+- ``budgetkit_usage_daily_tag``: day x tag, status (a call once per distinct tag; untagged
+  calls under NULL, as grouping by tag counts them)
 
 How they stay exact:
 
@@ -41,8 +43,9 @@ from typing import Any
 from sqlalchemy import Table, and_, func, literal_column, select
 from sqlalchemy.engine import Connection
 
-from ._tables import (ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUP_STATE, ROLLUP_USER_DIMENSIONS,
-                      USAGE_DAILY, USAGE_DAILY_USER, USAGE_HOURLY, UsageRow)
+from ._tables import (ROLLUP_DIMENSIONS, ROLLUP_MEASURES, ROLLUP_STATE, ROLLUP_TAG_DIMENSIONS,
+                      ROLLUP_USER_DIMENSIONS, USAGE_DAILY, USAGE_DAILY_TAG, USAGE_DAILY_USER,
+                      USAGE_HOURLY, UsageRow, UsageTagRow)
 
 __all__ = ["Shape", "SHAPES", "ROLLUP_VERSION", "RollupStatus", "apply_batch", "rebuild",
            "after_purge", "init_state", "is_ready", "plan_pieces", "supports", "status"]
@@ -53,6 +56,7 @@ ROLLUP_VERSION = 1
 GRAINS = ("day", "hour")  # coarsest first
 _GRAIN_STEP = {"hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1)}
 USAGE = UsageRow.__table__  # type: ignore[attr-defined]
+TAGS = UsageTagRow.__table__  # type: ignore[attr-defined]
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ SHAPES = (
     Shape("hourly", USAGE_HOURLY, "hour", ROLLUP_DIMENSIONS),
     Shape("daily", USAGE_DAILY, "day", ROLLUP_DIMENSIONS, derived_from="hourly"),
     Shape("daily_user", USAGE_DAILY_USER, "day", ROLLUP_USER_DIMENSIONS),
+    Shape("daily_tag", USAGE_DAILY_TAG, "day", ROLLUP_TAG_DIMENSIONS),
 )
 _BY_NAME = {shape.name: shape for shape in SHAPES}
 _INT_MEASURES = tuple(m for m in ROLLUP_MEASURES if m != "latency_sum")
@@ -117,31 +122,38 @@ def _upsert_sql(shape_name: str, paramstyle: str) -> str:
 
 def batch_buckets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[tuple[Any, ...], list[Any]]]:
     """The batch summed per shape and bucket: ``{shape: {(bucket, *dims): measures}}``."""
-    out: dict[str, dict[tuple[Any, ...], list[Any]]] = {shape.name: {} for shape in SHAPES}
-    wide_dims, user_dims = ROLLUP_DIMENSIONS, ROLLUP_USER_DIMENSIONS
-    hourly, daily, daily_user = out["hourly"], out["daily"], out["daily_user"]
+    # Runs on the writer thread, holding the GIL the application wants: rows are only
+    # sorted into buckets here, and each bucket summed column-wise by C builtins below.
+    grouped: dict[str, dict[tuple[Any, ...], list[tuple[Any, ...]]]] = {
+        shape.name: {} for shape in SHAPES}
+    wide_dims = ROLLUP_DIMENSIONS
+    hourly, daily = grouped["hourly"], grouped["daily"]
+    daily_user, daily_tag = grouped["daily_user"], grouped["daily_tag"]
+    get = dict.get
     for row in rows:
         created = row["created_at"]
         if created.tzinfo is not None:
             created = created.astimezone(dt.timezone.utc).replace(tzinfo=None)
         hour = created.replace(minute=0, second=0, microsecond=0)
         day = hour.replace(hour=0)
-        latency = row.get("latency_ms")
-        measures = (1, row.get("input_tokens") or 0, row.get("output_tokens") or 0,
-                    row.get("cached_input_tokens") or 0, row.get("cache_write_tokens") or 0,
-                    row.get("reasoning_tokens") or 0, row.get("total_tokens") or 0,
-                    row.get("cost_nanos") or 0, row.get("saved_nanos") or 0,
+        latency = get(row, "latency_ms")
+        measures = (1, get(row, "input_tokens") or 0, get(row, "output_tokens") or 0,
+                    get(row, "cached_input_tokens") or 0, get(row, "cache_write_tokens") or 0,
+                    get(row, "reasoning_tokens") or 0, get(row, "total_tokens") or 0,
+                    get(row, "cost_nanos") or 0, get(row, "saved_nanos") or 0,
                     0 if latency is None else 1, 0.0 if latency is None else float(latency))
-        wide = tuple(row.get(d) for d in wide_dims)
-        for buckets, key in ((hourly, (hour, *wide)), (daily, (day, *wide)),
-                             (daily_user, (day, *(row.get(d) for d in user_dims)))):
-            acc = buckets.get(key)
-            if acc is None:
-                buckets[key] = list(measures)
-            else:
-                for i, value in enumerate(measures):
-                    acc[i] += value
-    return out
+        wide = tuple([get(row, d) for d in wide_dims])
+        status = get(row, "status")
+        hourly.setdefault((hour, *wide), []).append(measures)
+        daily.setdefault((day, *wide), []).append(measures)
+        daily_user.setdefault((day, get(row, "user_id"), status), []).append(measures)
+        # distinct tags, as Store.insert_usage writes them to budgetkit_usage_tag
+        for tag in (dict.fromkeys(get(row, "tags") or ()) or (None,)):
+            daily_tag.setdefault((day, tag, status), []).append(measures)
+    return {name: {key: (list(items[0]) if len(items) == 1
+                         else [sum(column) for column in zip(*items)])
+                   for key, items in buckets.items()}
+            for name, buckets in grouped.items()}
 
 
 def apply_batch(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -193,11 +205,14 @@ def _refresh(conn: Connection, shape: Shape, start: dt.datetime | None,
         return
     c = USAGE.c
     bucket = _bucket_expr(dialect, shape.grain, c.created_at)
-    query = (select(bucket, *[c[d] for d in dims], func.count(),
+    columns = [TAGS.c.tag if d == "tag" else c[d] for d in dims]
+    query = (select(bucket, *columns, func.count(),
                     *[func.coalesce(func.sum(c[m]), 0) for m in _INT_MEASURES[1:-1]],
                     func.count(c.latency_ms), func.coalesce(func.sum(c.latency_ms), 0.0))
              .where(_in_range(c.created_at, start, end))
-             .group_by(bucket, *[c[d] for d in dims]))
+             .group_by(bucket, *columns))
+    if "tag" in dims:  # once per tag; untagged rows once, under NULL
+        query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == c.id))
     # digests are computed here, so the grouped rows pass through Python, in chunks
     sql = _upsert_sql(shape.name, conn.dialect.paramstyle)
     width = len(dims)

@@ -14,7 +14,7 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Float, Index, Integer
 from sqlmodel import Field, SQLModel
 
 __all__ = ["UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES", "USAGE_HOURLY",
-           "USAGE_DAILY", "USAGE_DAILY_USER", "ROLLUP_STATE"]
+           "USAGE_DAILY", "USAGE_DAILY_USER", "USAGE_DAILY_TAG", "ROLLUP_STATE"]
 
 # The operation types of the Token Usage Tracking seed; users may record their own.
 OPERATION_TYPES = (
@@ -85,16 +85,19 @@ class UsageTagRow(SQLModel, table=True):
 # -- the rollup: usage pre-aggregated per hour / day (maintained by budgetkit._rollup) ----------
 # Grouping dimensions of the rollups. user_id and session_id are left out of the wide ones:
 # with them nearly every call is its own bucket, so the rollup would be as large as the
-# ledger; a narrow per-user daily rollup serves "by user" instead.
+# ledger; narrow per-user and per-tag daily rollups serve "by user" and "by tag" instead.
+# Sessions (thousands, each short-lived) are read from the ledger through their index.
 ROLLUP_DIMENSIONS = ("model", "provider", "operation_type", "project", "status", "task_type")
 ROLLUP_USER_DIMENSIONS = ("user_id", "status")
+# A call counts once per distinct tag (untagged calls under NULL), as grouping by tag does.
+ROLLUP_TAG_DIMENSIONS = ("tag", "status")
 # Summed measures, each the sum of the ledger column of the same name, plus ``calls`` (rows)
 # and ``latency_n`` (rows with a latency).
 ROLLUP_MEASURES = ("calls", "input_tokens", "output_tokens", "cached_input_tokens",
                    "cache_write_tokens", "reasoning_tokens", "total_tokens", "cost_nanos",
                    "saved_nanos", "latency_n", "latency_sum")
 _DIMENSION_LENGTHS = {"model": 200, "provider": 64, "operation_type": 64, "project": 200,
-                      "status": 16, "task_type": 64, "user_id": 200}
+                      "status": 16, "task_type": 64, "user_id": 200, "tag": 200}
 
 
 def _rollup_table(name: str, dimensions: tuple[str, ...]) -> Table:
@@ -117,6 +120,7 @@ def _rollup_table(name: str, dimensions: tuple[str, ...]) -> Table:
 USAGE_HOURLY = _rollup_table("budgetkit_usage_hourly", ROLLUP_DIMENSIONS)
 USAGE_DAILY = _rollup_table("budgetkit_usage_daily", ROLLUP_DIMENSIONS)
 USAGE_DAILY_USER = _rollup_table("budgetkit_usage_daily_user", ROLLUP_USER_DIMENSIONS)
+USAGE_DAILY_TAG = _rollup_table("budgetkit_usage_daily_tag", ROLLUP_TAG_DIMENSIONS)
 
 # One row per rollup family: present (with the current version) once the rollup holds every
 # ledger row. A ledger that had rows before the rollup existed has none until it is rebuilt.

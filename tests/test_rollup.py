@@ -174,13 +174,23 @@ def test_reports_from_the_rollup_equal_reports_from_the_ledger(store: Store) -> 
     assert [g.to_dict() for g in a] == [g.to_dict() for g in b]
 
 
-def test_grouping_by_tag_or_session_reads_the_ledger(store: Store) -> None:
+def test_tags_read_the_tag_rollup_and_sessions_the_ledger(store: Store) -> None:
     rng = random.Random(3)
-    write(store, random_rows(rng, 200), rng)
-    _, _, sql = report_pair(store, budgetkit.summarize, group_by="tag", days=30)
+    write(store, random_rows(rng, 300), rng)
+    whole_days = {"start_date": "2025-03-04", "end_date": "2025-03-10"}
+    a, b, sql = report_pair(store, budgetkit.summarize, group_by="tag", **whole_days)
+    assert any("FROM budgetkit_usage_daily_tag" in s for s in sql)
+    assert not any("budgetkit_usage_tag" in s for s in sql)  # no join with the ledger's tags
+    assert_same_summary(a, b)
+    assert {g.key["tag"] for g in a.groups} == {"team-a", "team-b", None}
+    # calls carrying team-a, grouped by all their tags: only the ledger knows co-occurrence
+    a, b, sql = report_pair(store, budgetkit.summarize, group_by="tag", tag="team-a",
+                            **whole_days)
     grouped = [s for s in sql if "GROUP BY" in s.upper()]
     assert grouped and all("budgetkit_usage_tag" in s for s in grouped)
-    _, _, sql = report_pair(store, budgetkit.summarize, group_by="session", days=30)
+    assert_same_summary(a, b)  # (its totals, each call once, may come from the rollup)
+    assert {g.key["tag"] for g in a.groups} == {"team-a", "team-b"}
+    _, _, sql = report_pair(store, budgetkit.summarize, group_by="session", **whole_days)
     assert not any("budgetkit_usage_hourly" in s or "budgetkit_usage_daily" in s for s in sql)
 
 
