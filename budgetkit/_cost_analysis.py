@@ -129,14 +129,17 @@ def _caching_advice(src: _Source, period: Period,
     c = plan_columns(src, period, filters)
     # paid calls whose prompt is known (hashed); embeddings recorded without one don't count
     where = _filters(src, period, filters, c) + [c.status == "ok", c.prompt_hash.is_not(None)]
-    paid = run_query(src, select(func.count()).select_from(USAGE).where(and_(*where)))[0][0]
-    repeats = (select(c.prompt_hash, (func.count() - 1).label("extra"),
-                      (func.sum(c.cost_nanos) - func.min(c.cost_nanos)).label("extra_cost"))
-               .select_from(USAGE)
-               .where(and_(*where))
-               .group_by(c.prompt_hash).having(func.count() > 1).subquery())
-    extra, extra_cost = run_query(src, select(func.coalesce(func.sum(repeats.c.extra), 0),
-                                              func.coalesce(func.sum(repeats.c.extra_cost), 0)))[0]
+    # one pass: per prompt, its calls and what the calls after the first cost
+    per_prompt = (select(func.count().label("n"),
+                         (func.sum(c.cost_nanos) - func.min(c.cost_nanos)).label("extra_cost"))
+                  .select_from(USAGE)
+                  .where(and_(*where))
+                  .group_by(c.prompt_hash).subquery())
+    paid, extra, extra_cost = run_query(src, select(
+        func.coalesce(func.sum(per_prompt.c.n), 0),
+        func.coalesce(func.sum(per_prompt.c.n - 1), 0),
+        func.coalesce(func.sum(per_prompt.c.extra_cost), 0)))[0]
+    paid = int(paid)
     if not paid or int(extra) / paid <= REPEAT_SHARE:
         return []
     share = int(extra) / paid

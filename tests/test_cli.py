@@ -188,6 +188,18 @@ def test_purge_deletes_old_rows(capsys: pytest.CaptureFixture[str], db: str) -> 
     assert budgetkit.summarize(db, days=30).totals.calls == 7
 
 
+def test_rollup_reports_its_state_and_rebuilds(capsys: pytest.CaptureFixture[str],
+                                               db: str) -> None:
+    code, out, _ = run(capsys, "rollup", "--db", db)
+    assert code == EXIT_OK and "Rollup ready" in out  # kept up to date by every write
+    before = run_json(capsys, "rollup", "--db", db)
+    rebuilt = run_json(capsys, "rollup", "--rebuild", "--db", db)
+    assert rebuilt["ready"] and rebuilt["seconds"] is not None
+    assert rebuilt["buckets"] == before["buckets"]  # rebuilt from the rows: the same buckets
+    # two days of one kind of call, then today: paid calls, an embedding and a cache hit
+    assert before["buckets"]["budgetkit_usage_daily"] == 1 + 1 + 3
+
+
 # -- errors and exit codes ------------------------------------------------------------------
 @pytest.mark.parametrize("argv, needle", [
     (["report", "--days", "-2"], "days must be >= 1"),
