@@ -99,7 +99,9 @@ def _ceil(value: dt.datetime, grain: str) -> dt.datetime:
 @functools.lru_cache(maxsize=65536)
 def dims_key(values: tuple[Any, ...]) -> str:
     """A digest of one bucket's dimension values (NULL and '' stay distinct)."""
-    return hashlib.blake2b(json.dumps(values).encode(), digest_size=16).hexdigest()
+    # as text, the way the columns store them: a rebuild reads back what a batch wrote
+    text = json.dumps([None if value is None else str(value) for value in values])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 # -- maintenance on insert -------------------------------------------------------------
@@ -109,15 +111,18 @@ def _bound_time(value: dt.datetime, sqlite: bool) -> Any:
 
 
 @functools.lru_cache(maxsize=32)
-def _upsert_sql(shape_name: str, paramstyle: str) -> str:
+def _upsert_sql(shape_name: str, paramstyle: str, add: bool = True) -> str:
+    """Add to a bucket, creating it if needed; ``add=False``: a plain insert."""
     shape = _BY_NAME[shape_name]
     name = shape.table.name
     mark = "?" if paramstyle == "qmark" else "%s"
     columns = ["bucket", "dims_key", *shape.dimensions, *ROLLUP_MEASURES]
+    insert = (f"INSERT INTO {name} ({', '.join(columns)}) "
+              f"VALUES ({', '.join(mark for _ in columns)})")
+    if not add:
+        return insert
     updates = ", ".join(f"{m} = {name}.{m} + excluded.{m}" for m in ROLLUP_MEASURES)
-    return (f"INSERT INTO {name} ({', '.join(columns)}) "
-            f"VALUES ({', '.join(mark for _ in columns)}) "
-            f"ON CONFLICT (bucket, dims_key) DO UPDATE SET {updates}")
+    return f"{insert} ON CONFLICT (bucket, dims_key) DO UPDATE SET {updates}"
 
 
 def batch_buckets(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[tuple[Any, ...], list[Any]]]:
@@ -213,8 +218,9 @@ def _refresh(conn: Connection, shape: Shape, start: dt.datetime | None,
              .group_by(bucket, *columns))
     if "tag" in dims:  # once per tag; untagged rows once, under NULL
         query = query.select_from(USAGE.outerjoin(TAGS, TAGS.c.usage_id == c.id))
-    # digests are computed here, so the grouped rows pass through Python, in chunks
-    sql = _upsert_sql(shape.name, conn.dialect.paramstyle)
+    # digests are computed here, so the grouped rows pass through Python, in chunks; plain
+    # inserts: the range was just emptied, and writers wait (SQLite's write lock, _lock)
+    sql = _upsert_sql(shape.name, conn.dialect.paramstyle, add=False)
     width = len(dims)
     # (the option on the statement: on the connection it would stick, and PostgreSQL's
     # server-side cursors cannot run the executemany below)
