@@ -15,7 +15,10 @@ The life of one model run, by LangChain event:
   run (its prompt, metadata and start time).
 - ``on_llm_new_token``: streamed text is kept (for the estimate below) and, when the engine
   offers ``check_stream``, the budget is checked as tokens arrive; its
-  ``BudgetExceeded`` cuts the stream.
+  ``BudgetExceeded`` cuts the stream. A chunk's ``usage_metadata``, when it has one, is
+  kept too: at the end, chunks that report *running totals* (vLLM's continuous usage
+  stats and other OpenAI-compatible servers, LangChain #30429) are recorded with the last
+  totals rather than LangChain's sum of them (see ``_stream_usage``).
 - ``on_llm_end``: the run is handed to :meth:`budgetkit.Engine.defer` with the moment it
   ended; off the caller's thread, the provider's ``usage_metadata`` (cache reads, cache
   writes and reasoning tokens included) settles the ticket, priced as the model the
@@ -72,6 +75,7 @@ from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
 
 from ._messages import message_text, to_openai_messages
+from ._stream_usage import ChunkUsage, usage_of_running_totals
 from ._usage_parse import (first_value, json_safe, tool_call_text, usage_from_metadata,
                            usage_from_openai)
 
@@ -161,6 +165,8 @@ class _Run:
     deferred: dict[str, Any] | None = None
     chunks: list[str] = field(default_factory=list)
     stream_tokens: int = 0
+    #: the streamed chunks' usage_metadata (None until a chunk reports one)
+    chunk_usage: list[ChunkUsage] | None = None
     task: Any = None  # the asyncio task running the call (async path), watched for cancel
     on_done: Any = None
 
@@ -418,11 +424,18 @@ class _Tracker:
         return run
 
     # -- streaming ------------------------------------------------------------------------
-    def _on_token(self, token: Any, run_id: UUID) -> tuple[Ticket, int] | None:
+    def _on_token(self, token: Any, run_id: UUID,
+                  chunk: Any = None) -> tuple[Ticket, int] | None:
         run = self._runs.get(run_id)
         if run is None:
             return None
         text = token if isinstance(token, str) else message_text(token)
+        if chunk is not None:  # per token: only keep what the end needs (see _stream_usage)
+            usage = getattr(getattr(chunk, "message", None), "usage_metadata", None)
+            if usage:
+                if run.chunk_usage is None:
+                    run.chunk_usage = []
+                run.chunk_usage.append((usage, bool(text)))
         if not text:
             return None
         run.chunks.append(text)
@@ -489,6 +502,8 @@ class _Tracker:
         model = (response_metadata.get("model_name") or response_metadata.get("model")
                  or llm_output.get("model_name") or llm_output.get("model") or run.model)
         raw_usage = getattr(message, "usage_metadata", None)
+        if run.chunk_usage is not None:  # LangChain summed the chunks: right unless totals
+            raw_usage = usage_of_running_totals(run.chunk_usage) or raw_usage
         usage = usage_from_metadata(raw_usage)
         if usage is None:
             usage = usage_from_openai(llm_output.get("token_usage") or llm_output.get("usage")
@@ -699,9 +714,10 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             ticket.started = run.started
             run.ticket = ticket
 
-    def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
+                         **kwargs: Any) -> None:
         try:
-            check = self._on_token(token, run_id)
+            check = self._on_token(token, run_id, chunk)
         except Exception:
             _log_failure("on_llm_new_token")
             return

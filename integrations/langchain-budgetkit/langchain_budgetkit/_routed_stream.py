@@ -4,13 +4,14 @@ inner model's answers into the routed model's messages, chunks and usage.
 An inner stream (:class:`InnerStream`, :class:`AsyncInnerStream`) is admitted when it opens
 (its first chunk is pulled inside the fallback's ``try``, so a stream that fails before any
 output falls back like a call) and settled with the summed chunks' usage when it ends; a
-stream that breaks releases its reservation.
+stream that breaks releases its reservation. Chunks reporting running totals of usage are
+settled with the last totals, not their sum (see ``_stream_usage``).
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
@@ -22,6 +23,7 @@ from budgetkit._cascade import Completion, asettle_completion, metered_call, set
 
 from ._messages import message_text
 from ._routed_run import PARSED_KEY, ROUTED_MARKER, RoutedCall
+from ._stream_usage import ChunkUsage, usage_of_running_totals
 from ._usage_parse import usage_from_metadata
 
 __all__ = ["InnerStream", "AsyncInnerStream", "as_message", "as_chunk", "completion_of",
@@ -40,6 +42,7 @@ class InnerStream:
         self.ticket: Any = None
         self.first: AIMessageChunk | None = None
         self.total: AIMessageChunk | None = None
+        self.chunk_usage: list[ChunkUsage] = []  # LangChain sums chunks' usage: see below
 
     def _start(self) -> None:
         call = self.call
@@ -72,15 +75,27 @@ class InnerStream:
         assert self.first is not None
         self.total = self.first
         try:
+            self._note(self.first)
             yield self.first
             while (piece := self._next()) is not None:
                 chunk = as_chunk(piece)
                 self.total = self.total + chunk
+                self._note(chunk)
                 yield chunk
         except BaseException as exc:
             self._release(exc)
             raise
-        settle_completion(self.engine, self.ticket, completion_of(self.total))
+        settle_completion(self.engine, self.ticket, self._completion())
+
+    def _note(self, chunk: AIMessageChunk) -> None:
+        if chunk.usage_metadata:
+            self.chunk_usage.append((chunk.usage_metadata, bool(message_text(chunk.content))))
+
+    def _completion(self) -> Completion:
+        """The summed stream as a completion, with the last running totals instead of
+        their sum when the chunks report those (see ``_stream_usage``)."""
+        assert self.total is not None
+        return completion_of(self.total, usage_of_running_totals(self.chunk_usage))
 
     def _release(self, exc: BaseException) -> None:
         if self.ticket is not None:
@@ -115,15 +130,17 @@ class AsyncInnerStream(InnerStream):
         assert self.first is not None
         self.total = self.first
         try:
+            self._note(self.first)
             yield self.first
             while (piece := await self._anext()) is not None:
                 chunk = as_chunk(piece)
                 self.total = self.total + chunk
+                self._note(chunk)
                 yield chunk
         except BaseException as exc:
             self._release(exc)
             raise
-        await asettle_completion(self.engine, self.ticket, completion_of(self.total))
+        await asettle_completion(self.engine, self.ticket, self._completion())
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -153,8 +170,10 @@ def as_chunk(output: Any) -> AIMessageChunk:
                           id=message.id)
 
 
-def completion_of(message: BaseMessage) -> Completion:
-    usage = usage_from_metadata(getattr(message, "usage_metadata", None))
+def completion_of(message: BaseMessage,
+                  usage_metadata: Mapping[str, Any] | None = None) -> Completion:
+    """``message`` as a completion; ``usage_metadata`` replaces the message's own."""
+    usage = usage_from_metadata(usage_metadata or getattr(message, "usage_metadata", None))
     metadata = message.response_metadata or {}
     reported = metadata.get("model_name") or metadata.get("model")
     return Completion(
