@@ -40,6 +40,7 @@ from ._alerts import Alert, AlertSink, LoggingSink
 from ._budget_sql import (_APPROVED, _GROW_HOLD_SQL, _HOLD_SQL, _RESERVE_SQL, _SETTLE_SQL,
                           _UNHOLD_MANY_SQL, _UNRESERVE_SQL, AL, R, W, Driver, _hold_many_sql,
                           _reserve_many_sql, _settle_many_sql, insert_ignore, ledger_spend)
+from ._budget_lease import LEASE_SYNC, LeaseDesk
 from ._budget_status import Approval, BudgetReader, BudgetStatus, attribution_ticket
 from ._budgets import Budget, window_bounds
 from ._errors import ApprovalRequired, BudgetExceeded, ConfigurationError
@@ -71,6 +72,7 @@ class Reservation:
     scope_key: str
     window_start: dt.datetime
     amount: int
+    leased: bool = False  # admitted from this process's lease (see _budget_lease)
 
 
 @dataclass
@@ -121,6 +123,10 @@ class BudgetBook(BudgetReader):
         self._driver = Driver(store)
         self._insert_window = insert_ignore(store, W)
         self._insert_alert = insert_ignore(store, AL)
+        #: Busy windows are admitted from leases (room reserved ahead); see _budget_lease.
+        self.leases = True
+        self._desk = LeaseDesk(self._fast, self._lock_windows_in_order, self._driver,
+                               self._driver.dialect)
 
     # -- registry ---------------------------------------------------------------------
     def add(self, budget: Budget, *, replace: bool = False) -> Budget:
@@ -270,6 +276,35 @@ class BudgetBook(BudgetReader):
         plan = sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
                        for budget, key, start, window_id in targets if window_id is not None),
                       key=lambda item: item[0])
+        leased: list[tuple[tuple[Any, ...], Any]] = []
+        if plan and self._desk.any_active:
+            plan, leased, short = self._desk.take(plan, now)
+            if short:
+                more, left = self._desk.top_up(short, now)
+                leased += more
+                plan = sorted([*plan, *left], key=lambda item: item[0])
+                self._threshold_alerts([(lease, lease.seen_spent, lease.seen_reserved)
+                                        for _item, lease in more])
+        try:
+            results = self._reserve_exact(ticket, plan, now)
+        except BaseException:
+            self._desk.give_back(leased)
+            raise
+        if plan and self.leases and self._desk.note_exact(plan, results):
+            self._ensure_settler()
+        plan = [*(item for item, _lease in leased), *plan, *solo]
+        results = [*(lease.state() for _item, lease in leased), *results,
+                   *((0, item[4]) for item in solo)]
+        ticket.reservations = [Reservation(window_id, budget, key, start, amount,
+                                           leased=index < len(leased))
+                               for index, (window_id, budget, key, start, amount)
+                               in enumerate(plan)]
+        self._judge(ticket, plan, results)
+
+    def _reserve_exact(self, ticket: Any, plan: list[tuple[Any, ...]], now: dt.datetime
+                       ) -> list[tuple[int, int]]:
+        """Reserve the ticket's worst case in each window of ``plan`` in one transaction
+        (retried once after settling our queue and reaping expired reservations)."""
         results: list[tuple[int, int]] = []
         for attempt in (1, 2):
             if not plan:
@@ -289,14 +324,19 @@ class BudgetBook(BudgetReader):
                     self.flush()
                     self.reap(now, window_id=window_id)
                     if self._forget_missing_windows(plan):  # deleted behind our back
-                        return self.reserve(ticket)
+                        plan[:] = self._replan(ticket, plan, now)
                     continue
                 raise self._blocked(budget, key, start, window_id, amount, now) from None
-        plan = [*plan, *solo]
-        results = [*results, *((0, item[4]) for item in solo)]
-        ticket.reservations = [Reservation(window_id, budget, key, start, amount)
-                               for window_id, budget, key, start, amount in plan]
-        self._judge(ticket, plan, results)
+        return results
+
+    def _replan(self, ticket: Any, plan: list[tuple[Any, ...]], now: dt.datetime
+                ) -> list[tuple[Any, ...]]:
+        """``plan`` again after window rows were deleted: their windows are made anew."""
+        wanted = {(item[1].name, item[2]) for item in plan}
+        return sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
+                       for budget, key, start, window_id in self._targets(ticket, now)
+                       if window_id is not None and (budget.name, key) in wanted),
+                      key=lambda item: item[0])
 
     def _forget_missing_windows(self, plan: Sequence[tuple[Any, ...]]) -> bool:
         """Drop cached ids of windows whose rows are gone (someone cleared the table)."""
@@ -334,6 +374,15 @@ class BudgetBook(BudgetReader):
         if settled:
             self._threshold_alerts(settled)
         return results
+
+    def _lock_windows_in_order(self, run: Callable[..., list[Any]], ids: Sequence[int]) -> None:
+        """PostgreSQL: lock these windows (even one) in id order; leases touch reservation
+        rows before the window's own update."""
+        if self._driver.dialect != "postgresql" or not ids:
+            return
+        names = ", ".join(f":l{index}" for index in range(len(ids)))
+        run(f"SELECT id FROM budgetkit_budget_window WHERE id IN ({names}) "
+            "ORDER BY id FOR UPDATE", {f"l{index}": wid for index, wid in enumerate(sorted(ids))})
 
     def _lock_windows(self, run: Callable[..., list[Any]], ids: Iterable[int | None]) -> None:
         """PostgreSQL: lock these windows in id order before touching reservation rows.
@@ -415,8 +464,14 @@ class BudgetBook(BudgetReader):
         queue first and tries again.
         """
         reservations: list[Reservation] = list(ticket.reservations)
-        held = bool(reservations)
         ticket.reservations = []
+        if any(item.leased for item in reservations):
+            self._desk.settle([item for item in reservations if item.leased], cost_nanos,
+                              tokens)
+            reservations = [item for item in reservations if not item.leased]
+            if not reservations:
+                return
+        held = bool(reservations)
         if not held:
             if not self._budgets or (cost_nanos == 0 and tokens == 0):
                 return
@@ -438,11 +493,15 @@ class BudgetBook(BudgetReader):
             return
         with self._pending_lock:
             self._pending.append(item)
+        self._ensure_settler()
+        self._wake.set()
+
+    def _ensure_settler(self) -> None:
+        with self._pending_lock:
             if self._settler is None or not self._settler.is_alive():
                 self._settler = threading.Thread(target=self._settle_forever, daemon=True,
                                                  name="budgetkit-settler")
                 self._settler.start()
-        self._wake.set()
 
     def release(self, ticket: Any) -> None:
         """Give back what the ticket reserved (cancelled, failed or blocked elsewhere)."""
@@ -450,13 +509,24 @@ class BudgetBook(BudgetReader):
             self.commit(ticket, 0, 0)
 
     def flush(self) -> int:
-        """Settle every queued ticket now; returns how many were settled."""
+        """Settle every queued ticket now and give leases' unused room back; returns how
+        many tickets were settled."""
         with self._flush_lock:
             with self._pending_lock:
                 items, self._pending = self._pending, []
             if items:
                 self._settle_batch(items)
-            return len(items)
+        self._sync_leases(shrink=True)
+        return len(items)
+
+    def _sync_leases(self, *, shrink: bool = False) -> None:
+        try:
+            synced = self._desk.sync(self.clock(), shrink=shrink)
+        except self._driver.errors:  # the leases stay; the next sync tries again
+            logger.exception("budgetkit: could not sync budget leases")
+            return
+        self._threshold_alerts([(lease, lease.seen_spent, lease.seen_reserved)
+                                for lease in synced])
 
     def close(self) -> None:
         self._closing = True
@@ -467,12 +537,18 @@ class BudgetBook(BudgetReader):
 
     def _settle_forever(self) -> None:
         while not self._closing:
-            self._wake.wait(1.0)
+            self._wake.wait(LEASE_SYNC)
             self._wake.clear()
-            if self.piggyback and not self._closing:
+            if self.piggyback and not self._closing and self._pending:
                 time.sleep(SETTLE_DELAY)  # the next admit will most likely take them
             try:
-                self.flush()
+                with self._flush_lock:
+                    with self._pending_lock:
+                        items, self._pending = self._pending, []
+                    if items:
+                        self._settle_batch(items)
+                if time.monotonic() - self._desk.last_sync >= LEASE_SYNC:
+                    self._sync_leases()
             except Exception:  # keep settling later batches; these reservations expire
                 logger.exception("budgetkit: settling budget reservations failed")
 
@@ -582,7 +658,8 @@ class BudgetBook(BudgetReader):
                 continue
             grow_by = [max(needed - item.amount, item.amount // 4, 1), needed - item.amount]
             for grow in dict.fromkeys(grow_by):
-                if self._grow(ticket.id, item, grow, now):
+                if (self._desk.grow(item, grow, now) if item.leased
+                        else self._grow(ticket.id, item, grow, now)):
                     break
             else:
                 raise self._blocked(budget, item.scope_key, item.window_start, item.window_id,

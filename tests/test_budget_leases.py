@@ -1,0 +1,185 @@
+"""Leases: a busy window is admitted from room reserved ahead, without a database trip per
+call, and every promise of the budget book still holds (see budgetkit._budget_lease).
+
+Real SQLite files (and PostgreSQL when BUDGETKIT_TEST_POSTGRES_URL is set); an injected
+clock. The test model costs $1 per million input tokens and $2 per million output tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from pathlib import Path
+
+import pytest
+
+from budgetkit import Budget, BudgetExceeded, BudgetLevels, Engine
+from budgetkit._budget_lease import LEASE_AFTER, LEASE_TIMEOUT
+
+MODEL = "unit-model"
+WORST = 1_000 * 1_000 + 500 * 2_000  # 1,000 prompt + 500 max output tokens: $0.002
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = dt.datetime(2025, 3, 14, 12, 0)
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+def make_engine(db: str, clock: Clock) -> Engine:
+    engine = Engine(db=db, clock=clock)
+    engine.catalog.register({"name": MODEL, "provider": "test", "mode": "chat",
+                             "input_per_mtok": "1", "output_per_mtok": "2",
+                             "context_window": 100_000, "max_output_tokens": 4_000})
+    return engine
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return str(tmp_path / "leases.db")
+    return request.getfixturevalue("pg_url")
+
+
+def count_transactions(engine: Engine) -> list[int]:
+    """Counts the budget book's database transactions from now on."""
+    book = engine._budgets
+    calls = [0]
+    original = book._driver.transaction
+
+    def counted():
+        calls[0] += 1
+        return original()
+
+    book._driver.transaction = counted
+    return calls
+
+
+def call(engine: Engine, actual_output: int = 100, **attribution: object):
+    ticket = engine.admit(MODEL, input_tokens=1_000, max_output_tokens=500, **attribution)
+    return engine.settle(ticket, input_tokens=1_000, output_tokens=actual_output)
+
+
+def test_a_busy_window_admits_from_its_lease_without_a_trip_per_call(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        for _ in range(LEASE_AFTER):  # busy: reserved one by one, then a lease is taken
+            call(engine)
+        trips = count_transactions(engine)
+        for _ in range(200):
+            call(engine)
+        assert trips[0] <= 3  # a lease of ~100 calls, topped up once or twice
+        engine.flush()
+        (status,) = engine.budget_status("day")
+        # every call's actual cost reached the window; the lease's unused room is back
+        assert status.used == pytest.approx((LEASE_AFTER + 200) * 0.0012)
+        assert status.reserved == 0
+
+
+def test_leased_calls_count_in_every_budget_and_judge_levels(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=1.0,
+                                 levels=BudgetLevels(moderate=0.1, high=0.9)))
+        engine.add_budget(Budget(name="alice", limit=50.0, scope="user"))
+        tickets = []
+        for _ in range(LEASE_AFTER + 100):
+            ticket = engine.admit(MODEL, input_tokens=1_000, max_output_tokens=500,
+                                  user_id="alice")
+            tickets.append(ticket)
+            engine.settle(ticket, input_tokens=1_000, output_tokens=100)
+        assert all(reservation.leased for reservation in tickets[-1].reservations)
+        assert tickets[-1].decision == "warn"  # past 10 % of $1 (0.13 used)
+        engine.flush()
+        by_name = {status.budget: status for status in engine.budget_status()}
+        expected = (LEASE_AFTER + 100) * 0.0012
+        assert by_name["day"].used == pytest.approx(expected)
+        assert by_name["alice"].used == pytest.approx(expected)
+        assert by_name["day"].reserved == by_name["alice"].reserved == 0
+
+
+def test_near_the_limit_every_call_is_reserved_exactly_and_nothing_is_left_unused(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=0.10))
+        spent = 0
+        while True:
+            try:
+                record = call(engine, actual_output=500)  # actual = worst case: $0.002
+            except BudgetExceeded:
+                break
+            spent += record.cost_nanos
+        engine.flush()
+        (status,) = engine.budget_status("day")
+        assert spent <= 100_000_000  # never over the limit
+        assert 100_000_000 - spent < WORST  # and not more than one call's worst case short
+        assert status.used == pytest.approx(spent / 1e9) and status.reserved == 0
+
+
+def test_two_engines_on_one_database_never_overspend_with_leases(db):
+    clock = Clock()
+    limit_nanos = 200_000_000  # $0.20: ~100 calls at their worst case, ~166 actual
+    with make_engine(db, clock) as first, make_engine(db, clock) as second:
+        for engine in (first, second):
+            engine.add_budget(Budget(name="shared", limit=0.20, period="total"))
+        spent = [0, 0]
+        errors: list[BaseException] = []
+
+        def worker(index: int, engine: Engine) -> None:
+            try:
+                while True:
+                    try:
+                        record = call(engine, actual_output=200)
+                    except BudgetExceeded as blocked:
+                        if blocked.reserved == 0:
+                            return
+                        engine.flush()  # others' in flight: their actuals may leave room
+                        continue
+                    spent[index] += record.cost_nanos
+            except BaseException as exc:  # surfaced below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(index % 2, engine))
+                   for index, engine in enumerate((first, second, first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert not errors
+        total = sum(spent)
+        assert total <= limit_nanos
+        assert limit_nanos - total < WORST
+        first.flush()
+        second.flush()
+        (status,) = first.budget_status("shared")
+        assert status.used == pytest.approx(total / 1e9) and status.reserved == 0
+
+
+def test_a_dead_processes_lease_expires(db):
+    clock = Clock()
+    with make_engine(db, clock) as engine:
+        engine.add_budget(Budget(name="day", limit=1.0))
+        for _ in range(LEASE_AFTER + 1):
+            call(engine)
+        book = engine._budgets
+        lease = next(iter(book._desk._leases.values()))
+        assert lease.held > 0
+        # the process "dies": its lease row stays, nobody syncs it
+        book._desk._leases.clear()
+        book._desk.any_active = False
+        (status,) = engine.budget_status("day")
+        assert status.reserved > 0
+        clock.now += dt.timedelta(seconds=LEASE_TIMEOUT + 1)
+        assert engine.reclaim_reservations() > 0
+        (status,) = engine.budget_status("day")
+        assert status.reserved == 0
+
+
+def test_leases_can_be_switched_off(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        engine._budgets.leases = False
+        trips = count_transactions(engine)
+        for _ in range(LEASE_AFTER + 20):
+            call(engine)
+        assert trips[0] >= LEASE_AFTER + 20  # one reservation per call
