@@ -315,6 +315,55 @@ def test_two_processes_writing_the_same_buckets_at_once(backend: str, tmp_path: 
     assert a.totals.input_tokens == 2 * sum(100 + i for i in range(n))
 
 
+STREAM = textwrap.dedent("""
+    import datetime as dt, sys, time
+    from budgetkit import Engine
+    url, n, go = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    base = dt.datetime(2025, 3, 12, 6, 0)
+    state = {"i": 0}
+    clock = lambda: base + dt.timedelta(minutes=(state["i"] * 7) % 360)  # 06:00-12:00
+    with Engine(db=url, clock=clock, batch_size=5) as engine:
+        engine.flush()
+        time.sleep(max(0.0, go - time.time()))
+        for i in range(n):
+            state["i"] = i
+            engine.record("gpt-4o", input_tokens=10 + i, output_tokens=1, user_id="u",
+                          tags=["t"] if i % 2 else [])
+            if i % 50 == 0:
+                time.sleep(0.01)  # let the purges in between
+""")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_purges_while_another_process_writes_keep_the_rollup_exact(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    url = str(tmp_path / "race.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = Store(url)
+    store.create_tables()
+    go = time.time() + 3.0
+    writer = subprocess.Popen([sys.executable, "-c", STREAM, url, "1500", str(go)],
+                              stderr=subprocess.PIPE, text=True)
+    time.sleep(max(0.0, go - time.time()))
+    cutoff = dt.datetime(2025, 3, 12, 6, 0)
+    purges = 0
+    while writer.poll() is None:  # cutoffs creep through the hours being written
+        cutoff += dt.timedelta(minutes=3, seconds=17, microseconds=1)
+        store.purge_usage(cutoff)
+        purges += 1
+    _, err = writer.communicate(timeout=120)
+    assert writer.returncode == 0, err
+    assert purges >= 5
+    incremental = rollup_snapshot(store)
+    store.rebuild_rollup()
+    assert rollup_snapshot(store) == incremental
+    left = len(store.query_usage())
+    whole = {"start_date": "2025-03-12", "end_date": "2025-03-12"}
+    for grouping in ("model", "tag", "user", "hour"):
+        a, b, _ = report_pair(store, budgetkit.summarize, group_by=grouping, **whole)
+        assert_same_summary(a, b)
+        assert a.totals.calls == left
+
+
 def test_plan_pieces_cover_the_period_once() -> None:
     start, end = dt.datetime(2025, 1, 1, 12, 30), dt.datetime(2025, 1, 4, 3, 15)
     pieces = plan_pieces(start, end, True, ["day", "hour"])
