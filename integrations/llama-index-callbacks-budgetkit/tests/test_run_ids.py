@@ -107,6 +107,26 @@ def test_real_openai_clients_query_under_one_root(engine, fake_openai, root_disp
 
 
 @pytest.mark.parametrize("path", ["events", "legacy"])
+def test_concurrent_async_queries_keep_their_own_roots(engine, mocks, root_dispatcher,
+                                                       legacy_settings, path):
+    use_handler(path, engine, root_dispatcher)
+    index = VectorStoreIndex.from_documents(DOCUMENTS, embed_model=mocks.Embedding(embed_dim=8))
+    built = len(engine.usage())
+    query_engine = index.as_query_engine(llm=mocks.LLM())
+
+    async def eight_at_once() -> None:
+        await asyncio.gather(*(query_engine.aquery(f"Question number {i}?") for i in range(8)))
+
+    asyncio.run(eight_at_once())
+    runs = group_by_root(engine.usage()[built:])
+    assert len(runs) == 8
+    for rows in runs.values():
+        assert sorted(row.operation_type for row in rows) == ["query_embedding",
+                                                              "text_generation"]
+        assert_one_run(rows)
+
+
+@pytest.mark.parametrize("path", ["events", "legacy"])
 def test_chat_engine_turns_are_separate_runs(engine, mocks, root_dispatcher, legacy_settings,
                                              path):
     use_handler(path, engine, root_dispatcher)

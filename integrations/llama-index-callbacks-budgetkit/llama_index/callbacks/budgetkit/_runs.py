@@ -16,6 +16,11 @@ carries the same ``root_run_id`` (the outermost node), so the run can be summed 
   trace start mints ``<trace name>-<uuid>`` for it (:func:`start_legacy_trace`), and that
   is the root of everything inside.
 
+A streaming query engine (``streaming=True``) starts its LLM call only when the response
+is consumed, after the query has returned: that row is then a run of its own (its root is
+the LLM's span or trace), not part of the query's. To sum such a query, wrap the query and
+the consumption in ``attribution(request_id=...)``.
+
 Stored ids are at most :data:`RUN_ID_MAX` characters (the ledger's column width): a longer
 span id drops its class name (``<method>-<uuid>``), then, if still too long, keeps the uuid.
 """
