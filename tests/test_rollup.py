@@ -335,7 +335,7 @@ STREAM = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_purges_while_another_process_writes_keep_the_rollup_exact(
+def test_purges_and_rebuilds_while_another_process_writes_keep_the_rollup_exact(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     url = str(tmp_path / "race.db") if backend == "sqlite" else request.getfixturevalue("pg_url")
     store = Store(url)
@@ -350,6 +350,8 @@ def test_purges_while_another_process_writes_keep_the_rollup_exact(
         cutoff += dt.timedelta(minutes=3, seconds=17, microseconds=1)
         store.purge_usage(cutoff)
         purges += 1
+        if purges % 4 == 0:  # and full rebuilds race the writer too
+            store.rebuild_rollup()
     _, err = writer.communicate(timeout=120)
     assert writer.returncode == 0, err
     assert purges >= 5
