@@ -580,13 +580,14 @@ def summarize_many(source: Any, groupings: Sequence[str | Sequence[str]], *,
                    days: int | None = None, start_date: Any = None, end_date: Any = None,
                    now: dt.datetime | None = None, period: Period | None = None,
                    **filters: Any) -> list[UsageSummary]:
-    """Several summaries of one period from a single scan.
+    """Several summaries of one period from a single grouping.
 
-    The rows are grouped once by every dimension named in ``groupings`` together (e.g.
-    day × model × operation_type: a few thousand groups at most), and each summary is
-    rolled up from those groups in Python; integer sums make the roll-up exact. Meant for
-    dashboards and reports that show the same period several ways. Tags (a call counted
-    once per tag) cannot be rolled up: each grouping with ``tag`` gets its own query.
+    The rows (or the rollup's buckets) are grouped once by every dimension named in
+    ``groupings`` together (e.g. day × model × operation_type: a few thousand groups at
+    most), and each summary is rolled up from those groups in Python; integer sums make
+    the roll-up exact. Meant for dashboards and reports that show the same period several
+    ways. Tags (a call counted once per tag) cannot be rolled up: each grouping with
+    ``tag`` gets its own query.
     """
     src = as_source(source, now=now)
     if period is None:

@@ -52,7 +52,7 @@ __all__ = ["Shape", "SHAPES", "ROLLUP_VERSION", "RollupStatus", "apply_batch", "
 
 ROLLUP_NAME = "usage"
 #: Bumped when the tables' meaning changes: an older rollup is then rebuilt, not trusted.
-ROLLUP_VERSION = 1
+ROLLUP_VERSION = 2  # 2: the per-tag table
 GRAINS = ("day", "hour")  # coarsest first
 _GRAIN_STEP = {"hour": dt.timedelta(hours=1), "day": dt.timedelta(days=1)}
 USAGE = UsageRow.__table__  # type: ignore[attr-defined]
