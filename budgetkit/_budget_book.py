@@ -106,6 +106,9 @@ class BudgetBook(BudgetReader):
         # SQLite has one writer anyway; queueing our threads here beats its busy-wait.
         self._db_lock: threading.Lock | None = threading.Lock() if store.is_sqlite else None
         self._window_ids: dict[tuple[str, str, str, str, dt.datetime], int] = {}
+        self._targets_of: dict[str, Budget] | None = None  # the budgets _target_cache is of
+        self._target_cache: dict[tuple[Any, ...], tuple[dt.datetime, dt.datetime, list[Any]]] = {}
+        self._run_scoped = False
         self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
         self._fired: set[tuple[int, str]] = set()
         self._last_reap: dt.datetime | None = None
@@ -233,13 +236,43 @@ class BudgetBook(BudgetReader):
 
     def _targets(self, ticket: Any, now: dt.datetime, *, create: bool = True
                  ) -> list[tuple[Budget, str, dt.datetime, int | None]]:
+        """The windows a call counts in: (budget, scope key, window start, window id)."""
+        if not create:
+            return self._find_targets(ticket, now, create=False)[0]
+        # Calls of one user / project / model mostly meet the same windows: remembered
+        # per attribution until the first of those windows ends or the budgets change.
+        budgets = self._budgets
+        if self._targets_of is not budgets:
+            self._targets_of, self._target_cache = budgets, {}
+            self._run_scoped = any(budget.period == "run" or budget.scope == "run"
+                                   for budget in budgets.values())
+        price = getattr(ticket, "price", None)
+        signature = (ticket.provider, ticket.user_id, ticket.project, ticket.model,
+                     price.name if price is not None else None, ticket.operation_type,
+                     ticket.tags, (ticket.root_run_id or ticket.run_id or ticket.id)
+                     if self._run_scoped else None)
+        cached = self._target_cache.get(signature)
+        if cached is not None and cached[0] <= now < cached[1]:
+            return cached[2]
+        targets, start, end = self._find_targets(ticket, now, create=True)
+        if len(self._target_cache) > 10_000:
+            self._target_cache.clear()
+        self._target_cache[signature] = (start, end, targets)
+        return targets
+
+    def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
+                      ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
+                                 dt.datetime, dt.datetime]:
         targets = []
+        valid_from, valid_until = dt.datetime.min, dt.datetime.max
         solo = not (getattr(ticket, "root_run_id", None) or getattr(ticket, "run_id", None))
         for budget in self._budgets.values():
             keys = budget.window_keys(ticket)
             if not keys:
                 continue
             start, end = self._window_bounds(budget, now)
+            valid_from = max(valid_from, start)
+            valid_until = min(valid_until, end or dt.datetime.max)
             for key in keys:
                 if solo and (budget.period == "run"
                              or (budget.scope == "run" and budget.match is None)):
@@ -249,7 +282,7 @@ class BudgetBook(BudgetReader):
                     continue
                 targets.append((budget, key, start,
                                 self._window_id(budget, key, start, end, now, create=create)))
-        return targets
+        return targets, valid_from, valid_until
 
     # -- the life of a call -----------------------------------------------------------
     def reserve(self, ticket: Any) -> None:
@@ -273,18 +306,27 @@ class BudgetBook(BudgetReader):
         for _none, budget, key, start, amount in solo:
             if amount > budget.stop_amount:
                 raise self._blocked(budget, key, start, None, amount, now)
-        plan = sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
+        leasing = self._desk.any_active  # leases admit on the prompt's bound, uncounted
+        worst = {unit: _worst_case(unit, ticket, bound=leasing) for unit in
+                 {budget.unit for budget, _key, _start, window_id in targets
+                  if window_id is not None}}
+        plan = sorted(((window_id, budget, key, start, worst[budget.unit])
                        for budget, key, start, window_id in targets if window_id is not None),
                       key=lambda item: item[0])
         leased: list[tuple[tuple[Any, ...], Any]] = []
-        if plan and self._desk.any_active:
+        if plan and leasing:
             plan, leased, short = self._desk.take(plan, now)
             if short:
                 more, left = self._desk.top_up(short, now)
                 leased += more
-                plan = sorted([*plan, *left], key=lambda item: item[0])
+                plan = [*plan, *left]
                 self._threshold_alerts([(lease, lease.seen_spent, lease.seen_reserved)
                                         for _item, lease in more])
+            if plan:  # reserved one by one: with the counted prompt
+                plan = sorted(((window_id, budget, key, start,
+                                _worst_case(budget.unit, ticket))
+                               for window_id, budget, key, start, _amount in plan),
+                              key=lambda item: item[0])
         try:
             results = self._reserve_exact(ticket, plan, now)
         except BaseException:
@@ -346,6 +388,7 @@ class BudgetBook(BudgetReader):
         missing = set(ids) - present
         if missing:
             self._window_ids = {k: v for k, v in self._window_ids.items() if v not in missing}
+            self._targets_of = None  # forget remembered targets too
         return bool(missing)
 
     def _reserve_all(self, ticket_id: str, plan: Sequence[tuple[Any, ...]],
@@ -809,8 +852,15 @@ def _flush_at_exit(book_ref: weakref.ref[BudgetBook]) -> None:
             logger.exception("budgetkit: settling budgets at exit failed")
 
 
-def _worst_case(budget: Budget, ticket: Any) -> int:
-    if budget.unit == "usd":
+def _worst_case(budget: Budget | str, ticket: Any, *, bound: bool = False) -> int:
+    """What the call may cost in a budget's unit (the budget or its unit). ``bound``: with
+    the prompt's upper bound when it has not been counted (good enough for a roomy lease)."""
+    unit = budget if isinstance(budget, str) else budget.unit
+    if bound and ticket.input_bound is not None and not ticket.input_counted:
+        if unit == "usd":
+            return int(ticket.price.cost_nanos(ticket.input_bound, ticket.max_output_tokens))
+        return int(ticket.input_bound + ticket.max_output_tokens)
+    if unit == "usd":
         return int(ticket.worst_case_nanos)
     return int(ticket.input_tokens + ticket.max_output_tokens)
 

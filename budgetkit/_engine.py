@@ -26,7 +26,8 @@ from ._errors import ConfigurationError
 from ._money import nanos_to_usd
 from ._store import Store
 from ._tables import UsageRow
-from ._tokens import count_message_tokens, count_tokens, is_exact
+from ._tokens import (count_message_tokens, count_tokens, is_exact, message_tokens_bound,
+                      text_tokens_bound)
 from ._writer import BatchWriter
 
 __all__ = ["Engine", "Ticket", "UsageRecord"]
@@ -69,9 +70,9 @@ class Ticket:
     __slots__ = ("id", "model", "price", "_input_tokens", "max_output_tokens",
                  "_worst_case_nanos", "operation_type", "provider", "user_id", "session_id",
                  "project", "request_id", "run_id", "parent_run_id", "root_run_id",
-                 "task_type", "attempt", "route_reason", "tags", "metadata", "prompt_hash",
+                 "task_type", "attempt", "route_reason", "tags", "metadata", "_prompt_hash",
                  "prompt_preview", "started", "decision", "reservations", "warnings", "done",
-                 "_pending_count", "ended")
+                 "_pending_count", "ended", "input_bound")
 
     def __init__(self, id: str, model: str, price: ModelPrice, input_tokens: int | None,
                  max_output_tokens: int, worst_case_nanos: int | None,
@@ -82,8 +83,8 @@ class Ticket:
                  root_run_id: str | None = None, task_type: str | None = None,
                  attempt: int | None = None, route_reason: str | None = None,
                  tags: tuple[str, ...] = (), metadata: dict[str, Any] | None = None,
-                 prompt_hash: str | None = None, prompt_preview: str | None = None,
-                 started: float = 0.0, decision: str = "allow",
+                 prompt_hash: str | Callable[[], str] | None = None,
+                 prompt_preview: str | None = None, started: float = 0.0, decision: str = "allow",
                  reservations: list[Any] | None = None, warnings: list[str] | None = None,
                  done: bool = False,
                  pending_count: Callable[[], int] | None = None) -> None:
@@ -107,7 +108,8 @@ class Ticket:
         self.route_reason = route_reason
         self.tags = tags
         self.metadata = {} if metadata is None else metadata
-        self.prompt_hash = prompt_hash
+        #: sha256 of the prompt text, or a callable giving the text (hashed when read)
+        self._prompt_hash: str | Callable[[], str] | None = prompt_hash
         self.prompt_preview = prompt_preview
         self.started = started
         #: Outcome of the budget check: "allow", "warn", "downgrade", ... (budgets fill it).
@@ -122,6 +124,9 @@ class Ticket:
         #: finished later than that (an adapter deferring its bookkeeping); None: when
         #: it is finished.
         self.ended: tuple[float, dt.datetime] | None = None
+        #: An upper bound of the prompt's tokens known without counting it (None: count):
+        #: enough to admit the call against a budget with plenty of room.
+        self.input_bound: int | None = None
         if input_tokens is None and pending_count is None:
             raise ConfigurationError("a Ticket needs input_tokens or a way to count them")
 
@@ -142,6 +147,18 @@ class Ticket:
         self._input_tokens = value
         self._pending_count = None
         self._worst_case_nanos = None
+
+    @property
+    def prompt_hash(self) -> str | None:
+        """A stable hash of the prompt (see :func:`prompt_hash`), for grouping repeats."""
+        value = self._prompt_hash
+        if value is not None and not isinstance(value, str):
+            value = self._prompt_hash = prompt_hash(value())
+        return value
+
+    @prompt_hash.setter
+    def prompt_hash(self, value: str | None) -> None:
+        self._prompt_hash = value
 
     @property
     def input_counted(self) -> bool:
@@ -243,6 +260,11 @@ class UsageRecord:
         record = object.__new__(cls)
         record.__dict__.update(values)
         return record
+
+
+def _messages_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    """The text of a chat prompt that its hash is of (roles and contents)."""
+    return "\x1e".join([f"{m.get('role')}\x1f{m.get('content')}" for m in messages])
 
 
 def prompt_hash(text: str) -> str:
@@ -480,14 +502,16 @@ class Engine:
         the call): settling it still counts its cost in every budget that applies.
         """
         price = self.catalog.get(model)
-        text_for_hash: str | None = None
+        text_for_hash: Callable[[], str] | None = None  # hashed when the row is built
         pending_count: Callable[[], int] | None = None
+        bound: int | None = None
         if input_tokens is None:
             if messages is not None:
                 messages = _snapshot_messages(messages)
-                text_for_hash = "\x1e".join([f"{m.get('role')}\x1f{m.get('content')}"
-                                             for m in messages])
-                if self._budgets is None:  # nothing to check now: count if someone asks
+                text_for_hash = functools.partial(_messages_text, messages)
+                bound = None if self._budgets is None else message_tokens_bound(messages)
+                if self._budgets is None or bound is not None:
+                    # nothing to check now, or a bound will do: count if someone asks
                     pending_count = functools.partial(self.count_message_tokens, messages,
                                                       model)
                 else:
@@ -496,15 +520,14 @@ class Engine:
                 if not isinstance(prompt, str):
                     raise ConfigurationError(
                         f"prompt must be a str, got {type(prompt).__name__}")
-                text_for_hash = prompt
-                if self._budgets is None:
-                    pending_count = functools.partial(self.count_tokens, prompt, model)
-                else:
-                    input_tokens = self.count_tokens(prompt, model)
+                text_for_hash = functools.partial(str, prompt)
+                pending_count = functools.partial(self.count_tokens, prompt, model)
+                if self._budgets is not None:
+                    bound = text_tokens_bound(prompt)
             else:
                 input_tokens = 0
         elif prompt is not None:
-            text_for_hash = prompt
+            text_for_hash = functools.partial(str, prompt)
         if input_tokens is not None and input_tokens < 0:
             raise ConfigurationError(f"input_tokens must be >= 0, got {input_tokens}")
         if max_output_tokens is None:
@@ -512,7 +535,7 @@ class Engine:
                                  else price.max_output_tokens or self.default_max_output_tokens)
         elif max_output_tokens < 0:
             raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
-        return Ticket(
+        ticket = Ticket(
             _new_id(), model, price, input_tokens, max_output_tokens,
             None if input_tokens is None else price.cost_nanos(input_tokens, max_output_tokens),
             operation_type=operation_type, provider=provider or price.provider,
@@ -522,11 +545,13 @@ class Engine:
             task_type=task_type, attempt=attempt, route_reason=route_reason,
             tags=tags if type(tags) is tuple else tuple(tags),
             metadata=dict(metadata) if metadata else {},
-            prompt_hash=prompt_hash(text_for_hash) if text_for_hash is not None else None,
-            prompt_preview=(redact_preview(text_for_hash)
+            prompt_hash=text_for_hash,
+            prompt_preview=(redact_preview(text_for_hash())
                             if self.store_prompts and text_for_hash is not None else None),
             started=time.perf_counter(), pending_count=pending_count,
         )
+        ticket.input_bound = bound
+        return ticket
 
     async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
         """:meth:`admit` for asyncio code (budget checks may touch the database).

@@ -210,6 +210,41 @@ def count_message_tokens(messages: Iterable[Mapping[str, Any]], model: str = "gp
     return total
 
 
+def _utf8_length(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def message_tokens_bound(messages: Iterable[Mapping[str, Any]]) -> int | None:
+    """A cheap upper bound of :func:`count_message_tokens` for plain text messages (role,
+    string content, optional name), for any model; ``None`` for anything else (tool calls,
+    content parts, images), which must be counted.
+
+    Every token of a byte-level BPE encoding (all budgetkit counts with) stands for at
+    least one byte of text, so a text has at most as many tokens as UTF-8 bytes; each
+    message adds at most four tokens of chat formatting, the reply's priming three.
+    """
+    total = _REPLY_PRIMING
+    for message in messages:
+        if type(message) is not dict:
+            return None
+        content = message.get("content")
+        if content is not None and type(content) is not str:
+            return None
+        size = 4 + (_utf8_length(content) if content else 0)
+        for key, value in message.items():
+            if key == "role" or key == "name":
+                size += _utf8_length(str(value)) + 1 if value else 0
+            elif key != "content" and value:
+                return None  # tool calls and ids: count them
+        total += size
+    return total
+
+
+def text_tokens_bound(text: str) -> int:
+    """An upper bound of :func:`count_tokens` for any model (see message_tokens_bound)."""
+    return _utf8_length(text)
+
+
 # Tool-definition overheads for gpt-4o / gpt-4o-mini style models (OpenAI cookbook,
 # "Counting tokens for chat completions API calls with tools").
 _FUNC_INIT, _PROP_INIT, _PROP_KEY, _ENUM_INIT, _ENUM_ITEM, _FUNC_END = 7, 3, 3, -3, 3, 12

@@ -183,3 +183,23 @@ def test_leases_can_be_switched_off(db):
         for _ in range(LEASE_AFTER + 20):
             call(engine)
         assert trips[0] >= LEASE_AFTER + 20  # one reservation per call
+
+
+def test_leased_admits_need_no_token_count_and_near_the_limit_count_exactly(db):
+    messages = [{"role": "user", "content": "What is the capital of France? " * 20}]
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        for _ in range(LEASE_AFTER + 1):
+            engine.settle(engine.admit(MODEL, messages=messages, max_output_tokens=500),
+                          input_tokens=200, output_tokens=10)
+        leased = engine.admit(MODEL, messages=messages, max_output_tokens=500)
+        assert leased.reservations[0].leased and not leased.input_counted
+        exact_count = engine.count_message_tokens(messages, MODEL)
+        # the lease holds the bound's worst case, which is never below the counted one
+        assert leased.reservations[0].amount >= (exact_count * 1_000 + 500 * 2_000)
+        engine.settle(leased, input_tokens=200, output_tokens=10)
+        engine._budgets.leases = False
+        engine.flush()  # leases given back: the next call is reserved exactly
+        exact = engine.admit(MODEL, messages=messages, max_output_tokens=500)
+        assert not exact.reservations[0].leased
+        assert exact.reservations[0].amount == exact_count * 1_000 + 500 * 2_000

@@ -118,3 +118,41 @@ def test_chunk_text_overlap() -> None:
         chunk_text(text, "gpt-4", 10, overlap=10)
     with pytest.raises(ConfigurationError):
         chunk_text(text, "gpt-4", 0)
+
+
+# ---------------------------------------------------------------------------- cheap upper bounds
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4", "gpt-3.5-turbo-0301",
+                                   "claude-3-5-sonnet-20241022", "some-unknown-model"])
+def test_message_bound_is_never_below_the_count(model):
+    import random
+
+    from budgetkit._tokens import message_tokens_bound, text_tokens_bound
+
+    rng = random.Random(7)
+    alphabet = ("abc xyz 0123 ,.!? \n\t" "éüß" "日本語テキスト" "😀🚀" "<|endoftext|>" "\u200b")
+    for _ in range(300):
+        messages = []
+        for _ in range(rng.randint(1, 5)):
+            message = {"role": rng.choice(["system", "user", "assistant"]),
+                       "content": "".join(rng.choice(alphabet)
+                                          for _ in range(rng.randint(0, 200)))}
+            if rng.random() < 0.2:
+                message["name"] = rng.choice(["alice", "bob_2", "Zoë"])
+            messages.append(message)
+        bound = message_tokens_bound(messages)
+        assert bound is not None and bound >= count_message_tokens(messages, model)
+        text = messages[0]["content"]
+        assert text_tokens_bound(text) >= count_tokens(text, model)
+
+
+def test_message_bound_refuses_what_it_cannot_bound():
+    from budgetkit._tokens import message_tokens_bound
+
+    assert message_tokens_bound([{"role": "user", "content": [{"type": "text",
+                                                               "text": "hi"}]}]) is None
+    assert message_tokens_bound([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function",
+         "function": {"name": "f", "arguments": "{}"}}]}]) is None
+    assert message_tokens_bound([{"role": "tool", "content": "42",
+                                  "tool_call_id": "1"}]) is None

@@ -103,9 +103,10 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
             ticket.started = run.started
             run.ticket = ticket
 
-    async def on_llm_new_token(self, token: Any, *, run_id: UUID, **kwargs: Any) -> None:
+    async def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
+                               **kwargs: Any) -> None:
         try:
-            check = self._on_token(token, run_id)
+            check = self._on_token(token, run_id, chunk)
         except Exception:
             _log_failure("on_llm_new_token")
             return

@@ -105,6 +105,17 @@ def run_stream(model: Any, mode: str, config: dict[str, Any]) -> tuple[str, Any]
 @pytest.mark.parametrize("shape", list(SCRIPTS))
 def test_handler_records_the_true_usage_of_every_stream_shape(engine: Engine, shape, mode):
     handler = BudgetkitCallbackHandler(engine)
+    check_stream_shape(engine, handler, shape, mode)
+
+
+@pytest.mark.parametrize("shape", list(SCRIPTS))
+def test_async_handler_records_the_true_usage_of_every_stream_shape(engine: Engine, shape):
+    from langchain_budgetkit import AsyncBudgetkitCallbackHandler
+
+    check_stream_shape(engine, AsyncBudgetkitCallbackHandler(engine), shape, "astream")
+
+
+def check_stream_shape(engine: Engine, handler: Any, shape: str, mode: str) -> None:
     model = ScriptedStreamChat(script=SCRIPTS[shape], streaming=True)
     text, summed = run_stream(model, mode, {"callbacks": [handler]})
     assert text == "".join(PIECES)
