@@ -50,6 +50,14 @@ def _utcnow() -> dt.datetime:
     return _EPOCH + dt.timedelta(seconds=time.time())
 
 
+def _is_bad_row(error: BaseException) -> bool:
+    """Whether the database refused a write for the data itself (a value too long, a
+    duplicate id), not for being unreachable."""
+    from sqlalchemy.exc import DataError, IntegrityError
+
+    return isinstance(error, (DataError, IntegrityError))
+
+
 def _new_id() -> str:
     """A random 128-bit id in hex, like ``uuid4().hex`` but without a system call per LLM
     call (``os.urandom`` releases the GIL: measured ~20 µs per call under load). ``random``
@@ -326,7 +334,7 @@ class Engine:
         self._max_deferred = max_queue
         self._writer = BatchWriter(self.store.insert_usage, batch_size=batch_size,
                                    max_queue=max_queue, max_backlog=max_backlog,
-                                   prepare=self.run_deferred)
+                                   prepare=self.run_deferred, is_bad_row=_is_bad_row)
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._listeners: list[Callable[[UsageRecord], None]] = []

@@ -44,8 +44,13 @@ class BatchWriter:
                  max_queue: int = 10_000, max_backlog: int = 100_000,
                  flush_interval: float = 0.05, retry_initial: float = 0.1,
                  retry_max: float = 5.0, name: str = "budgetkit-writer",
-                 prepare: Callable[[], None] | None = None) -> None:
+                 prepare: Callable[[], None] | None = None,
+                 is_bad_row: Callable[[BaseException], bool] | None = None) -> None:
         self._write = write
+        # Tells a batch the database refused for what it holds (a value too long, a
+        # duplicate id) from one it could not take (down): the first is written row by
+        # row and only the bad rows are dropped, so one row cannot hold back the rest.
+        self._is_bad_row = is_bad_row
         # Runs before each batch is taken and at the start of every flush: work deferred
         # off the callers' threads that produces rows (see Engine.defer).
         self._prepare = prepare
@@ -158,6 +163,30 @@ class BatchWriter:
                     batch.append(source.popleft())
         return batch
 
+    def _without_bad_rows(self, batch: list[_Row]) -> list[_Row] | None:
+        """Write ``batch`` row by row; drop (and log) the rows the database refuses for their
+        content. Returns the rows written and dropped, or None if the database failed in
+        another way meanwhile (the batch is then retried whole, as usual)."""
+        written = 0
+        for index, row in enumerate(batch):
+            try:
+                self._write([row])
+                written += 1
+            except Exception as exc:
+                if self._is_bad_row is None or not self._is_bad_row(exc):
+                    with self._lock:  # what is left goes back; written rows stay counted
+                        self._written += written
+                        self._backlog.extendleft(reversed(batch[index:]))
+                    return None
+                with self._lock:
+                    self.dropped += 1
+                    self._written_cv.notify_all()
+                logger.error("budgetkit: the database refused usage row %s (%s: %s); "
+                             "dropped it, kept the others", row.get("id"),
+                             type(exc).__name__, str(exc).splitlines()[0][:300])
+                batch[index] = {}  # marks the dropped row
+        return [row for row in batch if row]  # counted as written by the caller
+
     def _run(self) -> None:
         delay = self._retry_initial
         while True:
@@ -172,6 +201,13 @@ class BatchWriter:
             try:
                 self._write(batch)
             except Exception as exc:  # the database is down or refused the batch
+                if self._is_bad_row is not None and self._is_bad_row(exc):
+                    batch = self._without_bad_rows(batch)
+                    if batch is not None:
+                        with self._lock:
+                            self._written += len(batch)
+                            self._written_cv.notify_all()
+                        continue
                 with self._lock:
                     self._backlog.extendleft(reversed(batch))
                     self._append_backlog(())

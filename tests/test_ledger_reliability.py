@@ -348,3 +348,29 @@ def test_rows_survive_a_restart_of_the_process_that_wrote_them(tmp_path):
     subprocess.run([sys.executable, "-c", code, db], check=True, timeout=60)  # normal exit
     with Engine(db=db) as engine:
         assert len(engine.usage()) == 100
+
+
+# ---------------------------------------------------------------------------- a row the database refuses
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_one_refused_row_does_not_hold_back_its_batch(tmp_path, request, caplog, backend):
+    """PostgreSQL refuses a run id longer than its column; SQLite a duplicate id. Either
+    way only that row is dropped (and logged); the rest of its batch is written."""
+    url = str(tmp_path / "refused.db") if backend == "sqlite" else request.getfixturevalue(
+        "pg_url")
+    with Engine(db=url) as engine:
+        first = engine.admit("gpt-4o-mini", input_tokens=10, request_id="before")
+        engine.settle(first, input_tokens=10, output_tokens=1)
+        engine.flush()
+        for index in range(20):
+            ticket = engine.admit("gpt-4o-mini", input_tokens=10, request_id=f"call-{index}")
+            if index == 7:
+                if backend == "postgresql":
+                    ticket.run_id = "r" * 65  # one over the column's 64 characters
+                else:
+                    ticket.id = first.id  # the primary key of a row already written
+            engine.settle(ticket, input_tokens=10, output_tokens=1)
+        assert engine.flush(timeout=30)
+        written = {row.request_id for row in engine.usage()}
+    assert written == {"before"} | {f"call-{index}" for index in range(20) if index != 7}
+    assert "refused usage row" in caplog.text
