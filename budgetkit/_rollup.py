@@ -1,7 +1,7 @@
 """The usage rollup: the ledger pre-aggregated per hour and per day, so reports read
 thousands of buckets instead of millions of rows.
 
-Three tables (defined in :mod:`budgetkit._tables`), each keyed by a UTC time bucket and a
+Four tables (defined in :mod:`budgetkit._tables`), each keyed by a UTC time bucket and a
 set of grouping dimensions, holding the sums of every measure a report shows:
 
 - ``budgetkit_usage_hourly``: hour x model, provider, operation type, project, status, task type
@@ -25,6 +25,8 @@ How they stay exact:
   budgetkit (bulk SQL, an older budgetkit) need a rebuild too: ``budgetkit rollup --rebuild``.
 - On PostgreSQL, purge and rebuild lock the rollup tables (SHARE ROW EXCLUSIVE) first, so
   a writer's increments wait until the recomputed buckets are committed, then add to them.
+  On SQLite the transaction's write lock does the same (a full rebuild holds it for about
+  11 s per million rows; the writer keeps rows in memory and retries meanwhile).
 
 SQLite and PostgreSQL only (``ON CONFLICT``); on other databases reports read the ledger.
 """
