@@ -124,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     rollup.add_argument("--rebuild", action="store_true",
                         help="recompute the hourly/daily rollup from every usage row (needed "
                              "once for a ledger older than the rollup, or after rows were "
-                             "written around budgetkit)")
+                             "written around budgetkit; on SQLite it locks the database "
+                             "while it runs, about 11 s per million rows)")
 
     serve = sub.add_parser("serve", parents=[common], help="HTTP API and dashboard")
     serve.add_argument("--host", default="127.0.0.1")

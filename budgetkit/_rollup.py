@@ -25,8 +25,9 @@ How they stay exact:
   budgetkit (bulk SQL, an older budgetkit) need a rebuild too: ``budgetkit rollup --rebuild``.
 - On PostgreSQL, purge and rebuild lock the rollup tables (SHARE ROW EXCLUSIVE) first, so
   a writer's increments wait until the recomputed buckets are committed, then add to them.
-  On SQLite the transaction's write lock does the same (a full rebuild holds it for about
-  11 s per million rows; the writer keeps rows in memory and retries meanwhile).
+  On SQLite the transaction's write lock does the same - for the whole database: a full
+  rebuild holds it for about 11 s per million rows, during which the writer keeps rows in
+  memory and budget checks wait for it. Rebuild a busy SQLite ledger when it is quiet.
 
 SQLite and PostgreSQL only (``ON CONFLICT``); on other databases reports read the ledger.
 """
