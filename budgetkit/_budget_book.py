@@ -107,7 +107,7 @@ class BudgetBook(BudgetReader):
         self._db_lock: threading.Lock | None = threading.Lock() if store.is_sqlite else None
         self._window_ids: dict[tuple[str, str, str, str, dt.datetime], int] = {}
         self._targets_of: dict[str, Budget] | None = None  # the budgets _target_cache is of
-        self._target_cache: dict[tuple[Any, ...], tuple[dt.datetime, dt.datetime, list[Any]]] = {}
+        self._target_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
         self._run_scoped = False
         self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
         self._fired: set[tuple[int, str]] = set()
@@ -239,6 +239,13 @@ class BudgetBook(BudgetReader):
         """The windows a call counts in: (budget, scope key, window start, window id)."""
         if not create:
             return self._find_targets(ticket, now, create=False)[0]
+        return self._targets_and_units(ticket, now)[0]
+
+    def _targets_and_units(self, ticket: Any, now: dt.datetime
+                           ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
+                                      tuple[str, ...] | None]:
+        """:meth:`_targets` and the units of their budgets (None when a lone run's
+        window, kept in memory, is among them)."""
         # Calls of one user / project / model mostly meet the same windows: remembered
         # per attribution until the first of those windows ends or the budgets change.
         budgets = self._budgets
@@ -253,12 +260,15 @@ class BudgetBook(BudgetReader):
                      if self._run_scoped else None)
         cached = self._target_cache.get(signature)
         if cached is not None and cached[0] <= now < cached[1]:
-            return cached[2]
+            return cached[2], cached[3]
         targets, start, end = self._find_targets(ticket, now, create=True)
         if len(self._target_cache) > 10_000:
             self._target_cache.clear()
-        self._target_cache[signature] = (start, end, targets)
-        return targets
+        # the units of the windows, or None when a lone run's window is among them
+        units = (None if any(window_id is None for *_rest, window_id in targets)
+                 else tuple({budget.unit for budget, *_rest in targets}))
+        self._target_cache[signature] = (start, end, targets, units)
+        return targets, units
 
     def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
                       ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
@@ -295,12 +305,22 @@ class BudgetBook(BudgetReader):
         if not self._budgets:
             return
         now = self.clock()
-        targets = self._targets(ticket, now)
+        targets, units = self._targets_and_units(ticket, now)
         if not targets:
             return
         if self._last_reap is None or (now - self._last_reap).total_seconds() >= REAP_INTERVAL:
             self._last_reap = now
             self.reap(now)
+        elif units is not None and self._desk.any_active:
+            # The common case of a busy app: every window has a lease with room.
+            amounts = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
+            leases = self._desk.take_all(targets, amounts, now)
+            if leases is not None:
+                plan = [(window_id, budget, key, start, amounts[budget.unit])
+                        for budget, key, start, window_id in targets]
+                ticket.reservations = [Reservation(*item, leased=True) for item in plan]
+                self._judge(ticket, plan, [lease.state() for lease in leases])
+                return
         solo = [(None, budget, key, start, _worst_case(budget, ticket))
                 for budget, key, start, window_id in targets if window_id is None]
         for _none, budget, key, start, amount in solo:

@@ -148,6 +148,26 @@ class LeaseDesk:
                     short.append((item, lease))
         return exact, taken, short
 
+    def take_all(self, targets: Sequence[tuple[Any, ...]], amounts: dict[str, int],
+                 now: dt.datetime) -> list[Lease] | None:
+        """Admit a call from the leases of all its windows (budget, key, start, window
+        id), or from none: None when any of them lacks a lease with room."""
+        if self._pid != os.getpid():
+            return None
+        with self._lock:
+            leases = []
+            for budget, _key, _start, window_id in targets:
+                lease = self._leases.get(window_id)
+                if lease is None or not lease.active or lease.tripping \
+                        or lease.room < amounts[budget.unit] or lease.expires is None \
+                        or now >= lease.expires:
+                    return None
+                leases.append(lease)
+            for (budget, *_rest), lease in zip(targets, leases):
+                lease.inflight += amounts[budget.unit]
+                lease.used_since_sync = True
+        return leases
+
     def top_up(self, short: Sequence[tuple[tuple[Any, ...], Lease]], now: dt.datetime
                ) -> tuple[list[tuple[tuple[Any, ...], Lease]], list[tuple[Any, ...]]]:
         """Grow the leases ``short`` needs; returns (admitted from leases, left for exact)."""

@@ -409,6 +409,7 @@ class Engine:
         """Run every deferred job now, on this thread; returns how many ran."""
         deferred = self._deferred
         ran = 0
+        on_writer = self._writer.is_writer_thread()
         with self._deferred_lock:  # also waits for a batch another thread is running
             while deferred:
                 job = deferred.popleft()
@@ -417,7 +418,7 @@ class Engine:
                     job()
                 except Exception:  # one bad job must not stop the others' rows
                     logger.exception("budgetkit: deferred job %r failed", job)
-                if not ran % _YIELD_EVERY:
+                if not ran % _YIELD_EVERY and on_writer:
                     # Let the application's threads run: holding the GIL through a long
                     # batch would stall them for the interpreter's switch interval (5 ms).
                     time.sleep(0)

@@ -95,6 +95,10 @@ class BatchWriter:
         if batch_ready:
             self._wake.set()
 
+    def is_writer_thread(self) -> bool:
+        """Whether the calling thread is this writer's own."""
+        return threading.current_thread() is self._thread
+
     def wake(self) -> None:
         """Take the next batch now rather than at the next interval."""
         self._wake.set()
