@@ -12,6 +12,12 @@ bare SQL through the stdlib ``sqlite3`` module. Last, what the rollup costs the 
 the rollup upserts.
 
     /work/venv/bin/python benchmarks/bench_reports.py [--rows 1000000] [--db PATH] [--reuse]
+    /work/venv/bin/python benchmarks/bench_reports.py --postgres postgresql://postgres@127.0.0.1:5432/test
+
+With ``--postgres URL`` the same rows go into a database ``bk_bench_reports`` on that
+server (made with ``generate_series``; ``ANALYZE`` run after the load, as autovacuum would
+soon), and the writer's cost is measured on a scratch database there; the sqlite3 peer is
+left out.
 """
 
 from __future__ import annotations
@@ -91,6 +97,75 @@ def generate(path: str, rows: int) -> float:
     return time.perf_counter() - start
 
 
+def generate_postgres(url: str, rows: int) -> float:
+    Store(url).create_tables()
+    import psycopg
+
+    start = time.perf_counter()
+    with psycopg.connect(_libpq(url), autocommit=True) as conn:
+        indexes = conn.execute(
+            "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'budgetkit_usage' "
+            "AND indexname NOT LIKE '%pkey'").fetchall()
+        for name, _sql in indexes:
+            conn.execute(f'DROP INDEX "{name}"')
+        models = ",".join(f"'{m}'" for m in MODELS)
+        ops = ",".join(f"'{o}'" for o in OPERATIONS)
+        base = (NOW - dt.timedelta(days=90)).strftime("%Y-%m-%d %H:%M:%S")
+        conn.execute(f"""
+            INSERT INTO budgetkit_usage (id, created_at, operation_type, provider, model,
+                input_tokens, output_tokens, cached_input_tokens, cache_write_tokens,
+                reasoning_tokens, total_tokens, cost_nanos, saved_nanos, latency_ms, status,
+                usage_source, user_id, session_id, project, tags, metadata, prompt_hash)
+            SELECT lpad(to_hex(x), 32, '0'),
+                   timestamp '{base}' + (x::bigint * {90 * 86400} / {rows}) * interval '1 second',
+                   (ARRAY[{ops}])[x % 7 + 1], 'openai', (ARRAY[{models}])[(x / 7) % 6 + 1],
+                   100 + x % 900, (x % 7) * 40, (x % 5) * 10, 0, 0, 100 + x % 900 + (x % 7) * 40,
+                   CASE WHEN x % 10 = 0 THEN 0 ELSE 1000 + (x % 997) * 1300 END,
+                   CASE WHEN x % 10 = 0 THEN 5000 ELSE 0 END, 50 + x % 400,
+                   CASE WHEN x % 10 = 0 THEN 'cached' WHEN x % 97 = 0 THEN 'error' ELSE 'ok' END,
+                   'provider', 'user-' || (x % 200), 'session-' || (x % 5000),
+                   'project-' || (x % 5),
+                   CASE WHEN x % 5 = 0 THEN json_build_array('team-' || (x % 3))
+                        ELSE '[]'::json END,
+                   '{{}}'::json, lpad(to_hex(x % 50000), 32, '0')
+            FROM generate_series(0, {rows - 1}) AS x
+        """)
+        for _name, sql in indexes:
+            conn.execute(sql)
+        conn.execute("INSERT INTO budgetkit_usage_tag (usage_id, tag) SELECT id, tags->>0 "
+                     "FROM budgetkit_usage WHERE json_array_length(tags) > 0")
+        conn.execute("ANALYZE")
+    return time.perf_counter() - start
+
+
+def _libpq(url: str) -> str:
+    return url.replace("postgresql+psycopg://", "postgresql://")
+
+
+def _postgres_database(server: str, name: str, fresh: bool) -> str:
+    """The URL of database ``name`` on ``server`` (dropped and made again if ``fresh``)."""
+    import psycopg
+
+    with psycopg.connect(_libpq(server), autocommit=True) as admin:
+        exists = admin.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                               (name,)).fetchone()
+        if exists and fresh:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+        if fresh or not exists:
+            admin.execute(f'CREATE DATABASE "{name}"')
+    return server.rsplit("/", 1)[0] + "/" + name
+
+
+def _postgres_row_count(url: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(_libpq(url)) as conn:
+            return int(conn.execute("SELECT count(*) FROM budgetkit_usage").fetchone()[0])
+    except psycopg.Error:
+        return -1
+
+
 def _row_count(path: str) -> int:
     if not os.path.exists(path):
         return -1
@@ -124,15 +199,24 @@ def main() -> None:
     parser.add_argument("--db", help="SQLite file to (re)create (default: a temp file)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep --db if it already holds --rows rows")
+    parser.add_argument("--postgres", metavar="URL",
+                        help="benchmark PostgreSQL: a server URL (a database is made there)")
     args = parser.parse_args()
-    path = args.db or os.path.join(tempfile.mkdtemp(prefix="bk-bench-"), "reports.db")
-    if not (args.reuse and _row_count(path) == args.rows):
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
-        made = generate(path, args.rows)
-        size_mb = os.path.getsize(path) / 1e6
-        print(f"generated {args.rows:,} rows in {made:.1f} s ({size_mb:.0f} MB) at {path}")
+    if args.postgres:
+        path = _postgres_database(args.postgres, "bk_bench_reports", fresh=False)
+        if not (args.reuse and _postgres_row_count(path) == args.rows):
+            path = _postgres_database(args.postgres, "bk_bench_reports", fresh=True)
+            made = generate_postgres(path, args.rows)
+            print(f"generated {args.rows:,} rows in {made:.1f} s on PostgreSQL ({path})")
+    else:
+        path = args.db or os.path.join(tempfile.mkdtemp(prefix="bk-bench-"), "reports.db")
+        if not (args.reuse and _row_count(path) == args.rows):
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(path + suffix):
+                    os.remove(path + suffix)
+            made = generate(path, args.rows)
+            size_mb = os.path.getsize(path) / 1e6
+            print(f"generated {args.rows:,} rows in {made:.1f} s ({size_mb:.0f} MB) at {path}")
 
     store = Store(path)
     rebuilt = store.rebuild_rollup()  # the generated rows went around the writer
@@ -181,18 +265,21 @@ def main() -> None:
         return budgetkit.summarize(src, group_by="model", days=90)
 
     ledger = best_of(ledger_only)
-    raw = sqlite3.connect(path)
-    floor = best_of(lambda: raw.execute(
-        "SELECT model, count(*), sum(input_tokens), sum(output_tokens), sum(total_tokens), "
-        "sum(cost_nanos), sum(saved_nanos), avg(latency_ms) FROM budgetkit_usage "
-        "WHERE created_at >= ? GROUP BY model",
-        ((NOW - dt.timedelta(days=90)).strftime("%Y-%m-%d %H:%M:%S"),)).fetchall())
+    floor = None
+    if not args.postgres:
+        raw = sqlite3.connect(path)
+        floor = best_of(lambda: raw.execute(
+            "SELECT model, count(*), sum(input_tokens), sum(output_tokens), sum(total_tokens), "
+            "sum(cost_nanos), sum(saved_nanos), avg(latency_ms) FROM budgetkit_usage "
+            "WHERE created_at >= ? GROUP BY model",
+            ((NOW - dt.timedelta(days=90)).strftime("%Y-%m-%d %H:%M:%S"),)).fetchall())
     slice_days = 3
     naive = best_of(lambda: naive_summary(store, slice_days), repeat=1) * (90 / slice_days)
 
     base = results[0][1]
     print()
-    print(f"load average before: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"database: {'PostgreSQL' if args.postgres else 'SQLite'}; load average before: "
+          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"{'report':<42} {'seconds':>9} {'vs summary':>11}")
     print("-" * 64)
     for name, seconds in results:
@@ -202,11 +289,22 @@ def main() -> None:
              ("peer: bare SQL via sqlite3 (8 aggregates)", floor),
              ("peer: load rows + sum in Python (scaled)", naive)]
     for name, seconds in peers:
-        print(f"{name:<42} {seconds:>9.3f} {seconds / base:>10.2f}x")
+        if seconds is not None:
+            print(f"{name:<42} {seconds:>9.3f} {seconds / base:>10.2f}x")
     print("-" * 64)
     print(f"{'rollup rebuild of ' + format(args.rows, ',') + ' rows (once)':<42} "
           f"{rebuilt.seconds:>9.3f}")
-    plain_ms, rollup_ms = insert_cost()
+    if args.postgres:
+        scratch = lambda: _postgres_database(args.postgres, "bk_bench_insert", fresh=True)  # noqa: E731
+    else:
+        folder = tempfile.mkdtemp(prefix="bk-insert-")
+        scratch = lambda: os.path.join(folder, f"insert-{uuid.uuid4().hex[:8]}.db")  # noqa: E731
+    plain_ms, rollup_ms = insert_cost(scratch)
+    if args.postgres:
+        import psycopg
+
+        with psycopg.connect(_libpq(args.postgres), autocommit=True) as admin:
+            admin.execute('DROP DATABASE IF EXISTS "bk_bench_insert" WITH (FORCE)')
     print(f"{'writer: insert 500-row batch, no rollup':<42} {plain_ms / 1000:>9.4f}")
     print(f"{'writer: insert 500-row batch, with rollup':<42} {rollup_ms / 1000:>9.4f}"
           f"   (+{(rollup_ms - plain_ms) / 500 * 1000:.0f} us per row)")
@@ -214,9 +312,10 @@ def main() -> None:
     print(f"\nsummary over {args.rows:,} rows: {base:.3f} s (goal < 1 s): {verdict}")
 
 
-def insert_cost(batches: int = 40) -> tuple[float, float]:
+def insert_cost(scratch: Callable[[], str], batches: int = 40) -> tuple[float, float]:
     """Milliseconds per 500-row ``Store.insert_usage`` batch without / with the rollup
-    (rows like the generated ones, in time order; best of 3 rounds, fresh files)."""
+    (rows like the generated ones, in time order; best of 3 rounds, a fresh database from
+    ``scratch()`` each)."""
     def rows(start: int) -> list[dict[str, Any]]:
         out = []
         for x in range(start, start + 500):
@@ -238,10 +337,9 @@ def insert_cost(batches: int = 40) -> tuple[float, float]:
 
     work = [rows(i * 500) for i in range(batches)]
     best = {False: float("inf"), True: float("inf")}
-    folder = tempfile.mkdtemp(prefix="bk-insert-")
-    for round_ in range(3):
+    for _round in range(3):
         for maintain in (False, True):
-            target = Store(os.path.join(folder, f"insert-{round_}-{maintain}.db"))
+            target = Store(scratch())
             target.create_tables()
             target._maintain_rollup = maintain  # the switch insert_usage reads
             start = time.perf_counter()
