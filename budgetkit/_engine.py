@@ -409,7 +409,8 @@ class Engine:
         """Run every deferred job now, on this thread; returns how many ran."""
         deferred = self._deferred
         ran = 0
-        on_writer = self._writer.is_writer_thread()
+        writer = getattr(self, "_writer", None)  # the writer's first call: not set yet
+        on_writer = writer is not None and writer.is_writer_thread()
         with self._deferred_lock:  # also waits for a batch another thread is running
             while deferred:
                 job = deferred.popleft()

@@ -150,12 +150,11 @@ class _Run:
     root_run_id: UUID
     tags: list[str] | None
     metadata: dict[str, Any] | None
-    params: dict[str, Any] | None
-    serialized: dict[str, Any] | None
+    model: str | None
+    max_tokens: int | None
     prompt: Sequence[BaseMessage] | str
     started: float
     ticket: Ticket | None = None
-    model: str | None = None
     #: the admit keyword arguments, once resolved (see _Tracker._resolve)
     kwargs: dict[str, Any] | None = None
     messages: list[dict[str, Any]] | None = None  # the prompt as OpenAI-format messages
@@ -163,12 +162,44 @@ class _Run:
     #: set when the catalog could not price the start model: recorded at the end if the
     #: response names a model it can price
     deferred: dict[str, Any] | None = None
-    chunks: list[str] = field(default_factory=list)
+    chunks: list[str] | None = None  # streamed text (None until a token arrives)
     stream_tokens: int = 0
     #: the streamed chunks' usage_metadata (None until a chunk reports one)
     chunk_usage: list[ChunkUsage] | None = None
     task: Any = None  # the asyncio task running the call (async path), watched for cancel
     on_done: Any = None
+
+
+class _Facts:
+    """What the end of a run said, taken on the caller's thread: the few dicts the
+    bookkeeping reads, not LangChain's response objects (held until the deferred work
+    runs, those would outlive the garbage collector's young generation). Taken now also
+    because LangChain's cache replaces a shared generation's message on a later hit (to
+    zero its cost), which must not turn this call into a hit."""
+
+    __slots__ = ("chat", "response_metadata", "generation_info", "llm_output",
+                 "usage_metadata", "response")
+
+    @classmethod
+    def of(cls, response: LLMResult) -> _Facts:
+        facts = cls()
+        generations = response.generations
+        generation = (generations[0][0] if generations and generations[0]
+                      else next((gen for gens in generations for gen in gens), None))
+        message = generation.message if isinstance(generation, ChatGeneration) else None
+        facts.chat = message is not None
+        facts.response_metadata = (message.response_metadata if message is not None
+                                   else None) or {}
+        facts.generation_info = (generation.generation_info if generation is not None
+                                 else None) or {}
+        facts.llm_output = response.llm_output or {}
+        usage = facts.usage_metadata = getattr(message, "usage_metadata", None)
+        # The text is needed only to estimate a call that reported no usage.
+        reported = (usage and (usage.get("input_tokens") or usage.get("output_tokens"))) \
+            or facts.llm_output.get("token_usage") or facts.llm_output.get("usage") \
+            or facts.generation_info.get("usage")
+        facts.response = None if reported else response
+        return facts
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +322,28 @@ class _Tracker:
                prompt: Sequence[BaseMessage] | str) -> _Run | None:
         """Note a starting model run: only what cannot wait (the run tree, the context the
         cache reads, the asyncio task). ``None``: someone else records this run."""
+        # The model and its output limit are read now, so the run holds no reference to
+        # LangChain's invocation parameters and serialized model until it is finished:
+        # kept alive that long, they would outlive the garbage collector's young
+        # generation and make every collection of the app slower.
+        params = kwargs.get("invocation_params") or {}
+        model = metadata.get("ls_model_name") if metadata else None
+        if not model:
+            model = first_value(params, _MODEL_KEYS)
+            if not model and serialized:
+                model = first_value(serialized.get("kwargs") or {}, _MODEL_KEYS)
+        max_tokens = None
+        for key in _MAX_TOKEN_KEYS:
+            value = params.get(key)
+            if isinstance(value, int):
+                max_tokens = value
+                break
+        else:
+            value = metadata.get("ls_max_tokens") if metadata else None
+            if isinstance(value, int):
+                max_tokens = value
         run = _Run(operation_type, parent_run_id, self._open(run_id, parent_run_id), tags,
-                   metadata, kwargs.get("invocation_params"), serialized, prompt,
+                   metadata, str(model) if model else None, max_tokens, prompt,
                    time.perf_counter())
         _current_call.set(_Call(run_id, run, self))
         if (metadata and (metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK))) \
@@ -315,22 +366,7 @@ class _Tracker:
         if kwargs is not None:
             return kwargs
         metadata = run.metadata or {}
-        params = run.params or {}
-        model = metadata.get("ls_model_name")
-        if not model:
-            model = first_value(params, _MODEL_KEYS)
-            if not model and run.serialized:
-                model = first_value(run.serialized.get("kwargs") or {}, _MODEL_KEYS)
-        max_tokens = None
-        for key in _MAX_TOKEN_KEYS:
-            value = params.get(key)
-            if isinstance(value, int):
-                max_tokens = value
-                break
-        else:
-            value = metadata.get("ls_max_tokens")
-            if isinstance(value, int):
-                max_tokens = value
+        max_tokens = run.max_tokens
         base = self._base_kwargs.get(run.operation_type)
         if base is None:
             base = {"operation_type": self.defaults["operation_type"] or run.operation_type,
@@ -359,7 +395,6 @@ class _Tracker:
             run.prompt_text = run.prompt
         else:
             run.messages = to_openai_messages(run.prompt)
-        run.model = str(model) if model else None
         run.kwargs = kwargs
         return kwargs
 
@@ -438,7 +473,10 @@ class _Tracker:
                 run.chunk_usage.append((usage, bool(text)))
         if not text:
             return None
-        run.chunks.append(text)
+        if run.chunks is None:
+            run.chunks = [text]
+        else:
+            run.chunks.append(text)
         if run.ticket is None or not run.ticket.reservations:
             return None
         run.stream_tokens += self.engine.count_tokens(text, run.ticket.model)
@@ -452,20 +490,12 @@ class _Tracker:
         run = self._take(run_id)
         if run is None:
             return
-        generation = None
-        if response is not None:
-            # Taken now: LangChain's cache replaces a shared generation's message on a
-            # later hit (to zero its cost), which must not turn this call into a hit.
-            generations = response.generations
-            generation = (generations[0][0] if generations and generations[0]
-                          else next((gen for gens in generations for gen in gens), None))
-        self.engine.defer(functools.partial(
-            self._complete, run_id, run, response, generation,
-            getattr(generation, "message", None), error, self.engine.mark_end()))
+        facts = None if response is None else _Facts.of(response)
+        self.engine.defer(functools.partial(self._complete, run_id, run, facts, error,
+                                            self.engine.mark_end()))
 
-    def _complete(self, run_id: UUID, run: _Run, response: LLMResult | None,
-                  generation: Any, message: Any, error: BaseException | None,
-                  ended: tuple[float, Any]) -> None:
+    def _complete(self, run_id: UUID, run: _Run, facts: _Facts | None,
+                  error: BaseException | None, ended: tuple[float, Any]) -> None:
         """Settle, release or record a finished run (usually on the writer's thread)."""
         try:
             if run.ticket is None and run.deferred is None:
@@ -481,34 +511,31 @@ class _Tracker:
                         self._unpriced(run, kwargs)
             if run.ticket is not None:
                 run.ticket.ended = ended
-            outcome = (self._plan_end(response, generation, message, run)
-                       if response is not None else self._plan_error(error, run))
+            outcome = (self._plan_end(facts, run) if facts is not None
+                       else self._plan_error(error, run))
             if outcome is not None:
                 self._execute(outcome, ended, run.started)
         except Exception:
             _log_failure("on_llm_end" if error is None else "on_llm_error")
 
-    def _plan_end(self, response: LLMResult, generation: Any, message: Any,
-                  run: _Run) -> _Outcome | None:
-        if not isinstance(generation, ChatGeneration):
-            message = None
-        response_metadata = getattr(message, "response_metadata", None) or {}
-        generation_info = (generation.generation_info if generation is not None else None) or {}
-        llm_output = response.llm_output or {}
+    def _plan_end(self, facts: _Facts, run: _Run) -> _Outcome | None:
+        response_metadata = facts.response_metadata
+        generation_info = facts.generation_info
+        llm_output = facts.llm_output
         if response_metadata.get(_CACHE_MARK) or generation_info.get(_CACHE_MARK):
             return _Outcome("discard", run.ticket)  # budgetkit's cache records the hit
         if response_metadata.get(_ROUTED_MARK):
             return _Outcome("discard", run.ticket)  # a wrapper: its inner runs are recorded
         model = (response_metadata.get("model_name") or response_metadata.get("model")
                  or llm_output.get("model_name") or llm_output.get("model") or run.model)
-        raw_usage = getattr(message, "usage_metadata", None)
+        raw_usage = facts.usage_metadata
         if run.chunk_usage is not None:  # LangChain summed the chunks: right unless totals
             raw_usage = usage_of_running_totals(run.chunk_usage) or raw_usage
         usage = usage_from_metadata(raw_usage)
         if usage is None:
             usage = usage_from_openai(llm_output.get("token_usage") or llm_output.get("usage")
                                       or generation_info.get("usage"))
-        if usage is None and message is None and llm_output.get("token_usage") == {}:
+        if usage is None and not facts.chat and llm_output.get("token_usage") == {}:
             # A legacy LLM answered several prompts in one request: LangChain gives the
             # request's whole usage to the first prompt's run and an emptied dict to the
             # others (LLMResult.flatten). Counting these again would double the total.
@@ -517,7 +544,7 @@ class _Tracker:
         if raw_usage and raw_usage.get("total_cost") == 0 and usage is not None:
             return self._foreign_cache_hit(run, model, usage)
         if usage is None:
-            usage = self._estimate(run, model, response)
+            usage = self._estimate(run, model, facts.response)
             source = "estimated"
         if run.ticket is None:
             if run.deferred is None or not model:
@@ -543,7 +570,7 @@ class _Tracker:
         return _Outcome("record", run.ticket, model, dict(
             attribution, status="cached", **usage.settle_kwargs()))
 
-    def _estimate(self, run: _Run, model: str | None, response: LLMResult) -> Usage:
+    def _estimate(self, run: _Run, model: str | None, response: LLMResult | None) -> Usage:
         """No usage reported: count the prompt and the output with the tokenizer."""
         counting_model = model or run.model or "gpt-4o"
         if run.ticket is not None:
@@ -553,9 +580,9 @@ class _Tracker:
             input_tokens = self.engine.count_message_tokens(run.messages, counting_model)
         else:
             input_tokens = self.engine.count_tokens(run.prompt_text or "", counting_model)
-        text = "".join(run.chunks)
+        text = "".join(run.chunks or ())
         extra = ""
-        if not text:
+        if not text and response is not None:
             for generations in response.generations[:1]:
                 for generation in generations:
                     text += generation.text
@@ -567,7 +594,7 @@ class _Tracker:
     def _plan_error(self, error: BaseException, run: _Run) -> _Outcome | None:
         if run.ticket is None:
             return None
-        partial = "".join(run.chunks)
+        partial = "".join(run.chunks or ())
         if not partial:
             return _Outcome("release", run.ticket, kwargs={"error": error})
         # Output was streamed before the failure: the provider bills it, and the prompt.
