@@ -111,7 +111,7 @@ class BudgetBook(BudgetReader):
         self._run_scoped = False
         self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
         self._fired: set[tuple[int, str]] = set()
-        self._last_reap: dt.datetime | None = None
+        self._next_reap: dt.datetime | None = None  # admit sweeps expired reservations then
         #: Settle on a background thread in batches (False: on the caller's thread).
         self.deferred = True
         #: Queued settles ride along in the next admit's transaction (one commit per call).
@@ -308,8 +308,8 @@ class BudgetBook(BudgetReader):
         targets, units = self._targets_and_units(ticket, now)
         if not targets:
             return
-        if self._last_reap is None or (now - self._last_reap).total_seconds() >= REAP_INTERVAL:
-            self._last_reap = now
+        if self._next_reap is None or now >= self._next_reap:
+            self._next_reap = now + dt.timedelta(seconds=REAP_INTERVAL)
             self.reap(now)
         elif units is not None and self._desk.any_active:
             # The common case of a busy app: every window has a lease with room.
@@ -319,7 +319,14 @@ class BudgetBook(BudgetReader):
                 plan = [(window_id, budget, key, start, amounts[budget.unit])
                         for budget, key, start, window_id in targets]
                 ticket.reservations = [Reservation(*item, leased=True) for item in plan]
-                self._judge(ticket, plan, [lease.state() for lease in leases])
+                states = [lease.state() for lease in leases]
+                if all(spent + reserved < budget.level_amounts[0]
+                       and (budget.downgrade_below is None
+                            or spent + reserved <= budget.keep_amount)
+                       for (budget, *_rest), (spent, reserved) in zip(targets, states)):
+                    ticket.decision = "allow"  # every window below its first level
+                else:
+                    self._judge(ticket, plan, states)
                 return
         solo = [(None, budget, key, start, _worst_case(budget, ticket))
                 for budget, key, start, window_id in targets if window_id is None]

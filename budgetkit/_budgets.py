@@ -205,6 +205,14 @@ class Budget:
         return self.levels.amounts(self.limit_amount, self.unit, self.name)
 
     @cached_property
+    def keep_amount(self) -> int:
+        """Used amounts up to this suggest no downgrade (a little below the exact point,
+        where the budget book's full judgement decides)."""
+        if self.downgrade_below is None:
+            return self.limit_amount
+        return int(self.limit_amount * (1 - self.downgrade_below)) - 1
+
+    @cached_property
     def stop_amount(self) -> int:
         """Where calls stop (the critical level) before any approval."""
         return self.level_amounts[2]
