@@ -319,6 +319,8 @@ class BudgetBook(BudgetReader):
                 plan = [(window_id, budget, key, start, amounts[budget.unit])
                         for budget, key, start, window_id in targets]
                 ticket.reservations = [Reservation(*item, leased=True) for item in plan]
+                if self._desk.refill_wanted:  # topped up ahead, off this thread
+                    self._wake.set()
                 states = [lease.state() for lease in leases]
                 if all(spent + reserved < budget.level_amounts[0]
                        and (budget.downgrade_below is None
@@ -361,6 +363,8 @@ class BudgetBook(BudgetReader):
             raise
         if plan and self.leases and self._desk.note_exact(plan, results):
             self._ensure_settler()
+        if self._desk.refill_wanted:
+            self._wake.set()
         plan = [*(item for item, _lease in leased), *plan, *solo]
         results = [*(lease.state() for _item, lease in leased), *results,
                    *((0, item[4]) for item in solo)]
@@ -617,6 +621,10 @@ class BudgetBook(BudgetReader):
                         items, self._pending = self._pending, []
                     if items:
                         self._settle_batch(items)
+                if self._desk.refill_wanted:
+                    refilled = self._desk.refill(self.clock())
+                    self._threshold_alerts([(lease, lease.seen_spent, lease.seen_reserved)
+                                            for lease in refilled])
                 if time.monotonic() - self._desk.last_sync >= LEASE_SYNC:
                     self._sync_leases()
             except Exception:  # keep settling later batches; these reservations expire

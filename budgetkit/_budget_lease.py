@@ -6,7 +6,9 @@ within a second), the book takes a *lease* instead: one reservation, in the same
 row and under the same conditional update as a call's, for the room of about
 ``LEASE_CALLS`` calls like the one asking. Calls are then admitted against the lease in
 memory; their actual spend is moved into the window when the lease is next topped up,
-synced (every ``LEASE_SYNC`` seconds) or flushed.
+synced (every ``LEASE_SYNC`` seconds) or flushed. A lease half used is topped up by the
+book's settler thread, so a caller waits for the database (on SQLite, possibly behind the
+ledger writer's batch) only when a lease runs dry faster than that.
 
 What keeps the promises of the budget book:
 
@@ -44,7 +46,7 @@ __all__ = ["Lease", "LeaseDesk", "LEASE_AFTER", "LEASE_CALLS", "LEASE_SYNC", "LE
 #: Admits of one window within a (wall) second that make it worth a lease.
 LEASE_AFTER = 8
 #: A lease is topped up with room for about this many calls like the one asking.
-LEASE_CALLS = 100
+LEASE_CALLS = 1000
 #: Seconds (wall) between syncs: spend moved into the windows, idle leases given back.
 LEASE_SYNC = 1.0
 #: Seconds (engine clock) after which the lease of a process that stopped syncing expires.
@@ -86,6 +88,19 @@ class Lease:
     admits: int = 0  # exact admits in the current second (to decide on a lease)
     second: float = 0.0
     used_since_sync: bool = False
+    hint: int = 0  # the last call's worst case: leases are sized in such calls
+    refill: bool = False  # running low: the settler thread tops it up ahead of need
+
+    def _took(self, amount: int) -> bool:
+        """Count a call admitted from the lease; True when it should be refilled now
+        (half of a lease's calls used), so callers rarely wait for a trip themselves."""
+        self.inflight += amount
+        self.used_since_sync = True
+        self.hint = amount
+        if not self.refill and self.room < amount * (LEASE_CALLS // 2):
+            self.refill = True
+            return True
+        return False
 
     @property
     def room(self) -> int:
@@ -114,6 +129,7 @@ class LeaseDesk:
         self._pid = os.getpid()
         self.lease_id = f"lease:{uuid.uuid4().hex[:26]}"  # ticket ids are 32 chars
         self.any_active = False
+        self.refill_wanted = False  # a lease ran low: the book wakes its settler
         self.last_sync = time.monotonic()
 
     def _forked(self) -> None:
@@ -141,8 +157,8 @@ class LeaseDesk:
                     exact.append(item)
                 elif (not lease.tripping and lease.room >= item[4]
                       and lease.expires is not None and now < lease.expires):
-                    lease.inflight += item[4]
-                    lease.used_since_sync = True
+                    if lease._took(item[4]):
+                        self.refill_wanted = True
                     taken.append((item, lease))
                 else:
                     short.append((item, lease))
@@ -164,8 +180,8 @@ class LeaseDesk:
                     return None
                 leases.append(lease)
             for (budget, *_rest), lease in zip(targets, leases):
-                lease.inflight += amounts[budget.unit]
-                lease.used_since_sync = True
+                if lease._took(amounts[budget.unit]):
+                    self.refill_wanted = True
         return leases
 
     def top_up(self, short: Sequence[tuple[tuple[Any, ...], Lease]], now: dt.datetime
@@ -181,8 +197,7 @@ class LeaseDesk:
                         exact.append(item)
                     elif lease.room >= item[4] and lease.expires is not None \
                             and now < lease.expires:
-                        lease.inflight += item[4]
-                        lease.used_since_sync = True
+                        lease._took(item[4])
                         taken.append((item, lease))
                     else:
                         pending.append((item, lease))
@@ -257,7 +272,7 @@ class LeaseDesk:
 
     # -- the database trips -------------------------------------------------------------
     def _trip(self, wants: Sequence[tuple[Lease, int]], now: dt.datetime,
-              *, shrink: bool = False) -> list[bool]:
+              *, shrink: bool = False, refill: bool = False) -> list[bool]:
         """Move settled spend into the windows and set each lease's room: ``need`` more
         plus about LEASE_CALLS calls' worth (``need`` 0: keep or, with ``shrink``, give
         back the unused room). Caller holds the trip lock. Returns, per lease, whether
@@ -265,7 +280,10 @@ class LeaseDesk:
         with self._lock:
             plans = []
             for lease, need in wants:
-                lease.tripping = True
+                # Admits wait for a trip that may shrink a lease or cover one call; a
+                # refill only grows it, so calls keep taking the room it has (held is
+                # replaced after the trip by at least what they can have taken).
+                lease.tripping = not refill
                 push, inflight = lease.spent, lease.inflight
                 if need:
                     spare = _spare(lease.budget, lease.seen_spent + push,
@@ -273,6 +291,13 @@ class LeaseDesk:
                     extra = min(need * LEASE_CALLS, spare // 8) if spare > need else 0
                     target = inflight + need + extra if extra else None
                     minimal = inflight + need
+                elif refill:  # room for about LEASE_CALLS calls again, if there is room
+                    keep = max(0, lease.held - inflight - push)
+                    spare = _spare(lease.budget, lease.seen_spent + push,
+                                   lease.seen_reserved - lease.held + inflight)
+                    extra = min(lease.hint * LEASE_CALLS, max(0, spare) // 8)
+                    target = inflight + extra if extra > keep else None
+                    minimal = inflight + keep
                 else:
                     keep = 0 if shrink or not lease.used_since_sync or not lease.active \
                         else max(0, lease.held - lease.inflight - push)
@@ -332,13 +357,29 @@ class LeaseDesk:
                     # near the limit (no room beyond this call): every call reserved exactly
                     lease.active = False
                     lease.admits = 0
-                if not need:
+                if refill:
+                    lease.refill = False
+                elif not need:
                     if shrink:
                         lease.active = False
                     lease.used_since_sync = False
+                if need:
+                    lease.refill = False  # topped up just now
                 granted.append(bool(need and ok))
             self.any_active = any(item.active for item in self._leases.values())
         return granted
+
+    def refill(self, now: dt.datetime) -> list[Lease]:
+        """Top up the leases running low (on the settler thread, ahead of need)."""
+        self.refill_wanted = False
+        with self._trip_lock:
+            with self._lock:
+                due = [lease for lease in self._leases.values()
+                       if lease.refill and lease.active and not lease.tripping]
+            if not due:
+                return []
+            self._trip([(lease, 0) for lease in due], now, refill=True)
+        return due
 
     def sync(self, now: dt.datetime, *, shrink: bool = False) -> list[Lease]:
         """Move every lease's settled spend into its window; give idle leases' room back

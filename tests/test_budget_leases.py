@@ -203,3 +203,26 @@ def test_leased_admits_need_no_token_count_and_near_the_limit_count_exactly(db):
         exact = engine.admit(MODEL, messages=messages, max_output_tokens=500)
         assert not exact.reservations[0].leased
         assert exact.reservations[0].amount == exact_count * 1_000 + 500 * 2_000
+
+
+def test_a_lease_running_low_is_topped_up_off_the_calling_thread(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=1_000.0))
+        book = engine._budgets
+        original = book._driver.transaction
+        threads: list[str] = []
+
+        def counted():
+            threads.append(threading.current_thread().name)
+            return original()
+
+        book._driver.transaction = counted
+        for _ in range(5_000):  # five leases' worth of calls
+            call(engine)
+        engine.flush()
+        on_caller = threads.count(threading.current_thread().name)
+        in_background = threads.count("budgetkit-settler")
+        # the first calls (reserved one by one, then the first lease and a few races with
+        # the settler) happen on the caller; the refills do not
+        assert in_background >= 1
+        assert on_caller <= LEASE_AFTER + 5
