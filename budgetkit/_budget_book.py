@@ -273,7 +273,7 @@ class BudgetBook(BudgetReader):
     def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
                       ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
                                  dt.datetime, dt.datetime]:
-        targets = []
+        targets: list[tuple[Budget, str, dt.datetime, int | None]] = []
         valid_from, valid_until = dt.datetime.min, dt.datetime.max
         solo = not (getattr(ticket, "root_run_id", None) or getattr(ticket, "run_id", None))
         for budget in self._budgets.values():
@@ -316,9 +316,10 @@ class BudgetBook(BudgetReader):
             amounts = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
             leases = self._desk.take_all(targets, amounts, now)
             if leases is not None:
-                plan = [(window_id, budget, key, start, amounts[budget.unit])
-                        for budget, key, start, window_id in targets]
-                ticket.reservations = [Reservation(*item, leased=True) for item in plan]
+                leased_plan = [(window_id, budget, key, start, amounts[budget.unit])
+                               for budget, key, start, window_id in targets]
+                ticket.reservations = [Reservation(*item, leased=True)
+                                       for item in leased_plan]
                 if self._desk.refill_wanted:  # topped up ahead, off this thread
                     self._wake.set()
                 states = [lease.state() for lease in leases]
@@ -328,7 +329,7 @@ class BudgetBook(BudgetReader):
                        for (budget, *_rest), (spent, reserved) in zip(targets, states)):
                     ticket.decision = "allow"  # every window below its first level
                 else:
-                    self._judge(ticket, plan, states)
+                    self._judge(ticket, leased_plan, states)
                 return
         solo = [(None, budget, key, start, _worst_case(budget, ticket))
                 for budget, key, start, window_id in targets if window_id is None]
@@ -339,7 +340,8 @@ class BudgetBook(BudgetReader):
         worst = {unit: _worst_case(unit, ticket, bound=leasing) for unit in
                  {budget.unit for budget, _key, _start, window_id in targets
                   if window_id is not None}}
-        plan = sorted(((window_id, budget, key, start, worst[budget.unit])
+        plan: list[tuple[Any, ...]] = sorted(((window_id, budget, key, start,
+                                                worst[budget.unit])
                        for budget, key, start, window_id in targets if window_id is not None),
                       key=lambda item: item[0])
         leased: list[tuple[tuple[Any, ...], Any]] = []
@@ -644,7 +646,9 @@ class BudgetBook(BudgetReader):
                 return
         self._threshold_alerts(updates)
 
-    def _threshold_alerts(self, updates: Sequence[tuple[Reservation, int, int]]) -> None:
+    def _threshold_alerts(self, updates: Sequence[tuple[Any, int, int]]) -> None:
+        """Alerts for windows whose spend reached a threshold; ``updates`` are (a
+        reservation or a lease: window id, budget, scope key, window start; spent, reserved)."""
         for item, spent, reserved in updates:
             budget = item.budget
             for threshold in budget.alert_at:

@@ -768,7 +768,7 @@ class Engine:
         }
         record = UsageRecord._from_fields(values)
         row = values.copy()
-        metadata = values["metadata"]
+        metadata: Any = values["metadata"]
         row["metadata"] = dict(metadata) if metadata else {}
         self._writer.submit(row)
         for listener in self._listeners:

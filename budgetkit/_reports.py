@@ -25,7 +25,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.sql import ColumnElement, Select
 
 from . import _rollup
-from ._catalog import default_catalog
+from ._catalog import PriceCatalog, default_catalog
 from ._errors import ConfigurationError, StoreUnavailable
 from ._money import nanos_to_usd
 from ._store import Store

@@ -44,7 +44,7 @@ class BatchWriter:
                  max_queue: int = 10_000, max_backlog: int = 100_000,
                  flush_interval: float = 0.05, retry_initial: float = 0.1,
                  retry_max: float = 5.0, name: str = "budgetkit-writer",
-                 prepare: Callable[[], None] | None = None,
+                 prepare: Callable[[], object] | None = None,
                  is_bad_row: Callable[[BaseException], bool] | None = None) -> None:
         self._write = write
         # Tells a batch the database refused for what it holds (a value too long, a
@@ -206,10 +206,10 @@ class BatchWriter:
                 self._write(batch)
             except Exception as exc:  # the database is down or refused the batch
                 if self._is_bad_row is not None and self._is_bad_row(exc):
-                    batch = self._without_bad_rows(batch)
-                    if batch is not None:
+                    kept = self._without_bad_rows(batch)
+                    if kept is not None:
                         with self._lock:
-                            self._written += len(batch)
+                            self._written += len(kept)
                             self._written_cv.notify_all()
                         continue
                 with self._lock:

@@ -180,6 +180,13 @@ class _Facts:
     __slots__ = ("chat", "response_metadata", "generation_info", "llm_output",
                  "usage_metadata", "response")
 
+    chat: bool  # a chat model's run (its first generation carries a message)
+    response_metadata: dict[str, Any]
+    generation_info: dict[str, Any]
+    llm_output: dict[str, Any]
+    usage_metadata: Any
+    response: LLMResult | None  # kept only when the call must be estimated from its text
+
     @classmethod
     def of(cls, response: LLMResult) -> _Facts:
         facts = cls()
@@ -362,16 +369,15 @@ class _Tracker:
     def _resolve(self, run_id: UUID, run: _Run) -> dict[str, Any]:
         """The run's model and admit keyword arguments, worked out once from what LangChain
         gave at its start."""
-        kwargs = run.kwargs
-        if kwargs is not None:
-            return kwargs
+        if run.kwargs is not None:
+            return run.kwargs
         metadata = run.metadata or {}
         max_tokens = run.max_tokens
         base = self._base_kwargs.get(run.operation_type)
         if base is None:
             base = {"operation_type": self.defaults["operation_type"] or run.operation_type,
                     **dict(self._default_attribution)}
-        kwargs = base.copy()  # the run's metadata overrides the defaults
+        kwargs: dict[str, Any] = base.copy()  # the run's metadata overrides the defaults
         extra: dict[str, Any] | None = None
         for key, value in metadata.items():
             if key in _ATTRIBUTION_KEYS:
@@ -512,7 +518,7 @@ class _Tracker:
             if run.ticket is not None:
                 run.ticket.ended = ended
             outcome = (self._plan_end(facts, run) if facts is not None
-                       else self._plan_error(error, run))
+                       else self._plan_error(error or RuntimeError("run failed"), run))
             if outcome is not None:
                 self._execute(outcome, ended, run.started)
         except Exception:
