@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +27,8 @@ from ._errors import ConfigurationError
 from ._tables import UsageRow, UsageTagRow
 
 __all__ = ["Store", "default_db_url", "TABLE_MODULES"]
+
+logger = logging.getLogger("budgetkit")
 
 # Modules whose import defines SQLModel tables. Add yours here.
 TABLE_MODULES: list[str] = ["budgetkit._tables", "budgetkit._budget_tables",
@@ -112,6 +115,7 @@ class Store:
         self.ensure_tables()
         usage_sql, tag_sql = self._insert_statements()
         sqlite = self.is_sqlite
+        rows = [_fitted(row) for row in rows]  # the same row unless a value is too long
         # Everything Python computes is ready before the transaction opens (SQLite holds its
         # one write lock until commit, and budget checks may be waiting for it), and the
         # loops let go of the GIL now and then: this runs on the writer thread, beside the
@@ -237,6 +241,33 @@ def _usage_params(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
 
 
 _SPECIAL_AT: tuple[int, int, int] | None = None
+_LIMITS: tuple[tuple[str, int], ...] | None = None
+_clipped_columns: set[str] = set()
+
+
+def _fitted(row: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``row`` with every text value cut to its column's length (a copy, logged once per
+    column, only when one is too long): PostgreSQL refuses a longer value, and with it the
+    row; SQLite would keep it, so both keep the same cut value."""
+    global _LIMITS
+    limits = _LIMITS
+    if limits is None:
+        limits = _LIMITS = tuple(
+            (column.name, column.type.length)
+            for column in UsageRow.__table__.columns  # type: ignore[attr-defined]
+            if getattr(column.type, "length", None))
+    copy = None
+    for name, limit in limits:
+        value = row.get(name)
+        if value is not None and len(value) > limit:
+            if copy is None:
+                copy = dict(row)
+            copy[name] = value[:limit]
+            if name not in _clipped_columns:
+                _clipped_columns.add(name)
+                logger.warning("budgetkit: usage %s values longer than %d characters are cut "
+                               "to fit the column (first: %.60r...)", name, limit, value)
+    return row if copy is None else copy
 
 
 def _special_positions(columns: tuple[str, ...]) -> tuple[int, int, int]:

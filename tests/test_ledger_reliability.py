@@ -354,8 +354,8 @@ def test_rows_survive_a_restart_of_the_process_that_wrote_them(tmp_path):
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_one_refused_row_does_not_hold_back_its_batch(tmp_path, request, caplog, backend):
-    """PostgreSQL refuses a run id longer than its column; SQLite a duplicate id. Either
-    way only that row is dropped (and logged); the rest of its batch is written."""
+    """A row the database refuses (here a duplicate id) is dropped and logged; the rest of
+    its batch is written."""
     url = str(tmp_path / "refused.db") if backend == "sqlite" else request.getfixturevalue(
         "pg_url")
     with Engine(db=url) as engine:
@@ -365,12 +365,24 @@ def test_one_refused_row_does_not_hold_back_its_batch(tmp_path, request, caplog,
         for index in range(20):
             ticket = engine.admit("gpt-4o-mini", input_tokens=10, request_id=f"call-{index}")
             if index == 7:
-                if backend == "postgresql":
-                    ticket.run_id = "r" * 65  # one over the column's 64 characters
-                else:
-                    ticket.id = first.id  # the primary key of a row already written
+                ticket.id = first.id  # the primary key of a row already written
             engine.settle(ticket, input_tokens=10, output_tokens=1)
         assert engine.flush(timeout=30)
         written = {row.request_id for row in engine.usage()}
     assert written == {"before"} | {f"call-{index}" for index in range(20) if index != 7}
     assert "refused usage row" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_value_longer_than_its_column_is_cut_not_lost(tmp_path, request, caplog, backend,
+                                                        monkeypatch):
+    monkeypatch.setattr("budgetkit._store._clipped_columns", set())  # logged once a process
+    url = str(tmp_path / "long.db") if backend == "sqlite" else request.getfixturevalue(
+        "pg_url")
+    with Engine(db=url) as engine:
+        ticket = engine.admit("gpt-4o-mini", input_tokens=10, request_id="long",
+                              run_id="r" * 100, user_id="u" * 300)
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+        (row,) = engine.usage()
+    assert row.run_id == "r" * 64 and row.user_id == "u" * 200  # the columns' lengths
+    assert "cut to fit the column" in caplog.text
