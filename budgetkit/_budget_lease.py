@@ -90,14 +90,15 @@ class Lease:
     used_since_sync: bool = False
     hint: int = 0  # the last call's worst case: leases are sized in such calls
     refill: bool = False  # running low: the settler thread tops it up ahead of need
+    topped: int = 0  # the room right after the last trip (refilled when half is used)
 
     def _took(self, amount: int) -> bool:
         """Count a call admitted from the lease; True when it should be refilled now
-        (half of a lease's calls used), so callers rarely wait for a trip themselves."""
+        (half of its room since the last trip used), so callers rarely wait for a trip."""
         self.inflight += amount
         self.used_since_sync = True
         self.hint = amount
-        if not self.refill and self.room < amount * (LEASE_CALLS // 2):
+        if not self.refill and self.room < self.topped // 2:
             self.refill = True
             return True
         return False
@@ -357,6 +358,7 @@ class LeaseDesk:
                     # near the limit (no room beyond this call): every call reserved exactly
                     lease.active = False
                     lease.admits = 0
+                lease.topped = max(0, lease.room)  # refilled once half of it is used
                 if refill:
                     lease.refill = False
                 elif not need:

@@ -226,3 +226,15 @@ def test_a_lease_running_low_is_topped_up_off_the_calling_thread(db):
         # the settler) happen on the caller; the refills do not
         assert in_background >= 1
         assert on_caller <= LEASE_AFTER + 5
+
+
+def test_a_small_budget_is_not_synced_on_every_call(db):
+    """Leases of a small budget are small (an eighth of the spare room): each is refilled
+    when half of it is used, not after every call."""
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="small", limit=2.0))  # ~110 calls' worth per lease
+        trips = count_transactions(engine)
+        for _ in range(600):
+            call(engine)
+        engine.flush()
+        assert trips[0] < 600 / 5
