@@ -238,3 +238,23 @@ def test_a_small_budget_is_not_synced_on_every_call(db):
             call(engine)
         engine.flush()
         assert trips[0] < 600 / 5
+
+
+def test_a_leased_stream_grows_from_its_lease_and_is_cut_when_the_window_is_full(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=1.0, stop_streams=True))
+        for _ in range(LEASE_AFTER + 1):
+            call(engine)
+        ticket = engine.admit(MODEL, input_tokens=1_000, max_output_tokens=500)
+        (reservation,) = ticket.reservations
+        assert reservation.leased
+        before = reservation.amount
+        engine.check_stream(ticket, 800)  # past its worst case: the lease has room
+        assert reservation.amount > before
+        with pytest.raises(BudgetExceeded):
+            engine.check_stream(ticket, 10_000_000)  # $20 of output: no window has that
+        engine.settle(ticket, input_tokens=1_000, output_tokens=800)
+        engine.flush()
+        (status,) = engine.budget_status("day")
+        expected = (LEASE_AFTER + 1) * 0.0012 + (1_000 * 1_000 + 800 * 2_000) / 1e9
+        assert status.used == pytest.approx(expected) and status.reserved == 0
