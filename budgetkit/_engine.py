@@ -24,8 +24,8 @@ from ._store import Store
 from ._tables import UsageRow
 from ._ticket import (Ticket, UsageRecord, messages_text, new_id, snapshot_messages,
                       prompt_hash, redact_preview)
-from ._tokens import (count_message_tokens, count_tokens, is_exact, message_tokens_bound,
-                      text_tokens_bound)
+from ._tokens import (count_message_tokens, count_tokens, count_tool_tokens, is_exact,
+                      message_tokens_bound, text_tokens_bound)
 from ._writer import BatchWriter
 
 __all__ = ["Engine", "Ticket", "UsageRecord"]
@@ -230,12 +230,14 @@ class Engine:
               parent_run_id: str | None = None, root_run_id: str | None = None,
               task_type: str | None = None, attempt: int | None = None,
               route_reason: str | None = None, tags: Iterable[str] = (),
-              metadata: Mapping[str, Any] | None = None) -> Ticket:
+              metadata: Mapping[str, Any] | None = None,
+              tools: Sequence[Mapping[str, Any]] | None = None) -> Ticket:
         """Price the call's worst case and check every budget that applies.
 
         Give the prompt as ``input_tokens`` (already counted), ``messages`` (OpenAI-format
-        dicts) or ``prompt`` (text). Raises :class:`BudgetExceeded` when a budget would be
-        broken; nothing is reserved or recorded then except a ``blocked`` row.
+        dicts) or ``prompt`` (text); ``tools`` (OpenAI-format tool definitions sent with the
+        messages) are part of the prompt. Raises :class:`BudgetExceeded` when a budget would
+        be broken; nothing is reserved or recorded then except a ``blocked`` row.
         """
         ticket = self.ticket(
             model, input_tokens=input_tokens, messages=messages, prompt=prompt,
@@ -243,7 +245,7 @@ class Engine:
             provider=provider, user_id=user_id, session_id=session_id, project=project,
             request_id=request_id, run_id=run_id, parent_run_id=parent_run_id,
             root_run_id=root_run_id, task_type=task_type, attempt=attempt,
-            route_reason=route_reason, tags=tags, metadata=metadata)
+            route_reason=route_reason, tags=tags, metadata=metadata, tools=tools)
         if self._budgets is not None:
             try:
                 self._budgets.reserve(ticket)
@@ -264,7 +266,8 @@ class Engine:
                parent_run_id: str | None = None, root_run_id: str | None = None,
                task_type: str | None = None, attempt: int | None = None,
                route_reason: str | None = None, tags: Iterable[str] = (),
-               metadata: Mapping[str, Any] | None = None) -> Ticket:
+               metadata: Mapping[str, Any] | None = None,
+               tools: Sequence[Mapping[str, Any]] | None = None) -> Ticket:
         """A ticket for a call, like :meth:`admit` but checking no budget.
 
         For a call that has already happened (an adapter that does its bookkeeping after
@@ -279,12 +282,15 @@ class Engine:
                 messages = snapshot_messages(messages)
                 text_for_hash = functools.partial(messages_text, messages)
                 bound = None if self._budgets is None else message_tokens_bound(messages)
+                if bound is not None and tools:
+                    # tool definitions are counted exactly (their parts' counts are cached)
+                    bound += count_tool_tokens(tools, model, catalog=self.catalog)
                 if self._budgets is None or bound is not None:
                     # nothing to check now, or a bound will do: count if someone asks
                     pending_count = functools.partial(self.count_message_tokens, messages,
-                                                      model)
+                                                      model, tools=tools or None)
                 else:
-                    input_tokens = self.count_message_tokens(messages, model)
+                    input_tokens = self.count_message_tokens(messages, model, tools=tools)
             elif prompt is not None:
                 if not isinstance(prompt, str):
                     raise ConfigurationError(

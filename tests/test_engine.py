@@ -416,3 +416,19 @@ def test_ticket_checks_no_budget_but_its_spend_counts(engine):
     engine.settle(ticket, input_tokens=100_000, output_tokens=10)
     engine.flush()
     assert engine.budget_status("tiny")[0].used > 0
+
+
+def test_tools_sent_with_the_messages_are_part_of_the_prompt(engine):
+    from budgetkit import Budget
+
+    tools = [{"type": "function", "function": {
+        "name": "get_weather", "description": "Look up today's weather for a city.",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                       "required": ["city"]}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    expected = engine.count_message_tokens(messages, "gpt-4o", tools=tools)
+    assert engine.ticket("gpt-4o", messages=messages, tools=tools).input_tokens == expected
+    engine.add_budget(Budget(name="day", limit=5.0))
+    admitted = engine.admit("gpt-4o", messages=messages, tools=tools, max_output_tokens=10)
+    assert admitted.input_tokens == expected
+    assert admitted.input_bound is None or admitted.input_bound >= expected

@@ -152,6 +152,7 @@ class _Run:
     metadata: dict[str, Any] | None
     model: str | None
     max_tokens: int | None
+    tools: Any  # OpenAI-format tool definitions sent with the prompt (bind_tools), or None
     prompt: Sequence[BaseMessage] | str
     started: float
     ticket: Ticket | None = None
@@ -349,8 +350,10 @@ class _Tracker:
             value = metadata.get("ls_max_tokens") if metadata else None
             if isinstance(value, int):
                 max_tokens = value
+        tools = params.get("tools")
         run = _Run(operation_type, parent_run_id, self._open(run_id, parent_run_id), tags,
-                   metadata, str(model) if model else None, max_tokens, prompt,
+                   metadata, str(model) if model else None, max_tokens,
+                   tools if isinstance(tools, list) and tools else None, prompt,
                    time.perf_counter())
         _current_call.set(_Call(run_id, run, self))
         if (metadata and (metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK))) \
@@ -406,6 +409,8 @@ class _Tracker:
 
     def _prompt_kwargs(self, run: _Run) -> dict[str, Any]:
         if run.messages is not None:
+            if run.tools is not None:  # tool definitions are billed as prompt tokens
+                return {"messages": run.messages, "tools": run.tools}
             return {"messages": run.messages}
         return {"prompt": run.prompt_text or ""}
 
@@ -583,7 +588,8 @@ class _Tracker:
             input_tokens = run.ticket.input_tokens
             counting_model = run.ticket.model
         elif run.messages is not None:
-            input_tokens = self.engine.count_message_tokens(run.messages, counting_model)
+            input_tokens = self.engine.count_message_tokens(run.messages, counting_model,
+                                                            tools=run.tools)
         else:
             input_tokens = self.engine.count_tokens(run.prompt_text or "", counting_model)
         text = "".join(run.chunks or ())

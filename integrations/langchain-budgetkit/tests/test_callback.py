@@ -433,3 +433,26 @@ def test_a_later_cache_hit_of_the_same_generation_leaves_the_first_call_paid(eng
     model.invoke("same question", config={"callbacks": [handler]})
     statuses = [row.status for row in engine.usage()]
     assert statuses == ["ok", "cached"]
+
+
+def test_bound_tools_are_part_of_the_admitted_prompt(engine):
+    from langchain_core.messages import HumanMessage
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    def get_weather(city: str, unit: str = "celsius") -> str:
+        """Look up today's weather for a city."""
+        return "sunny"
+
+    tools = [convert_to_openai_tool(get_weather)]
+    engine.add_budget(Budget(name="day", limit=5.0))  # admitted at the start: counted
+    handler = BudgetkitCallbackHandler(engine)
+    run_id = __import__("uuid").uuid4()
+    handler.on_chat_model_start({}, [[HumanMessage("Weather in Paris?")]], run_id=run_id,
+                                metadata={"ls_model_name": "gpt-4o"},
+                                invocation_params={"model": "gpt-4o", "tools": tools})
+    ticket = handler._runs[run_id].ticket
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    with_tools = engine.count_message_tokens(messages, "gpt-4o", tools=tools)
+    assert with_tools > engine.count_message_tokens(messages, "gpt-4o")
+    assert ticket.input_tokens == with_tools
+    assert ticket.input_bound is None or ticket.input_bound >= with_tools
