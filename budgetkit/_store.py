@@ -24,6 +24,7 @@ from sqlmodel import SQLModel
 
 from . import _rollup
 from ._errors import ConfigurationError
+from ._schema import add_missing_columns
 from ._tables import UsageRow, UsageTagRow
 
 __all__ = ["Store", "default_db_url", "TABLE_MODULES"]
@@ -90,6 +91,7 @@ class Store:
         for module in TABLE_MODULES:
             importlib.import_module(module)
         SQLModel.metadata.create_all(self.engine)
+        add_missing_columns(self.engine, SQLModel.metadata)  # a database of an older build
         _rollup.init_state(self.engine)
         self._tables_ready = True
 
