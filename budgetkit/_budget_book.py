@@ -132,6 +132,17 @@ class BudgetBook(Verdicts, BudgetReader):
         self._desk = LeaseDesk(self._fast, self._lock_windows_in_order, self._driver,
                                self._driver.dialect)
 
+    def _after_fork_in_child(self) -> None:
+        """Fresh locks and no settler thread in a forked child; the parent's queued
+        settlements are the parent's to make (see Engine._after_fork_in_child)."""
+        self._lock = threading.Lock()
+        self._db_lock = threading.Lock() if self.store.is_sqlite else None
+        self._pending, self._pending_lock = [], threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._settler = None
+        self._desk.after_fork_in_child()
+
     # -- registry ---------------------------------------------------------------------
     def add(self, budget: Budget, *, replace: bool = False) -> Budget:
         if not isinstance(budget, Budget):

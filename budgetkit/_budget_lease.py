@@ -133,6 +133,11 @@ class LeaseDesk:
         self.refill_wanted = False  # a lease ran low: the book wakes its settler
         self.last_sync = time.monotonic()
 
+    def after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()  # either may have been held at the fork
+        self._trip_lock = threading.Lock()
+        self._forked()
+
     def _forked(self) -> None:
         """A forked child holds none of its parent's leases."""
         with self._lock:

@@ -13,8 +13,10 @@ import collections
 import datetime as dt
 import functools
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -46,6 +48,24 @@ def _utcnow() -> dt.datetime:
     """Now as naive UTC (half the cost of ``datetime.now(timezone.utc)`` and dropping
     the zone: this runs on every call)."""
     return _EPOCH + dt.timedelta(seconds=time.time())
+
+
+_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
+_fork_hook_installed = False
+
+
+def _watch_forks(engine: Engine) -> None:
+    global _fork_hook_installed
+    _engines.add(engine)
+    if not _fork_hook_installed:
+        _fork_hook_installed = True
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _after_fork_in_child() -> None:
+    for engine in list(_engines):
+        if not engine._closed:
+            engine._after_fork_in_child()
 
 
 def _is_bad_row(error: BaseException) -> bool:
@@ -97,12 +117,24 @@ class Engine:
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._listeners: list[Callable[[UsageRecord], None]] = []
+        _watch_forks(self)
         self._budgets: Any = None  # the budget book, created by add_budget
         self._closed = False
         if retention_days is not None:
             self.purge()
 
     # -- lifecycle ------------------------------------------------------------------------
+    def _after_fork_in_child(self) -> None:
+        """A forked child (gunicorn --preload, multiprocessing's fork) keeps using this
+        engine: its own database connections, locks and threads, none of the parent's
+        pending work (the parent finishes that; its writer restarts on its own)."""
+        self.store.engine.dispose(close=False)  # the parent's connections stay the parent's
+        self._deferred.clear()
+        self._deferred_lock = threading.RLock()
+        self._lock = threading.Lock()
+        if self._budgets is not None:
+            self._budgets._after_fork_in_child()
+
     def close(self, timeout: float | None = 10.0) -> None:
         """Flush pending rows and release the database. Idempotent."""
         if self._closed:

@@ -138,6 +138,21 @@ class BatchWriter:
                          self.pending)
         return done
 
+    def _after_fork_in_child(self) -> None:
+        """A forked child inherits this object but not its thread: start afresh. The rows
+        queued before the fork are the parent's (it writes them); the child drops its copy
+        so that none is written twice."""
+        self._lock = threading.RLock()
+        self._written_cv = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._queue.clear()
+        self._backlog.clear()
+        self._submitted = self._written = self.dropped = 0
+        self._failing = self._dropping = self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
+        if not self._closed:
+            self._thread.start()
+
     def _run_prepare(self) -> None:
         if self._prepare is not None:
             try:
@@ -253,6 +268,7 @@ def _register(writer: BatchWriter) -> None:
             return
         _hooks_installed = True
         atexit.register(_flush_all)
+        os.register_at_fork(after_in_child=_after_fork_in_child)
         if threading.current_thread() is threading.main_thread():
             try:
                 previous = signal.getsignal(signal.SIGTERM)
@@ -262,6 +278,13 @@ def _register(writer: BatchWriter) -> None:
             # (uvicorn, gunicorn) runs its shutdown, which ends in atexit, which flushes.
             if previous in (signal.SIG_DFL, None):
                 signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _after_fork_in_child() -> None:
+    global _hooks_lock
+    _hooks_lock = threading.Lock()  # it may have been held by another thread at the fork
+    for writer in list(_writers):
+        writer._after_fork_in_child()
 
 
 def _flush_all() -> None:

@@ -386,3 +386,43 @@ def test_a_value_longer_than_its_column_is_cut_not_lost(tmp_path, request, caplo
         (row,) = engine.usage()
     assert row.run_id == "r" * 64 and row.user_id == "u" * 200  # the columns' lengths
     assert "cut to fit the column" in caplog.text
+
+
+# ---------------------------------------------------------------------------- fork
+
+def _child_calls(engine: Engine, count: int) -> None:
+    for index in range(count):
+        ticket = engine.admit("gpt-4o-mini", input_tokens=10, request_id=f"child-{index}")
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+    engine.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_forked_child_keeps_recording_and_nothing_is_written_twice(tmp_path, request,
+                                                                      backend):
+    """gunicorn --preload and multiprocessing's fork hand a child the parent's engine: the
+    child gets its own writer, connections and budget state; the parent's queued rows are
+    written once, by the parent."""
+    import multiprocessing
+
+    from budgetkit import Budget
+
+    url = str(tmp_path / "fork.db") if backend == "sqlite" else request.getfixturevalue(
+        "pg_url")
+    with Engine(db=url) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        for index in range(5):  # queued in the parent's writer at the fork
+            ticket = engine.admit("gpt-4o-mini", input_tokens=10, request_id=f"parent-{index}")
+            engine.settle(ticket, input_tokens=10, output_tokens=1)
+        child = multiprocessing.get_context("fork").Process(target=_child_calls,
+                                                            args=(engine, 20))
+        child.start()
+        child.join(timeout=60)
+        assert child.exitcode == 0
+        rows = engine.usage()
+        (status,) = engine.budget_status("day")
+    ids = [row.request_id for row in rows]
+    assert sorted(ids) == sorted([f"parent-{i}" for i in range(5)]
+                                 + [f"child-{i}" for i in range(20)])
+    # the child's spend reached the budget's window too, and the parent's once
+    assert status.used == pytest.approx(sum(row.cost_nanos for row in rows) / 1e9)
