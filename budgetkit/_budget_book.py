@@ -265,11 +265,7 @@ class BudgetBook(Verdicts, BudgetReader):
             self._targets_of, self._target_cache = budgets, {}
             self._run_scoped = any(budget.period == "run" or budget.scope == "run"
                                    for budget in budgets.values())
-        price = getattr(ticket, "price", None)
-        signature = (ticket.provider, ticket.user_id, ticket.project, ticket.model,
-                     price.name if price is not None else None, ticket.operation_type,
-                     ticket.tags, (ticket.root_run_id or ticket.run_id or ticket.id)
-                     if self._run_scoped else None)
+        signature = self._signature(ticket)
         cached = self._target_cache.get(signature)
         if cached is not None and cached[0] <= now < cached[1]:
             return cached[2], cached[3]
@@ -281,6 +277,23 @@ class BudgetBook(Verdicts, BudgetReader):
                  else tuple({budget.unit for budget, *_rest in targets}))
         self._target_cache[signature] = (start, end, targets, units)
         return targets, units
+
+    def _signature(self, ticket: Any) -> tuple[Any, ...]:
+        """What decides a call's windows (the run only when a budget is per run)."""
+        price = getattr(ticket, "price", None)
+        return (ticket.provider, ticket.user_id, ticket.project, ticket.model,
+                price.name if price is not None else None, ticket.operation_type,
+                ticket.tags, (ticket.root_run_id or ticket.run_id or ticket.id)
+                if self._run_scoped else None)
+
+    def _cached_targets(self, ticket: Any, now: dt.datetime) -> tuple[Any, Any] | None:
+        """:meth:`_targets_and_units` if remembered (no database), else None."""
+        if self._targets_of is not self._budgets:
+            return None
+        cached = self._target_cache.get(self._signature(ticket))
+        if cached is None or not cached[0] <= now < cached[1]:
+            return None
+        return cached[2], cached[3]
 
     def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
                       ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
@@ -323,26 +336,9 @@ class BudgetBook(Verdicts, BudgetReader):
         if self._next_reap is None or now >= self._next_reap:
             self._next_reap = now + dt.timedelta(seconds=REAP_INTERVAL)
             self.reap(now)
-        elif units is not None and self._desk.any_active:
-            # The common case of a busy app: every window has a lease with room.
-            amounts = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
-            leases = self._desk.take_all(targets, amounts, now)
-            if leases is not None:
-                leased_plan = [(window_id, budget, key, start, amounts[budget.unit])
-                               for budget, key, start, window_id in targets]
-                ticket.reservations = [Reservation(*item, leased=True)
-                                       for item in leased_plan]
-                if self._desk.refill_wanted:  # topped up ahead, off this thread
-                    self._wake.set()
-                states = [lease.state() for lease in leases]
-                if all(spent + reserved < budget.level_amounts[0]
-                       and (budget.downgrade_below is None
-                            or spent + reserved <= budget.keep_amount)
-                       for (budget, *_rest), (spent, reserved) in zip(targets, states)):
-                    ticket.decision = "allow"  # every window below its first level
-                else:
-                    self._judge(ticket, leased_plan, states)
-                return
+        elif units is not None and self._desk.any_active \
+                and self._reserve_from_leases(ticket, targets, units, now, judge=True):
+            return  # the common case of a busy app: every window has a lease with room
         solo = [(None, budget, key, start, _worst_case(budget, ticket))
                 for budget, key, start, window_id in targets if window_id is None]
         for _none, budget, key, start, amount in solo:
@@ -387,6 +383,45 @@ class BudgetBook(Verdicts, BudgetReader):
                                for index, (window_id, budget, key, start, amount)
                                in enumerate(plan)]
         self._judge(ticket, plan, results)
+
+    def reserve_in_memory(self, ticket: Any) -> bool:
+        """:meth:`reserve` when it needs no database (the windows are known and their
+        leases have room, every level normal): the asyncio path tries this on the event
+        loop before sending the work to a thread. False: nothing was reserved."""
+        if not self._budgets or not self._desk.any_active:
+            return False
+        now = self.clock()
+        if self._next_reap is None or now >= self._next_reap:
+            return False
+        cached = self._cached_targets(ticket, now)
+        if cached is None or cached[1] is None or not cached[0]:
+            return False
+        return self._reserve_from_leases(ticket, cached[0], cached[1], now, judge=False)
+
+    def _reserve_from_leases(self, ticket: Any, targets: Sequence[tuple[Any, ...]],
+                             units: tuple[str, ...], now: dt.datetime, *, judge: bool) -> bool:
+        """Admit from the leases of all the ticket's windows, or reserve nothing. With
+        ``judge`` False, a call that reaches a level (whose alert is stored) is not taken."""
+        amounts = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
+        leases = self._desk.take_all(targets, amounts, now)
+        if leases is None:
+            return False
+        leased_plan = [(window_id, budget, key, start, amounts[budget.unit])
+                       for budget, key, start, window_id in targets]
+        states = [lease.state() for lease in leases]
+        if all(spent + reserved < budget.level_amounts[0]
+               and (budget.downgrade_below is None or spent + reserved <= budget.keep_amount)
+               for (budget, *_rest), (spent, reserved) in zip(targets, states)):
+            ticket.decision = "allow"  # every window below its first level
+        elif judge:
+            self._judge(ticket, leased_plan, states)
+        else:
+            self._desk.give_back(list(zip(leased_plan, leases)))
+            return False
+        ticket.reservations = [Reservation(*item, leased=True) for item in leased_plan]
+        if self._desk.refill_wanted:  # topped up ahead, off this thread
+            self._wake.set()
+        return True
 
     def _reserve_exact(self, ticket: Any, plan: list[tuple[Any, ...]], now: dt.datetime
                        ) -> list[tuple[int, int]]:
@@ -552,6 +587,11 @@ class BudgetBook(Verdicts, BudgetReader):
             self._pending.append(item)
         self._ensure_settler()
         self._wake.set()
+
+    @property
+    def settles_in_memory(self) -> bool:
+        """Whether :meth:`commit` only queues (the settler thread writes): no database."""
+        return self.deferred and not self._closing
 
     def _ensure_settler(self) -> None:
         with self._pending_lock:

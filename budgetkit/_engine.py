@@ -279,14 +279,19 @@ class Engine:
             root_run_id=root_run_id, task_type=task_type, attempt=attempt,
             route_reason=route_reason, tags=tags, metadata=metadata, tools=tools)
         if self._budgets is not None:
-            try:
-                self._budgets.reserve(ticket)
-            except Exception as exc:
-                from ._errors import BudgetExceeded
+            self._reserve(ticket)
+        return ticket
 
-                if isinstance(exc, BudgetExceeded):
-                    self._finish(ticket, status="blocked", error_type=type(exc).__name__)
-                raise
+    def _reserve(self, ticket: Ticket) -> Ticket:
+        """Reserve in every budget, or write the ``blocked`` row and raise."""
+        try:
+            self._budgets.reserve(ticket)
+        except Exception as exc:
+            from ._errors import BudgetExceeded
+
+            if isinstance(exc, BudgetExceeded):
+                self._finish(ticket, status="blocked", error_type=type(exc).__name__)
+            raise
         return ticket
 
     def ticket(self, model: str, *, input_tokens: int | None = None,
@@ -368,10 +373,12 @@ class Engine:
         """
         if self._budgets is None:
             return self.admit(model, **kwargs)
+        ticket = self.ticket(model, **kwargs)
+        if self._budgets.reserve_in_memory(ticket):  # leases with room: no thread needed
+            return ticket
         import contextvars
-        import functools
 
-        call = functools.partial(contextvars.copy_context().run, self.admit, model, **kwargs)
+        call = functools.partial(contextvars.copy_context().run, self._reserve, ticket)
         future = asyncio.get_running_loop().run_in_executor(None, call)
         try:
             return await asyncio.shield(future)
@@ -424,7 +431,8 @@ class Engine:
                             usage_source=usage_source)
 
     async def asettle(self, ticket: Ticket, **kwargs: Any) -> UsageRecord | None:
-        if self._budgets is None:
+        """:meth:`settle` for asyncio code (on the loop: settling only queues)."""
+        if self._budgets is None or self._budgets.settles_in_memory:
             return self.settle(ticket, **kwargs)
         return await asyncio.to_thread(self.settle, ticket, **kwargs)
 
@@ -446,7 +454,8 @@ class Engine:
                             cost_nanos=cost, usage_source=usage_source)
 
     async def arelease(self, ticket: Ticket, **kwargs: Any) -> UsageRecord | None:
-        if self._budgets is None:
+        """:meth:`release` for asyncio code (on the loop: releasing only queues)."""
+        if self._budgets is None or self._budgets.settles_in_memory:
             return self.release(ticket, **kwargs)
         return await asyncio.to_thread(self.release, ticket, **kwargs)
 

@@ -258,3 +258,32 @@ def test_a_leased_stream_grows_from_its_lease_and_is_cut_when_the_window_is_full
         (status,) = engine.budget_status("day")
         expected = (LEASE_AFTER + 1) * 0.0012 + (1_000 * 1_000 + 800 * 2_000) / 1e9
         assert status.used == pytest.approx(expected) and status.reserved == 0
+
+
+def test_async_calls_admitted_from_leases_stay_on_the_event_loop(db):
+    import asyncio
+
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+
+        async def main() -> int:
+            loop = asyncio.get_running_loop()
+            hops = [0]
+            run_in_executor = loop.run_in_executor
+
+            def counted(*args, **kwargs):
+                hops[0] += 1
+                return run_in_executor(*args, **kwargs)
+
+            loop.run_in_executor = counted  # type: ignore[method-assign]
+            for _ in range(LEASE_AFTER + 100):
+                ticket = await engine.aadmit(MODEL, input_tokens=1_000, max_output_tokens=500)
+                await engine.asettle(ticket, input_tokens=1_000, output_tokens=100)
+            return hops[0]
+
+        hops = asyncio.run(main())
+        engine.flush()
+        (status,) = engine.budget_status("day")
+    # the first calls (reserved one by one) and the first lease go to a thread, no more
+    assert hops <= LEASE_AFTER + 2
+    assert status.used == pytest.approx((LEASE_AFTER + 100) * 0.0012)
