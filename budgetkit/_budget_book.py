@@ -423,6 +423,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         if any(item.leased for item in reservations):
             self._desk.settle([item for item in reservations if item.leased], cost_nanos,
                               tokens)
+            if self._desk.sync_wanted:  # an alert threshold was crossed: the settler syncs
+                self._wake.set()
             reservations = [item for item in reservations if not item.leased]
             if not reservations:
                 return
@@ -511,7 +513,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                     refilled = self._desk.refill(self.clock())
                     self._threshold_alerts([(lease, lease.seen_spent, lease.seen_reserved)
                                             for lease in refilled])
-                if time.monotonic() - self._desk.last_sync >= LEASE_SYNC:
+                if self._desk.sync_wanted \
+                        or time.monotonic() - self._desk.last_sync >= LEASE_SYNC:
                     self._sync_leases()
             except Exception:  # keep settling later batches; these reservations expire
                 logger.exception("budgetkit: settling budget reservations failed")

@@ -31,6 +31,7 @@ next sync, within about a second).
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import threading
 import time
@@ -91,6 +92,14 @@ class Lease:
     hint: int = 0  # the last call's worst case: leases are sized in such calls
     refill: bool = False  # running low: the settler thread tops it up ahead of need
     topped: int = 0  # the room right after the last trip (refilled when half is used)
+    alert_from: int | None = None  # spend at which the window's next alert threshold lies
+
+    def next_threshold(self) -> int | None:
+        """The smallest alert threshold above the window's known spend (None: none left)."""
+        budget, spent = self.budget, self.seen_spent
+        return next((amount for amount in (math.ceil(fraction * budget.limit_amount)
+                                           for fraction in budget.alert_at)
+                     if amount > spent), None)
 
     def _took(self, amount: int) -> bool:
         """Count a call admitted from the lease; True when it should be refilled now
@@ -131,6 +140,7 @@ class LeaseDesk:
         self.lease_id = f"lease:{uuid.uuid4().hex[:26]}"  # ticket ids are 32 chars
         self.any_active = False
         self.refill_wanted = False  # a lease ran low: the book wakes its settler
+        self.sync_wanted = False  # leased spend crossed an alert threshold: sync soon
         self.last_sync = time.monotonic()
 
     def after_fork_in_child(self) -> None:
@@ -232,7 +242,12 @@ class LeaseDesk:
                     continue
                 lease.inflight -= reservation.amount
                 lease.spent += cost_nanos if reservation.budget.unit == "usd" else tokens
-
+                if lease.alert_from is not None \
+                        and lease.seen_spent + lease.spent >= lease.alert_from:
+                    # spend has crossed an alert threshold: move it into the window now
+                    # (the sync fires the alert) rather than at the next periodic sync
+                    lease.alert_from = None
+                    self.sync_wanted = True
     def grow(self, reservation: Any, grow: int, now: dt.datetime) -> bool:
         """A streaming call outgrew its worst case: more room for it, if there is any."""
         lease = self._leases.get(reservation.window_id)
@@ -364,6 +379,7 @@ class LeaseDesk:
                     lease.active = False
                     lease.admits = 0
                 lease.topped = max(0, lease.room)  # refilled once half of it is used
+                lease.alert_from = lease.next_threshold()
                 if refill:
                     lease.refill = False
                 elif not need:
@@ -393,6 +409,7 @@ class LeaseDesk:
         (every lease's with ``shrink``). Returns the leases synced (for alerts)."""
         if self._pid != os.getpid():
             self._forked()
+        self.sync_wanted = False
         self.last_sync = time.monotonic()
         with self._trip_lock:
             with self._lock:

@@ -287,3 +287,23 @@ def test_async_calls_admitted_from_leases_stay_on_the_event_loop(db):
     # the first calls (reserved one by one) and the first lease go to a thread, no more
     assert hops <= LEASE_AFTER + 2
     assert status.used == pytest.approx((LEASE_AFTER + 100) * 0.0012)
+
+
+def test_leased_spend_crossing_a_threshold_alerts_within_moments_not_at_the_next_sync(db):
+    import time
+
+    alerts = []
+    with make_engine(db, Clock()) as engine:
+        # a lease holds ~1,000 calls here: neither a top-up nor a sync is near at $0.10
+        engine.add_budget(Budget(name="day", limit=20.0, alert_at=(0.005, 0.5)))
+        engine.configure_budgets(alert_sinks=[alerts.append])
+        calls = 0
+        while not any(alert.threshold == 0.005 for alert in alerts):
+            call(engine)  # $0.0012 each: $0.10 is reached by the 84th call
+            calls += 1
+            assert calls < 200, "no alert at $0.10"
+            if calls > 84:
+                time.sleep(0.005)  # the settler moves the spend and fires the alert
+        assert 80 <= calls <= 150  # when spend crossed $0.10, not a second or a lease later
+        (alert,) = [item for item in alerts if item.threshold == 0.005]
+        assert alert.spent >= 0.1
