@@ -129,8 +129,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._insert_alert = insert_ignore(store, AL)
         #: Busy windows are admitted from leases (room reserved ahead); see _budget_lease.
         self.leases = True
-        self._desk = LeaseDesk(self._fast, self._lock_windows_in_order, self._driver,
-                               self._driver.dialect)
+        self._desk = LeaseDesk(self._fast, self._lock_windows_in_order, self._driver)
 
     def _after_fork_in_child(self) -> None:
         """Fresh locks and no settler thread in a forked child; the parent's queued
@@ -213,7 +212,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         elif units is not None and self._desk.any_active \
                 and self._reserve_from_leases(ticket, targets, units, now, judge=True):
             return  # the common case of a busy app: every window has a lease with room
-        solo = [(None, budget, key, start, _worst_case(budget, ticket))
+        solo = [(None, budget, key, start, _worst_case(budget.unit, ticket))
                 for budget, key, start, window_id in targets if window_id is None]
         for _none, budget, key, start, amount in solo:
             if amount > budget.stop_amount:
@@ -329,7 +328,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                 ) -> list[tuple[Any, ...]]:
         """``plan`` again after window rows were deleted: their windows are made anew."""
         wanted = {(item[1].name, item[2]) for item in plan}
-        return sorted(((window_id, budget, key, start, _worst_case(budget, ticket))
+        return sorted(((window_id, budget, key, start, _worst_case(budget.unit, ticket))
                        for budget, key, start, window_id in self._targets(ticket, now)
                        if window_id is not None and (budget.name, key) in wanted),
                       key=lambda item: item[0])
@@ -678,10 +677,9 @@ def _flush_at_exit(book_ref: weakref.ref[BudgetBook]) -> None:
             logger.exception("budgetkit: settling budgets at exit failed")
 
 
-def _worst_case(budget: Budget | str, ticket: Any, *, bound: bool = False) -> int:
-    """What the call may cost in a budget's unit (the budget or its unit). ``bound``: with
-    the prompt's upper bound when it has not been counted (good enough for a roomy lease)."""
-    unit = budget if isinstance(budget, str) else budget.unit
+def _worst_case(unit: str, ticket: Any, *, bound: bool = False) -> int:
+    """What the call may cost in a budget unit ("usd": nano-dollars, or tokens). ``bound``:
+    with the prompt's upper bound when it has not been counted (enough for a roomy lease)."""
     if bound and ticket.input_bound is not None and not ticket.input_counted:
         if unit == "usd":
             return int(ticket.price.cost_nanos(ticket.input_bound, ticket.max_output_tokens))

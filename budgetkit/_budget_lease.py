@@ -116,6 +116,11 @@ class Lease:
     def room(self) -> int:
         return self.held - self.inflight - self.spent
 
+    def has_room(self, amount: int, now: dt.datetime) -> bool:
+        """Whether a call of this worst case can be admitted from the lease now."""
+        return (not self.tripping and self.room >= amount and self.expires is not None
+                and now < self.expires)
+
     def state(self) -> tuple[int, int]:
         """The window's (spent, reserved) as this process best knows it now."""
         return (self.seen_spent + self.spent,
@@ -128,11 +133,10 @@ class LeaseDesk:
 
     def __init__(self, transaction: Callable[[], Any],
                  lock_windows: Callable[[Callable[..., list[Any]], Sequence[int]], None],
-                 driver: Any, dialect: str) -> None:
+                 driver: Any) -> None:
         self._transaction = transaction
         self._lock_windows = lock_windows
         self._driver = driver
-        self._dialect = dialect
         self._leases: dict[int, Lease] = {}
         self._lock = threading.Lock()
         self._trip_lock = threading.Lock()
@@ -171,8 +175,7 @@ class LeaseDesk:
                 lease = self._leases.get(item[0])
                 if lease is None or not lease.active:
                     exact.append(item)
-                elif (not lease.tripping and lease.room >= item[4]
-                      and lease.expires is not None and now < lease.expires):
+                elif lease.has_room(item[4], now):
                     if lease._took(item[4]):
                         self.refill_wanted = True
                     taken.append((item, lease))
@@ -190,9 +193,8 @@ class LeaseDesk:
             leases = []
             for budget, _key, _start, window_id in targets:
                 lease = self._leases.get(window_id)
-                if lease is None or not lease.active or lease.tripping \
-                        or lease.room < amounts[budget.unit] or lease.expires is None \
-                        or now >= lease.expires:
+                if lease is None or not lease.active \
+                        or not lease.has_room(amounts[budget.unit], now):
                     return None
                 leases.append(lease)
             for (budget, *_rest), lease in zip(targets, leases):
@@ -211,9 +213,9 @@ class LeaseDesk:
                 for item, lease in short:
                     if not lease.active:
                         exact.append(item)
-                    elif lease.room >= item[4] and lease.expires is not None \
-                            and now < lease.expires:
-                        lease._took(item[4])
+                    elif lease.has_room(item[4], now):
+                        if lease._took(item[4]):
+                            self.refill_wanted = True
                         taken.append((item, lease))
                     else:
                         pending.append((item, lease))

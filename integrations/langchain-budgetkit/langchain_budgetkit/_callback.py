@@ -426,8 +426,24 @@ class _Tracker:
                         "only if its response names one")
         self._unpriced(run, kwargs)
 
-    def _admit_failed(self, run_id: UUID, run: _Run, kwargs: dict[str, Any],
-                      error: Exception) -> None:
+    def _admission(self, run_id: UUID, run: _Run) -> dict[str, Any] | None:
+        """The keyword arguments of ``engine.admit`` for a run admitted at its start (the
+        model aside), or None when it cannot be admitted (see :meth:`_no_model`)."""
+        try:
+            kwargs = self._resolve(run_id, run)
+        except Exception:
+            _log_failure("admit")
+            return None
+        if run.model is None:
+            self._no_model(run, kwargs)
+            return None
+        return {**self._prompt_kwargs(run), **kwargs}
+
+    def _admitted(self, run: _Run, ticket: Ticket) -> None:
+        ticket.started = run.started
+        run.ticket = ticket
+
+    def _admit_failed(self, run_id: UUID, run: _Run, error: Exception) -> None:
         """admit raised: a budget stop or a strict unknown model propagates, the rest is
         logged (the call goes on untracked, or recorded if its response names a model)."""
         if isinstance(error, _STOPS) or (self.strict_models
@@ -435,7 +451,8 @@ class _Tracker:
             self._take(run_id)
             raise error
         if isinstance(error, UnknownModelError):
-            self._unpriced(run, kwargs)
+            assert run.kwargs is not None  # resolved by _admission
+            self._unpriced(run, run.kwargs)
         else:
             _log_failure("admit")
 
@@ -737,21 +754,15 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             self._admit(run_id, run)
 
     def _admit(self, run_id: UUID, run: _Run) -> None:
-        try:
-            kwargs = self._resolve(run_id, run)
-        except Exception:
-            _log_failure("admit")
-            return
-        if run.model is None:
-            self._no_model(run, kwargs)
+        kwargs = self._admission(run_id, run)
+        if kwargs is None:
             return
         try:
-            ticket = self.engine.admit(run.model, **self._prompt_kwargs(run), **kwargs)
+            ticket = self.engine.admit(run.model, **kwargs)  # type: ignore[arg-type]
         except Exception as exc:
-            self._admit_failed(run_id, run, kwargs, exc)
+            self._admit_failed(run_id, run, exc)
         else:
-            ticket.started = run.started
-            run.ticket = ticket
+            self._admitted(run, ticket)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                          **kwargs: Any) -> None:

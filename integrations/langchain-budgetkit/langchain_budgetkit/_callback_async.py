@@ -87,21 +87,15 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
             await self._aadmit(run_id, run)
 
     async def _aadmit(self, run_id: UUID, run: _Run) -> None:
-        try:
-            kwargs = self._resolve(run_id, run)
-        except Exception:
-            _log_failure("admit")
-            return
-        if run.model is None:
-            self._no_model(run, kwargs)
+        kwargs = self._admission(run_id, run)
+        if kwargs is None:
             return
         try:
-            ticket = await self.engine.aadmit(run.model, **self._prompt_kwargs(run), **kwargs)
+            ticket = await self.engine.aadmit(run.model, **kwargs)  # type: ignore[arg-type]
         except Exception as exc:
-            self._admit_failed(run_id, run, kwargs, exc)
+            self._admit_failed(run_id, run, exc)
         else:
-            ticket.started = run.started
-            run.ticket = ticket
+            self._admitted(run, ticket)
 
     async def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                                **kwargs: Any) -> None:
