@@ -17,7 +17,7 @@ hits all of them alike:
 
 Overhead = a handler's per-call latency minus the bare call's, at p50 and p99.
 
-    python benchmarks/bench_handler_overhead.py [--calls 3000] [--rounds 5] [--budgets 3]
+    python benchmarks/bench_handler_overhead.py [--calls 500] [--rounds 20] [--budgets 3]
                                                 [--unique-prompts]
 """
 
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -97,8 +98,8 @@ def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=3000, help="calls per condition per round")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=500, help="calls per condition per round")
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--unique-prompts", action="store_true",
                         help="a different prompt per call (default: one repeated prompt)")
     parser.add_argument("--budgets", type=int, default=3,
@@ -132,6 +133,7 @@ def main() -> None:
             if "budgets)" in name:
                 engines[name] = budget_engine
         samples: dict[str, list[float]] = {name: [] for name in conditions}
+        round_p50s: dict[str, list[float]] = {name: [] for name in conditions}
         cpu: dict[str, float] = {name: 0.0 for name in conditions}
         for name, config in conditions.items():  # warm up imports, caches, the writer
             time_calls(model, config, 300, engine=engines[name])
@@ -140,34 +142,40 @@ def main() -> None:
                 latencies, seconds = time_calls(model, config, args.calls,
                                                 args.unique_prompts, engines[name])
                 samples[name].extend(latencies)
+                round_p50s[name].append(percentile(latencies, 0.50))
                 cpu[name] += seconds
         assert engine.flush(timeout=60) and budget_engine.flush(timeout=60)
         recorded = len(engine.usage(user_id="bench"))
         recorded_budgets = len(budget_engine.usage(user_id="bench"))
 
-    bare50 = percentile(samples["bare (no callbacks)"], 0.50)
-    bare99 = percentile(samples["bare (no callbacks)"], 0.99)
+    bare = "bare (no callbacks)"
+    bare99 = percentile(samples[bare], 0.99)
     total = args.calls * args.rounds
-    bare_cpu = cpu["bare (no callbacks)"] / total * 1e6
+    bare_cpu = cpu[bare] / total * 1e6
     rows = []
     for name, values in samples.items():
         p50, p99 = percentile(values, 0.50), percentile(values, 0.99)
         cpu_us = cpu[name] / total * 1e6
-        rows.append((name, p50, p99, p50 - bare50, p99 - bare99, cpu_us - bare_cpu))
+        # Added p50: the median over rounds of (this p50 - the bare p50 of the same
+        # round), so that the machine's drift between rounds cancels out.
+        added50 = statistics.median(mine - theirs for mine, theirs
+                                    in zip(round_p50s[name], round_p50s[bare]))
+        rows.append((name, p50, p99, added50, p99 - bare99, cpu_us - bare_cpu))
     usage_added, usage_cpu = rows[1][3], rows[1][5]
     print(f"{total} calls per condition ({args.rounds} interleaved rounds, "
           f"{'a new prompt per call' if args.unique_prompts else 'one repeated prompt'}), "
-          f"latencies in µs; added CPU: the process's CPU time per call over the bare "
-          f"call's, background threads included\n")
+          f"latencies in µs; added p50: median over rounds of the round's p50 over the "
+          f"bare call's; added p99: over all calls; added CPU: the process's CPU time per "
+          f"call over the bare call's, background threads included\n")
     print(f"| {'condition':<38} | {'p50':>7} | {'p99':>7} | {'added p50':>9} | "
           f"{'added p99':>9} | {'added CPU':>9} | {'vs usage (p50)':>14} | "
           f"{'vs usage (CPU)':>14} |")
     print(f"|{'-' * 40}|{'-' * 9}|{'-' * 9}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 16}|"
           f"{'-' * 16}|")
     for name, p50, p99, add50, add99, add_cpu in rows:
-        bare = name.startswith("bare")
-        ratio = "" if bare else f"{add50 / usage_added:.2f}x"
-        cpu_ratio = "" if bare else f"{add_cpu / usage_cpu:.2f}x"
+        is_bare = name == bare
+        ratio = "" if is_bare else f"{add50 / usage_added:.2f}x"
+        cpu_ratio = "" if is_bare else f"{add_cpu / usage_cpu:.2f}x"
         print(f"| {name:<38} | {p50:7.1f} | {p99:7.1f} | {add50:9.1f} | {add99:9.1f} | "
               f"{add_cpu:9.1f} | {ratio:>14} | {cpu_ratio:>14} |")
     print(f"\nbudgetkit rows written: {recorded} (every warm-up and timed call: "

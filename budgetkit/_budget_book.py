@@ -275,12 +275,13 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                              units: tuple[str, ...], now: dt.datetime, *, judge: bool) -> bool:
         """Admit from the leases of all the ticket's windows, or reserve nothing. With
         ``judge`` False, a call that reaches a level (whose alert is stored) is not taken."""
-        amounts = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
+        by_unit = {unit: _worst_case(unit, ticket, bound=True) for unit in units}
+        amounts = [by_unit[budget.unit] for budget, *_rest in targets]
         leases = self._desk.take_all(targets, amounts, now)
         if leases is None:
             return False
-        leased_plan = [(window_id, budget, key, start, amounts[budget.unit])
-                       for budget, key, start, window_id in targets]
+        leased_plan = [(window_id, budget, key, start, amount)
+                       for (budget, key, start, window_id), amount in zip(targets, amounts)]
         states = [lease.state() for lease in leases]
         if all(spent + reserved < budget.level_amounts[0]
                and (budget.downgrade_below is None or spent + reserved <= budget.keep_amount)

@@ -183,22 +183,34 @@ class LeaseDesk:
                     short.append((item, lease))
         return exact, taken, short
 
-    def take_all(self, targets: Sequence[tuple[Any, ...]], amounts: dict[str, int],
-                 now: dt.datetime) -> list[Lease] | None:
+    def take_all(self, targets: Sequence[tuple[Any, ...]], amounts: Sequence[int],
+                 now: dt.datetime, limits: Sequence[int] | None = None) -> list[Lease] | None:
         """Admit a call from the leases of all its windows (budget, key, start, window
-        id), or from none: None when any of them lacks a lease with room."""
+        id), ``amounts[i]`` from the i-th, or from none: None when any of them lacks a
+        lease with room, or (with ``limits``) would hold more than ``limits[i]`` after."""
         if self._pid != os.getpid():
             return None
+        leases_by_window = self._leases
         with self._lock:
+            # Runs before every leased call, on the caller's thread: has_room, state and
+            # _took written out, as one pass over plain attributes.
             leases = []
-            for budget, _key, _start, window_id in targets:
-                lease = self._leases.get(window_id)
-                if lease is None or not lease.active \
-                        or not lease.has_room(amounts[budget.unit], now):
+            for index, target in enumerate(targets):
+                lease = leases_by_window.get(target[3])
+                if lease is None or not lease.active or lease.tripping \
+                        or lease.expires is None or now >= lease.expires:
+                    return None
+                amount = amounts[index]
+                if lease.held - lease.inflight - lease.spent < amount:
+                    return None
+                if limits is not None and (
+                        lease.seen_spent + lease.spent
+                        + max(0, lease.seen_reserved - lease.held + lease.inflight)
+                        + amount > limits[index]):
                     return None
                 leases.append(lease)
-            for (budget, *_rest), lease in zip(targets, leases):
-                if lease._took(amounts[budget.unit]):
+            for lease, amount in zip(leases, amounts):
+                if lease._took(amount):
                     self.refill_wanted = True
         return leases
 

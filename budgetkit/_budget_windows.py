@@ -133,6 +133,20 @@ class Windows:
             return None
         return cached[2], cached[3]
 
+    def lane(self, ticket: Any, default_output: int) -> Any:
+        """An admission lane for calls like ``ticket`` (see ``_budget_lane``), or None."""
+        from ._budget_lane import AdmissionLane
+
+        budgets = self._budgets
+        if not budgets or self._targets_of is not budgets or self._run_scoped:
+            return None
+        cached = self._target_cache.get(self._signature(ticket))
+        if cached is None or cached[3] is None:  # not looked up, or a lone run's window
+            return None
+        start, end, targets, _units = cached
+        return AdmissionLane(self, budgets, (start, end), targets, ticket.price,
+                             default_output)
+
     def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
                       ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],
                                  dt.datetime, dt.datetime]:

@@ -18,9 +18,9 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from ._catalog import PriceCatalog, default_catalog
+from ._catalog import ModelPrice, PriceCatalog, default_catalog
 from ._errors import ConfigurationError
 from ._store import Store
 from ._tables import UsageRow
@@ -29,6 +29,9 @@ from ._ticket import (Ticket, UsageRecord, messages_text, new_id, snapshot_messa
 from ._tokens import (count_message_tokens, count_tokens, count_tool_tokens, is_exact,
                       message_tokens_bound, text_tokens_bound)
 from ._writer import BatchWriter
+
+if TYPE_CHECKING:
+    from ._budget_lane import AdmissionLane
 
 __all__ = ["Engine", "Ticket", "UsageRecord"]
 
@@ -318,10 +321,8 @@ class Engine:
             if messages is not None:
                 messages = snapshot_messages(messages)
                 text_for_hash = functools.partial(messages_text, messages)
-                bound = None if self._budgets is None else message_tokens_bound(messages)
-                if bound is not None and tools:
-                    # tool definitions are counted exactly (their parts' counts are cached)
-                    bound += count_tool_tokens(tools, model, catalog=self.catalog)
+                bound = (None if self._budgets is None
+                         else self.prompt_bound(model, messages=messages, tools=tools))
                 if self._budgets is None or bound is not None:
                     # nothing to check now, or a bound will do: count if someone asks
                     pending_count = functools.partial(self.count_message_tokens, messages,
@@ -343,8 +344,7 @@ class Engine:
         if input_tokens is not None and input_tokens < 0:
             raise ConfigurationError(f"input_tokens must be >= 0, got {input_tokens}")
         if max_output_tokens is None:
-            max_output_tokens = (0 if price.mode == "embedding"
-                                 else price.max_output_tokens or self.default_max_output_tokens)
+            max_output_tokens = self._default_output(price)
         elif max_output_tokens < 0:
             raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
         ticket = Ticket(
@@ -364,6 +364,35 @@ class Engine:
         )
         ticket.input_bound = bound
         return ticket
+
+    def prompt_bound(self, model: str, *, messages: Sequence[Mapping[str, Any]] | None = None,
+                     prompt: str | None = None,
+                     tools: Sequence[Mapping[str, Any]] | None = None) -> int | None:
+        """A cheap upper bound of a prompt's tokens, for :meth:`AdmissionLane.admit`: the
+        UTF-8 bytes of its text plus chat formatting (see ``message_tokens_bound``). None
+        when it must be counted (tool calls, content parts)."""
+        if messages is None:
+            return text_tokens_bound(prompt) if prompt is not None else 0
+        bound = message_tokens_bound(messages)
+        if bound is not None and tools:
+            # tool definitions are counted exactly (their parts' counts are cached)
+            bound += count_tool_tokens(tools, model, catalog=self.catalog)
+        return bound
+
+    def _default_output(self, price: ModelPrice) -> int:
+        """The output a call may run to when its caller sets no limit."""
+        if price.mode == "embedding":
+            return 0
+        return price.max_output_tokens or self.default_max_output_tokens
+
+    def lane(self, ticket: Ticket) -> AdmissionLane | None:
+        """An admission lane for calls like ``ticket``, just admitted (same model and
+        attribution): it admits them from leases without building a ticket first (see
+        ``budgetkit._budget_lane``). None when no budget is registered or such calls
+        cannot be admitted in memory (per-run budgets, windows not looked up yet)."""
+        if self._budgets is None:
+            return None
+        return self._budgets.lane(ticket, self._default_output(ticket.price))
 
     async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
         """:meth:`admit` for asyncio code (budget checks may touch the database).

@@ -71,6 +71,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
 from budgetkit._cascade import is_metered_call
+from budgetkit._budget_lane import AdmissionLane, Held
 from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
 
@@ -126,6 +127,8 @@ def _leave_call(run_id: UUID) -> None:
         current.ended = True
 
 
+#: Admission lanes a handler keeps (one per model and attribution it has seen lately).
+_MAX_LANES = 1024
 _ATTRIBUTION_KEYS = frozenset(("user_id", "session_id", "project", "operation_type",
                                "task_type", "request_id"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
@@ -169,6 +172,8 @@ class _Run:
     chunk_usage: list[ChunkUsage] | None = None
     task: Any = None  # the asyncio task running the call (async path), watched for cancel
     on_done: Any = None
+    #: what an admission lane reserved at the start (the ticket is built at the end)
+    held: Held | None = None
 
 
 class _Facts:
@@ -266,6 +271,8 @@ class _Tracker:
         self.metadata = dict(metadata or {})
         self.strict_models = strict_models
         self._runs: dict[UUID, _Run] = {}
+        #: admission lanes by what decides a call's budget windows (see _lane_key)
+        self._lanes: dict[tuple[Any, ...], AdmissionLane] = {}
         self._roots: dict[UUID, UUID] = {}  # run id -> root run id, for runs still open
         self._warned: set[str] = set()
         self._totals_lock = threading.Lock()
@@ -402,7 +409,7 @@ class _Tracker:
             kwargs["max_output_tokens"] = max_tokens
         if isinstance(run.prompt, str):
             run.prompt_text = run.prompt
-        else:
+        elif run.messages is None:
             run.messages = to_openai_messages(run.prompt)
         run.kwargs = kwargs
         return kwargs
@@ -425,6 +432,48 @@ class _Tracker:
                         "ls_model_name or invocation_params['model']); it is recorded "
                         "only if its response names one")
         self._unpriced(run, kwargs)
+
+    def _lane_key(self, run: _Run) -> tuple[Any, ...] | None:
+        """What decides the budget windows of a run's call, as LangChain gave it: runs
+        with the same key share an admission lane. None: no lane (unhashable values)."""
+        metadata = run.metadata
+        attribution = tuple(item for item in metadata.items() if item[0] in _ATTRIBUTION_KEYS
+                            ) if metadata else ()
+        key = (run.model, run.operation_type, tuple(run.tags) if run.tags else (), attribution)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _admit_in_lane(self, run: _Run, key: tuple[Any, ...] | None) -> bool:
+        """Admit a run from its lane (no ticket built, no database); False: not possible,
+        admit it the ordinary way."""
+        lane = self._lanes.get(key) if key is not None else None
+        if lane is None:
+            return False
+        if run.messages is None and not isinstance(run.prompt, str):
+            run.messages = to_openai_messages(run.prompt)
+        bound = self.engine.prompt_bound(
+            run.model, messages=run.messages, tools=run.tools,  # type: ignore[arg-type]
+            prompt=run.prompt if isinstance(run.prompt, str) else None)
+        if bound is None:
+            return False
+        max_tokens = run.max_tokens
+        run.held = lane.admit(bound, max_tokens if max_tokens is not None and max_tokens > 0
+                              else None)
+        return run.held is not None
+
+    def _remember_lane(self, key: tuple[Any, ...] | None, ticket: Ticket) -> None:
+        if key is None:
+            return
+        lane = self.engine.lane(ticket)
+        if lane is None:
+            self._lanes.pop(key, None)
+            return
+        if len(self._lanes) >= _MAX_LANES:
+            self._lanes.clear()  # a new user or tag per call: lanes would not be reused
+        self._lanes[key] = lane
 
     def _admission(self, run_id: UUID, run: _Run) -> dict[str, Any] | None:
         """The keyword arguments of ``engine.admit`` for a run admitted at its start (the
@@ -505,6 +554,8 @@ class _Tracker:
             run.chunks = [text]
         else:
             run.chunks.append(text)
+        if run.ticket is None and run.held is not None:
+            self._make_ticket(run_id, run)  # a stream is long: build the ticket now
         if run.ticket is None or not run.ticket.reservations:
             return None
         run.stream_tokens += self.engine.count_tokens(text, run.ticket.model)
@@ -527,16 +578,7 @@ class _Tracker:
         """Settle, release or record a finished run (usually on the writer's thread)."""
         try:
             if run.ticket is None and run.deferred is None:
-                kwargs = self._resolve(run_id, run)
-                if run.model is None:
-                    self._no_model(run, kwargs)
-                else:
-                    try:  # the call has happened: no budget check, but it still counts
-                        run.ticket = self.engine.ticket(run.model, **self._prompt_kwargs(run),
-                                                        **kwargs)
-                        run.ticket.started = run.started
-                    except UnknownModelError:
-                        self._unpriced(run, kwargs)
+                self._make_ticket(run_id, run)
             if run.ticket is not None:
                 run.ticket.ended = ended
             outcome = (self._plan_end(facts, run) if facts is not None
@@ -545,6 +587,26 @@ class _Tracker:
                 self._execute(outcome, ended, run.started)
         except Exception:
             _log_failure("on_llm_end" if error is None else "on_llm_error")
+
+    def _make_ticket(self, run_id: UUID, run: _Run) -> None:
+        """The ticket of a run not admitted the ordinary way: admitted in a lane (the
+        ticket takes over what the lane reserved) or not checked at all (no budgets)."""
+        kwargs = self._resolve(run_id, run)
+        if run.model is None:
+            self._no_model(run, kwargs)
+            return
+        held, run.held = run.held, None
+        try:  # the call has happened: no budget check, but it still counts
+            ticket = self.engine.ticket(run.model, **self._prompt_kwargs(run), **kwargs)
+        except BaseException as exc:
+            if held is not None:
+                held.give_back()
+            if not isinstance(exc, UnknownModelError):
+                raise
+            self._unpriced(run, kwargs)
+            return
+        ticket.started = run.started
+        run.ticket = ticket if held is None else held.attach(ticket)
 
     def _plan_end(self, facts: _Facts, run: _Run) -> _Outcome | None:
         response_metadata = facts.response_metadata
@@ -754,6 +816,9 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             self._admit(run_id, run)
 
     def _admit(self, run_id: UUID, run: _Run) -> None:
+        key = self._lane_key(run)
+        if self._admit_in_lane(run, key):
+            return
         kwargs = self._admission(run_id, run)
         if kwargs is None:
             return
@@ -763,6 +828,7 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             self._admit_failed(run_id, run, exc)
         else:
             self._admitted(run, ticket)
+            self._remember_lane(key, ticket)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                          **kwargs: Any) -> None:

@@ -87,6 +87,9 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
             await self._aadmit(run_id, run)
 
     async def _aadmit(self, run_id: UUID, run: _Run) -> None:
+        key = self._lane_key(run)
+        if self._admit_in_lane(run, key):  # in memory: fine on the event loop
+            return
         kwargs = self._admission(run_id, run)
         if kwargs is None:
             return
@@ -96,6 +99,7 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
             self._admit_failed(run_id, run, exc)
         else:
             self._admitted(run, ticket)
+            self._remember_lane(key, ticket)
 
     async def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                                **kwargs: Any) -> None:
