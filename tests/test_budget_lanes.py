@@ -224,5 +224,5 @@ def test_threads_admitting_in_lanes_never_overspend(tmp_path):
         spent = sum(row.cost_nanos for row in engine.usage(status="ok")) / 1e9
         assert spent == pytest.approx(status.used)
         assert spent <= limit + 1e-12
-        assert len(in_lane) > 100 and blocked  # lanes were busy; the budget did run out
+        assert len(in_lane) >= 20 and blocked  # lanes were busy; the budget did run out
         assert limit - spent < worst + 1e-12  # and not much was left unused
