@@ -246,6 +246,10 @@ class Engine:
                              tools: Sequence[Mapping[str, Any]] | None = None) -> int:
         return count_message_tokens(messages, model, tools=tools, catalog=self.catalog)
 
+    def count_tool_tokens(self, tools: Sequence[Mapping[str, Any]], model: str) -> int:
+        """Prompt tokens of OpenAI-format tool definitions sent with a call."""
+        return count_tool_tokens(tools, model, catalog=self.catalog)
+
     def is_exact(self, model: str) -> bool:
         return is_exact(model, catalog=self.catalog)
 
@@ -376,7 +380,7 @@ class Engine:
         bound = message_tokens_bound(messages)
         if bound is not None and tools:
             # tool definitions are counted exactly (their parts' counts are cached)
-            bound += count_tool_tokens(tools, model, catalog=self.catalog)
+            bound += self.count_tool_tokens(tools, model)
         return bound
 
     def _default_output(self, price: ModelPrice) -> int:

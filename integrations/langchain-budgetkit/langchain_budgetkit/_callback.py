@@ -73,9 +73,10 @@ from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownMode
 from budgetkit._cascade import is_metered_call
 from budgetkit._budget_lane import AdmissionLane, Held
 from budgetkit._engine import Ticket, UsageRecord
+from budgetkit._tokens import text_tokens_bound
 from budgetkit._usage import Usage
 
-from ._messages import message_text, to_openai_messages
+from ._messages import message_text, prompt_tokens_bound, to_openai_messages
 from ._stream_usage import ChunkUsage, usage_of_running_totals
 from ._usage_parse import (first_value, json_safe, tool_call_text, usage_from_metadata,
                            usage_from_openai)
@@ -433,30 +434,30 @@ class _Tracker:
                         "only if its response names one")
         self._unpriced(run, kwargs)
 
-    def _lane_key(self, run: _Run) -> tuple[Any, ...] | None:
+    def _lane_key(self, run: _Run) -> tuple[Any, ...]:
         """What decides the budget windows of a run's call, as LangChain gave it: runs
-        with the same key share an admission lane. None: no lane (unhashable values)."""
+        with the same key share an admission lane."""
         metadata = run.metadata
-        attribution = tuple(item for item in metadata.items() if item[0] in _ATTRIBUTION_KEYS
-                            ) if metadata else ()
-        key = (run.model, run.operation_type, tuple(run.tags) if run.tags else (), attribution)
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
+        return (run.model, run.operation_type, tuple(run.tags) if run.tags else (),
+                tuple([item for item in metadata.items() if item[0] in _ATTRIBUTION_KEYS])
+                if metadata else ())
 
-    def _admit_in_lane(self, run: _Run, key: tuple[Any, ...] | None) -> bool:
-        """Admit a run from its lane (no ticket built, no database); False: not possible,
+    def _admit_in_lane(self, run: _Run, key: tuple[Any, ...]) -> bool:
+        """Admit a run in its lane (no ticket built, no database); False: not possible,
         admit it the ordinary way."""
-        lane = self._lanes.get(key) if key is not None else None
+        try:
+            lane = self._lanes.get(key)
+        except TypeError:  # an unhashable metadata value: no lane
+            return False
         if lane is None:
             return False
-        if run.messages is None and not isinstance(run.prompt, str):
-            run.messages = to_openai_messages(run.prompt)
-        bound = self.engine.prompt_bound(
-            run.model, messages=run.messages, tools=run.tools,  # type: ignore[arg-type]
-            prompt=run.prompt if isinstance(run.prompt, str) else None)
+        prompt = run.prompt
+        if isinstance(prompt, str):
+            bound: int | None = text_tokens_bound(prompt)
+        else:
+            bound = prompt_tokens_bound(prompt)
+            if bound is not None and run.tools is not None:
+                bound += self.engine.count_tool_tokens(run.tools, run.model)  # cached
         if bound is None:
             return False
         max_tokens = run.max_tokens
@@ -464,16 +465,17 @@ class _Tracker:
                               else None)
         return run.held is not None
 
-    def _remember_lane(self, key: tuple[Any, ...] | None, ticket: Ticket) -> None:
-        if key is None:
-            return
+    def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
         lane = self.engine.lane(ticket)
-        if lane is None:
-            self._lanes.pop(key, None)
-            return
-        if len(self._lanes) >= _MAX_LANES:
-            self._lanes.clear()  # a new user or tag per call: lanes would not be reused
-        self._lanes[key] = lane
+        try:
+            if lane is None:
+                self._lanes.pop(key, None)
+                return
+            if len(self._lanes) >= _MAX_LANES:
+                self._lanes.clear()  # a new user or tag per call: lanes are not reused
+            self._lanes[key] = lane
+        except TypeError:  # an unhashable metadata value: no lane
+            pass
 
     def _admission(self, run_id: UUID, run: _Run) -> dict[str, Any] | None:
         """The keyword arguments of ``engine.admit`` for a run admitted at its start (the

@@ -12,9 +12,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from langchain_core.messages import BaseMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage
 
-__all__ = ["to_openai_messages", "message_text"]
+__all__ = ["to_openai_messages", "message_text", "prompt_tokens_bound"]
 
 _ROLES = {"human": "user", "ai": "assistant", "system": "system", "tool": "tool",
           "function": "function", "developer": "developer", "AIMessageChunk": "assistant",
@@ -49,6 +49,33 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
             item["tool_call_id"] = getattr(message, "tool_call_id", None)
         converted.append(item)
     return converted
+
+
+# Per message of a plain text prompt: at most 4 tokens of chat formatting and the role
+# ("assistant" at most, and a separator), as budgetkit._tokens.message_tokens_bound counts.
+_MESSAGE_BOUND = 4 + 10
+_REPLY_PRIMING = 3
+
+
+def prompt_tokens_bound(messages: Sequence[BaseMessage]) -> int | None:
+    """An upper bound of the tokens of a prompt of plain text messages (system, human, and
+    AI messages without tool calls), for any model: what
+    ``budgetkit._tokens.message_tokens_bound`` gives for :func:`to_openai_messages`, or
+    a little more, without converting. None for anything else, which must be counted."""
+    # Runs before every call admitted in a lane: exact type tests, no conversion.
+    total = _REPLY_PRIMING
+    for message in messages:
+        content = message.content
+        kind = type(message)
+        if type(content) is not str or (
+                kind is not HumanMessage and kind is not SystemMessage
+                and (kind is not AIMessage or message.tool_calls)):  # type: ignore[attr-defined]
+            return None
+        total += _MESSAGE_BOUND + (len(content) if content.isascii()
+                                   else len(content.encode("utf-8", "surrogatepass")))
+        if message.name:
+            total += len(message.name.encode("utf-8", "surrogatepass")) + 1
+    return total
 
 
 def message_text(content: Any) -> str:

@@ -83,7 +83,9 @@ def test_a_stream_admitted_in_a_lane_is_still_cut_when_its_budget_runs_out(
                              match="alice", stop_streams=True, require_approval=False))
     model = usage_model(usage=SMALL, reply=" ".join(["word"] * 3_000))
     handler = BudgetkitCallbackHandler(engine, user_id="alice")
-    short = usage_model(usage=SMALL)
+    # Within their worst case (the prompt "hi" is 8 tokens, 2 may be output): a call that
+    # is billed more than it reserved could push the window past its limit by the excess.
+    short = usage_model(usage={"input_tokens": 8, "output_tokens": 2, "total_tokens": 10})
     for _ in range(LEASE_AFTER + 2):
         short.invoke("hi", config={"callbacks": [handler], "metadata": {"ls_max_tokens": 2}})
     received = 0
@@ -99,3 +101,22 @@ def test_a_stream_admitted_in_a_lane_is_still_cut_when_its_budget_runs_out(
     # the provider billed the token whose arrival cut the stream, nothing after it
     assert status.used == sum(r.total_tokens for r in engine.usage()) <= 2_000 + 1
     assert status.reserved == 0
+
+
+def test_the_lane_prompt_bound_is_never_below_the_count(engine):
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+
+    from langchain_budgetkit._messages import prompt_tokens_bound, to_openai_messages
+
+    texts = ["", "hi", "Où est ma commande ? 🚚", "数据" * 50, "a" * 3_000,
+             " ".join(["token"] * 400), "\n\n\t  spaced  \n", "日本語のテキスト" * 20]
+    for model in ("gpt-4o-mini", "gpt-4", "claude-3-5-sonnet-20241022"):
+        for index, text in enumerate(texts):
+            prompt = [SystemMessage(texts[index - 1]), HumanMessage(text, name="ana"),
+                      AIMessage(text[::-1]), HumanMessage(text)]
+            exact = engine.count_message_tokens(to_openai_messages(prompt), model)
+            assert prompt_tokens_bound(prompt) >= exact, (model, text[:20])
+    call = AIMessage("", tool_calls=[{"name": "lookup", "args": {"q": "x"}, "id": "c1"}])
+    assert prompt_tokens_bound([HumanMessage("hi"), call]) is None  # counted instead
+    assert prompt_tokens_bound([ToolMessage("42", tool_call_id="c1")]) is None
+    assert prompt_tokens_bound([HumanMessage([{"type": "text", "text": "hi"}])]) is None
