@@ -25,30 +25,46 @@ returns None and the caller admits the ordinary way, which decides, warns, block
 alerts. The worst case is priced on ``input_bound``, an upper bound of the prompt's
 tokens (bytes of text are enough: see :func:`budgetkit._tokens.message_tokens_bound`), so
 what a lane reserves is never less than the full check would.
+
+A lane takes room from the leases for ``LANE_CALLS`` calls like the one asking at once
+(its *credit*, counted in flight in each lease like a call's worst case), so most admits
+only subtract from the credit: no lease is touched, nor the engine clock read when it is
+the wall clock. Credit is for a short while only: every trip of the leases to the database
+(a top-up, the sync every second, a flush) returns all lanes' unused credit first, so it
+never outlives what the database holds, nor keeps room from other processes for long.
+Near a level a lane takes room for one call at a time, as without credit.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ._budget_lease import Lease
 from ._money import PICOS_PER_NANO
 
-__all__ = ["AdmissionLane", "Held"]
+__all__ = ["AdmissionLane", "Held", "LANE_CALLS"]
 
 _HALF_NANO = PICOS_PER_NANO // 2  # cost_nanos rounds half up
 
 
+#: Calls like the one asking that a lane takes room for at once (see the module docs).
+LANE_CALLS = 16
+
+
 class AdmissionLane:
     """The windows and price of calls like one admitted ticket (same model, provider,
-    user, project, operation and tags)."""
+    user, project, operation and tags), and the credit taken for them."""
 
-    __slots__ = ("_book", "_budgets", "_valid_from", "_valid_until", "_targets",
-                 "_input_picos", "_output_picos", "_usd", "_default_output", "_limits")
+    __slots__ = ("_book", "_desk", "_budgets", "_valid_from", "_valid_until", "_targets",
+                 "_input_picos", "_output_picos", "_usd", "_default_output", "_limits",
+                 "_wall", "credit", "leases", "_until", "_until_mono")
 
     def __init__(self, book: Any, budgets: Any, valid: tuple[Any, Any],
-                 targets: list[tuple[Any, ...]], price: Any, default_output: int) -> None:
+                 targets: list[tuple[Any, ...]], price: Any, default_output: int,
+                 wall_clock: bool) -> None:
         self._book = book
+        self._desk = book._desk
         self._budgets = budgets  # the registry the targets were found in
         self._valid_from, self._valid_until = valid
         self._targets = targets
@@ -57,28 +73,74 @@ class AdmissionLane:
         self._default_output = default_output
         # Below these (spent + reserved after the call) the full check would say "allow".
         self._limits = tuple(_allow_limit(budget) for budget, *_rest in targets)
+        self._wall = wall_clock  # the engine clock is the wall clock: time.monotonic will do
+        #: unused room per target, taken from ``leases`` (changed under the desk's lock)
+        self.credit: list[int] = [0] * len(targets)
+        self.leases: list[Lease] = []
+        self._until: Any = None  # engine clock: the credit may be used before this
+        self._until_mono = 0.0  # the same on time.monotonic (wall clock only)
 
     def admit(self, input_bound: int, max_output_tokens: int | None = None) -> Held | None:
-        """Take a call's worst case from the leases of every window, or nothing (None)."""
-        book = self._book
-        if book._budgets is not self._budgets:
-            return None  # budgets were added or removed since
-        now = book.clock()
-        if not self._valid_from <= now < self._valid_until \
-                or book._next_reap is None or now >= book._next_reap:
-            return None
+        """Take a call's worst case from the lane's credit, or else from the leases of
+        every window; None: nothing taken, admit the call the ordinary way."""
         output = self._default_output if max_output_tokens is None else max_output_tokens
         # price.cost_nanos(input_bound, output), without its argument checks
         nanos = (input_bound * self._input_picos + output * self._output_picos
                  + _HALF_NANO) // PICOS_PER_NANO
         tokens = input_bound + output
         amounts = [nanos if usd else tokens for usd in self._usd]
-        leases = book._desk.take_all(self._targets, amounts, now, self._limits)
-        if leases is None:
-            return None
-        if book._desk.refill_wanted:  # topped up ahead, off this thread
+        if self._book._budgets is self._budgets and (
+                time.monotonic() < self._until_mono if self._wall
+                else self._until is not None and self._book.clock() < self._until):
+            credit = self.credit
+            with self._desk._lock:
+                for index, amount in enumerate(amounts):
+                    if credit[index] < amount:
+                        break
+                else:
+                    for index, amount in enumerate(amounts):
+                        credit[index] -= amount
+                    return Held(self, self.leases, amounts, input_bound)
+        return self._admit_from_leases(amounts, input_bound)
+
+    def _admit_from_leases(self, amounts: list[int], input_bound: int) -> Held | None:
+        book = self._book
+        if book._budgets is not self._budgets:
+            return None  # budgets were added or removed since
+        now = book.clock()
+        if not self._valid_from <= now < self._valid_until \
+                or book._next_reap is None or now >= book._next_reap:
+            return None  # a new window, or an expired-reservation sweep is due
+        desk = self._desk
+        chunk = [amount * LANE_CALLS for amount in amounts]
+        leases = desk.take_all(self._targets, chunk, now, self._limits, hint=amounts)
+        if leases is not None:  # this call, and credit for the next ones
+            with desk._lock:
+                self.return_credit()  # what is left of the last (another thread's) credit
+                self.credit = [amount * (LANE_CALLS - 1) for amount in amounts]
+                self.leases = leases
+                desk.lanes_with_credit[self] = None
+            # Until the first of the windows ends or of the leases expires.
+            self._until = min([self._valid_until, *(lease.expires for lease in leases)])
+            self._until_mono = time.monotonic() + (self._until - now).total_seconds()
+        else:  # near a level, or leases short of room: this call only, if it fits
+            leases = desk.take_all(self._targets, amounts, now, self._limits)
+            if leases is None:
+                return None
+        if desk.refill_wanted:  # topped up ahead, off this thread
             book._wake.set()
         return Held(self, leases, amounts, input_bound)
+
+    def return_credit(self) -> None:
+        """Give the unused credit back to the leases. The caller holds the desk's lock."""
+        for lease, amount in zip(self.leases, self.credit):
+            lease.inflight -= amount
+        self.forget_credit()
+
+    def forget_credit(self) -> None:
+        """Drop the credit without returning it (a forked child: the leases are gone)."""
+        self.credit = [0] * len(self.credit)
+        self._until_mono, self._until = 0.0, None
 
 
 class Held:

@@ -146,6 +146,8 @@ class LeaseDesk:
         self.refill_wanted = False  # a lease ran low: the book wakes its settler
         self.sync_wanted = False  # leased spend crossed an alert threshold: sync soon
         self.last_sync = time.monotonic()
+        #: admission lanes holding credit from these leases (see _budget_lane)
+        self.lanes_with_credit: dict[Any, None] = {}
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # either may have been held at the fork
@@ -155,6 +157,9 @@ class LeaseDesk:
     def _forked(self) -> None:
         """A forked child holds none of its parent's leases."""
         with self._lock:
+            for lane in self.lanes_with_credit:
+                lane.forget_credit()
+            self.lanes_with_credit = {}
             self._leases, self._pid = {}, os.getpid()
             self.lease_id = f"lease:{uuid.uuid4().hex[:26]}"  # ticket ids are 32 chars
             self.any_active = False
@@ -184,10 +189,13 @@ class LeaseDesk:
         return exact, taken, short
 
     def take_all(self, targets: Sequence[tuple[Any, ...]], amounts: Sequence[int],
-                 now: dt.datetime, limits: Sequence[int] | None = None) -> list[Lease] | None:
+                 now: dt.datetime, limits: Sequence[int] | None = None,
+                 hint: Sequence[int] | None = None) -> list[Lease] | None:
         """Admit a call from the leases of all its windows (budget, key, start, window
         id), ``amounts[i]`` from the i-th, or from none: None when any of them lacks a
-        lease with room, or (with ``limits``) would hold more than ``limits[i]`` after."""
+        lease with room, or (with ``limits``) would hold more than ``limits[i]`` after.
+        ``hint``: one call's amounts, when ``amounts`` are for several (leases are sized
+        in calls)."""
         if self._pid != os.getpid():
             return None
         leases_by_window = self._leases
@@ -209,9 +217,11 @@ class LeaseDesk:
                         + amount > limits[index]):
                     return None
                 leases.append(lease)
-            for lease, amount in zip(leases, amounts):
-                if lease._took(amount):
+            for index, lease in enumerate(leases):
+                if lease._took(amounts[index]):
                     self.refill_wanted = True
+                if hint is not None:
+                    lease.hint = hint[index]
         return leases
 
     def top_up(self, short: Sequence[tuple[tuple[Any, ...], Lease]], now: dt.datetime
@@ -313,6 +323,10 @@ class LeaseDesk:
         back the unused room). Caller holds the trip lock. Returns, per lease, whether
         ``need`` was granted (and counted in flight)."""
         with self._lock:
+            # Lanes' unused credit first: what is in flight is then what calls hold.
+            for lane in self.lanes_with_credit:
+                lane.return_credit()
+            self.lanes_with_credit = {}
             plans = []
             for lease, need in wants:
                 # Admits wait for a trip that may shrink a lease or cover one call; a

@@ -133,7 +133,7 @@ class Windows:
             return None
         return cached[2], cached[3]
 
-    def lane(self, ticket: Any, default_output: int) -> Any:
+    def lane(self, ticket: Any, default_output: int, wall_clock: bool = False) -> Any:
         """An admission lane for calls like ``ticket`` (see ``_budget_lane``), or None."""
         from ._budget_lane import AdmissionLane
 
@@ -145,7 +145,7 @@ class Windows:
             return None
         start, end, targets, _units = cached
         return AdmissionLane(self, budgets, (start, end), targets, ticket.price,
-                             default_output)
+                             default_output, wall_clock)
 
     def _find_targets(self, ticket: Any, now: dt.datetime, *, create: bool
                       ) -> tuple[list[tuple[Budget, str, dt.datetime, int | None]],

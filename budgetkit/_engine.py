@@ -396,7 +396,8 @@ class Engine:
         cannot be admitted in memory (per-run budgets, windows not looked up yet)."""
         if self._budgets is None:
             return None
-        return self._budgets.lane(ticket, self._default_output(ticket.price))
+        return self._budgets.lane(ticket, self._default_output(ticket.price),
+                                  self._clock is _utcnow)
 
     async def aadmit(self, model: str, **kwargs: Any) -> Ticket:
         """:meth:`admit` for asyncio code (budget checks may touch the database).

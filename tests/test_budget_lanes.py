@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from budgetkit import Budget, BudgetExceeded, BudgetLevels, Engine
-from budgetkit._budget_lane import _allow_limit
+from budgetkit._budget_lane import LANE_CALLS, _allow_limit
 from budgetkit._budget_lease import LEASE_AFTER
 
 MODEL = "unit-model"
@@ -119,8 +119,53 @@ def test_lane_reserves_what_the_full_check_would(tmp_path):
             assert tokens == bound + ticket.max_output_tokens
             assert bound >= engine.count_message_tokens(messages, MODEL)
             held.give_back()
+        engine.flush()  # returns the lane's credit with the leases' room
         desk = engine._budgets._desk
         assert all(lease.inflight == 0 for lease in desk._leases.values())
+        assert all(status.reserved == 0 for status in engine.budget_status())
+
+
+def test_most_lane_admits_only_use_credit_and_any_trip_returns_it(tmp_path, monkeypatch):
+    with make_engine(str(tmp_path / "lanes.db"), Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        lane = busy_lane(engine)
+        desk = engine._budgets._desk
+        takes = []
+        take_all = desk.take_all
+        monkeypatch.setattr(desk, "take_all", lambda *a, **k: takes.append(1) or take_all(*a, **k))
+        bound = engine.prompt_bound(MODEL, messages=PROMPT)
+        helds = [lane.admit(bound, 500) for _ in range(5 * LANE_CALLS)]
+        assert all(held is not None for held in helds)
+        assert len(takes) == 5  # one trip to the leases per LANE_CALLS calls
+        [lease] = desk._leases.values()
+        assert lease.inflight == sum(held.amounts[0] for held in helds)  # no credit left
+        extra = lane.admit(bound, 500)
+        assert sum(lane.credit) > 0 and lease.inflight > sum(
+            held.amounts[0] for held in [*helds, extra])
+        engine._budgets._sync_leases()  # a trip (the sync every second) returns the credit
+        assert lane.credit == [0]
+        assert lease.inflight == sum(held.amounts[0] for held in [*helds, extra])
+        for held in [*helds, extra]:
+            held.give_back()
+        assert lease.inflight == 0
+
+
+def test_a_forked_child_does_not_use_its_parents_credit(tmp_path):
+    import os
+
+    with make_engine(str(tmp_path / "lanes.db"), Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        lane = busy_lane(engine)
+        bound = engine.prompt_bound(MODEL, messages=PROMPT)
+        lane.admit(bound, 500).give_back()
+        assert sum(lane.credit) > 0
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's leases and credit are the parent's
+            code = 0 if lane.admit(bound, 500) is None and lane.credit == [0] else 1
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert lane.admit(bound, 500) is not None  # the parent's lane goes on
 
 
 @pytest.mark.parametrize("budget", [
