@@ -37,6 +37,7 @@ Near a level a lane takes room for one call at a time, as without credit.
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Any
 
@@ -92,14 +93,10 @@ class AdmissionLane:
         if self._book._budgets is self._budgets and (
                 time.monotonic() < self._until_mono if self._wall
                 else self._until is not None and self._book.clock() < self._until):
-            credit = self.credit
             with self._desk._lock:
-                for index, amount in enumerate(amounts):
-                    if credit[index] < amount:
-                        break
-                else:
-                    for index, amount in enumerate(amounts):
-                        credit[index] -= amount
+                credit = self.credit
+                if all(map(operator.ge, credit, amounts)):
+                    self.credit = list(map(operator.sub, credit, amounts))
                     return Held(self, self.leases, amounts, input_bound)
         return self._admit_from_leases(amounts, input_bound)
 

@@ -195,9 +195,20 @@ class Engine:
         budgets = self._budgets
         return budgets is not None and bool(budgets)
 
-    def mark_end(self) -> tuple[float, dt.datetime]:
-        """The moment a call ended, for :attr:`Ticket.ended` (latency and row time)."""
-        return time.perf_counter(), (_utcnow() if self._clock is _utcnow else self.now())
+    def mark_end(self) -> tuple[float, dt.datetime | float]:
+        """The moment a call ended, for :attr:`Ticket.ended` (latency and row time): the
+        ``perf_counter`` and the engine clock's time. With the wall clock the time is
+        ``time.time()`` seconds, made a datetime only when the row is built (this runs on
+        the caller's thread); :meth:`end_time` reads it."""
+        if self._clock is _utcnow:
+            return time.perf_counter(), time.time()
+        return time.perf_counter(), self.now()
+
+    @staticmethod
+    def end_time(mark: tuple[float, dt.datetime | float]) -> dt.datetime:
+        """The naive-UTC datetime of a :meth:`mark_end` mark."""
+        moment = mark[1]
+        return _EPOCH + dt.timedelta(seconds=moment) if type(moment) is float else moment
 
     def run_deferred(self) -> int:
         """Run every deferred job now, on this thread; returns how many ran."""
@@ -581,7 +592,7 @@ class Engine:
             latency_ms = ((time.perf_counter() if ended is None else ended[0])
                           - ticket.started) * 1000.0
         if ended is not None:
-            created_at = ended[1]
+            created_at = self.end_time(ended)
         else:
             created_at = _utcnow() if self._clock is _utcnow else self.now()
         # One dict holds the record's fields (a frozen dataclass's __init__ costs a

@@ -91,7 +91,7 @@ class Ticket:
         #: When the call really ended, as :meth:`Engine.mark_end` gives it, if it is
         #: finished later than that (an adapter deferring its bookkeeping); None: when
         #: it is finished.
-        self.ended: tuple[float, dt.datetime] | None = None
+        self.ended: tuple[float, dt.datetime | float] | None = None
         #: An upper bound of the prompt's tokens known without counting it (None: count):
         #: enough to admit the call against a budget with plenty of room.
         self.input_bound: int | None = None

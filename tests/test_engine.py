@@ -432,3 +432,16 @@ def test_tools_sent_with_the_messages_are_part_of_the_prompt(engine):
     admitted = engine.admit("gpt-4o", messages=messages, tools=tools, max_output_tokens=10)
     assert admitted.input_tokens == expected
     assert admitted.input_bound is None or admitted.input_bound >= expected
+
+
+def test_a_wall_clock_end_mark_becomes_the_rows_time(tmp_path):
+    import time
+
+    with Engine(db=str(tmp_path / "wall.db")) as engine:
+        ticket = engine.ticket("gpt-4o-mini", input_tokens=10)
+        ended = ticket.ended = engine.mark_end()  # seconds: no datetime on the call's thread
+        time.sleep(0.05)
+        record = engine.settle(ticket, input_tokens=10, output_tokens=1)
+        assert record.created_at == engine.end_time(ended)
+        wall = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+        assert dt.timedelta(0) < wall - record.created_at < dt.timedelta(seconds=5)

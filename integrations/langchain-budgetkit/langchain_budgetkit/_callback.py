@@ -445,6 +445,7 @@ class _Tracker:
     def _admit_in_lane(self, run: _Run, key: tuple[Any, ...]) -> bool:
         """Admit a run in its lane (no ticket built, no database); False: not possible,
         admit it the ordinary way."""
+        # Runs before every call of a handler with budgets: kept to the few steps needed.
         try:
             lane = self._lanes.get(key)
         except TypeError:  # an unhashable metadata value: no lane
@@ -452,18 +453,18 @@ class _Tracker:
         if lane is None:
             return False
         prompt = run.prompt
-        if isinstance(prompt, str):
+        if type(prompt) is str:
             bound: int | None = text_tokens_bound(prompt)
         else:
-            bound = prompt_tokens_bound(prompt)
-            if bound is not None and run.tools is not None:
+            bound = prompt_tokens_bound(prompt)  # type: ignore[arg-type]
+            if bound is None:
+                return False
+            if run.tools is not None:
                 bound += self.engine.count_tool_tokens(run.tools, run.model)  # cached
-        if bound is None:
-            return False
         max_tokens = run.max_tokens
-        run.held = lane.admit(bound, max_tokens if max_tokens is not None and max_tokens > 0
-                              else None)
-        return run.held is not None
+        held = run.held = lane.admit(
+            bound, max_tokens if max_tokens is not None and max_tokens > 0 else None)
+        return held is not None
 
     def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
         lane = self.engine.lane(ticket)
@@ -726,7 +727,7 @@ class _Tracker:
                 cached_input_tokens=kwargs["cached_input_tokens"],
                 cache_write_tokens=kwargs["cache_write_tokens"])
             kwargs["usage_source"] = "provider"
-        self._count(self.engine.record(outcome.model, created_at=ended[1],
+        self._count(self.engine.record(outcome.model, created_at=self.engine.end_time(ended),
                                        latency_ms=(ended[0] - run_started) * 1000.0,
                                        **kwargs))
 
