@@ -17,7 +17,7 @@ hits all of them alike:
 
 Overhead = a handler's per-call latency minus the bare call's, at p50 and p99.
 
-    python benchmarks/bench_handler_overhead.py [--calls 500] [--rounds 20] [--budgets 3]
+    python benchmarks/bench_handler_overhead.py [--calls 250] [--rounds 40] [--budgets 3]
                                                 [--unique-prompts]
 """
 
@@ -98,8 +98,8 @@ def time_calls(model: FakeChatModel, config: dict[str, Any], calls: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--calls", type=int, default=500, help="calls per condition per round")
-    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--calls", type=int, default=250, help="calls per condition per round")
+    parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--unique-prompts", action="store_true",
                         help="a different prompt per call (default: one repeated prompt)")
     parser.add_argument("--budgets", type=int, default=3,
@@ -137,8 +137,11 @@ def main() -> None:
         cpu: dict[str, float] = {name: 0.0 for name in conditions}
         for name, config in conditions.items():  # warm up imports, caches, the writer
             time_calls(model, config, 300, engine=engines[name])
-        for _ in range(args.rounds):
-            for name, config in conditions.items():
+        for round_index in range(args.rounds):
+            order = list(conditions.items())
+            if round_index % 2:  # every other round backwards: no condition always follows
+                order.reverse()  # the same one (whose leftovers, GC, could weigh on it)
+            for name, config in order:
                 latencies, seconds = time_calls(model, config, args.calls,
                                                 args.unique_prompts, engines[name])
                 samples[name].extend(latencies)

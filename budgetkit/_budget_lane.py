@@ -41,6 +41,7 @@ import operator
 import time
 from typing import Any
 
+from ._budget_book import Reservation
 from ._budget_lease import Lease
 from ._money import PICOS_PER_NANO
 
@@ -58,8 +59,8 @@ class AdmissionLane:
     user, project, operation and tags), and the credit taken for them."""
 
     __slots__ = ("_book", "_desk", "_budgets", "_valid_from", "_valid_until", "_targets",
-                 "_input_picos", "_output_picos", "_usd", "_default_output", "_limits",
-                 "_wall", "credit", "leases", "_until", "_until_mono")
+                 "_input_picos", "_output_picos", "_usd", "_all_usd", "_default_output",
+                 "_limits", "_wall", "credit", "leases", "_until", "_until_mono")
 
     def __init__(self, book: Any, budgets: Any, valid: tuple[Any, Any],
                  targets: list[tuple[Any, ...]], price: Any, default_output: int,
@@ -71,6 +72,7 @@ class AdmissionLane:
         self._targets = targets
         self._input_picos, self._output_picos = price.input_picos, price.output_picos
         self._usd = tuple(budget.unit == "usd" for budget, *_rest in targets)
+        self._all_usd = all(self._usd)  # the usual case, priced in one step
         self._default_output = default_output
         # Below these (spent + reserved after the call) the full check would say "allow".
         self._limits = tuple(_allow_limit(budget) for budget, *_rest in targets)
@@ -88,8 +90,8 @@ class AdmissionLane:
         # price.cost_nanos(input_bound, output), without its argument checks
         nanos = (input_bound * self._input_picos + output * self._output_picos
                  + _HALF_NANO) // PICOS_PER_NANO
-        tokens = input_bound + output
-        amounts = [nanos if usd else tokens for usd in self._usd]
+        amounts = ([nanos] * len(self._targets) if self._all_usd
+                   else [nanos if usd else input_bound + output for usd in self._usd])
         if self._book._budgets is self._budgets and (
                 time.monotonic() < self._until_mono if self._wall
                 else self._until is not None and self._book.clock() < self._until):
@@ -112,14 +114,15 @@ class AdmissionLane:
         chunk = [amount * LANE_CALLS for amount in amounts]
         leases = desk.take_all(self._targets, chunk, now, self._limits, hint=amounts)
         if leases is not None:  # this call, and credit for the next ones
+            # Usable until the first of the windows ends or of the leases expires.
+            until = min([self._valid_until, *(lease.expires for lease in leases)])
+            until_mono = time.monotonic() + (until - now).total_seconds()
             with desk._lock:
                 self.return_credit()  # what is left of the last (another thread's) credit
                 self.credit = [amount * (LANE_CALLS - 1) for amount in amounts]
                 self.leases = leases
+                self._until, self._until_mono = until, until_mono
                 desk.lanes_with_credit[self] = None
-            # Until the first of the windows ends or of the leases expires.
-            self._until = min([self._valid_until, *(lease.expires for lease in leases)])
-            self._until_mono = time.monotonic() + (self._until - now).total_seconds()
         else:  # near a level, or leases short of room: this call only, if it fits
             leases = desk.take_all(self._targets, amounts, now, self._limits)
             if leases is None:
@@ -153,8 +156,6 @@ class Held:
     def attach(self, ticket: Any) -> Any:
         """Make ``ticket`` (the call's, built later with the same model, attribution and
         output limit) hold this reservation; returns it."""
-        from ._budget_book import Reservation  # (a cycle at import time)
-
         ticket.reservations = [Reservation(window_id, budget, key, start, amount, leased=True)
                                for (budget, key, start, window_id), amount
                                in zip(self.lane._targets, self.amounts)]
