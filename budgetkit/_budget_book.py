@@ -418,16 +418,16 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         make admission stricter, never looser; an admit that finds no room settles the
         queue first and tries again.
         """
-        reservations: list[Reservation] = list(ticket.reservations)
+        reservations: list[Reservation] = ticket.reservations
         ticket.reservations = []
-        if any(item.leased for item in reservations):
-            self._desk.settle([item for item in reservations if item.leased], cost_nanos,
-                              tokens)
+        leased = [item for item in reservations if item.leased]
+        if leased:
+            self._desk.settle(leased, cost_nanos, tokens)
             if self._desk.sync_wanted:  # an alert threshold was crossed: the settler syncs
                 self._wake.set()
-            reservations = [item for item in reservations if not item.leased]
-            if not reservations:
+            if len(leased) == len(reservations):
                 return
+            reservations = [item for item in reservations if not item.leased]
         held = bool(reservations)
         if not held:
             if not self._budgets or (cost_nanos == 0 and tokens == 0):

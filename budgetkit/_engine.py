@@ -192,8 +192,8 @@ class Engine:
     @property
     def has_budgets(self) -> bool:
         """Whether any budget is registered (calls are then admitted before they run)."""
-        budgets = self._budgets
-        return budgets is not None and bool(budgets)
+        budgets = self._budgets  # (asked before every call: the book's registry directly)
+        return budgets is not None and bool(budgets._budgets)
 
     def mark_end(self) -> tuple[float, dt.datetime | float]:
         """The moment a call ended, for :attr:`Ticket.ended` (latency and row time): the

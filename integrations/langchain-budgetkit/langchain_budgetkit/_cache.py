@@ -39,7 +39,7 @@ from langchain_core.outputs import ChatGeneration, Generation
 from budgetkit import ConfigurationError, Engine
 from budgetkit._cache import CacheHit, ResponseCache
 
-from ._callback import current_call_attribution
+from ._callback import current_call_attribution, want_call_attribution
 from ._messages import to_openai_messages
 
 __all__ = ["BudgetkitCache", "CACHE_HIT_MARK"]
@@ -123,6 +123,7 @@ class BudgetkitCache(BaseCache):
                  embeddings: Any = None, namespace: str = "default",
                  task_type: str | None = None, cache: ResponseCache | None = None,
                  **options: Any) -> None:
+        want_call_attribution()  # its rows name the run that asked
         if cache is None:
             if engine is None:
                 raise ConfigurationError("BudgetkitCache needs an engine or a cache")

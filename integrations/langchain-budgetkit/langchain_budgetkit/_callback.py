@@ -107,6 +107,14 @@ class _Call:
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("budgetkit_current_call", default=None)
+# Set once a BudgetkitCache exists (the only reader): until then runs skip the context.
+_attribution_wanted = False
+
+
+def want_call_attribution() -> None:
+    """From now on, note each starting run for :func:`current_call_attribution`."""
+    global _attribution_wanted
+    _attribution_wanted = True
 
 
 def current_call_attribution() -> dict[str, Any]:
@@ -123,6 +131,8 @@ def current_call_attribution() -> dict[str, Any]:
 
 
 def _leave_call(run_id: UUID) -> None:
+    if not _attribution_wanted:
+        return
     current = _current_call.get()
     if current is not None and current.run_id == run_id:
         current.ended = True
@@ -358,12 +368,15 @@ class _Tracker:
             value = metadata.get("ls_max_tokens") if metadata else None
             if isinstance(value, int):
                 max_tokens = value
+        if max_tokens is not None and max_tokens <= 0:
+            max_tokens = None  # no limit given: the model's own applies
         tools = params.get("tools")
         run = _Run(operation_type, parent_run_id, self._open(run_id, parent_run_id), tags,
                    metadata, str(model) if model else None, max_tokens,
                    tools if isinstance(tools, list) and tools else None, prompt,
                    time.perf_counter())
-        _current_call.set(_Call(run_id, run, self))
+        if _attribution_wanted:
+            _current_call.set(_Call(run_id, run, self))
         if (metadata and (metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK))) \
                 or is_metered_call():
             return None
@@ -406,7 +419,7 @@ class _Tracker:
         kwargs["tags"] = (self.tags + tuple(tag for tag in tags if tag not in self.tags)
                           if tags else self.tags)
         kwargs["metadata"] = {**self.metadata, **extra} if extra else dict(self.metadata)
-        if max_tokens is not None and max_tokens > 0:
+        if max_tokens is not None:
             kwargs["max_output_tokens"] = max_tokens
         if isinstance(run.prompt, str):
             run.prompt_text = run.prompt
@@ -461,9 +474,7 @@ class _Tracker:
                 return False
             if run.tools is not None:
                 bound += self.engine.count_tool_tokens(run.tools, run.model)  # cached
-        max_tokens = run.max_tokens
-        held = run.held = lane.admit(
-            bound, max_tokens if max_tokens is not None and max_tokens > 0 else None)
+        held = run.held = lane.admit(bound, run.max_tokens)
         return held is not None
 
     def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
