@@ -9,7 +9,8 @@ change. A lane remembers the first two, made from a ticket admitted the ordinary
     ticket = engine.admit(model, messages=..., user_id="alice")  # the full check
     lane = engine.lane(ticket)  # None: calls like it cannot be admitted in memory
     ...
-    held = lane.admit(input_bound, max_output_tokens)  # the next call like it
+    bound = engine.prompt_bound(model, messages=...)  # the next call like it
+    held = lane.admit(bound, max_output_tokens) if bound is not None else None
     if held is None:
         ticket = engine.admit(...)  # the full check again (it also refreshes the leases)
     else:
@@ -45,7 +46,7 @@ from ._budget_book import Reservation
 from ._budget_lease import Lease
 from ._money import PICOS_PER_NANO
 
-__all__ = ["AdmissionLane", "Held", "LANE_CALLS"]
+__all__ = ["AdmissionLane", "LaneReservation", "LANE_CALLS"]
 
 _HALF_NANO = PICOS_PER_NANO // 2  # cost_nanos rounds half up
 
@@ -83,7 +84,8 @@ class AdmissionLane:
         self._until: Any = None  # engine clock: the credit may be used before this
         self._until_mono = 0.0  # the same on time.monotonic (wall clock only)
 
-    def admit(self, input_bound: int, max_output_tokens: int | None = None) -> Held | None:
+    def admit(self, input_bound: int,
+              max_output_tokens: int | None = None) -> LaneReservation | None:
         """Take a call's worst case from the lane's credit, or else from the leases of
         every window; None: nothing taken, admit the call the ordinary way."""
         output = self._default_output if max_output_tokens is None else max_output_tokens
@@ -99,10 +101,11 @@ class AdmissionLane:
                 credit = self.credit
                 if all(map(operator.ge, credit, amounts)):
                     self.credit = list(map(operator.sub, credit, amounts))
-                    return Held(self, self.leases, amounts, input_bound)
+                    return LaneReservation(self, self.leases, amounts, input_bound)
         return self._admit_from_leases(amounts, input_bound)
 
-    def _admit_from_leases(self, amounts: list[int], input_bound: int) -> Held | None:
+    def _admit_from_leases(self, amounts: list[int],
+                           input_bound: int) -> LaneReservation | None:
         book = self._book
         if book._budgets is not self._budgets:
             return None  # budgets were added or removed since
@@ -129,7 +132,7 @@ class AdmissionLane:
                 return None
         if desk.refill_wanted:  # topped up ahead, off this thread
             book._wake.set()
-        return Held(self, leases, amounts, input_bound)
+        return LaneReservation(self, leases, amounts, input_bound)
 
     def return_credit(self) -> None:
         """Give the unused credit back to the leases. The caller holds the desk's lock."""
@@ -143,7 +146,7 @@ class AdmissionLane:
         self._until_mono, self._until = 0.0, None
 
 
-class Held:
+class LaneReservation:
     """What :meth:`AdmissionLane.admit` reserved for one call, until a ticket holds it."""
 
     __slots__ = ("lane", "leases", "amounts", "input_bound")

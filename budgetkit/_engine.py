@@ -208,7 +208,9 @@ class Engine:
     def end_time(mark: tuple[float, dt.datetime | float]) -> dt.datetime:
         """The naive-UTC datetime of a :meth:`mark_end` mark."""
         moment = mark[1]
-        return _EPOCH + dt.timedelta(seconds=moment) if type(moment) is float else moment
+        if isinstance(moment, float):
+            return _EPOCH + dt.timedelta(seconds=moment)
+        return moment
 
     def run_deferred(self) -> int:
         """Run every deferred job now, on this thread; returns how many ran."""
@@ -557,7 +559,8 @@ class Engine:
                    "attempt", "route_reason", "tags", "metadata", "prompt"}
         unknown = set(attribution) - allowed
         if unknown:
-            raise ConfigurationError(f"unknown argument(s) to record(): {', '.join(sorted(unknown))}")
+            raise ConfigurationError(
+                f"unknown argument(s) to record(): {', '.join(sorted(unknown))}")
         price = self.catalog.get(model)
         prompt = attribution.pop("prompt", None)
         attribution.setdefault("operation_type", "chat_completion")

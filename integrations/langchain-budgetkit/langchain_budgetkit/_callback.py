@@ -71,7 +71,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
 from budgetkit._cascade import is_metered_call
-from budgetkit._budget_lane import AdmissionLane, Held
+from budgetkit._budget_lane import AdmissionLane, LaneReservation
 from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._tokens import text_tokens_bound
 from budgetkit._usage import Usage
@@ -184,7 +184,7 @@ class _Run:
     task: Any = None  # the asyncio task running the call (async path), watched for cancel
     on_done: Any = None
     #: what an admission lane reserved at the start (the ticket is built at the end)
-    held: Held | None = None
+    held: LaneReservation | None = None
 
 
 class _Facts:
@@ -466,13 +466,14 @@ class _Tracker:
         if lane is None:
             return False
         prompt = run.prompt
-        if type(prompt) is str:
-            bound: int | None = text_tokens_bound(prompt)
+        if isinstance(prompt, str):
+            bound = text_tokens_bound(prompt)
         else:
-            bound = prompt_tokens_bound(prompt)  # type: ignore[arg-type]
-            if bound is None:
+            maybe = prompt_tokens_bound(prompt)
+            if maybe is None:
                 return False
-            if run.tools is not None:
+            bound = maybe
+            if run.tools is not None and run.model is not None:
                 bound += self.engine.count_tool_tokens(run.tools, run.model)  # cached
         held = run.held = lane.admit(bound, run.max_tokens)
         return held is not None
