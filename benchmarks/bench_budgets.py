@@ -5,7 +5,9 @@
 1. admit + settle per call with 0 (ledger only), 1, 3 and 10 applicable budgets, on a
    SQLite file and (with ``--pg`` or ``BUDGETKIT_TEST_POSTGRES_URL``) on PostgreSQL.
    Ratios are to the ledger-only engine on the same database, measured in the same run.
-2. Sustained admitted calls per second from 4 processes (4 threads each) sharing one
+2. The same in an admission lane (``engine.lane``, as the LangChain handler admits): the
+   admit the caller waits for, and the ticket + attach + settle done after the call.
+3. Sustained admitted calls per second from 4 processes (4 threads each) sharing one
    budget, on each database.
 
 No peer is measured here: LiteLLM enforces budgets only in its proxy server (Prisma,
@@ -63,6 +65,47 @@ def per_call(db: str, budgets: int, calls: int, durable: bool = True) -> tuple[f
         settles.append(settle_total / calls * 1e6)
     engine.close()
     return statistics.median(admits), statistics.median(settles)
+
+
+def per_call_in_lane(db: str, budgets: int, calls: int) -> tuple[float, float, int]:
+    """Median-of-3 microseconds per admit in an admission lane (what an adapter's caller
+    waits for) and per ticket + attach + settle (what the adapter does after the call,
+    off the caller's thread); and how many admits the lane declined (admitted in full)."""
+    engine = Engine(db=db)
+    tag = uuid.uuid4().hex[:6]
+    for index in range(budgets):
+        scope = ("global", "user", "project", "model", "tag")[index % 5]
+        match = {"global": None, "user": "u", "project": "p", "model": MODEL, "tag": "t"}[scope]
+        engine.add_budget(Budget(name=f"b{index}-{tag}", limit=1_000_000.0, scope=scope,
+                                 match=match, period=("day", "month", "total")[index % 3]))
+    attribution = {"user_id": "u", "project": "p", "tags": ("t",)}
+    for _ in range(50):  # warm up: windows found, leases taken
+        ticket = engine.admit(MODEL, input_tokens=500, max_output_tokens=200, **attribution)
+        engine.settle(ticket, output_tokens=100)
+    lane = engine.lane(ticket)
+    assert lane is not None
+    admits, afters, declined = [], [], 0
+    for _ in range(3):
+        admit_total = after_total = 0.0
+        for _ in range(calls):
+            start = time.perf_counter()
+            held = lane.admit(500, 200)
+            middle = time.perf_counter()
+            if held is None:  # the ordinary way (and a fresh lane for the next calls)
+                declined += 1
+                ticket = engine.admit(MODEL, input_tokens=500, max_output_tokens=200,
+                                      **attribution)
+                lane = engine.lane(ticket) or lane
+            else:
+                ticket = held.attach(engine.ticket(MODEL, input_tokens=500,
+                                                   max_output_tokens=200, **attribution))
+            engine.settle(ticket, output_tokens=100)
+            admit_total += middle - start
+            after_total += time.perf_counter() - middle
+        admits.append(admit_total / calls * 1e6)
+        afters.append(after_total / calls * 1e6)
+    engine.close()
+    return statistics.median(admits), statistics.median(afters), declined
 
 
 WORKER = r"""
@@ -127,6 +170,11 @@ def main() -> None:
                                 "budgets": budgets, "admit_us": admit_us,
                                 "settle_us": settle_us, "total_us": total,
                                 "ratio": total / base})
+            for budgets in (1, 3, 10):
+                admit_us, after_us, declined = per_call_in_lane(db, budgets, args.calls)
+                results.append({"db": label, "lane_budgets": budgets, "admit_us": admit_us,
+                                "after_us": after_us, "declined": declined,
+                                "calls": 3 * args.calls})
             rate = sustained(db, args.seconds)
             results.append({"db": label, "processes": 4, "calls_per_s": rate})
     if args.json:
@@ -140,6 +188,14 @@ def main() -> None:
         if "budgets" in row:
             print(f"{row['db']:<25} {row['budgets']:>7} {row['admit_us']:>9.0f} "
                   f"{row['settle_us']:>10.0f} {row['total_us']:>9.0f} {row['ratio']:>5.1f}x")
+    print("\nin an admission lane (adapters: the caller waits for the admit only; the "
+          "ticket is built and settled after the call)")
+    print(f"{'database':<25} {'budgets':>7} {'admit µs':>9} {'after µs':>9} "
+          f"{'declined':>9}")
+    for row in results:
+        if "lane_budgets" in row:
+            print(f"{row['db']:<25} {row['lane_budgets']:>7} {row['admit_us']:>9.1f} "
+                  f"{row['after_us']:>9.1f} {row['declined']:>4} of {row['calls']}")
     print(f"\nsustained admitted calls/s, 4 processes x 4 threads, one shared budget, "
           f"{args.seconds:g} s")
     for row in results:
