@@ -299,6 +299,7 @@ class Engine:
             root_run_id=root_run_id, task_type=task_type, attempt=attempt,
             route_reason=route_reason, tags=tags, metadata=metadata, tools=tools)
         if self._budgets is not None:
+            self._with_bound(ticket, messages, prompt, tools)
             self._reserve(ticket)
         return ticket
 
@@ -333,27 +334,18 @@ class Engine:
         price = self.catalog.get(model)
         text_for_hash: Callable[[], str] | None = None  # hashed when the row is built
         pending_count: Callable[[], int] | None = None
-        bound: int | None = None
-        if input_tokens is None:
+        if input_tokens is None:  # counted only if someone asks (a budget check may not)
             if messages is not None:
                 messages = snapshot_messages(messages)
                 text_for_hash = functools.partial(messages_text, messages)
-                bound = (None if self._budgets is None
-                         else self.prompt_bound(model, messages=messages, tools=tools))
-                if self._budgets is None or bound is not None:
-                    # nothing to check now, or a bound will do: count if someone asks
-                    pending_count = functools.partial(self.count_message_tokens, messages,
-                                                      model, tools=tools or None)
-                else:
-                    input_tokens = self.count_message_tokens(messages, model, tools=tools)
+                pending_count = functools.partial(self.count_message_tokens, messages,
+                                                  model, tools=tools or None)
             elif prompt is not None:
                 if not isinstance(prompt, str):
                     raise ConfigurationError(
                         f"prompt must be a str, got {type(prompt).__name__}")
                 text_for_hash = functools.partial(str, prompt)
                 pending_count = functools.partial(self.count_tokens, prompt, model)
-                if self._budgets is not None:
-                    bound = text_tokens_bound(prompt)
             else:
                 input_tokens = 0
         elif prompt is not None:
@@ -379,8 +371,15 @@ class Engine:
                             if self.store_prompts and text_for_hash is not None else None),
             started=time.perf_counter(), pending_count=pending_count,
         )
-        ticket.input_bound = bound
         return ticket
+
+    def _with_bound(self, ticket: Ticket, messages: Sequence[Mapping[str, Any]] | None,
+                    prompt: str | None, tools: Sequence[Mapping[str, Any]] | None) -> None:
+        """Give a ticket about to be checked its prompt's bound: leases admit on it without
+        counting the prompt (None: it is counted when the check needs it)."""
+        if not ticket.input_counted:
+            ticket.input_bound = self.prompt_bound(ticket.model, messages=messages,
+                                                   prompt=prompt, tools=tools)
 
     def prompt_bound(self, model: str, *, messages: Sequence[Mapping[str, Any]] | None = None,
                      prompt: str | None = None,
@@ -421,6 +420,8 @@ class Engine:
         if self._budgets is None:
             return self.admit(model, **kwargs)
         ticket = self.ticket(model, **kwargs)
+        self._with_bound(ticket, kwargs.get("messages"), kwargs.get("prompt"),
+                         kwargs.get("tools"))
         if self._budgets.reserve_in_memory(ticket):  # leases with room: no thread needed
             return ticket
         import contextvars
