@@ -470,15 +470,22 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         if ticket.reservations:
             self.commit(ticket, 0, 0)
 
-    def flush(self) -> int:
-        """Settle every queued ticket now and give leases' unused room back; returns how
-        many tickets were settled."""
+    def flush(self, *, return_leases: bool = True) -> int:
+        """Settle every queued ticket now and move leased spend into the windows; with
+        ``return_leases``, give the leases' unused room back too (else it stays leased:
+        the next calls need no trip to lease again). Returns how many tickets were
+        settled."""
+        settled = self.settle_queued()
+        self._sync_leases(shrink=return_leases)
+        return settled
+
+    def settle_queued(self) -> int:
+        """Settle every queued ticket now; returns how many."""
         with self._flush_lock:
             with self._pending_lock:
                 items, self._pending = self._pending, []
             if items:
                 self._settle_batch(items)
-        self._sync_leases(shrink=True)
         return len(items)
 
     def _sync_leases(self, *, shrink: bool = False) -> None:

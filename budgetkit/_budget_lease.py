@@ -456,6 +456,13 @@ class LeaseDesk:
                     self._leases.pop(lease.window_id, None)
         return due
 
+    def unused_room(self, window_ids: Sequence[int]) -> dict[int, int]:
+        """The room this process holds in these windows and has not used (the window's
+        ``reserved`` counts it)."""
+        with self._lock:
+            return {window_id: lease.room for window_id in window_ids
+                    if (lease := self._leases.get(window_id)) is not None and lease.held}
+
     @property
     def holding(self) -> bool:
         """Whether any lease holds room or unsynced spend (the settler keeps syncing)."""

@@ -73,8 +73,12 @@ class BudgetReader:
 
     # provided by BudgetBook
     _budgets: dict[str, Budget]
+    _desk: Any
     clock: Any
     store: Any
+    flush: Any
+    settle_queued: Any
+    _targets: Any
 
     def alerts(self, *, budget: str | None = None, since: dt.datetime | None = None
                ) -> list[Alert]:
@@ -216,7 +220,9 @@ class BudgetReader:
         """Smallest remaining fraction (0..1) of the limits that apply; None if none do."""
         if not self._budgets:
             return None
-        self.flush()
+        # Asked before routed calls: the leases stay (giving them back would cost a trip
+        # now and another to lease again), their unused room is not counted as used.
+        self.settle_queued()
         now = self.clock()
         targets = self._targets(ticket, now, create=False)
         if not targets:
@@ -227,6 +233,8 @@ class BudgetReader:
             with self.store.engine.connect() as conn:
                 used = {int(w): int(s) + int(r) for w, s, r in conn.execute(
                     select(W.c.id, W.c.spent, W.c.reserved).where(W.c.id.in_(ids))).all()}
+            for window_id, room in self._desk.unused_room(ids).items():
+                used[window_id] = used.get(window_id, 0) - room
         fractions = []
         for budget, _key, _start, window_id in targets:
             limit = budget.limit_amount

@@ -161,11 +161,18 @@ class Engine:
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.to_thread(self.close)
 
-    def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every row recorded so far is in the database."""
+    def flush(self, timeout: float | None = 10.0, *, return_leases: bool = True) -> bool:
+        """Wait until every row recorded so far is in the database, and every finished
+        call's cost in its budget windows.
+
+        ``return_leases=False`` keeps the budget room this process has leased (see
+        Budgets in the README): for code that flushes often, which would otherwise give
+        the room back each time and lease it again at the next busy second. A window's
+        ``reserved`` then still counts that room.
+        """
         self.run_deferred()  # before settling budgets: deferred jobs settle tickets
         if self._budgets is not None:
-            self._budgets.flush()
+            self._budgets.flush(return_leases=return_leases)
         return self._writer.flush(timeout)
 
     def defer(self, job: Callable[[], object]) -> None:
@@ -774,7 +781,7 @@ class Engine:
               session_id: str | None = None, tag: str | None = None,
               limit: int | None = None) -> list[UsageRow]:
         """Recorded rows matching every filter given (after flushing pending rows)."""
-        self.flush()
+        self.flush(return_leases=False)  # reading rows needs no budget room back
         return self.store.query_usage(
             since=since, until=until, model=model, user_id=user_id,
             operation_type=operation_type, run_id=run_id, root_run_id=root_run_id,

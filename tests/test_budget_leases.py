@@ -307,3 +307,37 @@ def test_leased_spend_crossing_a_threshold_alerts_within_moments_not_at_the_next
         assert 80 <= calls <= 150  # when spend crossed $0.10, not a second or a lease later
         (alert,) = [item for item in alerts if item.threshold == 0.005]
         assert alert.spent >= 0.1
+
+
+def test_flush_keeping_leases_settles_spend_and_needs_no_new_lease(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        for _ in range(LEASE_AFTER + 2):
+            call(engine)
+        engine.flush(return_leases=False)  # e.g. an app that flushes after every request
+        [lease] = engine._budgets._desk._leases.values()
+        assert lease.active and lease.held > 0 and lease.spent == 0  # spend moved in
+        trips = count_transactions(engine)
+        for _ in range(20):
+            call(engine)
+        engine.usage()  # reading rows keeps the leases too
+        for _ in range(20):
+            call(engine)
+        assert trips[0] <= 2  # the syncs of those two reads; no exact admits, no re-lease
+        engine.flush()  # the default gives the room back: status is exact
+        (status,) = engine.budget_status("day")
+        assert status.used == pytest.approx((LEASE_AFTER + 42) * 0.0012)
+        assert status.reserved == 0
+
+
+def test_headroom_leaves_leases_alone_and_ignores_their_unused_room(db):
+    with make_engine(db, Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=1.0))
+        for _ in range(LEASE_AFTER + 2):
+            call(engine)
+        [lease] = engine._budgets._desk._leases.values()
+        assert lease.room > 0
+        spent = (LEASE_AFTER + 2) * 1_200_000  # nano-dollars
+        headroom = engine.budget_headroom(model=MODEL)
+        assert headroom == pytest.approx((1e9 - spent) / 1e9)
+        assert lease.active and lease.room > 0  # not given back
