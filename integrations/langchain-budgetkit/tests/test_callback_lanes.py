@@ -120,3 +120,25 @@ def test_the_lane_prompt_bound_is_never_below_the_count(engine):
     assert prompt_tokens_bound([HumanMessage("hi"), call]) is None  # counted instead
     assert prompt_tokens_bound([ToolMessage("42", tool_call_id="c1")]) is None
     assert prompt_tokens_bound([HumanMessage([{"type": "text", "text": "hi"}])]) is None
+
+
+def test_the_async_handler_admits_in_lanes_too(engine, usage_model, lane_admits):
+    import asyncio
+
+    from langchain_budgetkit import AsyncBudgetkitCallbackHandler
+
+    engine.add_budget(Budget(name="day", limit=100.0))
+    model = usage_model(usage=SMALL)
+    handler = AsyncBudgetkitCallbackHandler(engine, user_id="alice")
+
+    async def main() -> None:
+        for _ in range(LEASE_AFTER + 40):
+            await model.ainvoke("hi", config={"callbacks": [handler]})
+
+    asyncio.run(main())
+    assert sum(lane_admits) >= 30
+    rows = engine.usage()
+    assert len(rows) == LEASE_AFTER + 40 and {row.user_id for row in rows} == {"alice"}
+    (status,) = engine.budget_status("day")
+    assert status.used == pytest.approx(sum(row.cost_nanos for row in rows) / 1e9)
+    assert status.reserved == 0
