@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,19 +29,34 @@ MODEL = "gpt-4o"  # $2.50 / $10.00 per million tokens
 MAX_WORST_NANOS = 5_000 * 2_500 + 1_500 * 10_000  # $0.0275
 
 
-def random_call(engine: Engine, rng: random.Random, **attribution: object) -> int | None:
+def random_call(engine: Engine, rng: random.Random, lanes: dict[str, Any] | None = None,
+                **attribution: object) -> int | None:
     """One call: admit its worst case, 'run' it, settle a random actual. Returns the cost,
-    or None when blocked with nothing in flight (the budget is really used up)."""
+    or None when blocked with nothing in flight (the budget is really used up).
+
+    With ``lanes`` (shared by a process's threads, as by a LangChain handler), the call is
+    admitted in the admission lane of the last full admit when it can be, and its ticket
+    built after the call."""
     while True:
-        try:
-            ticket = engine.admit(MODEL, input_tokens=rng.randint(1_000, 5_000),
-                                  max_output_tokens=rng.randint(200, 1_500), **attribution)
-        except BudgetExceeded as blocked:
-            if blocked.reserved == 0:
-                return None
-            time.sleep(0.0005)  # others' calls are in flight; their actuals may leave room
-            continue
+        input_tokens, max_output = rng.randint(1_000, 5_000), rng.randint(200, 1_500)
+        lane = lanes.get("lane") if lanes is not None else None
+        held = lane.admit(input_tokens, max_output) if lane is not None else None
+        if held is None:
+            try:
+                ticket = engine.admit(MODEL, input_tokens=input_tokens,
+                                      max_output_tokens=max_output, **attribution)
+            except BudgetExceeded as blocked:
+                if blocked.reserved == 0:
+                    return None
+                time.sleep(0.0005)  # others' calls are in flight; their actuals may leave room
+                continue
+            if lanes is not None:
+                lanes["lane"] = engine.lane(ticket)
         time.sleep(rng.random() * 0.003)  # the provider call
+        if held is not None:
+            ticket = held.attach(engine.ticket(MODEL, input_tokens=input_tokens,
+                                               max_output_tokens=max_output, **attribution))
+            lanes["admitted"] = lanes.get("admitted", 0) + 1  # type: ignore[index]
         record = engine.settle(ticket, output_tokens=rng.randint(0, ticket.max_output_tokens))
         assert record is not None
         return record.cost_nanos
@@ -54,8 +70,10 @@ from test_budgets_concurrency import random_call
 from budgetkit import Budget, Engine
 
 db, name, seed, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+lanes = {{}} if sys.argv[5] == "lanes" else None
+limit = float(sys.argv[6])
 engine = Engine(db=db)
-engine.add_budget(Budget(name=name, limit=1.00, period="total"))
+engine.add_budget(Budget(name=name, limit=limit, period="total"))
 # a second, roomy budget per process: every admit reserves two windows in one statement
 engine.add_budget(Budget(name=name + "-user", limit=100.0, scope="user", period="total"))
 totals, calls = [], []
@@ -64,7 +82,7 @@ def worker(i):
     rng = random.Random(seed * 100 + i)
     spent = n = 0
     try:
-        while (cost := random_call(engine, rng, user_id=f"p{{seed}}")) is not None:
+        while (cost := random_call(engine, rng, lanes, user_id=f"p{{seed}}")) is not None:
             spent += cost
             n += 1
     except BaseException as exc:
@@ -81,7 +99,8 @@ for t in threads: t.join()
 engine.close()
 if errors:
     sys.exit(f"worker failed: {{errors[0]!r}}")
-print(json.dumps({{"spent": sum(totals), "calls": sum(calls)}}))
+print(json.dumps({{"spent": sum(totals), "calls": sum(calls),
+                  "in_lane": (lanes or {{}}).get("admitted", 0)}}))
 """
 
 
@@ -90,16 +109,16 @@ def window_totals(engine: Engine, name: str) -> tuple[int, int]:
     return round(status.used * 1e9), round(status.reserved * 1e9)
 
 
-def run_processes(db: str, tmp_path: Path) -> None:
+def run_processes(db: str, tmp_path: Path, mode: str = "admit", limit: float = 1.00) -> None:
     name = f"shared-{uuid.uuid4().hex[:8]}"
     go = tmp_path / "go"
     script = WORKER.format(tests=str(Path(__file__).parent))
     parent = Engine(db=db)  # creates the tables once, before the workers race
-    parent.add_budget(Budget(name=name, limit=1.00, period="total"))
+    parent.add_budget(Budget(name=name, limit=limit, period="total"))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, db, name, str(seed), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env) for seed in range(4)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, db, name, str(seed), str(go),
+                               mode, str(limit)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for seed in range(4)]
     deadline = time.monotonic() + 60
     while not all((tmp_path / f"ready-{seed}").exists() for seed in range(4)):
         assert time.monotonic() < deadline, "workers did not start"
@@ -119,8 +138,11 @@ def run_processes(db: str, tmp_path: Path) -> None:
     assert sum(result["calls"] > 0 for result in results) >= 2
     assert reserved == 0
     assert settled == spent == ledger  # the window, the workers and the ledger agree
-    assert settled <= 1_000_000_000, "the budget was exceeded"
-    assert 1_000_000_000 - settled < MAX_WORST_NANOS, "left more than one call unused"
+    limit_nanos = round(limit * 1e9)
+    assert settled <= limit_nanos, "the budget was exceeded"
+    assert limit_nanos - settled < MAX_WORST_NANOS, "left more than one call unused"
+    if mode == "lanes":
+        assert sum(result["in_lane"] for result in results) > 0
 
 
 def test_litellm_23714_four_processes_x_eight_threads_on_a_sqlite_file(tmp_path: Path) -> None:
@@ -130,6 +152,15 @@ def test_litellm_23714_four_processes_x_eight_threads_on_a_sqlite_file(tmp_path:
 def test_litellm_23714_four_processes_x_eight_threads_on_postgresql(pg_url: str,
                                                                   tmp_path: Path) -> None:
     run_processes(pg_url, tmp_path)
+
+
+# With lanes, $5: room for leases (and so lanes) to be taken before the end comes near.
+def test_four_processes_admitting_in_lanes_on_a_sqlite_file(tmp_path: Path) -> None:
+    run_processes(str(tmp_path / "lanes.db"), tmp_path, "lanes", limit=5.00)
+
+
+def test_four_processes_admitting_in_lanes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
+    run_processes(pg_url, tmp_path, "lanes", limit=5.00)
 
 
 def test_threads_in_one_process(tmp_path: Path) -> None:
