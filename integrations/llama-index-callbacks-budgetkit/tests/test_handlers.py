@@ -226,3 +226,33 @@ def test_calls_recorded_elsewhere_are_skipped(engine, mocks, root_dispatcher):
     assert engine.usage() == []
     llm.complete("plain")
     assert len(engine.usage()) == 1
+
+
+def test_legacy_handler_admits_repeat_calls_in_a_lane(engine, mocks, monkeypatch):
+    from budgetkit._budget_lane import AdmissionLane
+    from budgetkit._budget_lease import LEASE_AFTER
+
+    outcomes: list[bool] = []
+    admit = AdmissionLane.admit
+
+    def spy(self, *args, **kwargs):
+        held = admit(self, *args, **kwargs)
+        outcomes.append(held is not None)
+        return held
+
+    monkeypatch.setattr(AdmissionLane, "admit", spy)
+    engine.add_budget(Budget(name="day", limit=100.0))
+    engine.add_budget(Budget(name="dana", limit=100.0, scope="user", match="dana"))
+    llm = mocks.LLM(callback_manager=CallbackManager([BudgetkitCallbackHandler(
+        engine, user_id="dana")]))
+    calls = LEASE_AFTER + 40
+    for _ in range(calls):
+        llm.chat(MESSAGES)
+    assert sum(outcomes) >= 30  # admitted in memory, their tickets built at the end
+    rows = engine.usage()
+    assert len(rows) == calls and {row.user_id for row in rows} == {"dana"}
+    status = {item.budget: item for item in engine.budget_status()}
+    total = sum(row.cost_nanos for row in rows) / 1e9
+    assert status["day"].used == pytest.approx(total)
+    assert status["dana"].used == pytest.approx(total)
+    assert all(item.reserved == 0 for item in status.values())

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetkit import ConfigurationError, Engine, UnknownModelError
+from budgetkit._budget_lane import AdmissionLane, LaneReservation
 from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
@@ -37,6 +38,16 @@ _RECORDED_ELSEWHERE = ("budgetkit_cache_hit", "budgetkit_routed")
 # The key of the outermost open LLM call of this context, per handler (see module docs).
 _open_call: ContextVar[dict[int, str] | None] = ContextVar("budgetkit_llama_open_call",
                                                            default=None)
+
+
+#: Admission lanes a tracker keeps (one per model and attribution it has seen lately).
+_MAX_LANES = 1024
+
+
+def _lane_key(model: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What decides a call's budget windows: calls with the same key share a lane."""
+    return (model, kwargs.get("provider"), kwargs.get("user_id"), kwargs.get("project"),
+            kwargs.get("operation_type"), tuple(kwargs.get("tags") or ()))
 
 
 def _get(obj: Any, key: str) -> Any:
@@ -109,6 +120,9 @@ class _Call:
     ticket: Ticket | None = None
     chunks: list[str] = field(default_factory=list)
     usage: Usage | None = None  # usage seen on a stream chunk before the end
+    #: admitted in an admission lane: its reservation, and what builds its ticket at the end
+    held: LaneReservation | None = None
+    admit_kwargs: dict[str, Any] | None = None
 
 
 class Tracker:
@@ -128,6 +142,8 @@ class Tracker:
         self._tags = tuple(tags)
         self._metadata = dict(metadata or {})
         self._calls: dict[str, _Call] = {}
+        #: admission lanes by what decides a call's budget windows (see _lane_key)
+        self._lanes: dict[tuple[Any, ...], AdmissionLane] = {}
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self.calls = 0
@@ -199,12 +215,60 @@ class Tracker:
                 admit_kwargs["prompt"] = prompt or ""
             if max_output_tokens:
                 admit_kwargs["max_output_tokens"] = max_output_tokens
-            try:
-                call.ticket = self.engine.admit(model, **admit_kwargs)
-            except UnknownModelError as exc:
-                self.warn_once(f"unknown:{model}", "budgetkit: %s (calls are recorded only if "
-                               "the response names a priced model)", exc)
+            lane_key = _lane_key(model, admit_kwargs)
+            if not self._admit_in_lane(call, model, lane_key, admit_kwargs):
+                try:
+                    call.ticket = self.engine.admit(model, **admit_kwargs)
+                except UnknownModelError as exc:
+                    self.warn_once(f"unknown:{model}", "budgetkit: %s (calls are recorded only "
+                                   "if the response names a priced model)", exc)
+                else:
+                    self._remember_lane(lane_key, call.ticket)
         self._calls[key] = call
+
+    # -- admission lanes (see budgetkit._budget_lane) -----------------------------------
+    def _admit_in_lane(self, call: _Call, model: str, key: tuple[Any, ...],
+                       admit_kwargs: dict[str, Any]) -> bool:
+        """Admit a call like the last one admitted in full (no ticket built, no database);
+        False: admit it the ordinary way."""
+        try:
+            lane = self._lanes.get(key)
+        except TypeError:  # an unhashable attribution value: no lane
+            return False
+        if lane is None:
+            return False
+        bound = self.engine.prompt_bound(model, messages=call.messages, prompt=call.prompt
+                                         if call.messages is None else None)
+        if bound is None:
+            return False
+        call.held = lane.admit(bound, admit_kwargs.get("max_output_tokens"))
+        if call.held is None:
+            return False
+        call.admit_kwargs = admit_kwargs
+        return True
+
+    def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
+        lane = self.engine.lane(ticket)
+        try:
+            if lane is None:
+                self._lanes.pop(key, None)
+            else:
+                if len(self._lanes) >= _MAX_LANES:
+                    self._lanes.clear()  # a new user or tag per call: lanes are not reused
+                self._lanes[key] = lane
+        except TypeError:
+            pass
+
+    def _ticket_of(self, call: _Call) -> None:
+        """Build the ticket of a call admitted in a lane; it takes over the reservation."""
+        held, call.held = call.held, None
+        if held is None or call.model is None:
+            return
+        try:
+            call.ticket = held.attach(self.engine.ticket(call.model, **call.admit_kwargs or {}))
+        except BaseException:
+            held.give_back()
+            raise
 
     def progress(self, key: str, delta: str | None, raw: Any) -> None:
         call = self._calls.get(key)
@@ -221,6 +285,7 @@ class Tracker:
         call = self._calls.pop(key, None)
         if call is None:
             return
+        self._ticket_of(call)
         if additional_kwargs and any(additional_kwargs.get(mark) for mark in _RECORDED_ELSEWHERE):
             if call.ticket is not None:
                 self.engine.discard(call.ticket)
@@ -250,6 +315,7 @@ class Tracker:
         call = self._calls.pop(key, None)
         if call is None:
             return
+        self._ticket_of(call)
         if call.ticket is not None:
             partial = "".join(call.chunks)
             if partial:  # streamed output is billed even when the stream breaks
