@@ -53,6 +53,7 @@ _EXPORTS: dict[str, str] = {
     "UsageRecord": "_engine",
     "AdmissionLane": "_budget_lane",
     "LaneReservation": "_budget_lane",
+    "Lanes": "_budget_lane",
     "UsageRow": "_tables",
     # response cache
     "ResponseCache": "_cache",
@@ -103,7 +104,7 @@ if TYPE_CHECKING:
     from ._catalog import (ModelBudget, ModelPrice, PriceCatalog, default_catalog,
                            estimate_cost, get_embedding_budget, get_generation_budget)
     from ._engine import Engine, Ticket, UsageRecord
-    from ._budget_lane import AdmissionLane, LaneReservation
+    from ._budget_lane import AdmissionLane, LaneReservation, Lanes
     from ._tables import UsageRow
     from ._cache import CacheHit, CacheStats, ResponseCache
     from ._embedders import MiniLMEmbedder, as_embedder

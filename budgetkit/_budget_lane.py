@@ -46,7 +46,7 @@ from ._budget_book import Reservation
 from ._budget_lease import Lease
 from ._money import PICOS_PER_NANO
 
-__all__ = ["AdmissionLane", "LaneReservation", "LANE_CALLS"]
+__all__ = ["AdmissionLane", "LaneReservation", "Lanes", "LANE_CALLS"]
 
 _HALF_NANO = PICOS_PER_NANO // 2  # cost_nanos rounds half up
 
@@ -168,9 +168,43 @@ class LaneReservation:
 
     def give_back(self) -> None:
         """Return the reservation (no ticket will hold it)."""
-        self.lane._book._desk.give_back(
-            [((None, None, None, None, amount), lease)
-             for lease, amount in zip(self.leases, self.amounts)])
+        with self.lane._desk._lock:
+            for lease, amount in zip(self.leases, self.amounts):
+                lease.inflight -= amount
+
+
+class Lanes:
+    """An adapter's admission lanes, by a key of its own choosing that stands for what
+    decides a call's budget windows (model, provider, user, project, operation, tags).
+    Bounded: when ``maxsize`` keys are held (a new user or tag per call: lanes are not
+    reused), it starts afresh."""
+
+    __slots__ = ("_engine", "_lanes", "_maxsize")
+
+    def __init__(self, engine: Any, maxsize: int = 1024) -> None:
+        self._engine = engine
+        self._lanes: dict[Any, AdmissionLane] = {}
+        self._maxsize = maxsize
+
+    def get(self, key: Any) -> AdmissionLane | None:
+        """The lane of calls like ``key``'s, if one is known (None for unhashable keys)."""
+        try:
+            return self._lanes.get(key)
+        except TypeError:  # an unhashable attribution value: no lane
+            return None
+
+    def remember(self, key: Any, ticket: Any) -> None:
+        """After ``ticket`` was admitted in full: the lane of calls like it, from now on."""
+        lane = self._engine.lane(ticket)
+        try:
+            if lane is None:
+                self._lanes.pop(key, None)
+                return
+            if len(self._lanes) >= self._maxsize:
+                self._lanes.clear()
+            self._lanes[key] = lane
+        except TypeError:
+            pass
 
 
 def _allow_limit(budget: Any) -> int:

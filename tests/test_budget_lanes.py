@@ -271,3 +271,20 @@ def test_threads_admitting_in_lanes_never_overspend(tmp_path):
         assert spent <= limit + 1e-12
         assert len(in_lane) >= 20 and blocked  # lanes were busy; the budget did run out
         assert limit - spent < worst + 1e-12  # and not much was left unused
+
+
+def test_lanes_registry_is_bounded_and_takes_unhashable_keys(tmp_path):
+    from budgetkit import Lanes
+
+    with make_engine(str(tmp_path / "lanes.db"), Clock()) as engine:
+        engine.add_budget(Budget(name="day", limit=100.0))
+        lanes = Lanes(engine, maxsize=2)
+        ticket = engine.admit(MODEL, messages=PROMPT)
+        for key in ("a", "b"):
+            lanes.remember(key, ticket)
+        assert lanes.get("a") is not None and lanes.get("b") is not None
+        lanes.remember("c", ticket)  # full: starts afresh
+        assert lanes.get("a") is None and lanes.get("c") is not None
+        lanes.remember({"unhashable": 1}, ticket)  # ignored, not raised
+        assert lanes.get({"unhashable": 1}) is None
+        engine.release(ticket)

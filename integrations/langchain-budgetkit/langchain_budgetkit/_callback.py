@@ -71,7 +71,7 @@ from langchain_core.tracers.context import register_configure_hook
 
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
 from budgetkit._cascade import is_metered_call
-from budgetkit._budget_lane import AdmissionLane, LaneReservation
+from budgetkit._budget_lane import LaneReservation, Lanes
 from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._tokens import text_tokens_bound
 from budgetkit._usage import Usage
@@ -138,8 +138,6 @@ def _leave_call(run_id: UUID) -> None:
         current.ended = True
 
 
-#: Admission lanes a handler keeps (one per model and attribution it has seen lately).
-_MAX_LANES = 1024
 _ATTRIBUTION_KEYS = frozenset(("user_id", "session_id", "project", "operation_type",
                                "task_type", "request_id"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
@@ -283,7 +281,7 @@ class _Tracker:
         self.strict_models = strict_models
         self._runs: dict[UUID, _Run] = {}
         #: admission lanes by what decides a call's budget windows (see _lane_key)
-        self._lanes: dict[tuple[Any, ...], AdmissionLane] = {}
+        self._lanes = Lanes(engine)
         self._roots: dict[UUID, UUID] = {}  # run id -> root run id, for runs still open
         self._warned: set[str] = set()
         self._totals_lock = threading.Lock()
@@ -423,7 +421,7 @@ class _Tracker:
             kwargs["max_output_tokens"] = max_tokens
         if isinstance(run.prompt, str):
             run.prompt_text = run.prompt
-        elif run.messages is None:
+        else:
             run.messages = to_openai_messages(run.prompt)
         run.kwargs = kwargs
         return kwargs
@@ -459,10 +457,7 @@ class _Tracker:
         """Admit a run in its lane (no ticket built, no database); False: not possible,
         admit it the ordinary way."""
         # Runs before every call of a handler with budgets: kept to the few steps needed.
-        try:
-            lane = self._lanes.get(key)
-        except TypeError:  # an unhashable metadata value: no lane
-            return False
+        lane = self._lanes.get(key)
         if lane is None:
             return False
         prompt = run.prompt
@@ -477,18 +472,6 @@ class _Tracker:
                 bound += self.engine.count_tool_tokens(run.tools, run.model)  # cached
         held = run.held = lane.admit(bound, run.max_tokens)
         return held is not None
-
-    def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
-        lane = self.engine.lane(ticket)
-        try:
-            if lane is None:
-                self._lanes.pop(key, None)
-                return
-            if len(self._lanes) >= _MAX_LANES:
-                self._lanes.clear()  # a new user or tag per call: lanes are not reused
-            self._lanes[key] = lane
-        except TypeError:  # an unhashable metadata value: no lane
-            pass
 
     def _admission(self, run_id: UUID, run: _Run) -> dict[str, Any] | None:
         """The keyword arguments of ``engine.admit`` for a run admitted at its start (the
@@ -843,7 +826,7 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
             self._admit_failed(run_id, run, exc)
         else:
             self._admitted(run, ticket)
-            self._remember_lane(key, ticket)
+            self._lanes.remember(key, ticket)
 
     def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                          **kwargs: Any) -> None:

@@ -99,7 +99,7 @@ class AsyncBudgetkitCallbackHandler(_Tracker, AsyncCallbackHandler):
             self._admit_failed(run_id, run, exc)
         else:
             self._admitted(run, ticket)
-            self._remember_lane(key, ticket)
+            self._lanes.remember(key, ticket)
 
     async def on_llm_new_token(self, token: Any, *, run_id: UUID, chunk: Any = None,
                                **kwargs: Any) -> None:

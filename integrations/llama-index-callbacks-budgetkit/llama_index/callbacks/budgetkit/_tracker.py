@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetkit import ConfigurationError, Engine, UnknownModelError
-from budgetkit._budget_lane import AdmissionLane, LaneReservation
+from budgetkit._budget_lane import LaneReservation, Lanes
 from budgetkit._cascade import is_metered_call
 from budgetkit._engine import Ticket, UsageRecord
 from budgetkit._usage import Usage
@@ -38,10 +38,6 @@ _RECORDED_ELSEWHERE = ("budgetkit_cache_hit", "budgetkit_routed")
 # The key of the outermost open LLM call of this context, per handler (see module docs).
 _open_call: ContextVar[dict[int, str] | None] = ContextVar("budgetkit_llama_open_call",
                                                            default=None)
-
-
-#: Admission lanes a tracker keeps (one per model and attribution it has seen lately).
-_MAX_LANES = 1024
 
 
 def _lane_key(model: str, kwargs: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -143,7 +139,7 @@ class Tracker:
         self._metadata = dict(metadata or {})
         self._calls: dict[str, _Call] = {}
         #: admission lanes by what decides a call's budget windows (see _lane_key)
-        self._lanes: dict[tuple[Any, ...], AdmissionLane] = {}
+        self._lanes = Lanes(engine)
         self._warned: set[str] = set()
         self._lock = threading.Lock()
         self.calls = 0
@@ -223,7 +219,7 @@ class Tracker:
                     self.warn_once(f"unknown:{model}", "budgetkit: %s (calls are recorded only "
                                    "if the response names a priced model)", exc)
                 else:
-                    self._remember_lane(lane_key, call.ticket)
+                    self._lanes.remember(lane_key, call.ticket)
         self._calls[key] = call
 
     # -- admission lanes (see budgetkit._budget_lane) -----------------------------------
@@ -231,10 +227,7 @@ class Tracker:
                        admit_kwargs: dict[str, Any]) -> bool:
         """Admit a call like the last one admitted in full (no ticket built, no database);
         False: admit it the ordinary way."""
-        try:
-            lane = self._lanes.get(key)
-        except TypeError:  # an unhashable attribution value: no lane
-            return False
+        lane = self._lanes.get(key)
         if lane is None:
             return False
         bound = self.engine.prompt_bound(model, messages=call.messages, prompt=call.prompt
@@ -246,18 +239,6 @@ class Tracker:
             return False
         call.admit_kwargs = admit_kwargs
         return True
-
-    def _remember_lane(self, key: tuple[Any, ...], ticket: Ticket) -> None:
-        lane = self.engine.lane(ticket)
-        try:
-            if lane is None:
-                self._lanes.pop(key, None)
-            else:
-                if len(self._lanes) >= _MAX_LANES:
-                    self._lanes.clear()  # a new user or tag per call: lanes are not reused
-                self._lanes[key] = lane
-        except TypeError:
-            pass
 
     def _ticket_of(self, call: _Call) -> None:
         """Build the ticket of a call admitted in a lane; it takes over the reservation."""
