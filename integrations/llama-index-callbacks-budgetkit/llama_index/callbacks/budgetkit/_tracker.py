@@ -243,7 +243,10 @@ class Tracker:
     def _ticket_of(self, call: _Call) -> None:
         """Build the ticket of a call admitted in a lane; it takes over the reservation."""
         held, call.held = call.held, None
-        if held is None or call.model is None:
+        if held is None:
+            return
+        if call.model is None:  # (lanes admit only named models: cannot happen)
+            held.give_back()
             return
         try:
             call.ticket = held.attach(self.engine.ticket(call.model, **call.admit_kwargs or {}))
