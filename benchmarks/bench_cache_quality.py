@@ -13,7 +13,7 @@ Data (all labelled; both systems get the same MiniLM int8 vectors):
   pairs (all should hit; a hit on another pair's question is a wrong answer).
 * ``../shared/data/cache-eval/conv-*``: 240 labelled multi-turn pairs (120 should hit,
   120 traps whose last user message is identical). The conversation rules
-  (:func:`budgetkit._cache_keys.is_standalone`) were tuned on the *billing* files only;
+  (:func:`budgetkit.cache._keys.is_standalone`) were tuned on the *billing* files only;
   retail + services are held out.
 
 1. Threshold sweep on single-turn pairs (one cached question per pair): served-paraphrase
@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from budgetkit import Engine  # noqa: E402
-from budgetkit._cache import DEFAULT_THRESHOLD, ResponseCache  # noqa: E402
-from budgetkit._cache_guard import extract_facts, facts_conflict  # noqa: E402
-from budgetkit._embedders import MiniLMEmbedder  # noqa: E402
+from budgetkit.cache._cache import DEFAULT_THRESHOLD, ResponseCache  # noqa: E402
+from budgetkit.cache._guard import extract_facts, facts_conflict  # noqa: E402
+from budgetkit.cache._embedders import MiniLMEmbedder  # noqa: E402
 
 PAIRS = ROOT / "benchmarks" / "data" / "cache-pairs"
 SHARED = ROOT.parent / "shared" / "data" / "cache-eval"

@@ -41,14 +41,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from budgetkit._semantic_index import VectorIndex  # noqa: E402
+from budgetkit.cache._index import VectorIndex  # noqa: E402
 
 DIM = 384
 SHARED = ROOT.parent / "shared" / "data" / "cache-eval"
 
 
 def centres(count: int) -> np.ndarray:
-    from budgetkit._embedders import MiniLMEmbedder
+    from budgetkit.cache._embedders import MiniLMEmbedder
 
     rows = json.loads((SHARED / "gptcache_mock_data.json").read_text())
     texts = list(dict.fromkeys(row["origin"] for row in rows))[:count]
@@ -155,8 +155,8 @@ def bench_load(count: int, topics: np.ndarray) -> None:
     from sqlalchemy import insert
 
     from budgetkit import Engine
-    from budgetkit._cache import ResponseCache
-    from budgetkit._cache_tables import CacheEntryRow, CachePartitionRow
+    from budgetkit.cache._cache import ResponseCache
+    from budgetkit.cache._tables import CacheEntryRow, CachePartitionRow
 
     rng = np.random.default_rng(7)
     vectors = make_entries(topics, count, rng)
@@ -170,7 +170,7 @@ def bench_load(count: int, topics: np.ndarray) -> None:
                 partition = conn.execute(insert(CachePartitionRow.__table__).values(  # type: ignore[attr-defined]
                     hash="h", namespace="default", model="gpt-4o-mini", params_hash="p",
                     context_hash="", embedder=embedder)).inserted_primary_key[0]
-            from budgetkit._cache_keys import make_request
+            from budgetkit.cache._keys import make_request
 
             keys = [make_request(namespace="default", model="gpt-4o-mini",
                                  prompt=f"question number {i}").key for i in range(count)]

@@ -110,7 +110,7 @@ def main() -> None:
 
     # The rows above repeat the same messages, so budgetkit's count cache is warm (as it is for
     # a growing chat history). Cold: the cache is cleared before every count.
-    from budgetkit import _tokens
+    from budgetkit.pricing import _tokens
 
     messages = conversation(100)
 

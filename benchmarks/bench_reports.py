@@ -37,8 +37,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import budgetkit  # noqa: E402
-from budgetkit._reports import as_source  # noqa: E402
-from budgetkit._store import Store  # noqa: E402
+from budgetkit.reports._reports import as_source  # noqa: E402
+from budgetkit.ledger._store import Store  # noqa: E402
 
 NOW = dt.datetime(2026, 3, 31, 12, 0, 0)
 MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "text-embedding-3-small",
@@ -246,11 +246,11 @@ def main() -> None:
         ("cost analysis, 30 days", lambda: budgetkit.cost_analysis(store, days=30, **kw)),
         ("forecast (month)", lambda: budgetkit.forecast(store, **kw)),
         ("anomalies, daily, 30 days", lambda: budgetkit.detect_anomalies(store, **kw)),
-        ("model+operation+day in one scan, 90 d", lambda: budgetkit.summarize_many(
+        ("model+operation+day in one scan, 90 d", lambda: budgetkit.reports.summarize_many(
             store, ["model", "operation_type", "day"], days=90, **kw)),
     ]
     try:  # the whole dashboard payload (the server extra)
-        from budgetkit._server._app import Principal, dashboard_payload
+        from budgetkit.server._app import Principal, dashboard_payload
 
         cases.append(("dashboard payload, 30 days", lambda: dashboard_payload(
             as_source(store, now=NOW), Principal(None), 30)))

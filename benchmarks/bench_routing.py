@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from budgetkit import (Cascade, Completion, Engine, MatchesRegex, Router, count_message_tokens,
-                       count_tokens, default_catalog)
+from budgetkit import Cascade, Engine, Router, count_message_tokens, count_tokens, default_catalog
+from budgetkit.routing import Completion, MatchesRegex
 
 STRONG = "gpt-4-1106-preview"
 WEAK = "mistralai/mixtral-8x7b-instruct-v0.1"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from budgetkit import (Alert, ApprovalRequired, Budget, ConfigurationError, Engine,
-                       LoggingSink, WebhookSink)
+from budgetkit import Alert, ApprovalRequired, Budget, ConfigurationError, Engine, WebhookSink
+from budgetkit.budgets import LoggingSink
 
 MODEL = "unit-model"  # $1 / $2 per million tokens
 

@@ -1,5 +1,5 @@
 """Admission lanes: calls like an admitted one are admitted from leases without a ticket
-first (see budgetkit._budget_lane), and only when the full check would have said "allow".
+first (see budgetkit.budgets._lane), and only when the full check would have said "allow".
 
 Real SQLite files (and PostgreSQL when BUDGETKIT_TEST_POSTGRES_URL is set); an injected
 clock. The test model costs $1 per million input tokens and $2 per million output tokens.
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from budgetkit import Budget, BudgetExceeded, BudgetLevels, Engine
-from budgetkit._budget_lane import LANE_CALLS, _allow_limit
-from budgetkit._budget_lease import LEASE_AFTER
+from budgetkit.budgets._lane import LANE_CALLS, _allow_limit
+from budgetkit.budgets._lease import LEASE_AFTER
 
 MODEL = "unit-model"
 PROMPT = [{"role": "user", "content": "How long does shipping take to Lisbon?"}]
@@ -274,7 +274,7 @@ def test_threads_admitting_in_lanes_never_overspend(tmp_path):
 
 
 def test_lanes_registry_is_bounded_and_takes_unhashable_keys(tmp_path):
-    from budgetkit import Lanes
+    from budgetkit.budgets import Lanes
 
     with make_engine(str(tmp_path / "lanes.db"), Clock()) as engine:
         engine.add_budget(Budget(name="day", limit=100.0))

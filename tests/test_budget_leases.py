@@ -1,5 +1,5 @@
 """Leases: a busy window is admitted from room reserved ahead, without a database trip per
-call, and every promise of the budget book still holds (see budgetkit._budget_lease).
+call, and every promise of the budget book still holds (see budgetkit.budgets._lease).
 
 Real SQLite files (and PostgreSQL when BUDGETKIT_TEST_POSTGRES_URL is set); an injected
 clock. The test model costs $1 per million input tokens and $2 per million output tokens.
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from budgetkit import Budget, BudgetExceeded, BudgetLevels, Engine
-from budgetkit._budget_lease import LEASE_AFTER, LEASE_TIMEOUT
+from budgetkit.budgets._lease import LEASE_AFTER, LEASE_TIMEOUT
 
 MODEL = "unit-model"
 WORST = 1_000 * 1_000 + 500 * 2_000  # 1,000 prompt + 500 max output tokens: $0.002

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from budgetkit import (ApprovalRequired, Budget, BudgetExceeded, BudgetLevels,
-                       ConfigurationError, Engine, load_budgets, model_token_budgets,
-                       seed_budgets, token_ladder_budgets)
-from budgetkit._budgets import window_bounds
+from budgetkit import (ApprovalRequired, Budget, BudgetExceeded, BudgetLevels, ConfigurationError, Engine, load_budgets, model_token_budgets, token_ladder_budgets)
+from budgetkit.budgets import seed_budgets
+from budgetkit.budgets._budget import window_bounds
 
 MODEL = "unit-model"
 

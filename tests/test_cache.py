@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from budgetkit import ConfigurationError, Engine
-from budgetkit._cache import ResponseCache
-from budgetkit._embedders import MiniLMEmbedder
+from budgetkit.cache._cache import ResponseCache
+from budgetkit.cache._embedders import MiniLMEmbedder
 
 MODEL = "gpt-4o-mini"
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0)

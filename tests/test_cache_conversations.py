@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from budgetkit import Engine
-from budgetkit._cache import ResponseCache
-from budgetkit._cache_keys import is_standalone, make_request
-from budgetkit._embedders import MiniLMEmbedder
+from budgetkit.cache._cache import ResponseCache
+from budgetkit.cache._keys import is_standalone, make_request
+from budgetkit.cache._embedders import MiniLMEmbedder
 
 MODEL = "gpt-4o-mini"
 T0 = dt.datetime(2026, 3, 1, 12, 0, 0)

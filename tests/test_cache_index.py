@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from budgetkit import ConfigurationError
-from budgetkit._semantic_index import VectorIndex
+from budgetkit.cache._index import VectorIndex
 
 DIM = 32
 

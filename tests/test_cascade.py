@@ -6,9 +6,8 @@ import asyncio
 
 import pytest
 
-from budgetkit import (Budget, BudgetExceeded, Cascade, Completion, ConfigurationError, Engine,
-                       MatchesRegex, MinLength, RequiredElements, ScoreAtLeast,
-                       UnknownModelError, ValidJSON)
+from budgetkit import (Budget, BudgetExceeded, Cascade, ConfigurationError, Engine, MinLength, UnknownModelError, ValidJSON)
+from budgetkit.routing import Completion, MatchesRegex, RequiredElements, ScoreAtLeast
 
 MODELS = ["gpt-4o-mini", "gpt-4.1-mini", "gpt-4o"]
 

@@ -9,8 +9,8 @@ from decimal import Decimal
 import pytest
 
 import budgetkit
-from budgetkit import (CatalogError, ConfigurationError, PriceCatalog, UnknownModelError,
-                       estimate_cost, get_embedding_budget, get_generation_budget)
+from budgetkit import (CatalogError, ConfigurationError, PriceCatalog, UnknownModelError, estimate_cost)
+from budgetkit.pricing import get_embedding_budget, get_generation_budget
 
 SEED_MODELS = [
     "gpt-4-turbo", "gpt-4", "gpt-4o", "gpt-4o-mini", "gpt-3.5-turbo",
@@ -200,7 +200,7 @@ def test_load_litellm_price_file_format() -> None:
 def test_prices_are_stored_as_decimal_strings_in_the_bundled_file() -> None:
     import importlib.resources
 
-    raw = json.loads(importlib.resources.files("budgetkit").joinpath("data/prices.json").read_text())
+    raw = json.loads(importlib.resources.files("budgetkit").joinpath("pricing/data/prices.json").read_text())
     for entry in raw["models"]:
         assert isinstance(entry["input_per_mtok"], str), entry["name"]
         Decimal(entry["input_per_mtok"])

@@ -15,7 +15,7 @@ import pytest
 
 import budgetkit
 from budgetkit import Engine
-from budgetkit._cli import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
+from budgetkit.cli._main import EXIT_FAILED, EXIT_OK, EXIT_USAGE, main
 
 BUDGETS_TOML = """
 [[budget]]
@@ -241,11 +241,11 @@ def test_serve_builds_the_app_and_prints_the_dashboard_url(
 
 
 def test_the_console_script_runs_in_a_subprocess(db: str) -> None:
-    ok = subprocess.run([sys.executable, "-m", "budgetkit._cli", "report", "--json", "--db", db],
+    ok = subprocess.run([sys.executable, "-m", "budgetkit.cli", "report", "--json", "--db", db],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["totals"]["calls"] == 9
-    bad = subprocess.run([sys.executable, "-m", "budgetkit._cli", "report", "--days", "0",
+    bad = subprocess.run([sys.executable, "-m", "budgetkit.cli", "report", "--days", "0",
                           "--db", db], capture_output=True, text=True, timeout=120)
     assert bad.returncode == EXIT_USAGE
     assert bad.stderr.strip() == "budgetkit: error: days must be >= 1, got 0"
@@ -277,7 +277,7 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
 def test_console_money_tables_and_progress_bar() -> None:
     import io
 
-    from budgetkit._console import Progress, money, table
+    from budgetkit.cli._console import Progress, money, table
 
     assert [money(v) for v in (1234.5, 2.5, 0.0421, 0.000015, 0, -0.5, None)] == [
         "$1,234.50", "$2.50", "$0.0421", "$0.000015", "$0", "-$0.5000", "-"]

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("fastapi", reason="the server extra is not installed")
 
 from budgetkit import Engine  # noqa: E402
-from budgetkit._server import create_app  # noqa: E402
+from budgetkit.server import create_app  # noqa: E402
 
 from .conftest import FakeClock  # noqa: E402
 from .test_server import ADMIN, NOW, ServerThread, populate  # noqa: E402

@@ -8,7 +8,7 @@ import pytest
 
 from budgetkit import (BudgetExceeded, ConfigurationError, ContextWindowExceeded, Fallback,
                        default_catalog)
-from budgetkit._fallback import (is_context_length_error, is_rate_limit, is_server_error,
+from budgetkit.routing._fallback import (is_context_length_error, is_rate_limit, is_server_error,
                                  is_timeout)
 
 

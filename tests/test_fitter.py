@@ -9,10 +9,9 @@ import re
 import pytest
 
 import budgetkit
-from budgetkit import (DEFAULT_PHRASES, ConfigurationError, ContextWindowExceeded,
-                       UnknownModelError, compress_prompt, count_message_tokens, count_tokens,
-                       fit_documents, fit_messages, prompt_token_limit)
-from budgetkit import _fitter
+from budgetkit import (ConfigurationError, ContextWindowExceeded, UnknownModelError, compress_prompt, count_message_tokens, count_tokens, fit_documents, fit_messages)
+from budgetkit.fitting import DEFAULT_PHRASES, prompt_token_limit
+from budgetkit.fitting import _fitter
 
 MODEL = "gpt-4o"
 WORDS = ("budget token window model reply history tool call result alpha beta gamma delta "

@@ -376,7 +376,7 @@ def test_one_refused_row_does_not_hold_back_its_batch(tmp_path, request, caplog,
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_value_longer_than_its_column_is_cut_not_lost(tmp_path, request, caplog, backend,
                                                         monkeypatch):
-    monkeypatch.setattr("budgetkit._store._clipped_columns", set())  # logged once a process
+    monkeypatch.setattr("budgetkit.ledger._store._clipped_columns", set())  # logged once a process
     url = str(tmp_path / "long.db") if backend == "sqlite" else request.getfixturevalue(
         "pg_url")
     with Engine(db=url) as engine:

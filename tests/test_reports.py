@@ -19,9 +19,9 @@ from sqlalchemy import event
 
 import budgetkit
 from budgetkit import ConfigurationError, Engine, UnknownModelError
-from budgetkit._budgets import Budget
-from budgetkit._export import export_text
-from budgetkit._reports import Period, bucket_labels
+from budgetkit.budgets._budget import Budget
+from budgetkit.reports._export import export_text
+from budgetkit.reports._reports import Period, bucket_labels
 
 from .conftest import FakeClock
 
@@ -185,7 +185,7 @@ def test_summarize_many_rolls_up_one_scan_exactly(eng: Engine, clock: FakeClock)
                   status="cached" if n % 5 == 0 else "ok")
     eng.flush()
     groupings = ["model", "operation_type", "day", ("model", "day"), "tag"]
-    many = budgetkit.summarize_many(eng, groupings, days=10)
+    many = budgetkit.reports.summarize_many(eng, groupings, days=10)
     for grouping, rolled in zip(groupings, many):
         direct = budgetkit.summarize(eng, group_by=grouping, days=10)
         assert [g.to_dict() for g in rolled.groups] == [g.to_dict() for g in direct.groups]
@@ -194,7 +194,7 @@ def test_summarize_many_rolls_up_one_scan_exactly(eng: Engine, clock: FakeClock)
     listener = lambda conn, cursor, sql, *rest: statements.append(sql)  # noqa: E731
     event.listen(eng.store.engine, "before_cursor_execute", listener)
     try:
-        budgetkit.summarize_many(eng, ["model", "operation_type", "day"], days=10)
+        budgetkit.reports.summarize_many(eng, ["model", "operation_type", "day"], days=10)
     finally:
         event.remove(eng.store.engine, "before_cursor_execute", listener)
     # one pass: whole days from the daily rollup, the edge hours from the hourly one, the

@@ -26,9 +26,9 @@ import pytest
 from sqlalchemy import event, select, text
 
 import budgetkit
-from budgetkit._reports import Period, UsageSummary, as_source
-from budgetkit._rollup import SHAPES, plan_pieces
-from budgetkit._store import Store
+from budgetkit.reports._reports import Period, UsageSummary, as_source
+from budgetkit.ledger.rollups import SHAPES, plan_pieces
+from budgetkit.ledger._store import Store
 
 NOW = dt.datetime(2025, 3, 12, 15, 41, 27, 250_000)  # deliberately not on an hour
 MODELS = ["gpt-4o", "gpt-4o-mini", "text-embedding-3-small", "o3-mini"]
@@ -163,7 +163,7 @@ def test_reports_from_the_rollup_equal_reports_from_the_ledger(store: Store) -> 
                 used_rollup += any("budgetkit_usage_hourly" in s or "budgetkit_usage_daily" in s
                                    for s in sql)
     assert used_rollup > 100  # the comparison above really exercised the rollup path
-    many_a, many_b, _ = report_pair(store, budgetkit.summarize_many,
+    many_a, many_b, _ = report_pair(store, budgetkit.reports.summarize_many,
                                     groupings=["model", "operation_type", "day"], days=7)
     for a, b in zip(many_a, many_b):
         assert_same_summary(a, b)
@@ -242,7 +242,7 @@ def test_a_ledger_older_than_the_rollup_reads_raw_until_rebuilt(tmp_path: Path,
                                       until=NOW + dt.timedelta(microseconds=1)))
     assert a.totals.calls == in_period > 350
 
-    from budgetkit._cli import main
+    from budgetkit.cli._main import main
 
     assert main(["rollup", "--db", str(db)]) == 0
     assert "not built" in capsys.readouterr().out

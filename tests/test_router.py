@@ -6,7 +6,7 @@ import pytest
 
 from budgetkit import (ConfigurationError, ContextWindowExceeded, Engine, PriceCatalog,
                        Router, UnknownModelError)
-from budgetkit._router import complexity_score
+from budgetkit.routing._router import complexity_score
 
 TIERS = {"low": "gpt-4o-mini", "medium": "gpt-4.1-mini", "high": "gpt-4o"}
 

@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from budgetkit import ConfigurationError, Engine
-from budgetkit._store import Store
+from budgetkit.ledger._store import Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -22,8 +22,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import budgetkit  # noqa: E402
 from budgetkit import ConfigurationError, Engine  # noqa: E402
-from budgetkit._budgets import Budget  # noqa: E402
-from budgetkit._server import create_app, parse_tokens  # noqa: E402
+from budgetkit.budgets._budget import Budget  # noqa: E402
+from budgetkit.server import create_app, parse_tokens  # noqa: E402
 
 from .conftest import FakeClock  # noqa: E402
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from budgetkit import (ConfigurationError, chunk_text, count_message_tokens, count_tokens,
-                       count_tool_tokens, is_exact)
-from budgetkit._tokens import encoding_for_model
+from budgetkit import ConfigurationError, count_message_tokens, count_tokens, count_tool_tokens
+from budgetkit.pricing import chunk_text, is_exact
+from budgetkit.pricing._tokens import encoding_for_model
 
 # The OpenAI cookbook's example ("How to count tokens with tiktoken"), with the prompt_tokens
 # the API itself reported for it: 129 for gpt-3.5-turbo-0613 / gpt-4-0613, 124 for gpt-4o.
@@ -127,7 +127,7 @@ def test_chunk_text_overlap() -> None:
 def test_message_bound_is_never_below_the_count(model):
     import random
 
-    from budgetkit._tokens import message_tokens_bound, text_tokens_bound
+    from budgetkit.pricing._tokens import message_tokens_bound, text_tokens_bound
 
     rng = random.Random(7)
     alphabet = ("abc xyz 0123 ,.!? \n\t" "éüß" "日本語テキスト" "😀🚀" "<|endoftext|>" "\u200b")
@@ -147,7 +147,7 @@ def test_message_bound_is_never_below_the_count(model):
 
 
 def test_message_bound_refuses_what_it_cannot_bound():
-    from budgetkit._tokens import message_tokens_bound
+    from budgetkit.pricing._tokens import message_tokens_bound
 
     assert message_tokens_bound([{"role": "user", "content": [{"type": "text",
                                                                "text": "hi"}]}]) is None

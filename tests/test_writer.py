@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from budgetkit._writer import BatchWriter, _writers
+from budgetkit.ledger._writer import BatchWriter, _writers
 
 
 def test_a_flush_from_a_signal_handler_inside_submit_does_not_deadlock():

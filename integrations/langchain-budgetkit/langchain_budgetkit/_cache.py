@@ -37,7 +37,7 @@ from langchain_core.messages import BaseMessage
 from langchain_core.outputs import ChatGeneration, Generation
 
 from budgetkit import ConfigurationError, Engine
-from budgetkit._cache import CacheHit, ResponseCache
+from budgetkit.cache import CacheHit, ResponseCache
 
 from ._callback import current_call_attribution, want_call_attribution
 from ._messages import to_openai_messages

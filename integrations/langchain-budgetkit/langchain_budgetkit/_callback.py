@@ -40,7 +40,7 @@ with a warning (or raised, with ``strict_models=True``).
 Calls recorded elsewhere are skipped: runs of budgetkit's routed model (metadata or
 ``response_metadata`` key ``budgetkit_routed``; its inner runs are the real calls) and inner
 runs that model already metered (metadata ``budgetkit_metered``, or made while
-``budgetkit._cascade.is_metered_call()`` is true).
+``budgetkit.routing._cascade.is_metered_call()`` is true).
 
 Cache hits: LangChain replays a cached generation through ``on_llm_end`` with its
 original usage and ``usage_metadata["total_cost"] == 0``. A hit served by budgetkit's own
@@ -70,11 +70,11 @@ from langchain_core.outputs import ChatGeneration, LLMResult
 from langchain_core.tracers.context import register_configure_hook
 
 from budgetkit import BudgetExceeded, ContextWindowExceeded, Engine, UnknownModelError
-from budgetkit._cascade import is_metered_call
-from budgetkit._budget_lane import LaneReservation, Lanes
-from budgetkit._engine import Ticket, UsageRecord
-from budgetkit._tokens import text_tokens_bound
-from budgetkit._usage import Usage
+from budgetkit.routing import is_metered_call
+from budgetkit.budgets import LaneReservation, Lanes
+from budgetkit.ledger import Ticket, UsageRecord
+from budgetkit.pricing import text_tokens_bound
+from budgetkit.ledger import Usage
 
 from ._messages import message_text, prompt_tokens_bound, to_openai_messages
 from ._stream_usage import ChunkUsage, usage_of_running_totals

@@ -17,7 +17,7 @@ from typing import Any
 from langchain_core.embeddings import Embeddings
 
 from budgetkit import ConfigurationError, Engine
-from budgetkit._engine import Ticket
+from budgetkit.ledger import Ticket
 
 __all__ = ["MeteredEmbeddings"]
 

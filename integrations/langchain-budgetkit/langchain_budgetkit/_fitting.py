@@ -16,7 +16,7 @@ from langchain_core.messages import (AIMessage, BaseMessage, HumanMessage, Syste
                                      ToolMessage, convert_to_openai_messages)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit._fitter import _LazyOpenAIMessages, fit_message_sequence
+from budgetkit.fitting import LazyOpenAIMessages, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_messages", "to_openai_tools"]
 
@@ -94,7 +94,7 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     return [_to_openai(message, i) for i, message in enumerate(messages)]
 
 
-class _Converted(_LazyOpenAIMessages):
+class _Converted(LazyOpenAIMessages):
     """LangChain messages in OpenAI form, converted when the fitter first reads them."""
 
     def _convert(self, index: int) -> dict[str, Any]:

@@ -52,7 +52,7 @@ def to_openai_messages(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
 
 
 # Per message of a plain text prompt: at most 4 tokens of chat formatting and the role
-# ("assistant" at most, and a separator), as budgetkit._tokens.message_tokens_bound counts.
+# ("assistant" at most, and a separator), as budgetkit.pricing._tokens.message_tokens_bound counts.
 _MESSAGE_BOUND = 4 + 10
 _REPLY_PRIMING = 3
 
@@ -60,7 +60,7 @@ _REPLY_PRIMING = 3
 def prompt_tokens_bound(messages: Sequence[BaseMessage]) -> int | None:
     """An upper bound of the tokens of a prompt of plain text messages (system, human, and
     AI messages without tool calls), for any model: what
-    ``budgetkit._tokens.message_tokens_bound`` gives for :func:`to_openai_messages`, or
+    ``budgetkit.pricing._tokens.message_tokens_bound`` gives for :func:`to_openai_messages`, or
     a little more, without converting. None for anything else, which must be counted."""
     # Runs before every call admitted in a lane: exact type tests, no conversion.
     total = _REPLY_PRIMING

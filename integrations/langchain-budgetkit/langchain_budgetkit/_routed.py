@@ -31,7 +31,7 @@ handler's defaults, and run ids (the inner run's own, this run as parent, the ch
 see ``_routed_run``). Double counting is avoided by markers (see ``ROUTED_MARKER`` and
 ``METERED_MARKER``): this model's own run carries ``ROUTED_MARKER`` in its metadata and its
 answer's ``response_metadata``, and inner runs already metered carry ``METERED_MARKER`` in
-their metadata (and run while ``budgetkit._cascade.is_metered_call()`` is true); a tracking
+their metadata (and run while ``budgetkit.routing._cascade.is_metered_call()`` is true); a tracking
 handler records neither. Without an engine the inner runs are
 left to the handler, with ``route_reason`` / ``attempt`` / ``request_id`` in their metadata.
 
@@ -74,9 +74,9 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from budgetkit import ConfigurationError, ContextWindowExceeded
-from budgetkit._cascade import asettle_completion, metered_call, settle_completion
-from budgetkit._router import RouteDecision
-from budgetkit._routed import (check_routed_models, fallback_reason, largest_window_decision,
+from budgetkit.routing import asettle_completion, metered_call, settle_completion
+from budgetkit.routing import RouteDecision
+from budgetkit.routing import (check_routed_models, fallback_reason, largest_window_decision,
                                routing_catalog)
 
 from ._fitting import fit_messages

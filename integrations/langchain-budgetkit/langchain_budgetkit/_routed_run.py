@@ -22,8 +22,8 @@ from uuid import UUID
 
 from langchain_core.messages import BaseMessage
 
-from budgetkit import FitReport
-from budgetkit._routed import explain_fit, fit_summary
+from budgetkit.fitting import FitReport
+from budgetkit.routing import explain_fit, fit_summary
 
 from ._callback import _Tracker
 from ._usage_parse import json_safe

@@ -19,7 +19,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.outputs.chat_generation import merge_chat_generation_chunks
 
 from budgetkit import ConfigurationError
-from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
+from budgetkit.routing import Completion, asettle_completion, metered_call, settle_completion
 
 from ._messages import message_text
 from ._routed_run import PARSED_KEY, ROUTED_MARKER, RoutedCall

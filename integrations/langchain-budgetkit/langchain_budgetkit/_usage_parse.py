@@ -9,7 +9,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from budgetkit._usage import Usage
+from budgetkit.ledger import Usage
 
 __all__ = ["usage_from_metadata", "usage_from_openai", "first_value", "json_safe",
            "tool_call_text"]

@@ -13,7 +13,7 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import AsyncCacheTestSuite, SyncCacheTestSuite
 
 from budgetkit import Engine
-from budgetkit._embedders import MiniLMEmbedder
+from budgetkit.cache import MiniLMEmbedder
 from langchain_budgetkit import BudgetkitCallbackHandler
 from langchain_budgetkit._cache import CACHE_HIT_MARK, BudgetkitCache, model_from_llm_string
 

@@ -315,7 +315,7 @@ def test_handler_operation_type_default_and_metadata_override(engine, usage_mode
 
 
 def test_calls_recorded_elsewhere_are_skipped(engine, usage_model):
-    from budgetkit._cascade import metered_call
+    from budgetkit.routing import metered_call
 
     handler = BudgetkitCallbackHandler(engine)
     model = usage_model(usage=USAGE)

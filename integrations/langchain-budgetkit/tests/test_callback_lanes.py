@@ -1,4 +1,4 @@
-"""The handler's admission lanes (see budgetkit._budget_lane): after a call was admitted the
+"""The handler's admission lanes (see budgetkit.budgets._lane): after a call was admitted the
 ordinary way, calls with the same model and attribution are admitted from leases on the
 caller's thread without building a ticket; every row, budget and stop stays as before."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 
 from budgetkit import Budget, BudgetExceeded
-from budgetkit._budget_lane import AdmissionLane
-from budgetkit._budget_lease import LEASE_AFTER
+from budgetkit.budgets import AdmissionLane
+from budgetkit.budgets._lease import LEASE_AFTER
 from langchain_budgetkit import BudgetkitCallbackHandler
 
 SMALL = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}

@@ -212,7 +212,7 @@ def test_astream_inner_run_is_a_child(usage_model) -> None:
 
 
 def test_inner_call_knows_it_is_metered(engine: Engine) -> None:
-    from budgetkit._cascade import is_metered_call
+    from budgetkit.routing import is_metered_call
 
     seen: list[bool] = []
 

@@ -209,7 +209,7 @@ def test_provider_error_is_an_error_row(engine, fake_openai, root_dispatcher, pa
 
 
 def test_calls_recorded_elsewhere_are_skipped(engine, mocks, root_dispatcher):
-    from budgetkit._cascade import metered_call
+    from budgetkit.routing import metered_call
     from llama_index.core.llms import CompletionResponse
 
     handler = BudgetkitEventHandler(engine).register(root_dispatcher)
@@ -229,8 +229,8 @@ def test_calls_recorded_elsewhere_are_skipped(engine, mocks, root_dispatcher):
 
 
 def test_legacy_handler_admits_repeat_calls_in_a_lane(engine, mocks, monkeypatch):
-    from budgetkit._budget_lane import AdmissionLane
-    from budgetkit._budget_lease import LEASE_AFTER
+    from budgetkit.budgets import AdmissionLane
+    from budgetkit.budgets._lease import LEASE_AFTER
 
     outcomes: list[bool] = []
     admit = AdmissionLane.admit

@@ -17,7 +17,7 @@ from llama_index.core.llms import CustomLLM
 from llama_index.core.llms.callbacks import llm_completion_callback
 
 from budgetkit import ConfigurationError, Engine
-from budgetkit._embedders import MiniLMEmbedder
+from budgetkit.cache import MiniLMEmbedder
 from llama_index.llms.budgetkit._cached import CACHE_HIT_MARK, CachedLLM
 
 MODEL = "gpt-4o-mini"

@@ -20,7 +20,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 
 from budgetkit import (BudgetExceeded, Cascade, ConfigurationError, Engine, Fallback,
                        MinLength, Router)
-from budgetkit._cascade import is_metered_call
+from budgetkit.routing import is_metered_call
 from llama_index.llms.budgetkit import RoutedLLM
 from llama_index.llms.budgetkit._routed import ROUTED_MARKER
 

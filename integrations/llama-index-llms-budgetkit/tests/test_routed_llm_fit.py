@@ -19,7 +19,7 @@ from llama_index.core.llms.callbacks import llm_chat_callback, llm_completion_ca
 
 from budgetkit import (Cascade, ConfigurationError, ContextWindowExceeded, Engine, MinLength,
                        PriceCatalog, Router, count_message_tokens)
-from llama_index.callbacks.budgetkit._tracker import to_openai_messages
+from llama_index.callbacks.budgetkit.messages import to_openai_messages
 from llama_index.llms.budgetkit import RoutedLLM
 from llama_index.llms.budgetkit._routed import ROUTED_MARKER
 

@@ -1,5 +1,14 @@
-"""budgetkit for LlamaIndex: tracking handlers."""
-from ._fitting import fit_messages as fit_messages
+"""budgetkit for LlamaIndex: the instrumentation event handler (current hook), the legacy
+callback handler, per-run attribution and message fitting. ``.messages`` holds the message
+and usage converters the llms package shares."""
+
+from __future__ import annotations
+
 from ._context import attribution as attribution
 from ._events import BudgetkitEventHandler as BudgetkitEventHandler
+from ._fitting import fit_messages as fit_messages
 from ._legacy import BudgetkitCallbackHandler as BudgetkitCallbackHandler
+
+__version__ = "0.1.0"
+__all__ = ["BudgetkitCallbackHandler", "BudgetkitEventHandler", "attribution", "fit_messages",
+           "__version__"]

@@ -17,7 +17,7 @@ from llama_index.core.base.llms.types import (ChatMessage, ImageBlock, TextBlock
                                               ToolCallBlock)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit._fitter import _LazyOpenAIMessages, fit_message_sequence
+from budgetkit.fitting import LazyOpenAIMessages, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_message"]
 
@@ -91,7 +91,7 @@ def _cut_copy(original: ChatMessage, fitted: Mapping[str, Any]) -> ChatMessage:
                                        "additional_kwargs": dict(original.additional_kwargs)})
 
 
-class _Converted(_LazyOpenAIMessages):
+class _Converted(LazyOpenAIMessages):
     """ChatMessages in OpenAI form, converted when the fitter first reads them."""
 
     def _convert(self, index: int) -> dict[str, Any]:

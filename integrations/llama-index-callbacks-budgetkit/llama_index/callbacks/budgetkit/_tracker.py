@@ -6,7 +6,7 @@ event id on the legacy path). Only the *outermost* LLM call in a context is reco
 events for what is one provider call; LlamaIndex's own ``TokenCountingHandler`` counts it
 twice.
 
-Calls recorded elsewhere are skipped: calls made while ``budgetkit._cascade.is_metered_call()``
+Calls recorded elsewhere are skipped: calls made while ``budgetkit.routing._cascade.is_metered_call()``
 is true (budgetkit's routed LLM admitted them itself), and responses marked
 ``additional_kwargs["budgetkit_cache_hit"]`` (the cache wrote its own ``cached`` row) or
 ``["budgetkit_routed"]`` (a wrapper whose inner call is the real one).
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from budgetkit import ConfigurationError, Engine, UnknownModelError
-from budgetkit._budget_lane import LaneReservation, Lanes
-from budgetkit._cascade import is_metered_call
-from budgetkit._engine import Ticket, UsageRecord
-from budgetkit._usage import Usage
+from budgetkit.budgets import LaneReservation, Lanes
+from budgetkit.routing import is_metered_call
+from budgetkit.ledger import Ticket, UsageRecord
+from budgetkit.ledger import Usage
 
 from ._context import ATTRIBUTION_KEYS, current_attribution
 from ._fitting import to_openai_message
@@ -222,7 +222,7 @@ class Tracker:
                     self._lanes.remember(lane_key, call.ticket)
         self._calls[key] = call
 
-    # -- admission lanes (see budgetkit._budget_lane) -----------------------------------
+    # -- admission lanes (see budgetkit.budgets._lane) -----------------------------------
     def _admit_in_lane(self, call: _Call, model: str, key: tuple[Any, ...],
                        admit_kwargs: dict[str, Any]) -> bool:
         """Admit a call like the last one admitted in full (no ticket built, no database);

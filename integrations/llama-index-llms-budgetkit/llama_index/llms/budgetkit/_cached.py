@@ -32,8 +32,8 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 
 from budgetkit import ConfigurationError
-from budgetkit._cache import CacheHit, ResponseCache
-from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
+from budgetkit.cache import CacheHit, ResponseCache
+from llama_index.callbacks.budgetkit.messages import (response_model, to_openai_messages,
                                                       usage_from_raw)
 
 __all__ = ["CachedLLM", "CACHE_HIT_MARK"]

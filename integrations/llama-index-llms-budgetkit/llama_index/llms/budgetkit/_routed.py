@@ -20,7 +20,7 @@ callback decorators: the inner LLM emits the instrumentation events and legacy c
 of the real call, so budgetkit's LlamaIndex handlers (and any tracer) record the model that
 actually ran, once. With an ``engine`` this LLM admits and settles each inner call itself
 (rows with request id, attempt number and route reason; a budget stops a call before the
-provider runs) and marks the call with ``budgetkit._cascade.metered_call`` so a tracking
+provider runs) and marks the call with ``budgetkit.routing._cascade.metered_call`` so a tracking
 handler does not record it again. Responses carry ``additional_kwargs["budgetkit_routed"]``
 (model, reason, attempts, request id).
 
@@ -58,13 +58,14 @@ from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.llms.llm import LLM
 
 import budgetkit
-from budgetkit import ConfigurationError, ContextWindowExceeded, FitReport
-from budgetkit._cascade import Completion, asettle_completion, metered_call, settle_completion
-from budgetkit._router import RouteDecision
-from budgetkit._routed import (check_routed_models, explain_fit, fallback_reason,
+from budgetkit import ConfigurationError, ContextWindowExceeded
+from budgetkit.fitting import FitReport
+from budgetkit.routing import Completion, asettle_completion, metered_call, settle_completion
+from budgetkit.routing import RouteDecision
+from budgetkit.routing import (check_routed_models, explain_fit, fallback_reason,
                                fit_summary, largest_window_decision, routing_catalog)
 from llama_index.callbacks.budgetkit import fit_messages
-from llama_index.callbacks.budgetkit._tracker import (response_model, to_openai_messages,
+from llama_index.callbacks.budgetkit.messages import (response_model, to_openai_messages,
                                                       usage_from_raw)
 
 __all__ = ["RoutedLLM", "ROUTED_MARKER"]
@@ -351,7 +352,7 @@ class RoutedLLM(LLM):
         return response
 
     def _attempt_reason(self, number: int, previous: tuple[str, list[str]] | None) -> str:
-        from budgetkit._cascade import Attempt
+        from budgetkit.routing import Attempt
 
         before = None if previous is None else Attempt(number - 1, previous[0], "", None,
                                                        previous[1])

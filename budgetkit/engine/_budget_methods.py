@@ -1,0 +1,153 @@
+"""The engine's budget methods: register, configure, read and approve budgets.
+
+They hand every call to the budget book (:class:`budgetkit.budgets.BudgetBook`), created on
+the first ``add_budget``; the book is the service and usable alone. Apart from the call's
+life in ``_engine`` so that module reads as the path of one call.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from budgetkit.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from budgetkit.ledger import Store, Ticket
+    from budgetkit.pricing import PriceCatalog
+
+__all__ = ["BudgetMethods"]
+
+
+class BudgetMethods:
+    """Mixed into :class:`~budgetkit.engine.Engine`; reads the engine's store and clock."""
+
+    store: Store
+    catalog: PriceCatalog
+    project: str | None
+    _budgets: Any
+    _lock: threading.Lock
+
+    def now(self) -> dt.datetime:
+        raise NotImplementedError
+
+    # -- budgets (see _budget_book) -----------------------------------------------------
+    def _budget_book(self) -> Any:
+        if self._budgets is None:
+            from budgetkit.budgets import BudgetBook
+
+            with self._lock:
+                if self._budgets is None:
+                    self._budgets = BudgetBook(self.store, self.now)
+        return self._budgets
+
+    def add_budget(self, budget: Any, *, replace: bool = False) -> Any:
+        """Register a :class:`Budget`; from now on every call it applies to is checked.
+
+        ``engine.add_budget(Budget(limit=1.00))`` is a global daily budget of $1.
+        A different budget under an existing name needs ``replace=True``.
+        """
+        return self._budget_book().add(budget, replace=replace)
+
+    def load_budgets(self, path: Any, *, replace: bool = False) -> list[Any]:
+        """Register every budget of a TOML or JSON file (all checked before any is added)."""
+        from budgetkit.budgets import load_budgets
+
+        budgets = load_budgets(path)
+        book = self._budget_book()
+        for budget in budgets:
+            known = {item.name: item for item in book.budgets()}.get(budget.name)
+            if known is not None and known != budget and not replace:
+                raise ConfigurationError(f"{path}: budget {budget.name!r}, field 'name': a "
+                                         "different budget has this name; pass replace=True")
+        return [book.add(budget, replace=replace) for budget in budgets]
+
+    def remove_budget(self, name: str) -> None:
+        """Stop enforcing a budget (its stored windows stay for reports)."""
+        self._budget_book().remove(name)
+
+    def budgets(self) -> list[Any]:
+        """The registered budgets."""
+        return [] if self._budgets is None else self._budgets.budgets()
+
+    def configure_budgets(self, *, reservation_timeout: float | None = None,
+                          alert_sinks: Sequence[Callable[[Any], None]] | None = None,
+                          durable: bool | None = None) -> None:
+        """``reservation_timeout``: seconds after which an unsettled reservation (a process
+        killed mid-call) is given back (default 900). ``alert_sinks`` replaces the sinks
+        (default: a :class:`LoggingSink`). ``durable=False`` (PostgreSQL) commits budget
+        updates without waiting for the disk: several times faster, still atomic, but a
+        database *server* crash may forget the last fraction of a second of them."""
+        book = self._budget_book()
+        if durable is not None:
+            book._driver.durable = bool(durable)
+        if reservation_timeout is not None:
+            if reservation_timeout <= 0:
+                raise ConfigurationError(
+                    f"reservation_timeout must be > 0, got {reservation_timeout}")
+            book.reservation_timeout = float(reservation_timeout)
+        if alert_sinks is not None:
+            book.sinks = list(alert_sinks)
+
+    def add_alert_sink(self, sink: Callable[[Any], None]) -> None:
+        """Also send budget alerts to ``sink(alert)`` (any callable, a WebhookSink, ...)."""
+        book = self._budget_book()
+        book.sinks = [*book.sinks, sink]
+
+    def budget_status(self, budget: str | None = None, *, key: str | None = None) -> list[Any]:
+        """Used, reserved, remaining and percentage of each budget's current window(s)."""
+        return [] if self._budgets is None else self._budgets.status(budget=budget, key=key)
+
+    def approve(self, budget: str, *, extra: float | None = None,
+                expires: dt.datetime | dt.timedelta | float | None = None,
+                by: str | None = None, key: str | None = None, run_id: str | None = None,
+                reason: str | None = None) -> Any:
+        """Lift the critical stop of ``budget`` for its current window.
+
+        ``extra`` raises the stop by that amount (dollars or tokens); without it the window
+        has no stop until ``expires`` (a datetime, timedelta or seconds). For budgets held
+        per user / model / tag / run, ``key`` names which one (and ``run_id`` the run of a
+        per-run budget). Stored; see :meth:`approvals`.
+        """
+        return self._budget_book().approve(budget, extra=extra, expires=expires, by=by,
+                                           key=key, run_id=run_id, reason=reason)
+
+    def approvals(self, budget: str | None = None, *, active: bool | None = None) -> list[Any]:
+        """Stored approvals (``active=True``: only those lifting a stop right now)."""
+        return [] if self._budgets is None else self._budgets.approvals(budget=budget,
+                                                                         active=active)
+
+    def alerts(self, budget: str | None = None, *, since: dt.datetime | None = None
+               ) -> list[Any]:
+        """Stored budget alerts, oldest first."""
+        return [] if self._budgets is None else self._budgets.alerts(budget=budget, since=since)
+
+    def budget_headroom(self, *, model: str | None = None, user_id: str | None = None,
+                        project: str | None = None, tags: Iterable[str] = (),
+                        operation_type: str | None = None,
+                        run_id: str | None = None) -> float | None:
+        """The smallest remaining fraction (0..1) of the budgets such a call would count
+        in; ``None`` when no budget applies. The router downgrades when this runs low."""
+        if self._budgets is None:
+            return None
+        from budgetkit.budgets import attribution_ticket
+
+        price = self.catalog.resolve(model) if model else None
+        return self._budgets.headroom(attribution_ticket(
+            model=model, user_id=user_id, project=project or self.project, tags=tags,
+            operation_type=operation_type, run_id=run_id, price=price,
+            provider=price.provider if price is not None else None))
+
+    def check_stream(self, ticket: Ticket, output_tokens_so_far: int) -> None:
+        """Call while streaming: raises :class:`BudgetExceeded` once the output outgrows the
+        ticket's reservation in a budget that stops streams (per-run budgets by default)
+        and the window has no room left. Cheap: no database trip while within the
+        reservation."""
+        if self._budgets is not None:
+            self._budgets.check_stream(ticket, output_tokens_so_far)
+
+    def reclaim_reservations(self) -> int:
+        """Give back reservations past their timeout now (admit also does it every minute)."""
+        return 0 if self._budgets is None else self._budgets.reap()

@@ -1,0 +1,48 @@
+"""Which model should answer: the tiered router, the cascade with its acceptability
+checks, fallback on provider errors, and the framework-free parts of routed wrappers.
+
+Built on :mod:`budgetkit.pricing` and :mod:`budgetkit.fitting`.
+"""
+
+from __future__ import annotations
+
+from ._cascade import Attempt as Attempt
+from ._cascade import Cascade as Cascade
+from ._cascade import CascadeResult as CascadeResult
+from ._cascade import Check as Check
+from ._cascade import Completion as Completion
+from ._cascade import MatchesRegex as MatchesRegex
+from ._cascade import MinLength as MinLength
+from ._cascade import RequiredElements as RequiredElements
+from ._cascade import ScoreAtLeast as ScoreAtLeast
+from ._cascade import ValidJSON as ValidJSON
+from ._cascade import asettle_completion as asettle_completion
+from ._cascade import is_metered_call as is_metered_call
+from ._cascade import metered_call as metered_call
+from ._cascade import settle_completion as settle_completion
+from ._fallback import Fallback as Fallback
+from ._fallback import FallbackAttempt as FallbackAttempt
+from ._fallback import is_context_length_error as is_context_length_error
+from ._fallback import is_rate_limit as is_rate_limit
+from ._fallback import is_server_error as is_server_error
+from ._fallback import is_timeout as is_timeout
+from ._fallback import is_transient as is_transient
+from ._routed import check_routed_models as check_routed_models
+from ._routed import explain_fit as explain_fit
+from ._routed import fallback_reason as fallback_reason
+from ._routed import fit_summary as fit_summary
+from ._routed import largest_window_decision as largest_window_decision
+from ._routed import routing_catalog as routing_catalog
+from ._router import TASK_LEVELS as TASK_LEVELS
+from ._router import RouteDecision as RouteDecision
+from ._router import Router as Router
+from ._router import complexity_score as complexity_score
+
+__all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Completion',
+           'Check', 'MinLength', 'RequiredElements', 'MatchesRegex', 'ValidJSON',
+           'ScoreAtLeast', 'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',
+           'asettle_completion', 'metered_call', 'is_metered_call', 'Fallback',
+           'FallbackAttempt', 'is_rate_limit', 'is_timeout', 'is_server_error',
+           'is_transient', 'is_context_length_error', 'check_routed_models',
+           'routing_catalog', 'largest_window_decision', 'fallback_reason', 'fit_summary',
+           'explain_fit']
