@@ -21,7 +21,9 @@ from ._embedders import as_embedder as as_embedder
 from ._keys import CacheRequest as CacheRequest
 from ._keys import is_standalone as is_standalone
 from ._keys import make_request as make_request
+from ._pgvector import VectorBackendUnavailable as VectorBackendUnavailable
 
 __all__ = ['CacheEngine', 'ResponseCache', 'CacheHit', 'CacheStats', 'DEFAULT_TASK_TTLS',
            'DEFAULT_THRESHOLD', 'cached', 'engine_cache', 'Embedder', 'MiniLMEmbedder',
-           'as_embedder', 'CacheRequest', 'make_request', 'is_standalone']
+           'as_embedder', 'CacheRequest', 'make_request', 'is_standalone',
+           'VectorBackendUnavailable']

@@ -27,6 +27,7 @@ modules; keys, guard, store rows, embedders and the index are apart.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import datetime as dt
 import fnmatch
@@ -35,8 +36,10 @@ import gc
 import inspect
 import json
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -49,8 +52,10 @@ from budgetkit.pricing import nanos_to_usd
 
 from ._embedders import Embedder, as_embedder
 from ._guard import extract_facts, facts_conflict
-from ._index import VectorIndex
+from ._index import DEFAULT_EXACT_MAX, LocalIndex
+from ._index_files import IndexFiles
 from ._keys import CONTEXT_MARK, CacheRequest, canonical_json, make_request
+from ._pgvector import open_vector_backend
 from ._store import UNLOADED, CacheRows, Entry, Loaded
 
 if TYPE_CHECKING:
@@ -156,7 +161,16 @@ class ResponseCache:
     it on unless you measured otherwise). ``task_ttls`` / ``default_ttl``: lifetime by
     ``task_type`` (a zero lifetime means never cached; ``None`` never expires).
     ``maxsize``: entries kept, least recently used evicted (also from the database).
-    ``sync_interval``: seconds between looks for entries other processes added.
+    ``sync_interval``: seconds between looks for entries other processes added (the
+    in-process index only; with pgvector every lookup sees every entry).
+    ``vector_backend``: ``"auto"`` keeps vectors in PostgreSQL with pgvector when the
+    store is PostgreSQL and has the extension (one index shared by every process), and
+    in process otherwise; ``"pgvector"`` insists (:class:`VectorBackendUnavailable`
+    says why it cannot); ``"local"`` always keeps them in process.
+    ``exact_max``: in process, partitions up to this size are scanned exactly and
+    larger ones searched with an HNSW graph (hnswlib). ``index_dir``: where those
+    graphs are saved so the next open restores them instead of rebuilding (default:
+    next to a SQLite ledger file; nowhere for other databases).
     ``standalone_turns``: a conversation whose last user message stands on its own
     ("Does Flixora offer a free trial?") is served from the same question asked after
     other turns; off, a semantic match needs every earlier message to be identical.
@@ -170,7 +184,8 @@ class ResponseCache:
                  maxsize: int = 100_000, record_hits: bool = True,
                  clock: Callable[[], dt.datetime] | None = None,
                  sync_interval: float = 1.0, candidates: int = 8,
-                 ivf_min: int | None = 20_000, nprobe: int = 24,
+                 exact_max: int | None = DEFAULT_EXACT_MAX, vector_backend: str = "auto",
+                 index_dir: str | os.PathLike[str] | None = None,
                  standalone_turns: bool = True) -> None:
         if not -1.0 <= threshold <= 1.0:
             raise ConfigurationError(f"threshold must be a cosine in [-1, 1], got {threshold}")
@@ -203,21 +218,33 @@ class ResponseCache:
         self._clock = clock
         self._embedder: Embedder | None = None
         self._embedder_spec = embedder
-        self._ivf = (ivf_min, nprobe)
+        self._exact_max = exact_max
         store = engine.store if engine is not None else db
         self._rows = CacheRows(store)
+        self._shared = open_vector_backend(self._rows, vector_backend)
+        #: Where the vectors are searched: ``"pgvector"`` or ``"local"`` (in process).
+        self.vector_backend = "pgvector" if self._shared is not None else "local"
+        self._files = (IndexFiles.beside(self._rows.store, index_dir)
+                       if self._shared is None else None)
         self._lock = threading.RLock()
         # key -> entry; the least recently used entry goes first when full
         self._entries: _Entries = _Entries(maxsize, self._evicted)
         self._evicted_keys: list[str] = []
         self._by_seq: dict[int, Entry] = {}
-        self._indexes: dict[tuple[str, str, str, str, str], VectorIndex] = {}
+        self._indexes: dict[tuple[str, str, str, str, str], LocalIndex] = {}
         self._stats: dict[str, CacheStats] = {}
         self._seen_seq = 0
         self._last_sync = time.monotonic()
         self._vector_cache: dict[str, np.ndarray] = {}
-        with self._lock, _no_gc():  # 100k new objects: no point in cycle collections
-            self._load(self._rows.load(self.now(), limit=maxsize))
+        # Everything a lookup needs is made ready now, not on the first user's request:
+        # the index here (restored or built), the local model in a background thread.
+        self._ready = threading.Event()
+        if self._shared is None:
+            with self._lock, _no_gc():  # 100k new objects: no point in cycle collections
+                self._load(self._rows.load(self.now(), limit=maxsize))
+            self.save_index()
+            _OPEN_CACHES.add(self)
+        self._warm_up()
 
     # -- time and configuration ---------------------------------------------------------
     def now(self) -> dt.datetime:
@@ -252,9 +279,36 @@ class ResponseCache:
     def _embedder_name(self) -> str:
         return str(getattr(self.embedder, "name", type(self.embedder).__name__))
 
+    def ready(self, timeout: float | None = None) -> bool:
+        """Wait until the local model is loaded (it loads in the background from open);
+        ``False`` if ``timeout`` seconds passed first. Lookups wait by themselves; a
+        server can call this before it starts taking requests."""
+        return self._ready.wait(timeout)
+
+    def _warm_up(self) -> None:
+        """Load the local model in the background (about 1 s); embedding waits for it.
+        Other embedders are not called: a remote one would bill a request for nothing."""
+        from ._embedders import MiniLMEmbedder
+
+        embedder = self.embedder if self.semantic else None
+        if not isinstance(embedder, MiniLMEmbedder):
+            self._ready.set()
+            return
+
+        def warm() -> None:
+            try:
+                embedder(["warm up"])
+            except ConfigurationError as exc:  # raised again, to the caller, on first use
+                logger.debug("budgetkit cache: warm-up failed: %s", exc)
+            finally:
+                self._ready.set()
+
+        threading.Thread(target=warm, name="budgetkit-cache-warm-up", daemon=True).start()
+
     def _embed(self, text: str) -> np.ndarray:
         vector = self._vector_cache.get(text)
         if vector is None:
+            self._ready.wait()
             vector = self.embedder([text])[0]
             if len(self._vector_cache) > 4096:
                 self._vector_cache.clear()
@@ -320,6 +374,8 @@ class ResponseCache:
     def _find_exact(self, request: CacheRequest,
                     now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
         entry = self._entries.get(request.key)
+        if entry is None and self._shared is not None:
+            entry = self._shared.find_key(request.key)
         if entry is not None:
             if not entry.expired(now):
                 return entry, "exact", 1.0
@@ -327,6 +383,8 @@ class ResponseCache:
         return None
 
     def _has_partition(self, request: CacheRequest) -> bool:
+        if self._shared is not None:
+            return True  # another process may have filled any partition a moment ago
         for partition in request.partitions(self._embedder_name()):
             index = self._indexes.get(partition)
             if index is not None and len(index) > 0:
@@ -338,13 +396,9 @@ class ResponseCache:
         if not request.focus:
             return None
         facts = extract_facts(request.focus) if self.guard else None
-        found: list[tuple[Entry, float]] = []
-        for partition in request.partitions(self._embedder_name()):
-            index = self._indexes.get(partition)
-            if index is not None:
-                found += [(self._by_seq[seq], score) for seq, score in
-                          index.search(query, threshold=self.threshold, k=self.candidates)
-                          if seq in self._by_seq]
+        found = (self._shared.search(request.partitions(self._embedder_name()), query,
+                                     k=self.candidates, threshold=self.threshold)
+                 if self._shared is not None else self._local_candidates(request, query))
         found.sort(key=lambda pair: -pair[1])
         for gone in self._rows.fill(candidate for candidate, _ in found):
             self._drop(gone)  # another process deleted it
@@ -362,6 +416,17 @@ class ResponseCache:
                 continue
             return candidate, "semantic", score
         return None
+
+    def _local_candidates(self, request: CacheRequest,
+                          query: np.ndarray) -> list[tuple[Entry, float]]:
+        found: list[tuple[Entry, float]] = []
+        for partition in request.partitions(self._embedder_name()):
+            index = self._indexes.get(partition)
+            if index is not None:
+                found += [(self._by_seq[seq], score) for seq, score in
+                          index.search(query, threshold=self.threshold, k=self.candidates)
+                          if seq in self._by_seq]
+        return found
 
     # -- writing ------------------------------------------------------------------------
     def store(self, value: Any, *, model: str, prompt: str | None = None,
@@ -416,7 +481,9 @@ class ResponseCache:
             old = self._entries.pop(entry.key, None)
             if old is not None:
                 self._drop(old)
-            entry.seq = self._rows.upsert(entry, entry.embedder)
+            also = (self._shared.writer(entry.vector)
+                    if self._shared is not None and entry.vector is not None else None)
+            entry.seq = self._rows.upsert(entry, entry.embedder, also)
             entry.value = UNLOADED  # read from the database on a hit: memory stays small
             self._add(entry)
             self._flush_evictions()
@@ -436,6 +503,11 @@ class ResponseCache:
         if namespace is None and model is None and pattern is None:
             raise ConfigurationError("invalidate() needs namespace=, model= or pattern= "
                                      "(use clear() to drop everything)")
+        if self._shared is not None:
+            keys = self._shared.keys_matching(namespace=namespace, model=model,
+                                              pattern=pattern)
+            self._rows.delete_keys(keys)
+            return len(keys)
         with self._lock:
             self._sync()
             if pattern is not None:  # the prompt text of entries loaded at start
@@ -456,7 +528,7 @@ class ResponseCache:
     def clear(self) -> int:
         """Delete every entry of every namespace; returns how many were loaded."""
         with self._lock:
-            count = len(self._entries)
+            count = len(self)
             self._entries = _Entries(self.maxsize, self._evicted)
             self._evicted_keys = []
             self._by_seq.clear()
@@ -500,7 +572,16 @@ class ResponseCache:
             return {name: CacheStats(**vars(item)) for name, item in self._stats.items()}
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self._shared.count() if self._shared is not None else len(self._entries)
+
+    def save_index(self) -> int:
+        """Save the in-process HNSW graphs changed since they were last saved (done at
+        open after a build and at exit too), so the next open restores instead of
+        rebuilding; returns how many were written. Nothing to do with pgvector."""
+        if self._files is None:
+            return 0
+        with self._lock:
+            return self._files.save(self._indexes)
 
     # -- internals ----------------------------------------------------------------------
     def _stats_for(self, namespace: str) -> CacheStats:
@@ -549,6 +630,10 @@ class ResponseCache:
             logger.debug("budgetkit cache: %s no longer priced", entry.price_model)
 
     def _add(self, entry: Entry) -> None:
+        if self._shared is not None:  # row and vector are in the database: keep nothing
+            entry.vector = None
+            self._shared.stored(self.maxsize)
+            return
         self._entries[entry.key] = entry  # may evict the least recently used
         if entry.seq is not None:
             self._by_seq[entry.seq] = entry
@@ -556,16 +641,26 @@ class ResponseCache:
         if entry.vector is not None and entry.focus:
             index = self._index_for(entry.partition, len(entry.vector))
             if index.dim == len(entry.vector):
-                index.add(entry.seq or 0, entry.vector)
+                index.add([entry.seq or 0], entry.vector)
             entry.vector = None  # the index holds the only copy
 
-    def _index_for(self, partition: tuple[str, str, str, str, str], dim: int) -> VectorIndex:
+    def _index_for(self, partition: tuple[str, str, str, str, str], dim: int) -> LocalIndex:
         index = self._indexes.get(partition)
         if index is None:
-            ivf_min, nprobe = self._ivf
-            index = self._indexes[partition] = VectorIndex(dim, ivf_min=ivf_min,
-                                                           nprobe=nprobe)
+            index = self._indexes[partition] = LocalIndex(dim, exact_max=self._exact_max)
         return index
+
+    def _adopt(self, partition: tuple[str, str, str, str, str], seqs: np.ndarray,
+               vectors: np.ndarray) -> None:
+        """Index vectors read from the database: into the saved graph of a large
+        partition when there is one (building 100k takes seconds, reading 0.1 s)."""
+        if (partition not in self._indexes and self._files is not None
+                and self._exact_max is not None and len(seqs) > self._exact_max):
+            restored = self._files.restore(partition, seqs, vectors, exact_max=self._exact_max)
+            if restored is not None:
+                self._indexes[partition] = restored
+                return
+        self._index_for(partition, vectors.shape[1]).add(seqs, vectors)
 
     def _drop(self, entry: Entry, *, delete: bool = False) -> None:
         """Forget ``entry`` in memory (and in the database with ``delete=True``)."""
@@ -617,8 +712,8 @@ class ResponseCache:
                     continue
                 rows = entries.row_of[positions[chosen]]
                 matrix = block if len(rows) == len(block) else block[rows]
-                index = self._index_for(partition, block.shape[1])
-                index.add_many((members[i].seq for i in chosen.tolist()), matrix)
+                self._adopt(partition, np.fromiter((members[i].seq for i in chosen.tolist()),
+                                                   dtype=np.int64, count=len(chosen)), matrix)
             for entry in members:
                 entry.source = None
         self._flush_evictions()
@@ -629,6 +724,8 @@ class ResponseCache:
 
     def _sync(self) -> None:
         """Pick up entries other processes stored since we last looked."""
+        if self._shared is not None:
+            return  # every lookup asks the database: there is nothing to pick up
         self._last_sync = time.monotonic()
         fresh = self._rows.load(self.now(), after_seq=self._seen_seq)
         if fresh:
@@ -636,6 +733,16 @@ class ResponseCache:
 
 
 _GONE = CacheRows.GONE
+
+#: Open caches with an in-process index, saved at exit (weakly held: a cache that is
+#: gone is not kept alive for this).
+_OPEN_CACHES: weakref.WeakSet[ResponseCache] = weakref.WeakSet()
+
+
+@atexit.register
+def _save_open_caches() -> None:
+    for cache in list(_OPEN_CACHES):
+        cache.save_index()
 
 
 def _split_focus(stored: str) -> tuple[str, str | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -241,10 +241,16 @@ class CacheRows:
                     found.add(seq)
         return [entry for seq, entry in missing.items() if seq not in found]
 
-    def upsert(self, entry: Entry, embedder: str | None) -> int:
-        """Write ``entry`` (replacing a row with the same key); returns its ``seq``."""
+    def upsert(self, entry: Entry, embedder: str | None,
+               also: Callable[[Any, int, int], None] | None = None) -> int:
+        """Write ``entry`` (replacing a row with the same key); returns its ``seq``.
+
+        ``also(connection, seq, partition_id)`` runs in the same transaction (the pgvector
+        backend writes the vector there, so no process sees the entry without it).
+        """
+        partition_id = self._partition_id(entry.partition)
         values = {
-            "key": entry.key, "partition_id": self._partition_id(entry.partition),
+            "key": entry.key, "partition_id": partition_id,
             "namespace": entry.namespace, "model": entry.model,
             "price_model": entry.price_model, "params_hash": entry.params_hash,
             "context_hash": entry.context_hash, "focus": entry.focus, "embedder": embedder,
@@ -258,7 +264,10 @@ class CacheRows:
         with self.store.engine.begin() as conn:
             conn.execute(delete(self.table).where(self.table.c.key == entry.key))
             result = conn.execute(insert(self.table).values(**values))
-            return int(result.inserted_primary_key[0])
+            seq = int(result.inserted_primary_key[0])
+            if also is not None:
+                also(conn, seq, partition_id)
+            return seq
 
     def _partition_id(self, partition: tuple[str, str, str, str, str]) -> int:
         for number, known in self._partitions.items():

@@ -1,4 +1,5 @@
-"""Test helpers for budgetkit users: an OpenAI-compatible server that needs no network.
+"""Test helpers for budgetkit users: an OpenAI-compatible server that needs no network, and
+a private PostgreSQL with pgvector (:class:`PgvectorServer`, from the ``pgserver`` package).
 
     from budgetkit.testing import FakeOpenAIServer
 
@@ -12,5 +13,6 @@ from __future__ import annotations
 
 from ._fake_openai import FakeOpenAIServer as FakeOpenAIServer
 from ._fake_openai import FakeRequest as FakeRequest
+from ._pgvector import PgvectorServer as PgvectorServer
 
-__all__ = ["FakeOpenAIServer", "FakeRequest"]
+__all__ = ["FakeOpenAIServer", "FakeRequest", "PgvectorServer"]
