@@ -12,8 +12,9 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
 from langchain_tests.integration_tests import AsyncCacheTestSuite, SyncCacheTestSuite
 
-from budgetkit import Engine
+from budgetkit import ConfigurationError, Engine
 from budgetkit.cache import MiniLMEmbedder
+from budgetkit.testing import PgvectorServer
 from langchain_budgetkit import BudgetkitCallbackHandler
 from langchain_budgetkit._cache import CACHE_HIT_MARK, BudgetkitCache, model_from_llm_string
 
@@ -52,6 +53,38 @@ class TestBudgetkitCacheAsync(AsyncCacheTestSuite):
     async def cache(self, tmp_path: Path) -> Iterator[BaseCache]:
         with Engine(tmp_path / "async.db") as engine:
             yield BudgetkitCache(engine)
+
+
+@pytest.fixture(scope="module")
+def pgvector_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PgvectorServer]:
+    pytest.importorskip("pgserver", reason="pgserver (PostgreSQL 16 + pgvector) not installed")
+    server = PgvectorServer(tmp_path_factory.mktemp("pg"))
+    try:
+        server.start()
+    except ConfigurationError as exc:
+        pytest.skip(f"pgserver could not start PostgreSQL with pgvector here: {exc}")
+    yield server
+    server.stop()
+
+
+class TestBudgetkitCacheSyncPgvector(SyncCacheTestSuite):
+    """The same suite with the vectors and entries in PostgreSQL (pgvector backend)."""
+
+    @pytest.fixture
+    def cache(self, pgvector_server: PgvectorServer,
+              minilm: MiniLMEmbedder) -> Iterator[BaseCache]:
+        with Engine(pgvector_server.new_database()) as engine:
+            yield BudgetkitCache(engine, embeddings=MiniLMEmbeddings(minilm),
+                                 vector_backend="pgvector")
+
+
+class TestBudgetkitCacheAsyncPgvector(AsyncCacheTestSuite):
+    @pytest.fixture
+    async def cache(self, pgvector_server: PgvectorServer,
+                    minilm: MiniLMEmbedder) -> Iterator[BaseCache]:
+        with Engine(pgvector_server.new_database()) as engine:
+            yield BudgetkitCache(engine, embeddings=MiniLMEmbeddings(minilm),
+                                 vector_backend="pgvector")
 
 
 def test_chat_hit_is_marked_recorded_once_and_not_double_counted(
