@@ -34,7 +34,7 @@ logger = logging.getLogger("budgetkit")
 
 # Modules whose import defines SQLModel tables. Add yours here.
 TABLE_MODULES: list[str] = ["budgetkit.ledger._tables", "budgetkit.budgets._tables",
-                             "budgetkit.cache._tables"]
+                             "budgetkit.cache._tables", "budgetkit.routing._tables"]
 
 
 def default_db_url() -> str:

@@ -1,7 +1,9 @@
-"""Which model should answer: the tiered router, the cascade with its acceptability
-checks, fallback on provider errors, and the framework-free parts of routed wrappers.
+"""Which model should answer: the tiered router and its learned scorer, the cascade with
+its acceptability checks, fallback on provider errors, and the framework-free parts of
+routed wrappers.
 
-Built on :mod:`budgetkit.pricing` and :mod:`budgetkit.fitting`.
+Built on :mod:`budgetkit.pricing`, :mod:`budgetkit.ledger` (fitted scorers and cascade
+verdicts are stored there) and :mod:`budgetkit.fitting`.
 """
 
 from __future__ import annotations
@@ -9,13 +11,18 @@ from __future__ import annotations
 from ._cascade import Attempt as Attempt
 from ._cascade import Cascade as Cascade
 from ._cascade import CascadeResult as CascadeResult
-from ._cascade import Check as Check
 from ._cascade import Completion as Completion
-from ._cascade import MatchesRegex as MatchesRegex
-from ._cascade import MinLength as MinLength
-from ._cascade import RequiredElements as RequiredElements
-from ._cascade import ScoreAtLeast as ScoreAtLeast
-from ._cascade import ValidJSON as ValidJSON
+from ._checks import Check as Check
+from ._checks import MatchesRegex as MatchesRegex
+from ._checks import MinLength as MinLength
+from ._checks import RequiredElements as RequiredElements
+from ._checks import ScoreAtLeast as ScoreAtLeast
+from ._checks import ValidJSON as ValidJSON
+from ._model_checks import Agreement as Agreement
+from ._model_checks import ScorerCheck as ScorerCheck
+from ._model_checks import Verifier as Verifier
+from ._model_checks import final_answer as final_answer
+from ._tables import RouterScorerRow as RouterScorerRow
 from ._cascade import asettle_completion as asettle_completion
 from ._cascade import is_metered_call as is_metered_call
 from ._cascade import metered_call as metered_call
@@ -36,11 +43,17 @@ from ._routed import routing_catalog as routing_catalog
 from ._router import TASK_LEVELS as TASK_LEVELS
 from ._router import RouteDecision as RouteDecision
 from ._router import Router as Router
-from ._router import complexity_score as complexity_score
+from ._prompt import complexity_score as complexity_score
+from ._features import PromptFeatures as PromptFeatures
+from ._features import prompt_features as prompt_features
+from ._scorer import Scorer as Scorer
+from ._scorer import default_scorer as default_scorer
 
-__all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Completion',
+__all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Scorer',
+           'default_scorer', 'PromptFeatures', 'prompt_features', 'Completion',
            'Check', 'MinLength', 'RequiredElements', 'MatchesRegex', 'ValidJSON',
-           'ScoreAtLeast', 'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',
+           'ScoreAtLeast', 'Agreement', 'ScorerCheck', 'Verifier', 'final_answer',
+           'RouterScorerRow', 'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',
            'asettle_completion', 'metered_call', 'is_metered_call', 'Fallback',
            'FallbackAttempt', 'is_rate_limit', 'is_timeout', 'is_server_error',
            'is_transient', 'is_context_length_error', 'check_routed_models',

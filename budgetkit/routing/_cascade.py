@@ -5,10 +5,9 @@ request it calls the first model, runs every check on the answer text and return
 first answer that passes them all; otherwise it escalates to the next model. The last
 model's answer is returned as best effort (``result.accepted`` is then False).
 
-Checks are small callables ``check(text) -> str | None`` (``None`` = pass, a string = why
-it failed): :class:`MinLength`, :class:`RequiredElements`, :class:`MatchesRegex`,
-:class:`ValidJSON` (optionally against a JSON schema subset), :class:`ScoreAtLeast` (a user
-scorer against a threshold), or any function of that shape.
+Checks (``_checks.py``, ``_model_checks.py``) are small callables ``check(text) -> str |
+None`` (``None`` = pass, a string = why it failed); a check with ``needs_prompt = True`` is
+called ``check(text, prompt)``. Checks compose: an answer must pass every one.
 
 With an ``engine``, every attempt is admitted and settled as its own usage row carrying the
 request id, the attempt number and, as ``route_reason``, why the attempt ran, so a report
@@ -17,31 +16,30 @@ stops the cascade and returns the answer in hand (``result.stopped_by``); a budg
 blocks the first attempt raises :class:`BudgetExceeded` as usual. Provider errors are not
 handled here: wrap ``call`` with a :class:`~budgetkit.Fallback` for that.
 
-Over 500 lines because the checks and the cascade that runs them are documented
-together; the checks are small classes.
+With an engine the cascade also records its *verdict* on the first (cheapest) answer in
+that attempt's usage row (``metadata["route_verdict"]``: the prompt's hashed features and
+whether the answer failed; the prompt text only with ``verdict_prompts=True``), so
+:meth:`Router.fit_from_ledger` can learn which prompts the cheap model fails.
 """
 
 from __future__ import annotations
 
-import json
-import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from budgetkit.errors import BudgetExceeded, ConfigurationError
 
+from ._checks import Check
+from ._features import prompt_features
+from ._learning import verdict_metadata
+from ._prompt import _messages_text
+
 __all__ = [
     "Completion",
-    "Check",
-    "MinLength",
-    "RequiredElements",
-    "MatchesRegex",
-    "ValidJSON",
-    "ScoreAtLeast",
     "Attempt",
     "CascadeResult",
     "Cascade",
@@ -93,212 +91,6 @@ class Completion:
     reasoning_tokens: int = 0
     model: str | None = None
     raw: Any = None
-
-
-class Check(Protocol):
-    """An acceptability check: ``None`` when the answer passes, else the reason it fails."""
-
-    def __call__(self, text: str) -> str | None: ...
-
-
-# ----------------------------------------------------------------------------- checks
-
-@dataclass(frozen=True)
-class MinLength:
-    """At least ``chars`` characters (after stripping whitespace)."""
-
-    chars: int
-
-    def __post_init__(self) -> None:
-        if self.chars < 0:
-            raise ConfigurationError(f"MinLength chars must be >= 0, got {self.chars}")
-
-    def __call__(self, text: str) -> str | None:
-        length = len(text.strip())
-        return None if length >= self.chars else f"too short ({length} < {self.chars} chars)"
-
-
-@dataclass(frozen=True)
-class RequiredElements:
-    """Every element occurs in the answer (case-insensitive unless ``case_sensitive``)."""
-
-    elements: tuple[str, ...]
-    case_sensitive: bool = False
-
-    def __init__(self, *elements: str, case_sensitive: bool = False) -> None:
-        if len(elements) == 1 and not isinstance(elements[0], str):
-            elements = tuple(elements[0])  # RequiredElements(["a", "b"]) works too
-        if not elements or not all(isinstance(e, str) and e for e in elements):
-            raise ConfigurationError(f"RequiredElements needs non-empty strings, got {elements!r}")
-        object.__setattr__(self, "elements", tuple(elements))
-        object.__setattr__(self, "case_sensitive", case_sensitive)
-
-    def __call__(self, text: str) -> str | None:
-        haystack = text if self.case_sensitive else text.lower()
-        missing = [e for e in self.elements
-                   if (e if self.case_sensitive else e.lower()) not in haystack]
-        return f"missing required element(s): {', '.join(map(repr, missing))}" if missing else None
-
-
-class MatchesRegex:
-    """The answer matches ``pattern`` somewhere (``re.search``), or nowhere if ``negate``."""
-
-    def __init__(self, pattern: str | re.Pattern[str], *, flags: int = 0,
-                 negate: bool = False) -> None:
-        try:
-            self.pattern = (pattern if isinstance(pattern, re.Pattern)
-                            else re.compile(pattern, flags))
-        except re.error as exc:
-            raise ConfigurationError(f"invalid regex {pattern!r}: {exc}") from None
-        self.negate = negate
-
-    def __call__(self, text: str) -> str | None:
-        found = self.pattern.search(text) is not None
-        if found != self.negate:
-            return None
-        verb = "matches" if self.negate else "does not match"
-        return f"answer {verb} /{self.pattern.pattern}/"
-
-    def __repr__(self) -> str:
-        return f"MatchesRegex({self.pattern.pattern!r}, negate={self.negate})"
-
-
-_FENCE = re.compile(r"^\s*```(?:json|JSON)?\s*\n(.*?)\n?```\s*$", re.DOTALL)
-_SCHEMA_TYPES: dict[str, Callable[[Any], bool]] = {
-    "object": lambda v: isinstance(v, dict),
-    "array": lambda v: isinstance(v, list),
-    "string": lambda v: isinstance(v, str),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)
-    or isinstance(v, float) and v.is_integer(),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "null": lambda v: v is None,
-}
-_SCHEMA_KEYWORDS = frozenset({
-    "type", "properties", "required", "items", "enum", "const", "additionalProperties",
-    "minLength", "maxLength", "minimum", "maximum", "minItems", "maxItems",
-    # annotations, no effect on validity
-    "title", "description", "default", "examples", "$schema", "$id",
-})
-
-
-class ValidJSON:
-    """The answer parses as JSON and, with ``schema``, satisfies it.
-
-    The schema support is a dependency-free subset of JSON Schema: ``type`` (one or a
-    list), ``properties``, ``required``, ``additionalProperties: false`` or a schema,
-    ``items``, ``enum``, ``const``, ``minLength`` / ``maxLength``, ``minimum`` /
-    ``maximum``, ``minItems`` / ``maxItems``. A schema using any other keyword is refused
-    when the check is built (ConfigurationError), so a check never passes by ignoring a
-    rule. A fenced block (```json ... ```) is accepted unless ``allow_fences=False``.
-    """
-
-    def __init__(self, schema: Mapping[str, Any] | None = None, *,
-                 allow_fences: bool = True) -> None:
-        if schema is not None:
-            _check_schema(schema, "$")
-        self.schema = schema
-        self.allow_fences = allow_fences
-
-    def parse(self, text: str) -> Any:
-        """The answer's JSON value (raises ``ValueError`` when it is not JSON)."""
-        if self.allow_fences:
-            fenced = _FENCE.match(text)
-            if fenced:
-                text = fenced.group(1)
-        return json.loads(text)
-
-    def __call__(self, text: str) -> str | None:
-        try:
-            value = self.parse(text)
-        except ValueError as exc:
-            return f"not valid JSON ({exc})"
-        if self.schema is None:
-            return None
-        errors = _validate(value, self.schema, "$")
-        return f"JSON does not match the schema: {'; '.join(errors[:3])}" if errors else None
-
-
-def _check_schema(schema: Any, path: str) -> None:
-    if not isinstance(schema, Mapping):
-        raise ConfigurationError(f"schema at {path} must be an object, got {schema!r}")
-    unknown = set(schema) - _SCHEMA_KEYWORDS
-    if unknown:
-        raise ConfigurationError(
-            f"schema at {path} uses unsupported keyword(s) {', '.join(sorted(unknown))}; "
-            f"ValidJSON supports {', '.join(sorted(_SCHEMA_KEYWORDS))}")
-    types = schema.get("type")
-    for name in ([types] if isinstance(types, str) else types or []):
-        if name not in _SCHEMA_TYPES:
-            raise ConfigurationError(f"schema at {path} has unknown type {name!r}")
-    for key, sub in (schema.get("properties") or {}).items():
-        _check_schema(sub, f"{path}.{key}")
-    if isinstance(schema.get("items"), Mapping):
-        _check_schema(schema["items"], f"{path}[]")
-    if isinstance(schema.get("additionalProperties"), Mapping):
-        _check_schema(schema["additionalProperties"], f"{path}.*")
-
-
-def _validate(value: Any, schema: Mapping[str, Any], path: str) -> list[str]:
-    types = schema.get("type")
-    if types is not None:
-        names = [types] if isinstance(types, str) else list(types)
-        if not any(_SCHEMA_TYPES[name](value) for name in names):
-            return [f"{path} is {type(value).__name__}, expected {' or '.join(names)}"]
-    errors: list[str] = []
-    if "const" in schema and value != schema["const"]:
-        errors.append(f"{path} must equal {schema['const']!r}")
-    if "enum" in schema and value not in schema["enum"]:
-        errors.append(f"{path} must be one of {schema['enum']!r}")
-    if isinstance(value, str):
-        if len(value) < schema.get("minLength", 0):
-            errors.append(f"{path} shorter than {schema['minLength']}")
-        if "maxLength" in schema and len(value) > schema["maxLength"]:
-            errors.append(f"{path} longer than {schema['maxLength']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if "minimum" in schema and value < schema["minimum"]:
-            errors.append(f"{path} below minimum {schema['minimum']}")
-        if "maximum" in schema and value > schema["maximum"]:
-            errors.append(f"{path} above maximum {schema['maximum']}")
-    if isinstance(value, list):
-        if len(value) < schema.get("minItems", 0):
-            errors.append(f"{path} has fewer than {schema['minItems']} items")
-        if "maxItems" in schema and len(value) > schema["maxItems"]:
-            errors.append(f"{path} has more than {schema['maxItems']} items")
-        if isinstance(schema.get("items"), Mapping):
-            for i, item in enumerate(value):
-                errors.extend(_validate(item, schema["items"], f"{path}[{i}]"))
-    if isinstance(value, dict):
-        properties = schema.get("properties") or {}
-        for key in schema.get("required") or ():
-            if key not in value:
-                errors.append(f"{path} lacks required property {key!r}")
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in properties:
-                errors.extend(_validate(item, properties[key], f"{path}.{key}"))
-            elif extra is False:
-                errors.append(f"{path} has unexpected property {key!r}")
-            elif isinstance(extra, Mapping):
-                errors.extend(_validate(item, extra, f"{path}.{key}"))
-    return errors
-
-
-class ScoreAtLeast:
-    """A user scorer ``scorer(text) -> float`` must reach ``threshold``."""
-
-    def __init__(self, scorer: Callable[[str], float], threshold: float) -> None:
-        if not callable(scorer):
-            raise ConfigurationError(f"scorer must be callable, got {scorer!r}")
-        self.scorer, self.threshold = scorer, threshold
-
-    def __call__(self, text: str) -> str | None:
-        score = float(self.scorer(text))
-        return None if score >= self.threshold else (
-            f"score {score:.3g} < threshold {self.threshold:.3g}")
-
-    def __repr__(self) -> str:
-        return f"ScoreAtLeast({getattr(self.scorer, '__name__', self.scorer)!r}, {self.threshold})"
 
 
 # ----------------------------------------------------------------------------- cascade
@@ -357,11 +149,14 @@ class Cascade:
 
     ``call(model) -> Completion | str`` performs one model call; :meth:`run` (and
     :meth:`arun` for a coroutine ``call``) drives the cascade. ``max_output_tokens`` is
-    reserved per attempt when an engine admits it.
+    reserved per attempt when an engine admits it. ``record_verdicts`` (default on, needs an
+    engine and a prompt) stores the verdict on the first answer for the router to learn
+    from; ``verdict_prompts`` stores the prompt text with it (off: hashed features only).
     """
 
     def __init__(self, models: Sequence[str], checks: Sequence[Check] = (), *,
-                 engine: Any = None, max_output_tokens: int | None = None) -> None:
+                 engine: Any = None, max_output_tokens: int | None = None,
+                 record_verdicts: bool = True, verdict_prompts: bool = False) -> None:
         if not models or not all(isinstance(m, str) and m for m in models):
             raise ConfigurationError(f"Cascade needs one or more model names, got {models!r}")
         if len(set(models)) != len(models):
@@ -376,10 +171,27 @@ class Cascade:
         self.checks = tuple(checks)
         self.engine = engine
         self.max_output_tokens = max_output_tokens
+        self.record_verdicts = record_verdicts
+        self.verdict_prompts = verdict_prompts
 
-    def evaluate(self, text: str) -> list[str]:
-        """The reasons ``text`` fails the checks (empty when it passes them all)."""
-        return [failure for check in self.checks if (failure := check(text)) is not None]
+    def evaluate(self, text: str, prompt: str | None = None) -> list[str]:
+        """The reasons ``text`` fails the checks (empty when it passes them all).
+
+        Checks with ``needs_prompt`` get ``prompt`` too; without one they raise
+        ConfigurationError (pass ``prompt=`` or ``messages=`` to :meth:`run`).
+        """
+        failures = []
+        for check in self.checks:
+            if getattr(check, "needs_prompt", False):
+                if prompt is None:
+                    raise ConfigurationError(
+                        f"check {check!r} needs the prompt: give run() a prompt or messages")
+                failure = check(text, prompt)  # type: ignore[call-arg]
+            else:
+                failure = check(text)
+            if failure is not None:
+                failures.append(failure)
+        return failures
 
     def attempt_reason(self, number: int, previous: Attempt | None) -> str:
         """The route reason recorded for attempt ``number`` (1-based)."""
@@ -398,6 +210,7 @@ class Cascade:
         attempt; ``attribution`` takes :meth:`Engine.admit`'s keyword arguments.
         """
         request_id = request_id or uuid.uuid4().hex
+        text = _prompt_text(prompt, messages)
         attempts: list[Attempt] = []
         for number, model in enumerate(self.models, start=1):
             reason = self.attempt_reason(number, attempts[-1] if attempts else None)
@@ -414,7 +227,9 @@ class Cascade:
                 if ticket is not None:
                     self.engine.release(ticket, error=exc)
                 raise
-            attempt = Attempt(number, model, reason, answer, self.evaluate(answer.text))
+            attempt = Attempt(number, model, reason, answer,
+                              self.evaluate(answer.text, text))
+            self._note_verdict(ticket, number, text, attempt)
             attempt.record = settle_completion(self.engine, ticket, answer)
             attempts.append(attempt)
             if attempt.passed:
@@ -426,6 +241,7 @@ class Cascade:
                    request_id: str | None = None, **attribution: Any) -> CascadeResult:
         """:meth:`run` for a coroutine ``call``."""
         request_id = request_id or uuid.uuid4().hex
+        text = _prompt_text(prompt, messages)
         attempts: list[Attempt] = []
         for number, model in enumerate(self.models, start=1):
             reason = self.attempt_reason(number, attempts[-1] if attempts else None)
@@ -442,7 +258,9 @@ class Cascade:
                 if ticket is not None:
                     await self.engine.arelease(ticket, error=exc)
                 raise
-            attempt = Attempt(number, model, reason, answer, self.evaluate(answer.text))
+            attempt = Attempt(number, model, reason, answer,
+                              self.evaluate(answer.text, text))
+            self._note_verdict(ticket, number, text, attempt)
             attempt.record = await asettle_completion(self.engine, ticket, answer)
             attempts.append(attempt)
             if attempt.passed:
@@ -473,6 +291,15 @@ class Cascade:
         return await self.engine.aadmit(model, **self._admit_kwargs(
             number, reason, prompt, messages, request_id, attribution))
 
+    def _note_verdict(self, ticket: Any, number: int, text: str | None,
+                      attempt: Attempt) -> None:
+        """Put the verdict on the cheapest answer into that attempt's usage row."""
+        if number != 1 or ticket is None or text is None or not self.record_verdicts:
+            return
+        ticket.metadata.update(verdict_metadata(
+            prompt_features(text), cheap_failed=not attempt.passed,
+            prompt=text if self.verdict_prompts else None))
+
     @staticmethod
     def _result(attempts: list[Attempt], request_id: str, *,
                 stopped_by: BudgetExceeded | None = None) -> CascadeResult:
@@ -481,6 +308,14 @@ class Cascade:
         return CascadeResult(completion=last.completion, model=last.model,
                              accepted=last.passed, attempts=attempts, request_id=request_id,
                              stopped_by=stopped_by)
+
+
+def _prompt_text(prompt: str | None,
+                 messages: Sequence[Mapping[str, Any]] | None) -> str | None:
+    if prompt is not None:
+        return prompt
+    # the same text the router scores, so a verdict's features match a routing decision's
+    return _messages_text(messages) if messages is not None else None
 
 
 def _as_completion(answer: Completion | str) -> Completion:

@@ -6,7 +6,9 @@ or more catalog model names. :meth:`Router.route` decides in this order:
 
 1. an explicit model the caller requires (it must still fit its window);
 2. the task type, using the Cost Optimization Reference's lists (``TASK_LEVELS``);
-3. otherwise a complexity score of the prompt (length, code, reasoning cues, constraints);
+3. otherwise the learned scorer's estimate that the cheapest tier's answer will not be
+   acceptable (``RouteDecision.score``, 0..1; see :class:`~budgetkit.routing.Scorer`): at or
+   above the high threshold the strongest tier, at or above the medium one the middle tier;
 
 then adjusts the tier:
 
@@ -20,24 +22,22 @@ then adjusts the tier:
 Every step that changed or fixed the choice adds a human-readable reason to the returned
 :class:`RouteDecision`; adapters pass ``decision.reason`` to ``Engine.admit(route_reason=...)``
 so the usage row says why that model ran. Routing is pure computation: no I/O except the
-optional budget-headroom lookup.
+optional budget-headroom lookup and, with an ``engine``, loading the latest fitted scorer.
+
+Learning (:meth:`Router.fit`, :meth:`Router.fit_from_ledger`) lives in ``_learning.py``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from budgetkit.errors import ConfigurationError, ContextWindowExceeded
-from budgetkit.pricing import (
-    ModelPrice,
-    PriceCatalog,
-    count_message_tokens,
-    count_tokens,
-    default_catalog,
-)
+from budgetkit.pricing import ModelPrice, PriceCatalog, default_catalog
+
+from ._prompt import _Counter, _describe, _messages_text, complexity_score
+from ._scorer import Scorer, default_scorer
 
 __all__ = ["Router", "RouteDecision", "TASK_LEVELS", "complexity_score"]
 
@@ -55,6 +55,10 @@ TASK_LEVELS: Mapping[str, str] = {
 
 HeadroomFn = Callable[..., "float | None"]
 
+#: With three tiers and no thresholds given, the share of prompts (after the high ones) that
+#: go to the middle tier.
+DEFAULT_MEDIUM_SHARE = 0.3
+
 
 @dataclass(frozen=True)
 class RouteDecision:
@@ -63,57 +67,21 @@ class RouteDecision:
     model: str
     tier: str | None
     reasons: tuple[str, ...]
-    complexity: float | None = None
+    #: The scorer's estimate that the cheapest tier's answer is not acceptable (0..1);
+    #: ``None`` when a required model or the task type decided.
+    score: float | None = None
     input_tokens: int | None = None
     signals: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def complexity(self) -> float | None:
+        """Former name of :attr:`score` (it was a hand-weighted heuristic until 0.x)."""
+        return self.score
 
     @property
     def reason(self) -> str:
         """The reasons as one line, the form ``Engine.admit(route_reason=...)`` stores."""
         return "; ".join(self.reasons)
-
-
-# ----------------------------------------------------------------------- complexity
-
-_CODE = re.compile(
-    r"```|^\s*(?:def|class|import|from \S+ import|function|const|let|var|public|private|"
-    r"#include|SELECT|CREATE TABLE)\b|[;{}]\s*$|=>|\w+\([^()]*\)\s*[{:]",
-    re.MULTILINE | re.IGNORECASE)
-_REASONING_CUES = re.compile(
-    r"\b(?:why|prove|proof|derive|step[- ]by[- ]step|reason(?:ing)?|explain|analy[sz]e|"
-    r"compare|trade-?offs?|evaluate|justify|design|architect\w*|optimi[sz]e|debug|"
-    r"calculate|estimate|implications?|pros and cons|critique|plan)\b", re.IGNORECASE)
-_CONSTRAINTS = re.compile(
-    r"\b(?:must|should|shall|at least|at most|no more than|exactly|without|only|never|"
-    r"always|ensure|required?|limit(?:ed)? to)\b|^\s*(?:[-*•]|\d+[.)])\s+",
-    re.IGNORECASE | re.MULTILINE)
-
-# Weights of each signal in the 0..1 score. Length saturates at LENGTH_SATURATION tokens.
-_LENGTH_WEIGHT, _CODE_WEIGHT, _CUE_WEIGHT, _CONSTRAINT_WEIGHT = 0.35, 0.25, 0.1, 0.05
-_CUE_CAP, _CONSTRAINT_CAP = 0.3, 0.2
-LENGTH_SATURATION = 2_000
-
-
-def complexity_score(text: str, *, tokens: int | None = None) -> tuple[float, dict[str, Any]]:
-    """A 0..1 complexity estimate of a prompt and the signals behind it.
-
-    Cheap heuristics, not a model: prompt length (saturating at 2,000 tokens), code,
-    reasoning cues ("why", "prove", "step by step", "trade-offs", ...) and the number of
-    constraints ("must", "at most", bullet points). ``tokens`` is the counted prompt length
-    (the character count / 4 is used when not given).
-    """
-    if tokens is None:
-        tokens = len(text) // 4
-    cues = sorted({m.group(0).lower() for m in _REASONING_CUES.finditer(text)})
-    constraints = len(_CONSTRAINTS.findall(text))
-    has_code = bool(_CODE.search(text))
-    score = (_LENGTH_WEIGHT * min(tokens / LENGTH_SATURATION, 1.0)
-             + (_CODE_WEIGHT if has_code else 0.0)
-             + min(_CUE_WEIGHT * len(cues), _CUE_CAP)
-             + min(_CONSTRAINT_WEIGHT * constraints, _CONSTRAINT_CAP))
-    signals = {"tokens": tokens, "code": has_code, "reasoning_cues": cues,
-               "constraints": constraints}
-    return round(min(score, 1.0), 4), signals
 
 
 # ----------------------------------------------------------------------------- router
@@ -128,22 +96,37 @@ class Router:
 
     ``levels`` maps the task levels "low" / "medium" / "high" to tier names when the tiers
     are named otherwise (default: same name if present, else the first, middle-rounded-down
-    and last tier). ``complexity_thresholds`` are the scores at which "medium" and "high"
-    start: by default code alone or two reasoning cues make a prompt "medium", code with
-    reasoning cues and constraints "high" (on MT-Bench prompts the median score is 0.02
-    and the 90th percentile 0.26; calibrate on your own traffic). ``budget_threshold`` is
-    the remaining budget fraction below which the router goes one tier down; the fraction
-    comes from ``headroom(model=, user_id=, project=, tags=, operation_type=)`` or, when not
-    given, ``engine.budget_headroom`` if the engine has it. ``fastest_tier`` is used for
-    ``low_latency`` requests (default: the first tier). ``default_max_output_tokens`` is the
-    output reserved for the context-fit check when a request does not say.
+    and last tier).
+
+    Without a task type the prompt is scored by ``scorer`` (default: the shipped
+    :func:`~budgetkit.routing.default_scorer`; with an ``engine``, the latest scorer fitted
+    under ``scorer_name`` and saved in its store). The score estimates P(the cheapest tier's
+    answer is not acceptable); it goes to the "high" level at or above the high threshold and
+    to "medium" at or above the medium one. Thresholds, first given wins:
+    ``thresholds=(medium, high)`` (``complexity_thresholds`` is its former name);
+    ``strong_share`` (about that share of prompts like the scorer's training prompts go
+    high, the next ``medium_share`` medium); else the scorer's documented default
+    (:attr:`Scorer.threshold`, 0.353 for the shipped one: about 30 % of prompts go high and,
+    with three tiers, the next 30 % medium). :meth:`calibrate` sets them from your prompts.
+
+    ``budget_threshold`` is the remaining budget fraction below which the router goes one
+    tier down; the fraction comes from ``headroom(model=, user_id=, project=, tags=,
+    operation_type=)`` or, when not given, ``engine.budget_headroom`` if the engine has it.
+    ``fastest_tier`` is used for ``low_latency`` requests (default: the first tier).
+    ``default_max_output_tokens`` is the output reserved for the context-fit check when a
+    request does not say.
     """
 
     def __init__(self, tiers: Mapping[str, str | Sequence[str]], *, engine: Any = None,
                  catalog: PriceCatalog | None = None,
                  levels: Mapping[str, str] | None = None,
                  task_levels: Mapping[str, str] = TASK_LEVELS,
-                 complexity_thresholds: tuple[float, float] = (0.2, 0.45),
+                 scorer: Scorer | None = None,
+                 thresholds: tuple[float, float] | None = None,
+                 strong_share: float | None = None,
+                 medium_share: float = DEFAULT_MEDIUM_SHARE,
+                 scorer_name: str = "default",
+                 complexity_thresholds: tuple[float, float] | None = None,
                  budget_threshold: float = 0.2,
                  headroom: HeadroomFn | None = None,
                  fastest_tier: str | None = None,
@@ -163,12 +146,40 @@ class Router:
                 self.catalog.get(model)  # UnknownModelError names the model
             self.tiers[name] = names
         self.order: tuple[str, ...] = tuple(self.tiers)
-        low, high = complexity_thresholds
-        if not 0.0 <= low <= high <= 1.0:
-            raise ConfigurationError(
-                "complexity_thresholds must satisfy 0 <= medium <= high <= 1, got "
-                f"{complexity_thresholds}")
-        self.complexity_thresholds = (low, high)
+        if scorer is not None and not isinstance(scorer, Scorer):
+            raise ConfigurationError(f"scorer must be a budgetkit Scorer, got {scorer!r}")
+        if not isinstance(scorer_name, str) or not scorer_name:
+            raise ConfigurationError(f"scorer_name must be a non-empty str, got {scorer_name!r}")
+        self.scorer_name = scorer_name
+        #: What :meth:`fit` starts from every time (so refits never count outcomes twice).
+        self.base_scorer: Scorer = scorer if scorer is not None else default_scorer()
+        self.scorer: Scorer = self.base_scorer
+        if thresholds is not None and complexity_thresholds is not None:
+            raise ConfigurationError("give thresholds or complexity_thresholds, not both")
+        self._rule: tuple[str, Any] = ("default", None)
+        if thresholds is not None or complexity_thresholds is not None:
+            name = "thresholds" if thresholds is not None else "complexity_thresholds"
+            given = thresholds if thresholds is not None else complexity_thresholds
+            assert given is not None
+            low, high = given
+            if not 0.0 <= low <= high <= 1.0:
+                raise ConfigurationError(
+                    f"{name} must satisfy 0 <= medium <= high <= 1, got {given}")
+            self._rule = ("explicit", (float(low), float(high)))
+        elif strong_share is not None:
+            if not (0.0 <= strong_share <= 1.0 and 0.0 <= medium_share <= 1.0):
+                raise ConfigurationError(
+                    f"strong_share and medium_share must be within 0..1, got {strong_share} "
+                    f"and {medium_share}")
+            self._rule = ("share", (float(strong_share), float(medium_share)))
+        self._medium_share = medium_share
+        if engine is not None and scorer is None:
+            from ._learning import load_scorer  # store I/O stays in one module
+
+            fitted = load_scorer(engine, scorer_name)
+            if fitted is not None:
+                self.scorer = fitted
+        self.thresholds = self._resolve_thresholds()
         if not 0.0 <= budget_threshold <= 1.0:
             raise ConfigurationError(
                 f"budget_threshold must be within 0..1, got {budget_threshold}")
@@ -189,6 +200,31 @@ class Router:
         self.task_levels = dict(task_levels)
         self._headroom = headroom
 
+    @property
+    def complexity_thresholds(self) -> tuple[float, float]:
+        """Former name of :attr:`thresholds`."""
+        return self.thresholds
+
+    def _resolve_thresholds(self) -> tuple[float, float]:
+        kind, value = self._rule
+        if kind == "explicit":
+            return value  # type: ignore[no-any-return]
+        if kind == "share":
+            high_share, medium_share = value
+        else:
+            high_share, medium_share = self.scorer._default_share(), self._medium_share
+        high = (self.scorer.threshold if kind == "default"
+                else self.scorer.threshold_for_share(high_share))
+        medium = self.scorer.threshold_for_share(min(1.0, high_share + medium_share))
+        return (min(medium, high), high)
+
+    def use_scorer(self, scorer: Scorer) -> None:
+        """Route with ``scorer`` from now on (thresholds given as shares follow it)."""
+        if not isinstance(scorer, Scorer):
+            raise ConfigurationError(f"scorer must be a budgetkit Scorer, got {scorer!r}")
+        self.scorer = scorer
+        self.thresholds = self._resolve_thresholds()
+
     def _resolve_levels(self, levels: Mapping[str, str] | None) -> dict[str, str]:
         n = len(self.order)
         default = {"low": self.order[0], "medium": self.order[(n - 1) // 2],
@@ -207,33 +243,84 @@ class Router:
 
     def calibrate(self, prompts: Iterable[str], *, high_share: float,
                   medium_share: float = 0.0) -> tuple[float, float]:
-        """Set the complexity thresholds from a sample of your own prompts (no labels).
+        """Set the thresholds from a sample of your own prompts (no labels needed).
 
         Afterwards about ``high_share`` of prompts like these score "high" and the next
-        ``medium_share`` "medium". Returns the new ``complexity_thresholds``. Ties in the
-        scores can move slightly more prompts up than asked.
+        ``medium_share`` "medium". Returns the new ``thresholds``. Ties in the scores can
+        move slightly more prompts up than asked.
         """
         if not (0.0 <= high_share <= 1.0 and 0.0 <= medium_share <= 1.0
                 and high_share + medium_share <= 1.0):
             raise ConfigurationError(
                 f"high_share and medium_share must be within 0..1 and sum to <= 1, got "
                 f"{high_share} and {medium_share}")
-        counting_model = self.tiers[self.order[0]][0]
-        scores = sorted(complexity_score(text, tokens=count_tokens(text, counting_model,
-                                                                   catalog=self.catalog))[0]
-                        for text in prompts)
+        scores = sorted(self.scorer.score(text) for text in prompts)
         if not scores:
             raise ConfigurationError("calibrate needs at least one prompt")
 
         def quantile_above(share: float) -> float:
             if share <= 0.0:
-                return 1.0 + 1e-9 if scores[-1] >= 1.0 else min(1.0, scores[-1] + 1e-9)
+                return min(1.0, scores[-1] + 1e-9)
             return scores[min(len(scores) - 1, max(0, int((1.0 - share) * len(scores))))]
 
         high = quantile_above(high_share)
         medium = min(high, quantile_above(high_share + medium_share))
-        self.complexity_thresholds = (min(medium, 1.0), min(high, 1.0))
-        return self.complexity_thresholds
+        self._rule = ("explicit", (min(medium, 1.0), min(high, 1.0)))
+        self.thresholds = self._resolve_thresholds()
+        return self.thresholds
+
+    # -- learning (see _learning.py) ----------------------------------------------------
+    def fit(self, prompts: Sequence[str], cheap_failed: Sequence[bool], *,
+            save: bool = True) -> Scorer:
+        """Adapt the scorer to your outcomes and route with it from now on.
+
+        ``cheap_failed[i]`` says whether the cheapest tier's answer to ``prompts[i]`` was not
+        acceptable. The fit starts from :attr:`base_scorer` (the shipped one by default)
+        each time, so pass all the outcomes you have. With an engine (and ``save``) the
+        fitted scorer is stored, and every router built on that ledger with the same
+        ``scorer_name`` loads it.
+        """
+        from ._learning import save_scorer
+
+        fitted = self.base_scorer.fit(prompts, cheap_failed)
+        if save and self.engine is not None:
+            save_scorer(self.engine, self.scorer_name, fitted)
+        self.use_scorer(fitted)
+        return fitted
+
+    def fit_from_ledger(self, engine: Any = None, *, since: Any = None,
+                        save: bool = True) -> Scorer:
+        """Fit on the cascade verdicts recorded in ``engine``'s ledger (default: this
+        router's engine) since ``since`` (a datetime; default: all). Verdicts hold hashed
+        features, so no prompt text is needed. Raises ConfigurationError when there is none.
+        """
+        from ._learning import load_verdicts, save_scorer
+
+        engine = engine if engine is not None else self.engine
+        if engine is None:
+            raise ConfigurationError("fit_from_ledger needs an engine (argument or the router's)")
+        features, labels = load_verdicts(engine, since=since)
+        if not features:
+            raise ConfigurationError(
+                f"no cascade verdicts in the ledger{'' if since is None else f' since {since}'}"
+                f"; run a Cascade with an engine first")
+        fitted = self.base_scorer.fit_features(features, labels)
+        if save:
+            save_scorer(engine, self.scorer_name, fitted)
+        self.use_scorer(fitted)
+        return fitted
+
+    def reload_scorer(self) -> bool:
+        """Load the latest scorer saved under :attr:`scorer_name` (another process may have
+        fitted one). Returns whether one was found."""
+        from ._learning import load_scorer
+
+        if self.engine is None:
+            raise ConfigurationError("reload_scorer needs a router with an engine")
+        fitted = load_scorer(self.engine, self.scorer_name)
+        if fitted is not None:
+            self.use_scorer(fitted)
+        return fitted is not None
 
     # -- introspection ------------------------------------------------------------------
     @property
@@ -281,12 +368,14 @@ class Router:
             tier = self.levels[level]
             reasons.append(f"task type {task_type} -> {_level_tier(level, tier)}")
         else:
-            score, signals = complexity_score(text, tokens=counter(self.tiers[self.order[0]][0]))
-            level = ("high" if score >= self.complexity_thresholds[1]
-                     else "medium" if score >= self.complexity_thresholds[0] else "low")
+            _, signals = complexity_score(text, tokens=counter(self.tiers[self.order[0]][0]))
+            score = self.scorer.score(text)
+            medium, high = self.thresholds
+            level = "high" if score >= high else "medium" if score >= medium else "low"
             tier = self.levels[level]
             prefix = f"task type {task_type} not in the table; " if task_type else ""
-            reasons.append(f"{prefix}complexity {score:.2f} ({_describe(signals)}) -> "
+            reasons.append(f"{prefix}score {score:.3f} = P(cheap answer fails), thresholds "
+                           f"{medium:.3f}/{high:.3f} ({_describe(signals)}) -> "
                            f"{_level_tier(level, tier)}")
 
         tier = self._apply_budget_pressure(tier, reasons, user_id=user_id, project=project,
@@ -297,7 +386,7 @@ class Router:
             reasons.append(f"low latency -> fastest tier {tier}")
 
         model, tokens = self._fit(tier, counter, reserve, reasons)
-        return RouteDecision(model, self.tier_of(model), tuple(reasons), complexity=score,
+        return RouteDecision(model, self.tier_of(model), tuple(reasons), score=score,
                              input_tokens=tokens, signals=signals)
 
     # -- steps ----------------------------------------------------------------------------
@@ -362,41 +451,6 @@ class Router:
         return self.catalog.get(model)
 
 
-# ---------------------------------------------------------------------------- helpers
-
-class _Counter:
-    """Counts the prompt once per model (tokenizers differ between model families)."""
-
-    def __init__(self, catalog: PriceCatalog, prompt: str | None,
-                 messages: Sequence[Mapping[str, Any]] | None,
-                 tools: Sequence[Mapping[str, Any]] | None) -> None:
-        self.catalog, self.prompt, self.messages, self.tools = catalog, prompt, messages, tools
-        self._counts: dict[str, int] = {}
-
-    def __call__(self, model: str) -> int:
-        count = self._counts.get(model)
-        if count is None:
-            if self.messages is not None:
-                count = count_message_tokens(self.messages, model, tools=self.tools,
-                                             catalog=self.catalog)
-            else:
-                count = count_tokens(self.prompt or "", model, catalog=self.catalog)
-            self._counts[model] = count
-        return count
-
-
-def _messages_text(messages: Iterable[Mapping[str, Any]]) -> str:
-    parts = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            parts.append(content)
-        elif isinstance(content, list):  # content blocks: keep the text ones
-            parts.extend(str(block.get("text", "")) for block in content
-                         if isinstance(block, Mapping))
-    return "\n".join(parts)
-
-
 def _window(price: ModelPrice) -> int:
     return price.context_window or price.max_input_tokens
 
@@ -416,15 +470,3 @@ def _cost(price: ModelPrice, tokens: int, reserve: int) -> int:
 
 def _level_tier(level: str, tier: str) -> str:
     return f"tier {tier}" if level == tier else f"{level} level, tier {tier}"
-
-
-def _describe(signals: Mapping[str, Any]) -> str:
-    parts = [f"{signals.get('tokens', 0)} tokens"]
-    if signals.get("code"):
-        parts.append("code")
-    cues = signals.get("reasoning_cues") or ()
-    if cues:
-        parts.append("cues " + "/".join(cues[:4]))
-    if signals.get("constraints"):
-        parts.append(f"{signals['constraints']} constraints")
-    return ", ".join(parts)
