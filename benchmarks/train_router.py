@@ -12,8 +12,10 @@ Recipe (chosen on the dev halves, see docs/routing.md):
 * the *probability scale* (intercept and slope, slope floored at 0.05 so the ranking cannot
   vanish) comes from a one-feature logistic regression on both benchmarks pooled, each
   weighing half;
-* the default threshold is the 70th percentile of the pooled training scores (each benchmark
-  weighing half): about 30 % of prompts like these go up.
+* the default threshold is the pooled failure rate of the cheap model (each benchmark weighing
+  half, 0.348): a prompt goes up when its estimated failure probability is above the average
+  one. About half of the benchmark prompts go up, fewer of short chat prompts, more of long
+  ones; set ``strong_share`` or ``calibrate`` for a fixed share of your own traffic.
 
 Deterministic: same data, same file (byte for byte).
 
@@ -37,7 +39,6 @@ from routing_data import DEFAULT_DATA, Bench, load_gsm8k, load_mt_bench  # noqa:
 OUT = Path(__file__).resolve().parents[1] / "budgetkit/routing/data/router_scorer.json"
 BACKBONE = {"log_chars": 1.0, "log_words": 1.0, "code": 1.0}
 MIN_SLOPE = 0.05
-DEFAULT_SHARE = 0.30
 
 
 def weighted_quantiles(values: np.ndarray, weights: np.ndarray) -> tuple[float, ...]:
@@ -86,11 +87,10 @@ def train(benches: list[Bench]) -> Scorer:
                          info={"trained_on": [f"{bench.name} ({len(bench.prompts)})"
                                               for bench in benches],
                                "recipe": "length backbone log(chars)+log(words)+code; "
-                                         "logistic scale; threshold = 70th percentile",
+                                         "logistic scale; threshold = pooled failure rate",
                                "slope": round(float(b), 6)})
-    return Scorer.from_dict({**provisional.to_dict(),
-                             "threshold": round(provisional.threshold_for_share(DEFAULT_SHARE),
-                                                6)})
+    base_rate = float(np.average(y, weights=weights))
+    return Scorer.from_dict({**provisional.to_dict(), "threshold": round(base_rate, 6)})
 
 
 def main(argv: list[str] | None = None) -> int:

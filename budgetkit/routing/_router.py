@@ -57,7 +57,7 @@ HeadroomFn = Callable[..., "float | None"]
 
 #: With three tiers and no thresholds given, the share of prompts (after the high ones) that
 #: go to the middle tier.
-DEFAULT_MEDIUM_SHARE = 0.3
+DEFAULT_MEDIUM_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -106,8 +106,10 @@ class Router:
     ``thresholds=(medium, high)`` (``complexity_thresholds`` is its former name);
     ``strong_share`` (about that share of prompts like the scorer's training prompts go
     high, the next ``medium_share`` medium); else the scorer's documented default
-    (:attr:`Scorer.threshold`, 0.353 for the shipped one: about 30 % of prompts go high and,
-    with three tiers, the next 30 % medium). :meth:`calibrate` sets them from your prompts.
+    (:attr:`Scorer.threshold`; for the shipped scorer 0.348, the cheap model's average failure
+    rate on its training data: a prompt goes up when it looks harder than average; about half
+    of the benchmark prompts do, fewer short chat prompts, more long ones; with three tiers
+    the next 25 % of prompts go medium). :meth:`calibrate` sets them from your prompts.
 
     ``budget_threshold`` is the remaining budget fraction below which the router goes one
     tier down; the fraction comes from ``headroom(model=, user_id=, project=, tags=,

@@ -124,8 +124,9 @@ class Scorer:
         """Fit from stored features (no prompt text needed): MAP logistic regression,
         Newton-CG, warm-started at and pulled toward this scorer's weights.
 
-        The new threshold sends ``strong_share`` of the fitted prompts up (default: the share
-        this scorer's threshold sent up of its own training prompts).
+        The new threshold is the outcomes' failure rate (the shipped rule: a prompt goes up
+        when it looks harder than average), or, with ``strong_share``, the score that sends
+        that share of the fitted prompts up.
         """
         if len(features) != len(cheap_failed) or not features:
             raise ConfigurationError(
@@ -137,9 +138,8 @@ class Scorer:
         if lam_dense <= 0 or lam_hashed <= 0:
             raise ConfigurationError(f"prior_strength must be > 0, got {prior_strength}")
         check_same_shape(features, self.bits)
-        share = strong_share if strong_share is not None else self._default_share()
-        if not 0.0 <= share <= 1.0:
-            raise ConfigurationError(f"strong_share must be within 0..1, got {share}")
+        if strong_share is not None and not 0.0 <= strong_share <= 1.0:
+            raise ConfigurationError(f"strong_share must be within 0..1, got {strong_share}")
         y = np.array([1.0 if v else 0.0 for v in cheap_failed])
         problem = _Problem.build(self, features)
         theta = _newton_cg(problem, y, lam_dense, lam_hashed)
@@ -155,8 +155,10 @@ class Scorer:
                          info={**self.info, "fitted_on": len(features)})
         scores = np.array([fitted.score_features(f) for f in features])
         quantiles = tuple(float(q) for q in np.quantile(scores, np.linspace(0, 1, 101)))
-        fitted = replace(fitted, quantiles=quantiles, threshold=0.0)
-        return replace(fitted, threshold=min(1.0, fitted.threshold_for_share(share)))
+        fitted = replace(fitted, quantiles=quantiles, threshold=float(y.mean()))
+        if strong_share is None:
+            return fitted
+        return replace(fitted, threshold=min(1.0, fitted.threshold_for_share(strong_share)))
 
     def _default_share(self) -> float:
         below = float(np.interp(self.threshold, self.quantiles, np.linspace(0, 1, 101)))
