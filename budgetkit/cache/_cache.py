@@ -51,7 +51,9 @@ from budgetkit.errors import ConfigurationError, UnknownModelError
 from budgetkit.pricing import nanos_to_usd
 
 from ._embedders import Embedder, as_embedder
-from ._guard import extract_facts, facts_conflict
+from ._privacy import Scope, check_scope
+from ._text import embedding_text
+from ._verifier import SAME_CONTENT_THRESHOLD, verify
 from ._index import DEFAULT_EXACT_MAX, LocalIndex
 from ._index_files import IndexFiles
 from ._keys import CONTEXT_MARK, CacheRequest, canonical_json, make_request
@@ -156,9 +158,15 @@ class ResponseCache:
     vectors, a LangChain ``Embeddings`` or a LlamaIndex embedding model; by default the
     local MiniLM of ``budgetkit[embed]``). Left at ``None`` it is on when an embedder is
     given or the ``embed`` extra is installed, and off (exact matches only) otherwise.
-    ``threshold``: the least cosine served.
-    ``guard``: refuse matches that differ in numbers, dates, negation or entities (leave
-    it on unless you measured otherwise). ``task_ttls`` / ``default_ttl``: lifetime by
+    ``threshold``: the least cosine served for a reworded question.
+    ``guard``: the second stage (:mod:`._verifier`) decides "same answer?" for every
+    candidate: it refuses differences in numbers, dates, negation, opposites, entities,
+    order and one-sided qualifiers, and serves a question whose every difference it
+    explains (case, typos, synonyms) from a cosine of 0.5. Off: a plain threshold.
+    ``scope``: ``"auto"`` keys questions about the asker ("my balance", "order 48213") by
+    ``user_id`` and shares the rest; ``"user"`` keys everything by user; ``"shared"``
+    nothing (see :mod:`._privacy`). ``store`` and ``lookup`` take ``user_id`` (and may
+    override ``scope`` per call). ``task_ttls`` / ``default_ttl``: lifetime by
     ``task_type`` (a zero lifetime means never cached; ``None`` never expires).
     ``maxsize``: entries kept, least recently used evicted (also from the database).
     ``sync_interval``: seconds between looks for entries other processes added (the
@@ -186,7 +194,8 @@ class ResponseCache:
                  sync_interval: float = 1.0, candidates: int = 8,
                  exact_max: int | None = DEFAULT_EXACT_MAX, vector_backend: str = "auto",
                  index_dir: str | os.PathLike[str] | None = None,
-                 standalone_turns: bool = True) -> None:
+                 standalone_turns: bool = True, scope: Scope = "auto") -> None:
+        self.scope: Scope = check_scope(scope)
         if not -1.0 <= threshold <= 1.0:
             raise ConfigurationError(f"threshold must be a cosine in [-1, 1], got {threshold}")
         if maxsize <= 0:
@@ -237,14 +246,15 @@ class ResponseCache:
         self._last_sync = time.monotonic()
         self._vector_cache: dict[str, np.ndarray] = {}
         # Everything a lookup needs is made ready now, not on the first user's request:
-        # the index here (restored or built), the local model in a background thread.
+        # the local model in a background thread (started first, so it loads while the
+        # index is read), the index here (restored or built).
         self._ready = threading.Event()
+        self._warm_up()
         if self._shared is None:
             with self._lock, _no_gc():  # 100k new objects: no point in cycle collections
                 self._load(self._rows.load(self.now(), limit=maxsize))
             self.save_index()
             _OPEN_CACHES.add(self)
-        self._warm_up()
 
     # -- time and configuration ---------------------------------------------------------
     def now(self) -> dt.datetime:
@@ -320,7 +330,8 @@ class ResponseCache:
                messages: Sequence[Mapping[str, Any]] | None = None,
                params: Mapping[str, Any] | None = None, namespace: str | None = None,
                task_type: str | None = None, semantic: bool | None = None,
-               record: bool = True, **attribution: Any) -> CacheHit | None:
+               record: bool = True, user_id: str | None = None,
+               scope: Scope | None = None, **attribution: Any) -> CacheHit | None:
         """The cached answer for this prompt, or ``None`` (a miss).
 
         A hit is recorded in the ledger (unless ``record=False``) as a ``cached`` row
@@ -329,7 +340,10 @@ class ResponseCache:
         """
         request = make_request(namespace=namespace or self.namespace, model=model,
                                prompt=prompt, messages=messages, params=params,
-                               standalone_turns=self.standalone_turns)
+                               standalone_turns=self.standalone_turns, user_id=user_id,
+                               scope=self.scope if scope is None else scope)
+        if user_id is not None:
+            attribution["user_id"] = user_id  # the hit's ledger row is the asker's
         if self.ttl_for(task_type) == dt.timedelta(0):
             return None  # never cached, so never served either
         use_semantic = self.semantic if semantic is None else semantic
@@ -341,7 +355,7 @@ class ResponseCache:
                                and bool(request.focus.strip())  # type: ignore[union-attr]
                                and self._has_partition(request))
         if worth_embedding:
-            query = self._embed(request.focus)  # type: ignore[arg-type]  # outside the lock
+            query = self._embed(embedding_text(request.focus))  # type: ignore[arg-type]
             with self._lock:
                 found = self._find_similar(request, query, now)
         value = self._rows.touch(found[0], now) if found is not None else None
@@ -395,9 +409,8 @@ class ResponseCache:
                       now: dt.datetime) -> tuple[Entry, HitKind, float] | None:
         if not request.focus:
             return None
-        facts = extract_facts(request.focus) if self.guard else None
         found = (self._shared.search(request.partitions(self._embedder_name()), query,
-                                     k=self.candidates, threshold=self.threshold)
+                                     k=self.candidates, threshold=self._floor)
                  if self._shared is not None else self._local_candidates(request, query))
         found.sort(key=lambda pair: -pair[1])
         for gone in self._rows.fill(candidate for candidate, _ in found):
@@ -411,11 +424,20 @@ class ResponseCache:
             question, context = _split_focus(candidate.focus)
             if not _same_conversation(request, candidate, context):
                 continue
-            if facts is not None and facts_conflict(facts, extract_facts(question)):
+            if self.guard and not verify(question, request.focus, score,
+                                         threshold=self.threshold).same:
                 self._stats_for(request.namespace).refused_by_guard += 1
+                continue
+            if not self.guard and score < self.threshold:
                 continue
             return candidate, "semantic", score
         return None
+
+    @property
+    def _floor(self) -> float:
+        """Least cosine of a candidate: the verifier serves explained differences (typos,
+        synonyms) from a lower cosine than the threshold for rewordings."""
+        return min(self.threshold, SAME_CONTENT_THRESHOLD) if self.guard else self.threshold
 
     def _local_candidates(self, request: CacheRequest,
                           query: np.ndarray) -> list[tuple[Entry, float]]:
@@ -424,7 +446,7 @@ class ResponseCache:
             index = self._indexes.get(partition)
             if index is not None:
                 found += [(self._by_seq[seq], score) for seq, score in
-                          index.search(query, threshold=self.threshold, k=self.candidates)
+                          index.search(query, threshold=self._floor, k=self.candidates)
                           if seq in self._by_seq]
         return found
 
@@ -434,7 +456,8 @@ class ResponseCache:
               params: Mapping[str, Any] | None = None, namespace: str | None = None,
               task_type: str | None = None, price_model: str | None = None,
               cost_nanos: int | None = None, input_tokens: int | None = None,
-              output_tokens: int | None = None) -> str | None:
+              output_tokens: int | None = None, user_id: str | None = None,
+              scope: Scope | None = None) -> str | None:
         """Cache ``value`` (any JSON value) as the answer to this prompt.
 
         ``cost_nanos`` is what producing it cost (what each hit will save); if omitted it
@@ -444,7 +467,8 @@ class ResponseCache:
         """
         request = make_request(namespace=namespace or self.namespace, model=model,
                                prompt=prompt, messages=messages, params=params,
-                               standalone_turns=self.standalone_turns)
+                               standalone_turns=self.standalone_turns, user_id=user_id,
+                               scope=self.scope if scope is None else scope)
         ttl = self.ttl_for(task_type)
         if ttl == dt.timedelta(0):
             return None
@@ -467,7 +491,7 @@ class ResponseCache:
                     input_tokens, output_tokens)
         vector = None
         if self.semantic and request.focus is not None and request.focus.strip():
-            vector = self._embed(request.focus)
+            vector = self._embed(embedding_text(request.focus))
         now = self.now()
         entry = Entry(key=request.key, namespace=request.namespace, model=request.model,
                       price_model=price_model, params_hash=request.params_hash,
