@@ -42,7 +42,7 @@ import operator
 import time
 from typing import Any
 
-from budgetkit.pricing import PICOS_PER_NANO
+from budgetkit.pricing import PICOS_PER_NANO, token_count
 
 from ._lease import Lease
 from ._reservation import Reservation
@@ -90,6 +90,10 @@ class AdmissionLane:
         """Take a call's worst case from the lane's credit, or else from the leases of
         every window; None: nothing taken, admit the call the ordinary way."""
         output = self._default_output if max_output_tokens is None else max_output_tokens
+        if type(output) is not int or output < 0 or type(input_bound) is not int \
+                or input_bound < 0:  # a NaN here would reserve nothing and admit anything
+            output = token_count("max_output_tokens", output)
+            input_bound = token_count("input_bound", input_bound)
         # price.cost_nanos(input_bound, output), without its argument checks
         nanos = (input_bound * self._input_picos + output * self._output_picos
                  + _HALF_NANO) // PICOS_PER_NANO

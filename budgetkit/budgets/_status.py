@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 import uuid
 from collections.abc import Iterable
@@ -127,15 +128,19 @@ class BudgetReader:
             scope_key = (f"{scope_key}\x1frun:{run}" if scope_key and budget.scope != "run"
                          else f"run:{run}")
         if extra is not None:
-            if isinstance(extra, bool) or not isinstance(extra, (int, float)) or extra <= 0:
+            if (isinstance(extra, bool) or not isinstance(extra, (int, float))
+                    or not 0 < extra < math.inf):  # written so that NaN fails too
                 raise ConfigurationError(f"budget {name!r}, field 'extra': must be a positive "
-                                         f"amount, got {extra!r}")
+                                         f"finite amount, got {extra!r}")
             amount = budget.amount_of(extra)
         else:
             amount = UNLIMITED
         if isinstance(expires, dt.timedelta):
             expires_at: dt.datetime | None = now + expires
         elif isinstance(expires, (int, float)) and not isinstance(expires, bool):
+            if not 0 < expires < math.inf:
+                raise ConfigurationError(f"budget {name!r}, field 'expires': seconds must be "
+                                         f"a positive finite number, got {expires!r}")
             expires_at = now + dt.timedelta(seconds=expires)
         elif isinstance(expires, dt.datetime):
             expires_at = (expires.astimezone(dt.timezone.utc).replace(tzinfo=None)

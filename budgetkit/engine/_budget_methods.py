@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from budgetkit.errors import ConfigurationError
+from budgetkit.pricing import token_count
 
 if TYPE_CHECKING:
     from budgetkit.ledger import Store, Ticket
@@ -145,6 +146,8 @@ class BudgetMethods:
         ticket's reservation in a budget that stops streams (per-run budgets by default)
         and the window has no room left. Cheap: no database trip while within the
         reservation."""
+        if type(output_tokens_so_far) is not int or output_tokens_so_far < 0:
+            output_tokens_so_far = token_count("output_tokens_so_far", output_tokens_so_far)
         if self._budgets is not None:
             self._budgets.check_stream(ticket, output_tokens_so_far)
 

@@ -45,9 +45,12 @@ from budgetkit.pricing import (
     count_tokens,
     count_tool_tokens,
     default_catalog,
+    finite_number,
     is_exact,
     message_tokens_bound,
+    nonnegative_int,
     text_tokens_bound,
+    token_count,
 )
 
 from ._budget_methods import BudgetMethods
@@ -379,12 +382,12 @@ class Engine(BudgetMethods):
                 input_tokens = 0
         elif prompt is not None:
             text_for_hash = functools.partial(str, prompt)
-        if input_tokens is not None and input_tokens < 0:
-            raise ConfigurationError(f"input_tokens must be >= 0, got {input_tokens}")
+        if input_tokens is not None and (type(input_tokens) is not int or input_tokens < 0):
+            input_tokens = token_count("input_tokens", input_tokens)
         if max_output_tokens is None:
             max_output_tokens = self._default_output(price)
-        elif max_output_tokens < 0:
-            raise ConfigurationError(f"max_output_tokens must be >= 0, got {max_output_tokens}")
+        elif type(max_output_tokens) is not int or max_output_tokens < 0:
+            max_output_tokens = token_count("max_output_tokens", max_output_tokens)
         ticket = Ticket(
             new_id(), model, price, input_tokens, max_output_tokens,
             None if input_tokens is None else price.cost_nanos(input_tokens, max_output_tokens),
@@ -481,15 +484,16 @@ class Engine(BudgetMethods):
         """
         if input_tokens is None:
             input_tokens = ticket.input_tokens
-        if (input_tokens < 0 or output_tokens < 0 or cached_input_tokens < 0
-                or cache_write_tokens < 0 or reasoning_tokens < 0):
-            for label, value in (("input_tokens", input_tokens),
-                                 ("output_tokens", output_tokens),
-                                 ("cached_input_tokens", cached_input_tokens),
-                                 ("cache_write_tokens", cache_write_tokens),
-                                 ("reasoning_tokens", reasoning_tokens)):
-                if value < 0:
-                    raise ConfigurationError(f"{label} must be >= 0, got {value}")
+        if not (type(input_tokens) is int and type(output_tokens) is int
+                and type(cached_input_tokens) is int and type(cache_write_tokens) is int
+                and type(reasoning_tokens) is int and input_tokens >= 0 and output_tokens >= 0
+                and cached_input_tokens >= 0 and cache_write_tokens >= 0
+                and reasoning_tokens >= 0):  # NaN, inf, negatives: refused, named, no row
+            input_tokens = token_count("input_tokens", input_tokens)
+            output_tokens = token_count("output_tokens", output_tokens)
+            cached_input_tokens = token_count("cached_input_tokens", cached_input_tokens)
+            cache_write_tokens = token_count("cache_write_tokens", cache_write_tokens)
+            reasoning_tokens = token_count("reasoning_tokens", reasoning_tokens)
         price = ticket.price
         if model and model != ticket.model:
             reported = self.catalog.resolve(model)
@@ -522,6 +526,10 @@ class Engine(BudgetMethods):
         adapter counted) tokens it will bill anyway, passed as ``input_tokens`` /
         ``output_tokens``. Returns ``None`` if the ticket was already finished.
         """
+        if not (type(input_tokens) is int and type(output_tokens) is int
+                and input_tokens >= 0 and output_tokens >= 0):
+            input_tokens = token_count("input_tokens", input_tokens)
+            output_tokens = token_count("output_tokens", output_tokens)
         error_type = (error if isinstance(error, str)
                       else type(error).__name__ if error is not None else None)
         cost = (ticket.price.cost_nanos(input_tokens, output_tokens)
@@ -560,8 +568,24 @@ class Engine(BudgetMethods):
 
         ``status="cached"`` records a zero-cost row; pass what the hit saved as
         ``saved_nanos``. ``created_at`` is when the call happened (default: now).
-        ``attribution`` takes the keyword arguments of :meth:`admit`.
+        ``attribution`` takes the keyword arguments of :meth:`admit`. Counts must be whole
+        numbers >= 0 (a NaN, infinity or negative raises :class:`ConfigurationError`
+        naming the argument, and nothing is recorded).
         """
+        if not (type(input_tokens) is int and type(output_tokens) is int
+                and type(cached_input_tokens) is int and type(cache_write_tokens) is int
+                and type(reasoning_tokens) is int and type(saved_nanos) is int
+                and input_tokens >= 0 and output_tokens >= 0 and cached_input_tokens >= 0
+                and cache_write_tokens >= 0 and reasoning_tokens >= 0 and saved_nanos >= 0):
+            input_tokens = token_count("input_tokens", input_tokens)
+            output_tokens = token_count("output_tokens", output_tokens)
+            cached_input_tokens = token_count("cached_input_tokens", cached_input_tokens)
+            cache_write_tokens = token_count("cache_write_tokens", cache_write_tokens)
+            reasoning_tokens = token_count("reasoning_tokens", reasoning_tokens)
+            saved_nanos = nonnegative_int("saved_nanos", saved_nanos,
+                                          what="a whole number of nano-dollars")
+        if latency_ms is not None:
+            latency_ms = finite_number("latency_ms", latency_ms)
         ticket = self._ticket_for_record(model, input_tokens, attribution)
         if created_at is not None:
             if created_at.tzinfo is not None:

@@ -13,6 +13,9 @@ from ._catalog import default_catalog as default_catalog
 from ._catalog import estimate_cost as estimate_cost
 from ._catalog import get_embedding_budget as get_embedding_budget
 from ._catalog import get_generation_budget as get_generation_budget
+from ._counts import finite_number as finite_number
+from ._counts import nonnegative_int as nonnegative_int
+from ._counts import token_count as token_count
 from ._money import PICOS_PER_NANO as PICOS_PER_NANO
 from ._money import nanos_to_decimal as nanos_to_decimal
 from ._money import nanos_to_usd as nanos_to_usd
@@ -31,4 +34,5 @@ __all__ = ['ModelPrice', 'ModelBudget', 'PriceCatalog', 'default_catalog', 'esti
            'get_generation_budget', 'get_embedding_budget', 'count_tokens',
            'count_message_tokens', 'count_tool_tokens', 'chunk_text', 'encoding_for_model',
            'is_exact', 'ESTIMATE_ENCODING', 'message_tokens_bound', 'text_tokens_bound',
-           'PICOS_PER_NANO', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal']
+           'PICOS_PER_NANO', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal',
+           'token_count', 'nonnegative_int', 'finite_number']

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 from budgetkit.errors import CatalogError, ConfigurationError, UnknownModelError
 
+from ._counts import token_count
 from ._money import PICOS_PER_NANO, nanos_to_usd, per_mtok_to_picos
 
 __all__ = [
@@ -79,11 +80,14 @@ class ModelPrice:
         parts are billed at their own rates and the rest at the input rate. Reasoning tokens
         are part of ``output_tokens`` and billed at the output rate, as providers bill them.
         """
-        if input_tokens < 0 or output_tokens < 0 or cached_input_tokens < 0 or cache_write_tokens < 0:
-            raise ConfigurationError(
-                f"token counts must be >= 0, got input={input_tokens}, output={output_tokens}, "
-                f"cached_input={cached_input_tokens}, cache_write={cache_write_tokens}"
-            )
+        if not (type(input_tokens) is int and type(output_tokens) is int
+                and type(cached_input_tokens) is int and type(cache_write_tokens) is int
+                and input_tokens >= 0 and output_tokens >= 0 and cached_input_tokens >= 0
+                and cache_write_tokens >= 0):  # NaN, inf, fractions, negatives: named
+            input_tokens = token_count("input_tokens", input_tokens)
+            output_tokens = token_count("output_tokens", output_tokens)
+            cached_input_tokens = token_count("cached_input_tokens", cached_input_tokens)
+            cache_write_tokens = token_count("cache_write_tokens", cache_write_tokens)
         if cached_input_tokens + cache_write_tokens > input_tokens:
             raise ConfigurationError(
                 f"cached_input_tokens ({cached_input_tokens}) + cache_write_tokens "
