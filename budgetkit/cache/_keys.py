@@ -26,6 +26,8 @@ from typing import Any
 
 from budgetkit.errors import ConfigurationError
 
+from ._privacy import Scope, check_scope, is_personal
+
 __all__ = ["CacheRequest", "make_request", "canonical_json", "is_standalone",
            "CONTEXT_MARK"]
 
@@ -58,6 +60,8 @@ class CacheRequest:
     #: the partition of standalone turns after the same system messages; ``None`` for a
     #: prompt, a lone message or a conversation with tool turns (no such partition)
     standalone_hash: str | None = None
+    #: keyed by its user (a question about the asker, or ``scope="user"``)
+    personal: bool = False
 
     @property
     def standalone(self) -> bool:
@@ -126,24 +130,44 @@ _DEPENDENT_STARTS = frozenset("and but so or also then plus".split())
 _WORDS = re.compile(r"[a-z]+(?:'[a-z]+)?")
 
 
-def is_standalone(text: str) -> bool:
+# Words that edit an earlier turn ("actually, make it Saturday", "sorry, I meant ..."),
+# and words that choose between things ("which of", "A or B", "better").
+_CORRECTING_WORDS = frozenset("actually instead rather meant sorry correction oops wait "
+                              "scratch changed".split())
+_CHOOSING_WORDS = frozenset("or between versus vs compare compared comparison better best "
+                            "either".split())
+
+
+def is_standalone(text: str, earlier: Sequence[Mapping[str, Any]] = ()) -> bool:
     """Whether a user message can be answered without the conversation before it.
 
     Conservative on purpose: at least five words, a named thing (a capitalised name, an
     acronym, a quoted or known entity), no pronoun or "my"/"our" that points back at the
-    conversation or the asker's own details, and no "and ..." / "so ..." continuation.
+    conversation or the asker's own details, no "and ..." / "so ..." continuation, and no
+    correction of an earlier turn ("actually", "instead", "I meant"). With the ``earlier``
+    messages: not when it names two things the conversation already named, or one while
+    choosing ("is Option A or Option B better?" after the options were described: the
+    earlier turns set what the names stand for).
     """
     from ._guard import extract_facts
+    from ._text import lemma, tokens
 
     words = _WORDS.findall(text.casefold().replace("\u2019", "'"))
     if len(words) < 5 or words[0] in _DEPENDENT_STARTS:
         return False
     if words[:2] in (["what", "about"], ["how", "about"]):
         return False
-    if any(word in _DEPENDENT_WORDS for word in words):
+    if any(word in _DEPENDENT_WORDS or word in _CORRECTING_WORDS for word in words):
         return False
     # "I'm", "I've" are capitalised inside a sentence but name nothing
-    return any(not entity.startswith("i'") for entity in extract_facts(text).entities)
+    names = {lemma(word) for entity in extract_facts(text).entities
+             if not entity.startswith("i'") for word in tokens(entity.removeprefix("q:"))}
+    if not names:
+        return False
+    said = {lemma(word) for message in earlier for word in tokens(_text_of(message.get("content")))}
+    named_before = names & said
+    choosing = any(word in _CHOOSING_WORDS for word in words) or "which of" in " ".join(words)
+    return not (len(named_before) >= 2 or (named_before and choosing))
 
 
 def _is_plain_turn(message: Mapping[str, Any]) -> bool:
@@ -153,12 +177,20 @@ def _is_plain_turn(message: Mapping[str, Any]) -> bool:
 def make_request(*, namespace: str, model: str, prompt: str | None = None,
                  messages: Sequence[Mapping[str, Any]] | None = None,
                  params: Mapping[str, Any] | None = None,
-                 standalone_turns: bool = True) -> CacheRequest:
+                 standalone_turns: bool = True, user_id: str | None = None,
+                 scope: Scope = "auto") -> CacheRequest:
     """Canonicalise one lookup; raises :class:`ConfigurationError` for bad input.
 
     ``standalone_turns``: key a conversation ending in a standalone question on that
     question alone (see :func:`is_standalone`); off, every earlier turn must match.
+    ``user_id`` / ``scope``: a personal request (:func:`._privacy.is_personal` on any user
+    message, with ``scope="auto"``) or any request with ``scope="user"`` is keyed by its
+    user, so its entries are found by that user only (see :mod:`._privacy`).
     """
+    check_scope(scope)
+    if user_id is not None and not isinstance(user_id, str):
+        raise ConfigurationError(f"user_id must be a string or None, got "
+                                 f"{type(user_id).__name__}")
     if not namespace or not isinstance(namespace, str):
         raise ConfigurationError(f"namespace must be a non-empty string, got {namespace!r}")
     if not model or not isinstance(model, str):
@@ -192,15 +224,27 @@ def make_request(*, namespace: str, model: str, prompt: str | None = None,
                 # standalone questions after these system messages share a partition;
                 # not the one of a first question: that stays as it was before
                 standalone_hash = _sha(canonical_json({"standalone_after": system}))
-                if is_standalone(focus):
+                if is_standalone(focus, turns):
                     context_hash = standalone_hash
         else:  # ends with a tool result or an assistant turn: exact matches only
             focus, context_hash = None, _sha(canonical_json(canonical))
             exact_context_hash = context_hash
     if prompt is not None:
         exact_context_hash = ""
+    # a standalone last question is answered without the turns before it, so only it
+    # decides; any other answer may rest on every earlier user turn
+    if focus is not None and (prompt is not None or context_hash != exact_context_hash):
+        asked = [focus]
+    else:
+        asked = [_text_of(m.get("content")) for m in canonical if m["role"] == "user"]
+    personal = scope == "user" or (scope == "auto" and any(map(is_personal, asked)))
+    if personal:
+        # the user joins the parameters: both the exact key and the semantic partition
+        # change, so no other user's entry (nor a shared one) is ever a candidate
+        kept = {**kept, "\x00user": _sha(f"user:{user_id or ''}")}
+        params_text = canonical_json(kept)
     key = _sha(canonical_json({"namespace": namespace, "model": model, "params": kept, **body}))
     return CacheRequest(namespace=namespace, model=model, key=key,
                         params_hash=_sha(params_text), context_hash=context_hash, focus=focus,
                         exact_context_hash=exact_context_hash,
-                        standalone_hash=standalone_hash)
+                        standalone_hash=standalone_hash, personal=personal)
