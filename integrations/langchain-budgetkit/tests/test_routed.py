@@ -171,7 +171,7 @@ def test_inner_runs_reach_handlers_as_children_with_markers(engine: Engine) -> N
     assert wrapper["metadata"][ROUTED_MARKER] is True
     assert ROUTED_MARKER not in inner["metadata"]
     assert inner["metadata"][METERED_MARKER] is True
-    assert inner["metadata"]["route_reason"].startswith("complexity")
+    assert inner["metadata"]["route_reason"].startswith("score ")
     assert inner["metadata"]["user_id"] == "bob"
     assert inner["metadata"]["ls_model_name"] == CHEAP  # the fake names no model itself
 

@@ -134,7 +134,10 @@ def test_router_escalates_to_a_larger_window_before_fitting(engine: Engine, cata
     count = admitted(full, SMALL, catalog)
     assert WINDOWS[SMALL] < count + RESERVE <= WINDOWS[LARGE]
     small, large = recording("s"), recording("l")
-    out = routed(engine, small, large, fit_context=True, reserve_output=RESERVE).invoke(full)
+    # thresholds of 1: the learned score alone never routes up here, only the window does
+    router = Router({"low": SMALL, "high": LARGE}, engine=engine, thresholds=(1.0, 1.0))
+    out = routed(engine, small, large, router=router, fit_context=True,
+                 reserve_output=RESERVE).invoke(full)
     assert large.received == [full] and small.received == []  # whole, not cut
     marker = out.response_metadata[ROUTED_MARKER]
     assert "context_fit" not in marker

@@ -224,7 +224,7 @@ def test_works_as_settings_llm_in_a_query_engine(engine: Engine) -> None:
         Settings._llm, Settings._embed_model = previous_llm, previous_embed
     assert "capital of France" in str(response)  # MockLLM echoes the packed prompt
     (row,) = engine.usage()
-    assert row.model == CHEAP and row.route_reason.startswith("complexity")
+    assert row.model == CHEAP and row.route_reason.startswith("score ")
 
 
 def test_configuration_errors() -> None:
