@@ -170,7 +170,8 @@ class Period:
             return cls(now - span, now, end_inclusive=True)
         if start is None:
             assert end is not None
-            start = end - span
+            # (near year 1 the span reaches back past the first representable day)
+            start = end - span if end - dt.datetime.min > span else dt.datetime.min
         if end is None:
             return cls(start, max(now, start), end_inclusive=True)
         if end < start:
@@ -199,7 +200,11 @@ def _parse_bound(name: str, value: Any, *, end_of_day: bool) -> dt.datetime | No
     else:
         raise ConfigurationError(f"{name} must be a date like 2024-01-31, got {value!r}")
     start = dt.datetime.combine(day, dt.time())
-    return start + dt.timedelta(days=1) if end_of_day else start
+    if end_of_day:
+        # The last representable day (9999-12-31: "no end") has no next midnight: its end
+        # is the largest datetime, not an OverflowError (an HTTP 500 before).
+        return dt.datetime.max if day == dt.date.max else start + dt.timedelta(days=1)
+    return start
 
 
 # -- query plans ---------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 Access needs a bearer token. A token maps to ``None`` (sees everything) or to one user
 id (sees only that user's usage, budgets and alerts; other users' pages answer 403).
-Bad parameters (days < 1, malformed dates, end before start) answer 422 with a message.
+Bad parameters (days < 1, malformed dates, end before start) answer 422 with a message;
+any date from 0001-01-01 to 9999-12-31 is answered (9999-12-31: no end), never a 500
+(``tests/test_server_fuzz.py`` fuzzes every parameter of every endpoint).
 """
 
 from __future__ import annotations
