@@ -164,9 +164,12 @@ class BudgetkitCache(BaseCache):
         value = {"generations": [dumps(generation) for generation in return_val]}
         json.dumps(value)  # fail here, not in the database, if something is not JSON
         price_model = model_from_llm_string(llm_string) or _reported_model(return_val)
+        # the run's user (its metadata, read by budgetkit's callback handler): a question
+        # about the asker is stored for that user only (ResponseCache's scope)
+        user_id = current_call_attribution().get("user_id")
         self.cache.store(value, price_model=price_model,
                          input_tokens=input_tokens, output_tokens=output_tokens,
-                         **self._request(prompt, llm_string))
+                         user_id=user_id, **self._request(prompt, llm_string))
 
     def clear(self, **kwargs: Any) -> None:
         """Drop every entry of this cache's namespace."""

@@ -111,22 +111,43 @@ async def test_a_hit_row_is_attributed_to_the_run_that_asked(
         engine: Engine, usage_model: Any, use_async: bool) -> None:
     handler = BudgetkitCallbackHandler(engine, project="shop")
     model = usage_model(usage=USAGE, cache=BudgetkitCache(engine))
-    model.invoke("Where is my order?", config={"callbacks": [handler],
+    model.invoke("What are the opening hours of the Leeds store?", config={"callbacks": [handler],
                                                 "metadata": {"user_id": "ana"}})
     config = {"callbacks": [handler], "metadata": {"user_id": "bob", "session_id": "s9"},
               "tags": ["mobile"]}
     if use_async:
-        await model.ainvoke("Where is my order?", config=config)
+        await model.ainvoke("What are the opening hours of the Leeds store?", config=config)
     else:
-        model.invoke("Where is my order?", config=config)
+        model.invoke("What are the opening hours of the Leeds store?", config=config)
     hit = engine.usage(status="cached")
     assert len(hit) == 1
     assert (hit[0].user_id, hit[0].session_id, hit[0].project) == ("bob", "s9", "shop")
     assert hit[0].run_id and hit[0].run_id == hit[0].root_run_id
     assert "mobile" in hit[0].tags
     # Outside any handler's run the cache records the hit without attribution.
-    model.invoke("Where is my order?")
+    model.invoke("What are the opening hours of the Leeds store?")
     assert [row.user_id for row in engine.usage(status="cached")] == ["bob", None]
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+async def test_a_personal_question_is_never_served_to_another_user(
+        engine: Engine, usage_model: Any, use_async: bool) -> None:
+    """The users come from the runs' metadata, through budgetkit's callback handler."""
+    handler = BudgetkitCallbackHandler(engine)
+    model = usage_model(usage=USAGE, cache=BudgetkitCache(engine))
+
+    async def ask(user: str) -> Any:
+        config = {"callbacks": [handler], "metadata": {"user_id": user}}
+        if use_async:
+            return await model.ainvoke("Where is my order?", config=config)
+        return model.invoke("Where is my order?", config=config)
+
+    await ask("ana")
+    bob = await ask("bob")
+    assert model.calls == 2 and CACHE_HIT_MARK not in bob.response_metadata
+    again = await ask("ana")
+    assert model.calls == 2 and again.response_metadata[CACHE_HIT_MARK] is True
+    assert [row.user_id for row in engine.usage(status="cached")] == ["ana"]
 
 
 def test_nothing_is_shared_across_namespaces_models_or_parameters(

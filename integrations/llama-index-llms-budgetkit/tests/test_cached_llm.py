@@ -18,6 +18,7 @@ from llama_index.core.llms.callbacks import llm_completion_callback
 
 from budgetkit import ConfigurationError, Engine
 from budgetkit.cache import MiniLMEmbedder
+from llama_index.callbacks.budgetkit import attribution
 from llama_index.llms.budgetkit._cached import CACHE_HIT_MARK, CachedLLM
 
 MODEL = "gpt-4o-mini"
@@ -115,6 +116,27 @@ def test_hits_skip_the_inner_llm_and_are_recorded_with_the_saving(engine: Engine
     assert rows[0].cost_nanos == 0
     assert rows[0].saved_nanos == engine.catalog.get(MODEL).cost_nanos(900, 100)
     assert llm.response_cache.stats("acme").hits == 1
+
+
+def test_a_personal_question_is_never_served_to_another_user(engine: Engine) -> None:
+    inner = PricedLLM()
+    llm = CachedLLM(llm=inner, engine=engine, user_id="default-user")
+    with attribution(user_id="ana"):
+        llm.complete("Where is my order?")
+    with attribution(user_id="bob"):
+        bob = llm.complete("Where is my order?")
+    assert inner.calls == 2 and CACHE_HIT_MARK not in bob.additional_kwargs
+    assert CACHE_HIT_MARK not in llm.complete("Where is my order?").additional_kwargs
+    with attribution(user_id="ana"):
+        again = llm.complete("Where is my order?")
+    assert inner.calls == 3 and again.additional_kwargs[CACHE_HIT_MARK] is True
+    # shared knowledge stays shared, whoever asks
+    with attribution(user_id="ana"):
+        llm.complete("What is the capital of France?")
+    with attribution(user_id="bob"):
+        shared = llm.complete("What is the capital of France?")
+    assert inner.calls == 4 and shared.additional_kwargs[CACHE_HIT_MARK] is True
+    assert [row.user_id for row in engine.usage(status="cached")] == ["ana", "bob"]
 
 
 def test_chat_stream_and_async_forms(engine: Engine) -> None:

@@ -17,6 +17,11 @@ The key holds the namespace, the inner LLM's class and model name, its configura
 (temperature, max tokens ...) and the call's keyword arguments, then the prompt or the
 messages. A stream is served as one chunk on a hit; on a miss it streams through and
 caches the finished answer.
+
+The user of a call is the ``user_id`` of the innermost ``attribution(...)`` block
+(``llama_index.callbacks.budgetkit``), else the ``user_id`` field: a question about the
+asker ("where is my order?") is stored and served for that user only (the cache's
+``scope``), and a hit's ledger row is theirs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from llama_index.core.llms.llm import LLM
 
 from budgetkit import ConfigurationError
 from budgetkit.cache import CacheHit, ResponseCache
+from llama_index.callbacks.budgetkit import current_attribution
 from llama_index.callbacks.budgetkit.messages import (response_model, to_openai_messages,
                                                       usage_from_raw)
 
@@ -71,6 +77,8 @@ class CachedLLM(LLM):
     semantic: bool | None = None
     embed_model: Any = Field(default=None, exclude=True)
     threshold: float | None = None
+    user_id: str | None = Field(
+        default=None, description="The user of calls made outside an attribution block.")
     _cache: ResponseCache = PrivateAttr()
 
     def __init__(self, **kwargs: Any) -> None:
@@ -111,7 +119,8 @@ class CachedLLM(LLM):
             "model": f"{self.llm.class_name()}:{model_name}", "namespace": self.namespace,
             "task_type": kwargs.get("task_type", self.task_type),
             "params": {"llm": _config_of(self.llm),
-                       **{k: v for k, v in kwargs.items() if k != "task_type"}}}
+                       **{k: v for k, v in kwargs.items() if k != "task_type"}},
+            "user_id": current_attribution().get("user_id") or self.user_id}
         if messages is not None:
             request["messages"] = to_openai_messages(messages)
         else:
