@@ -98,50 +98,54 @@ _MOVED: dict[str, str] = {
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 if TYPE_CHECKING:
-    from .budgets import (
-        Alert,
-        Budget,
-        BudgetLevels,
-        BudgetStatus,
-        WebhookSink,
-        load_budgets,
-        model_token_budgets,
-        token_ladder_budgets,
-    )
-    from .cache import CacheHit, MiniLMEmbedder, ResponseCache
-    from .engine import Engine
-    from .errors import (
-        ApprovalRequired,
-        BudgetExceeded,
-        BudgetkitError,
-        CatalogError,
-        ConfigurationError,
-        ContextWindowExceeded,
-        StoreUnavailable,
-        UnknownModelError,
-    )
-    from .fitting import FitResult, compress_prompt, fit_documents, fit_messages
-    from .ledger import UsageRow
-    from .pricing import (
-        ModelPrice,
-        PriceCatalog,
-        count_message_tokens,
-        count_tokens,
-        count_tool_tokens,
-        default_catalog,
-        estimate_cost,
-    )
-    from .reports import (
-        budget_report,
-        cost_analysis,
-        cost_series,
-        detect_anomalies,
-        export_usage,
-        forecast,
-        summarize,
-        what_if,
-    )
-    from .routing import Cascade, Fallback, MinLength, RouteDecision, Router, ValidJSON
+    # `X as X`: explicit re-exports, so type checkers see the lazily loaded names as
+    # budgetkit's own (__all__ is computed, which they cannot read).
+    from .budgets import Alert as Alert
+    from .budgets import Budget as Budget
+    from .budgets import BudgetLevels as BudgetLevels
+    from .budgets import BudgetStatus as BudgetStatus
+    from .budgets import WebhookSink as WebhookSink
+    from .budgets import load_budgets as load_budgets
+    from .budgets import model_token_budgets as model_token_budgets
+    from .budgets import token_ladder_budgets as token_ladder_budgets
+    from .cache import CacheHit as CacheHit
+    from .cache import MiniLMEmbedder as MiniLMEmbedder
+    from .cache import ResponseCache as ResponseCache
+    from .engine import Engine as Engine
+    from .errors import ApprovalRequired as ApprovalRequired
+    from .errors import BudgetExceeded as BudgetExceeded
+    from .errors import BudgetkitError as BudgetkitError
+    from .errors import CatalogError as CatalogError
+    from .errors import ConfigurationError as ConfigurationError
+    from .errors import ContextWindowExceeded as ContextWindowExceeded
+    from .errors import StoreUnavailable as StoreUnavailable
+    from .errors import UnknownModelError as UnknownModelError
+    from .fitting import FitResult as FitResult
+    from .fitting import compress_prompt as compress_prompt
+    from .fitting import fit_documents as fit_documents
+    from .fitting import fit_messages as fit_messages
+    from .ledger import UsageRow as UsageRow
+    from .pricing import ModelPrice as ModelPrice
+    from .pricing import PriceCatalog as PriceCatalog
+    from .pricing import count_message_tokens as count_message_tokens
+    from .pricing import count_tokens as count_tokens
+    from .pricing import count_tool_tokens as count_tool_tokens
+    from .pricing import default_catalog as default_catalog
+    from .pricing import estimate_cost as estimate_cost
+    from .reports import budget_report as budget_report
+    from .reports import cost_analysis as cost_analysis
+    from .reports import cost_series as cost_series
+    from .reports import detect_anomalies as detect_anomalies
+    from .reports import export_usage as export_usage
+    from .reports import forecast as forecast
+    from .reports import summarize as summarize
+    from .reports import what_if as what_if
+    from .routing import Cascade as Cascade
+    from .routing import Fallback as Fallback
+    from .routing import MinLength as MinLength
+    from .routing import RouteDecision as RouteDecision
+    from .routing import Router as Router
+    from .routing import ValidJSON as ValidJSON
 
 
 def __getattr__(name: str) -> Any:
