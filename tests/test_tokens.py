@@ -6,7 +6,7 @@ import pytest
 
 from budgetkit import ConfigurationError, count_message_tokens, count_tokens, count_tool_tokens
 from budgetkit.pricing import chunk_text, is_exact
-from budgetkit.pricing._tokens import encoding_for_model
+from budgetkit.pricing._tokens import encoding_for_model, get_encoding
 
 # The OpenAI cookbook's example ("How to count tokens with tiktoken"), with the prompt_tokens
 # the API itself reported for it: 129 for gpt-3.5-turbo-0613 / gpt-4-0613, 124 for gpt-4o.
@@ -156,3 +156,108 @@ def test_message_bound_refuses_what_it_cannot_bound():
          "function": {"name": "f", "arguments": "{}"}}]}]) is None
     assert message_tokens_bound([{"role": "tool", "content": "42",
                                   "tool_call_id": "1"}]) is None
+
+
+# ------------------------------------------------------------------ bundled BPE files, offline
+
+_OFFLINE_SCRIPT = r'''
+import importlib.abc, json, os, socket, sys, tempfile
+
+
+class BlockLlamaIndex(importlib.abc.MetaPathFinder):
+    """A core-only install: llama_index (which also carries BPE files) cannot be imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name == "llama_index" or name.startswith("llama_index."):
+            raise ImportError(f"{name} is blocked by the test")
+        return None
+
+
+def no_network(*args, **kwargs):
+    raise OSError("network disabled by the test")
+
+
+sys.meta_path.insert(0, BlockLlamaIndex())
+socket.socket.connect = no_network
+socket.create_connection = no_network
+socket.getaddrinfo = no_network
+
+
+class RecordingEnviron(type(os.environ)):
+    """os.environ that remembers every key written, even if it is removed again."""
+    written = []
+
+    def __setitem__(self, key, value):
+        self.written.append(key)
+        super().__setitem__(key, value)
+
+
+recording = object.__new__(RecordingEnviron)
+recording.__dict__.update(os.environ.__dict__)
+os.environ = recording
+
+from budgetkit import ConfigurationError, count_message_tokens, count_tokens
+
+messages = json.loads(sys.argv[1])
+result = {
+    "cl100k_text": count_tokens("tiktoken is great!", "gpt-4"),
+    "gpt-4": count_message_tokens(messages, "gpt-4-0613"),
+    "gpt-3.5": count_message_tokens(messages, "gpt-3.5-turbo-0613"),
+    "gpt-4o": count_message_tokens(messages, "gpt-4o"),
+    "written": RecordingEnviron.written,
+    "tiktoken_cache_dir": "TIKTOKEN_CACHE_DIR" in os.environ,
+    "llama_index_loaded": any(m.split(".")[0] == "llama_index" for m in sys.modules),
+    "temp_files": os.listdir(tempfile.gettempdir()),
+}
+try:
+    count_tokens("hello", "gpt2")  # r50k_base: not bundled, tiktoken would download it
+    result["unbundled"] = "counted"
+except ConfigurationError as exc:
+    result["unbundled"] = str(exc)
+print(json.dumps(result))
+'''
+
+
+def test_core_only_install_counts_offline_without_touching_the_environment(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    env["TMPDIR"] = str(tmp_path)  # tiktoken's default cache lives in the temp dir: empty here
+    done = subprocess.run([sys.executable, "-c", _OFFLINE_SCRIPT, json.dumps(COOKBOOK_MESSAGES)],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    # Values OpenAI published: 6 tokens (cookbook, cl100k), 129 / 124 prompt tokens (the API).
+    assert result["cl100k_text"] == 6
+    assert (result["gpt-4"], result["gpt-3.5"], result["gpt-4o"]) == (129, 129, 124)
+    assert result["written"] == [] and not result["tiktoken_cache_dir"]
+    assert not result["llama_index_loaded"]
+    assert result["temp_files"] == []  # nothing copied into a tiktoken cache
+    assert "r50k_base" in result["unbundled"] and "not bundled" in result["unbundled"]
+
+
+@pytest.mark.parametrize("name", ["cl100k_base", "o200k_base"])
+def test_bundled_encodings_match_tiktokens_definitions(name: str, monkeypatch) -> None:
+    """Pattern and special tokens are the ones the installed tiktoken defines."""
+    import tiktoken_ext.openai_public as openai_public
+
+    from budgetkit.pricing._bpe import BUNDLED_ENCODINGS
+
+    expected_hashes: list[str | None] = []
+
+    def no_download(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+        expected_hashes.append(expected_hash)
+        return {}
+
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", no_download)
+    definition = openai_public.ENCODING_CONSTRUCTORS[name]()
+    ours = BUNDLED_ENCODINGS[name]
+    assert ours.pat_str == definition["pat_str"]
+    assert ours.special_tokens == definition["special_tokens"]
+    assert expected_hashes == [ours.sha256]
+    enc = get_encoding(name)
+    assert enc.name == name and enc.n_vocab == max(definition["special_tokens"].values()) + 1

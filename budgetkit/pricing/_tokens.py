@@ -5,24 +5,22 @@ gpt-4o / 4.1 / o-series / gpt-5, cl100k for gpt-4 / 3.5 / embeddings). Models wi
 local tokenizer (Claude, Gemini, Llama via Groq) are counted with cl100k and the result is
 an *estimate*: :func:`is_exact` says which, and the ledger marks estimated rows.
 
-The BPE files are read without network: from ``TIKTOKEN_CACHE_DIR`` when it is set, else from
-the copy llama-index-core ships, else tiktoken downloads them as usual.
+The cl100k and o200k BPE files ship with budgetkit (``pricing/data/``) and are read from
+there, without network and without touching the process environment (see ``_bpe``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
 
 from budgetkit.errors import ConfigurationError
 
+from ._bpe import load_encoding
 from ._catalog import PriceCatalog, default_catalog
 
 if TYPE_CHECKING:
@@ -56,37 +54,15 @@ _count_cache_lock = threading.Lock()
 _CACHEABLE_CHARS = 8_000  # longer strings are rare repeats; not worth the memory
 
 
-def _bundled_bpe_dir() -> str | None:
-    """llama-index-core's copy of the BPE files, found without importing llama_index."""
-    for entry in sys.path:
-        candidate = Path(entry or ".") / "llama_index" / "core" / "_static" / "tiktoken_cache"
-        if candidate.is_dir():
-            return str(candidate)
-    return None
-
-
 def get_encoding(name: str) -> tiktoken.Encoding:
-    """A tiktoken encoding, loaded once per process, offline when possible."""
+    """A tiktoken encoding, loaded once per process (offline for the bundled ones)."""
     enc = _encodings.get(name)
     if enc is not None:
         return enc
     with _encoding_lock:
         enc = _encodings.get(name)
         if enc is None:
-            import tiktoken
-
-            previous = os.environ.get("TIKTOKEN_CACHE_DIR")
-            bundled = None if previous else _bundled_bpe_dir()
-            # tiktoken reads the cache directory from the environment only while loading;
-            # set it for this load alone (under the lock) rather than for the whole process.
-            if bundled:
-                os.environ["TIKTOKEN_CACHE_DIR"] = bundled
-            try:
-                enc = tiktoken.get_encoding(name)
-            finally:
-                if bundled:
-                    os.environ.pop("TIKTOKEN_CACHE_DIR", None)
-            _encodings[name] = enc
+            enc = _encodings[name] = load_encoding(name)
     return enc
 
 
