@@ -28,6 +28,7 @@ eviction and expiry need no second delete.
 from __future__ import annotations
 
 import fnmatch
+import json
 import logging
 import math
 import threading
@@ -294,23 +295,30 @@ class PgVectorEntries:
         return ids
 
     def _count(self, dim: int, part: int) -> int:
+        """Rows of one partition: exact up to ``exact_rows`` (a count that stops there),
+        the planner's estimate above it (only the HNSW candidate list depends on it).
+        A full count of a 100k partition took 20-40 ms; this takes well under one."""
         cached = self._counts.get((dim, part))
         if cached is not None and time.monotonic() - cached[1] < self._count_ttl:
             return cached[0]
+        name, limit = self.table(dim), int(self.exact_rows) + 1
         with self.rows.store.engine.connect() as conn:
             count = int(conn.execute(text(
-                f"SELECT count(*) FROM {self.table(dim)} WHERE partition_id = {int(part)}"
-            )).scalar_one())
+                f"SELECT count(*) FROM (SELECT 1 FROM {name} WHERE partition_id = "
+                f"{int(part)} LIMIT {limit}) AS bounded")).scalar_one())
+            if count >= limit:
+                count = max(count, _estimate(conn, f"SELECT 1 FROM {name} WHERE "
+                                                   f"partition_id = {int(part)}"))
         self._counts[(dim, part)] = (count, time.monotonic())
         return count
 
     def _total(self, dim: int) -> int:
+        """Rows of the vector table, as the planner estimates them."""
         cached = self._totals.get(dim)
         if cached is not None and time.monotonic() - cached[1] < self._count_ttl:
             return cached[0]
         with self.rows.store.engine.connect() as conn:
-            total = int(conn.execute(text(f"SELECT count(*) FROM {self.table(dim)}")
-                                     ).scalar_one())
+            total = _estimate(conn, f"SELECT 1 FROM {self.table(dim)}")
         self._totals[dim] = (total, time.monotonic())
         return total
 
@@ -351,6 +359,14 @@ class PgVectorEntries:
                 "budgetkit_cache_entry ORDER BY COALESCE(last_hit_at, created_at), seq "
                 f"LIMIT {int(excess)})"))
             return int(result.rowcount or 0)
+
+
+def _estimate(conn: Any, sql: str) -> int:
+    """The planner's row estimate for ``sql`` (from the table's statistics: no scan)."""
+    plan = conn.execute(text(f"EXPLAIN (FORMAT JSON) {sql}")).scalar_one()
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
 
 
 def _question(stored: str) -> str:
