@@ -264,7 +264,9 @@ class CacheRows:
         with self.store.engine.begin() as conn:
             conn.execute(delete(self.table).where(self.table.c.key == entry.key))
             result = conn.execute(insert(self.table).values(**values))
-            seq = int(result.inserted_primary_key[0])
+            inserted = result.inserted_primary_key
+            assert inserted is not None  # an INSERT of one row always has its key
+            seq = int(inserted[0])
             if also is not None:
                 also(conn, seq, partition_id)
             return seq
