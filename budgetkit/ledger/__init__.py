@@ -14,6 +14,7 @@ from ._tables import OPERATION_TYPES as OPERATION_TYPES
 from ._tables import STATUSES as STATUSES
 from ._tables import UsageRow as UsageRow
 from ._tables import UsageTagRow as UsageTagRow
+from ._tables import table_of as table_of
 from ._ticket import Ticket as Ticket
 from ._ticket import UsageRecord as UsageRecord
 from ._ticket import messages_text as messages_text
@@ -26,4 +27,5 @@ from ._writer import BatchWriter as BatchWriter
 
 __all__ = ['Store', 'default_db_url', 'iter_chunks', 'UsageRow', 'UsageTagRow',
            'OPERATION_TYPES', 'STATUSES', 'Ticket', 'UsageRecord', 'messages_text', 'new_id',
-           'prompt_hash', 'redact_preview', 'snapshot_messages', 'Usage', 'BatchWriter']
+           'prompt_hash', 'redact_preview', 'snapshot_messages', 'Usage', 'BatchWriter',
+           'table_of']

@@ -20,13 +20,13 @@ from typing import Any
 from sqlalchemy import create_engine, delete, event, select
 from sqlalchemy.engine import Engine as SAEngine
 from sqlalchemy.pool import StaticPool
-from sqlmodel import SQLModel
+from sqlmodel import SQLModel, col
 
 from budgetkit.errors import ConfigurationError
 from . import rollups as _rollup
 
 from ._schema import add_missing_columns
-from ._tables import UsageRow, UsageTagRow
+from ._tables import UsageRow, UsageTagRow, table_of
 
 __all__ = ["Store", "default_db_url", "TABLE_MODULES"]
 
@@ -123,7 +123,7 @@ class Store:
         # one write lock until commit, and budget checks may be waiting for it), and the
         # loops let go of the GIL now and then: this runs on the writer thread, beside the
         # application's threads.
-        usage_params = []
+        usage_params: list[tuple[Any, ...]] = []
         for start in range(0, len(rows), _YIELD_ROWS):
             if start:
                 time.sleep(0)
@@ -135,11 +135,11 @@ class Store:
                                            self.engine.dialect.paramstyle)
                   if self._maintain_rollup else ())
         with self.engine.begin() as conn:
-            conn.exec_driver_sql(usage_sql, usage_params)  # type: ignore[arg-type]
+            conn.exec_driver_sql(usage_sql, usage_params)
             if tag_params:
-                conn.exec_driver_sql(tag_sql, tag_params)  # type: ignore[arg-type]
+                conn.exec_driver_sql(tag_sql, tag_params)
             for sql, params in rollup:
-                conn.exec_driver_sql(sql, params)  # type: ignore[arg-type]
+                conn.exec_driver_sql(sql, params)
 
     def _insert_statements(self) -> tuple[str, str]:
         if self._insert_sql is None:
@@ -169,13 +169,13 @@ class Store:
             if value is not None:
                 query = query.where(getattr(UsageRow, column) == value)
         if since is not None:
-            query = query.where(UsageRow.created_at >= _utc_naive(since))
+            query = query.where(col(UsageRow.created_at) >= _utc_naive(since))
         if until is not None:
-            query = query.where(UsageRow.created_at < _utc_naive(until))
+            query = query.where(col(UsageRow.created_at) < _utc_naive(until))
         if tag is not None:
-            tagged = select(UsageTagRow.usage_id).where(UsageTagRow.tag == tag)
-            query = query.where(UsageRow.id.in_(tagged))  # type: ignore[attr-defined]
-        query = query.order_by(UsageRow.created_at, UsageRow.id)  # type: ignore[arg-type]
+            tagged = select(col(UsageTagRow.usage_id)).where(col(UsageTagRow.tag) == tag)
+            query = query.where(col(UsageRow.id).in_(tagged))
+        query = query.order_by(col(UsageRow.created_at), col(UsageRow.id))
         if limit is not None:
             query = query.limit(limit)
         from sqlmodel import Session
@@ -192,8 +192,8 @@ class Store:
         """
         self.ensure_tables()
         cutoff = _utc_naive(before)
-        usage_table = UsageRow.__table__  # type: ignore[attr-defined]
-        tag_table = UsageTagRow.__table__  # type: ignore[attr-defined]
+        usage_table = table_of(UsageRow)
+        tag_table = table_of(UsageTagRow)
         old_ids = select(usage_table.c.id).where(usage_table.c.created_at < cutoff)
         with self.engine.begin() as conn:
             _rollup.begin_purge(conn)
@@ -223,7 +223,7 @@ _JSON_COLUMNS = frozenset({"tags", "metadata"})
 def _usage_columns() -> tuple[str, ...]:
     global _USAGE_COLUMNS
     if not _USAGE_COLUMNS:
-        _USAGE_COLUMNS = tuple(c.name for c in UsageRow.__table__.columns)  # type: ignore[attr-defined]
+        _USAGE_COLUMNS = tuple(c.name for c in table_of(UsageRow).columns)
     return _USAGE_COLUMNS
 
 
@@ -233,7 +233,7 @@ def _usage_params(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
     # Runs on the writer thread for every row, holding the GIL the application's threads
     # want: one list comprehension, and no JSON encoder for the usual empty tags/metadata.
     columns = _usage_columns()
-    values = [row.get(name) for name in columns]
+    values: list[Any] = [row.get(name) for name in columns]
     tags_at, metadata_at, created_at = _SPECIAL_AT or _special_positions(columns)
     tags, metadata = values[tags_at], values[metadata_at]
     values[tags_at] = json.dumps(list(tags), default=str) if tags else "[]"
@@ -255,10 +255,11 @@ def _fitted(row: Mapping[str, Any]) -> Mapping[str, Any]:
     global _LIMITS
     limits = _LIMITS
     if limits is None:
+        # (sqlmodel's AutoString is a TypeDecorator, not a String: read its length as such)
         limits = _LIMITS = tuple(
-            (column.name, column.type.length)
-            for column in UsageRow.__table__.columns  # type: ignore[attr-defined]
-            if getattr(column.type, "length", None))
+            (column.name, length)
+            for column in table_of(UsageRow).columns
+            if (length := getattr(column.type, "length", None)))
     copy = None
     for name, limit in limits:
         value = row.get(name)

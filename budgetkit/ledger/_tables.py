@@ -23,8 +23,17 @@ from sqlalchemy import (
 )
 from sqlmodel import Field, SQLModel
 
-__all__ = ["UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES", "USAGE_HOURLY",
+__all__ = ["table_of", "UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES", "USAGE_HOURLY",
            "USAGE_DAILY", "USAGE_DAILY_USER", "USAGE_DAILY_TAG", "ROLLUP_STATE"]
+
+
+def table_of(model: type[SQLModel]) -> Table:
+    """The SQLAlchemy Core table behind a SQLModel table class, for Core queries
+    (``table_of(UsageRow).c.created_at``)."""
+    # SQLModel's metaclass sets __table__ on every table=True class but does not declare it.
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
 
 # The operation types of the Token Usage Tracking seed; users may record their own.
 OPERATION_TYPES = (

@@ -140,6 +140,10 @@ def _leave_call(run_id: UUID) -> None:
 
 _ATTRIBUTION_KEYS = frozenset(("user_id", "session_id", "project", "operation_type",
                                "task_type", "request_id"))
+#: Marks budgetkit's routed model puts on the inner runs it leaves to this handler: they are
+#: columns of the row (why this model ran, which attempt), not free metadata. Kept out of the
+#: lane key: a reason differs per call and would split the lanes.
+_ROUTE_KEYS = frozenset(("route_reason", "attempt"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
                    "max_new_tokens", "num_predict", "maxOutputTokens")
 _MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
@@ -405,6 +409,9 @@ class _Tracker:
             if key in _ATTRIBUTION_KEYS:
                 if value is not None:
                     kwargs[key] = value if isinstance(value, str) else str(value)
+            elif key in _ROUTE_KEYS:
+                if value is not None:
+                    kwargs[key] = str(value) if key == "route_reason" else _attempt(value)
             elif not key.startswith(("ls_", "lc_")):  # LangChain's own keys
                 if extra is None:
                     extra = {}
@@ -877,3 +884,11 @@ def get_budgetkit_callback(engine: Engine, **defaults: Any) -> Iterator[Budgetki
         yield handler
     finally:
         _active_handler.reset(token)
+
+
+def _attempt(value: Any) -> int | None:
+    """An attempt number from run metadata (an int, or a numeric string), else None."""
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
