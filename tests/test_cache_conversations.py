@@ -158,3 +158,45 @@ def test_standalone_entries_survive_restart_and_match_patterns(
         # the pattern sees the question, not what the cache keeps beside it
         assert cache.invalidate(pattern="*free trial?") == 1
         assert cache.lookup(model=MODEL, messages=later) is None
+
+
+OWN = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "cache-pairs" / \
+    "conversations.jsonl"
+
+
+def _own(split: str) -> list[dict[str, Any]]:
+    rows = [json.loads(line) for line in OWN.read_text().splitlines() if line.strip()]
+    return [row for row in rows if row["split"] == split]
+
+
+@pytest.mark.parametrize("pair", [p for p in _own("dev") if not p["same_answer"]],
+                         ids=lambda p: f"{p['id']}-{p['subtype']}")
+def test_follow_ups_that_choose_or_correct_are_never_served_across_conversations(
+        cache: ResponseCache, pair: dict[str, Any]) -> None:
+    """The last messages are identical; the options or the turn they correct are not."""
+    assert pair["a"][-1]["content"] == pair["b"][-1]["content"]
+    cache.store("answer for a", model=MODEL, messages=pair["a"])
+    assert cache.lookup(model=MODEL, messages=pair["b"]) is None
+    assert cache.lookup(model=MODEL, messages=pair["a"]) is not None  # its own: served
+
+
+@pytest.mark.parametrize("pair", [p for p in _own("dev") if p["same_answer"]],
+                         ids=lambda p: p["id"])
+def test_a_standalone_question_after_small_talk_is_served(
+        cache: ResponseCache, pair: dict[str, Any]) -> None:
+    cache.store("answer for a", model=MODEL, messages=pair["a"])
+    hit = cache.lookup(model=MODEL, messages=pair["b"])
+    assert hit is not None and hit.value == "answer for a"
+
+
+def test_what_makes_a_last_message_depend_on_the_conversation() -> None:
+    options = [{"role": "user", "content": "Which plans are there?"},
+               {"role": "assistant", "content": "Starter is £10 with 5GB; Plus is £20 with 50GB."}]
+    question = "Which of the Starter and Plus plans is better for streaming video?"
+    assert is_standalone(question)  # alone it names its things...
+    assert not is_standalone(question, options)  # ...which the conversation defined
+    assert not is_standalone("Actually, can Luigi's do it on Saturday instead?")
+    assert not is_standalone("Sorry, I meant Canadian dollars to euros.")
+    # naming the company the chat is with is not choosing between things it said
+    assert is_standalone("Does Flixora offer a free trial for students?",
+                         [{"role": "user", "content": "My Flixora app keeps crashing."}])

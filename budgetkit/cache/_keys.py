@@ -241,7 +241,8 @@ def make_request(*, namespace: str, model: str, prompt: str | None = None,
     if personal:
         # the user joins the parameters: both the exact key and the semantic partition
         # change, so no other user's entry (nor a shared one) is ever a candidate
-        kept = {**kept, "\x00user": _sha(f"user:{user_id or ''}")}
+        asker = "anonymous" if user_id is None else f"user:{user_id}"
+        kept = {**kept, "\x00user": _sha(asker)}
         params_text = canonical_json(kept)
     key = _sha(canonical_json({"namespace": namespace, "model": model, "params": kept, **body}))
     return CacheRequest(namespace=namespace, model=model, key=key,

@@ -145,9 +145,7 @@ def _qualifiers(words: list[str], extra: list[str], other_content: list[str]) ->
                      and word not in book.verbs and word not in book.nouns)
         modifies = (nounish and lemma(after) in shared
                     and (after in book.nouns or lemma(after) in book.nouns))
-        own_phrase = (nounish and any(w in _PREPOSITIONS for w in words[max(0, i - 3):i])
-                      and not any(lemma(w) in shared for w in words[max(0, i - 2):i]
-                                  if w not in _STOP))
+        own_phrase = nounish and any(w in _PREPOSITIONS for w in words[max(0, i - 3):i])
         if describes or modifies or own_phrase:
             found.append(word)
     return found
