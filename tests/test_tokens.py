@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from budgetkit import ConfigurationError, count_message_tokens, count_tokens, count_tool_tokens
-from budgetkit.pricing import chunk_text, is_exact
+from budgetkit.pricing import chunk_text, is_exact, tool_counts_are_exact
 from budgetkit.pricing._tokens import encoding_for_model, get_encoding
 
 # The OpenAI cookbook's example ("How to count tokens with tiktoken"), with the prompt_tokens
@@ -261,3 +261,50 @@ def test_bundled_encodings_match_tiktokens_definitions(name: str, monkeypatch) -
     assert expected_hashes == [ours.sha256]
     enc = get_encoding(name)
     assert enc.name == name and enc.n_vocab == max(definition["special_tokens"].values()) + 1
+
+
+# ------------------------------------------------------------------ tool definitions per family
+
+# The OpenAI cookbook's tool example ("How to count tokens with tiktoken",
+# num_tokens_for_tools), with the prompt_tokens the API reported for it.
+COOKBOOK_TOOLS = [{"type": "function", "function": {
+    "name": "get_current_weather",
+    "description": "Get the current weather in a given location",
+    "parameters": {"type": "object", "properties": {
+        "location": {"type": "string", "description": "The city and state, e.g. San Francisco, CA"},
+        "unit": {"type": "string", "description": "The unit of temperature to return",
+                 "enum": ["celsius", "fahrenheit"]}},
+        "required": ["location"]}}}]
+COOKBOOK_TOOL_MESSAGES = [
+    {"role": "system",
+     "content": "You are a helpful assistant that can answer to questions about the weather."},
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+
+@pytest.mark.parametrize(("model", "billed"), [
+    ("gpt-3.5-turbo", 105), ("gpt-4", 105), ("gpt-4o", 101), ("gpt-4o-mini", 101),
+])
+def test_tool_counts_match_what_openai_bills(model: str, billed: int) -> None:
+    assert count_message_tokens(COOKBOOK_TOOL_MESSAGES, model, tools=COOKBOOK_TOOLS) == billed
+    assert tool_counts_are_exact(model)
+
+
+def test_tool_counts_of_unchecked_families_are_estimates() -> None:
+    for model in ("gpt-4.1", "o3-mini", "gpt-5", "gpt-4-turbo", "claude-3-5-sonnet-20241022",
+                  "some-unknown-model"):
+        assert not tool_counts_are_exact(model), model
+    assert tool_counts_are_exact("gpt-4o-2024-08-06") and tool_counts_are_exact("gpt-4-0613")
+    # The family decides the overheads: the same tool costs 3 more on gpt-4's formatting
+    # than gpt-4o's, beyond what the two encodings give its text.
+    text_cl100k = (count_tokens("get_current_weather:Get the current weather in a given location",
+                                "gpt-4")
+                   + count_tokens("location:string:The city and state, e.g. San Francisco, CA",
+                                  "gpt-4")
+                   + count_tokens("unit:string:The unit of temperature to return", "gpt-4")
+                   + count_tokens("celsius", "gpt-4") + count_tokens("fahrenheit", "gpt-4"))
+    assert count_tool_tokens(COOKBOOK_TOOLS, "gpt-4") == text_cl100k + 10 + 3 + 2 * 3 - 3 + 2 * 3 + 12
+    assert count_tool_tokens(COOKBOOK_TOOLS, "gpt-4-turbo") == count_tool_tokens(COOKBOOK_TOOLS,
+                                                                                 "gpt-4")
+    assert count_tool_tokens(COOKBOOK_TOOLS, "gpt-4.1") == count_tool_tokens(COOKBOOK_TOOLS,
+                                                                             "gpt-4o")

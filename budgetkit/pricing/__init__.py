@@ -29,10 +29,12 @@ from ._tokens import encoding_for_model as encoding_for_model
 from ._tokens import is_exact as is_exact
 from ._tokens import message_tokens_bound as message_tokens_bound
 from ._tokens import text_tokens_bound as text_tokens_bound
+from ._tokens import tool_counts_are_exact as tool_counts_are_exact
 
 __all__ = ['ModelPrice', 'ModelBudget', 'PriceCatalog', 'default_catalog', 'estimate_cost',
            'get_generation_budget', 'get_embedding_budget', 'count_tokens',
            'count_message_tokens', 'count_tool_tokens', 'chunk_text', 'encoding_for_model',
-           'is_exact', 'ESTIMATE_ENCODING', 'message_tokens_bound', 'text_tokens_bound',
+           'is_exact', 'tool_counts_are_exact', 'ESTIMATE_ENCODING', 'message_tokens_bound',
+           'text_tokens_bound',
            'PICOS_PER_NANO', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal',
            'token_count', 'nonnegative_int', 'finite_number']

@@ -12,8 +12,10 @@ there, without network and without touching the process environment (see ``_bpe`
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cachetools import LRUCache
@@ -33,6 +35,7 @@ __all__ = [
     "chunk_text",
     "encoding_for_model",
     "is_exact",
+    "tool_counts_are_exact",
     "ESTIMATE_ENCODING",
 ]
 
@@ -222,36 +225,70 @@ def text_tokens_bound(text: str) -> int:
     return _utf8_length(text)
 
 
-# Tool-definition overheads for gpt-4o / gpt-4o-mini style models (OpenAI cookbook,
-# "Counting tokens for chat completions API calls with tools").
-_FUNC_INIT, _PROP_INIT, _PROP_KEY, _ENUM_INIT, _ENUM_ITEM, _FUNC_END = 7, 3, 3, -3, 3, 12
+@dataclass(frozen=True)
+class _ToolOverheads:
+    """Tokens OpenAI's hidden tool formatting adds around what the definitions' text encodes to
+    (OpenAI cookbook, "How to count tokens with tiktoken", ``num_tokens_for_tools``)."""
+
+    function_start: int  # per function
+    properties_start: int  # per function that has properties
+    property: int  # per property
+    enum_start: int  # per property with an enum
+    enum_item: int  # per enum value
+    tools_end: int  # once, when there is any function
+
+
+# The cookbook's constants, checked there against the API's prompt_tokens for its weather
+# tool: 101 for gpt-4o and gpt-4o-mini, 105 for gpt-4 and gpt-3.5-turbo.
+_GPT_4O_TOOLS = _ToolOverheads(7, 3, 3, -3, 3, 12)
+_GPT_4_TOOLS = _ToolOverheads(10, 3, 3, -3, 3, 12)
+_TOOL_OVERHEADS_BY_ENCODING = {"o200k_base": _GPT_4O_TOOLS, "cl100k_base": _GPT_4_TOOLS}
+# Models (and their dated snapshots) whose tool counts the cookbook checked against the API.
+_EXACT_TOOL_MODELS = re.compile(
+    r"(gpt-4o(-mini)?(-\d{4}-\d{2}-\d{2})?|gpt-4(-0613)?|gpt-3\.5-turbo(-0125)?)")
+
+
+def tool_counts_are_exact(model: str, *, catalog: PriceCatalog | None = None) -> bool:
+    """Whether :func:`count_tool_tokens` is exact for ``model``: only for the families the
+    OpenAI cookbook checked against the API (gpt-4o, gpt-4o-mini, gpt-4, gpt-3.5-turbo);
+    every other model's tool count is an estimate (see docs/token-counting.md)."""
+    bare = model.strip().lower().rsplit("/", 1)[-1]
+    return _EXACT_TOOL_MODELS.fullmatch(bare) is not None and is_exact(model, catalog=catalog)
 
 
 def count_tool_tokens(tools: Sequence[Mapping[str, Any]], model: str = "gpt-4o", *,
                       catalog: PriceCatalog | None = None) -> int:
-    """Tokens that OpenAI-format tool definitions add to a prompt (an estimate)."""
+    """Tokens that OpenAI-format tool definitions add to a prompt.
+
+    The formatting overheads depend on the model family: gpt-4o's for o200k models (gpt-4o,
+    4.1, o-series, gpt-5), gpt-4's for cl100k models (gpt-4, gpt-4-turbo, gpt-3.5-turbo, and
+    the cl100k estimate of other providers). Exact for gpt-4o, gpt-4o-mini, gpt-4 and
+    gpt-3.5-turbo (the cookbook's example matches the API: 101, 101, 105, 105 prompt tokens);
+    an estimate for every other model (:func:`tool_counts_are_exact` says which).
+    """
     encoding, _ = _encoding_name(model, catalog)
+    overheads = _TOOL_OVERHEADS_BY_ENCODING.get(encoding, _GPT_4_TOOLS)
     total = 0
     for tool in tools:
         function = tool.get("function", tool)
-        total += _FUNC_INIT
+        total += overheads.function_start
         name = str(function.get("name", ""))
-        description = str(function.get("description", "")).rstrip(".")
+        description = str(function.get("description", "")).removesuffix(".")
         total += _count(f"{name}:{description}", encoding)
         properties = (function.get("parameters") or {}).get("properties") or {}
         if properties:
-            total += _PROP_INIT
+            total += overheads.properties_start
             for key, spec in properties.items():
-                total += _PROP_KEY
+                total += overheads.property
                 p_type = str(spec.get("type", ""))
-                p_desc = str(spec.get("description", "")).rstrip(".")
+                p_desc = str(spec.get("description", "")).removesuffix(".")
                 if "enum" in spec:
-                    total += _ENUM_INIT
+                    total += overheads.enum_start
                     for item in spec["enum"]:
-                        total += _ENUM_ITEM + _count(str(item), encoding)
+                        total += overheads.enum_item + _count(str(item), encoding)
                 total += _count(f"{key}:{p_type}:{p_desc}", encoding)
     if total:
-        total += _FUNC_END
+        total += overheads.tools_end
     return total
 
 
