@@ -236,7 +236,9 @@ def test_asking_for_pgvector_where_it_cannot_be_had_is_a_typed_error(tmp_path: P
 
 
 def test_postgres_without_the_extension_falls_back_and_says_why(
-        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+        pg_url: str, caplog: pytest.LogCaptureFixture, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
     with Engine(pg_url) as engine:
         with engine.store.engine.connect() as conn:
             if conn.execute(text("SELECT 1 FROM pg_available_extensions "
@@ -248,3 +250,11 @@ def test_postgres_without_the_extension_falls_back_and_says_why(
             cache = ResponseCache(engine, semantic=False)
         assert cache.vector_backend == "local"
         assert "not using pgvector because the PostgreSQL server has no pgvector" in caplog.text
+        # the in-process graphs of a server database are saved under the user's home
+        local = ResponseCache(engine, embedder=hashed_embedder, exact_max=5,
+                              vector_backend="local")
+        for i in range(20):
+            local.store(f"a{i}", model=MODEL, prompt=f"question {i}")
+        assert local.save_index() == 1
+        saved = list((tmp_path / ".budgetkit" / "vectors").glob("*/*.hnsw"))
+        assert len(saved) == 1

@@ -178,7 +178,7 @@ class ResponseCache:
     ``exact_max``: in process, partitions up to this size are scanned exactly and
     larger ones searched with an HNSW graph (hnswlib). ``index_dir``: where those
     graphs are saved so the next open restores them instead of rebuilding (default:
-    next to a SQLite ledger file; nowhere for other databases).
+    next to a SQLite ledger file, ``~/.budgetkit/vectors/`` for a server database).
     ``standalone_turns``: a conversation whose last user message stands on its own
     ("Does Flixora offer a free trial?") is served from the same question asked after
     other turns; off, a semantic match needs every earlier message to be identical.

@@ -5,8 +5,8 @@ Building the graph of a 100k-entry partition takes 12-15 s here; reading it back
 ``budgetkit.db.vectors/``), one per partition and vector size, named by a hash of the
 partition. A file is only ever a head start: at open it is reconciled with the entries
 the database says are alive (:meth:`LocalIndex.restore`), so a file left stale by a
-killed process costs a few adds, never a wrong answer. Ledgers that are not a SQLite
-file have no place of their own; pass ``index_dir`` to persist there too.
+killed process costs a few adds, never a wrong answer. A PostgreSQL ledger without
+pgvector keeps them under ``~/.budgetkit/vectors/``; ``index_dir`` puts them anywhere.
 """
 
 from __future__ import annotations
@@ -38,14 +38,19 @@ class IndexFiles:
 
     @classmethod
     def beside(cls, store: Any, index_dir: str | os.PathLike[str] | None) -> IndexFiles | None:
-        """Files in ``index_dir``, or next to the store's SQLite file; ``None`` for an
-        in-memory or server database without ``index_dir``."""
+        """Files in ``index_dir``; else next to the store's SQLite file; else, for a
+        server database (PostgreSQL without pgvector), in ``~/.budgetkit/vectors/`` under
+        a hash of its URL; ``None`` for an in-memory database (nothing outlives it)."""
         if index_dir is not None:
             return cls(Path(index_dir))
-        database = store.engine.url.database if store.is_sqlite else None
-        if not database or database == ":memory:":
+        url = store.engine.url
+        if not store.is_sqlite:
+            where = url.render_as_string(hide_password=True)
+            digest = hashlib.sha256(where.encode("utf-8")).hexdigest()[:16]
+            return cls(Path.home() / ".budgetkit" / "vectors" / digest)
+        if not url.database or url.database == ":memory:":
             return None
-        return cls(Path(database).with_name(Path(database).name + ".vectors"))
+        return cls(Path(url.database).with_name(Path(url.database).name + ".vectors"))
 
     def path(self, partition: Partition, dim: int) -> Path:
         digest = hashlib.sha256("\x1f".join(partition).encode("utf-8", "surrogatepass"))
