@@ -75,6 +75,10 @@ class BudgetLevels:
 
     def amounts(self, limit: int, unit: str, budget: str | None = None) -> tuple[int, int, int]:
         """(moderate, high, critical) as integer amounts of the budget's unit."""
+        if not isinstance(self.absolute, bool):
+            raise _budget_error(budget, "levels.absolute",
+                                f"must be true or false, got {self.absolute!r}")
+
         def convert(name: str, value: float | None) -> int | None:
             if value is None:
                 return None
@@ -87,6 +91,15 @@ class BudgetLevels:
             return usd_to_nanos(value) if unit == "usd" else int(value)
 
         critical = convert("critical", self.critical)
+        if critical is not None and critical > limit:
+            # Critical is where calls stop; above the limit it would let calls spend past
+            # the limit (to 150 %). Refused, not clamped: a silent clamp would hide a typo.
+            shown = (f"{self.critical:g}" if self.absolute
+                     else f"{self.critical:g} ({self.critical:.0%} of the limit)")
+            raise _budget_error(budget, "levels.critical",
+                                f"must not be above the limit (critical is where calls stop: "
+                                f"the limit unless set lower), got {shown}; raise 'limit' "
+                                "instead")
         critical = limit if critical is None else critical
         high = convert("high", self.high)
         moderate = convert("moderate", self.moderate)
@@ -173,19 +186,40 @@ class Budget:
                                 f"unknown time zone {self.timezone!r}") from None
         if not isinstance(self.levels, BudgetLevels):
             raise _budget_error(name, "levels", "must be a BudgetLevels")
+        if isinstance(self.alert_at, (str, bytes)) or not hasattr(self.alert_at, "__iter__"):
+            raise _budget_error(name, "alert_at",
+                                f"must be a list of fractions, got {self.alert_at!r}")
         alerts = tuple(self.alert_at)
         for value in alerts:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 < value < math.inf:  # (NaN fails this too)
                 raise _budget_error(name, "alert_at",
                                     f"thresholds must be positive fractions, got {value!r}")
         set_(self, "alert_at", tuple(sorted(set(float(v) for v in alerts))))
-        if self.downgrade_below is not None and not 0 <= self.downgrade_below <= 1:
+        if self.downgrade_below is not None and (
+                isinstance(self.downgrade_below, bool)
+                or not isinstance(self.downgrade_below, (int, float))
+                or not 0 <= self.downgrade_below <= 1):
             raise _budget_error(name, "downgrade_below",
                                 f"must be a fraction in [0, 1], got {self.downgrade_below!r}")
+        for flag in ("require_approval", "count_earlier_spend"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _budget_error(name, flag,
+                                    f"must be true or false, got {getattr(self, flag)!r}")
+        if self.stop_streams is not None and not isinstance(self.stop_streams, bool):
+            raise _budget_error(name, "stop_streams",
+                                f"must be true, false or unset, got {self.stop_streams!r}")
+        for text_field in ("provider", "description"):
+            value = getattr(self, text_field)
+            if value is not None and not isinstance(value, str):
+                raise _budget_error(name, text_field, f"must be a string, got {value!r}")
         if isinstance(self.exclude, str):
             set_(self, "exclude", (self.exclude,))
         else:
             set_(self, "exclude", tuple(self.exclude))
+        if not all(isinstance(value, str) for value in self.exclude):
+            raise _budget_error(name, "exclude",
+                                f"must be a list of strings, got {list(self.exclude)!r}")
         if not self.name:
             set_(self, "name", "-".join(
                 part for part in (self.scope, self.match, self.period, self.unit) if part))

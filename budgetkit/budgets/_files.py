@@ -5,6 +5,7 @@ can be named in a file without an import circle."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -51,18 +52,28 @@ def load_budgets(path: str | Path) -> list[Budget]:
     if unknown:
         raise ConfigurationError(f"{source}: unknown top-level key {unknown[0]!r}; "
                                  "use 'budget', 'budgets' or 'presets'")
+    for key in ("budget", "budgets"):
+        if not isinstance(document.get(key, []), list):
+            raise ConfigurationError(f"{source}: key {key!r}: expected a list of budget "
+                                     f"tables, got {type(document[key]).__name__}")
     entries: list[Any] = [*document.get("budget", []), *document.get("budgets", [])]
     budgets: list[Budget] = []
     presets = document.get("presets", [])
     if isinstance(presets, str):
         presets = [presets]
+    if not isinstance(presets, list) or not all(isinstance(name, str) for name in presets):
+        raise ConfigurationError(f"{source}: key 'presets': expected a list of preset names, "
+                                 f"got {presets!r}")
+    lines = _entry_lines(raw, path.suffix.lower() == ".json")
     for name in presets:
         try:
             budgets.extend(preset(name))
         except ConfigurationError as exc:
             raise ConfigurationError(f"{source}: {exc}") from None
     for index, entry in enumerate(entries, 1):
-        budgets.append(parse_budget(entry, source=source, index=index))
+        line = lines[index - 1] if len(lines) == len(entries) else None
+        budgets.append(parse_budget(entry, source=f"{source}, line {line}" if line else source,
+                                    index=index))
     seen: set[str] = set()
     for budget in budgets:
         if budget.name in seen:
@@ -71,3 +82,17 @@ def load_budgets(path: str | Path) -> list[Budget]:
         seen.add(budget.name)
     return budgets
 
+
+
+_TABLE_HEADER = re.compile(rb"^[ \t]*\[\[[ \t]*(budgets?)[ \t]*\]\]", re.MULTILINE)
+
+
+def _entry_lines(raw: bytes, is_json: bool) -> list[int]:
+    """The line of each ``[[budget]]`` table of a TOML file, in order, so an error names
+    the line its budget starts on (JSON: none; the budget's name or number says where)."""
+    if is_json:
+        return []
+    headers = list(_TABLE_HEADER.finditer(raw))
+    if len({match.group(1) for match in headers}) > 1:
+        return []  # [[budget]] and [[budgets]] mixed: entries are not in file order
+    return [raw.count(b"\n", 0, match.start()) + 1 for match in headers]

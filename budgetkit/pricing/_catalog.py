@@ -198,11 +198,15 @@ def _int_field(raw: Mapping[str, Any], key: str, *, source: str, entry: str,
     return value
 
 
-def parse_entry(raw: Any, *, source: str = "<code>") -> ModelPrice:
-    """Validate one catalog entry (the bundled file's format) into a :class:`ModelPrice`."""
+def parse_entry(raw: Any, *, source: str = "<code>", index: int | None = None) -> ModelPrice:
+    """Validate one catalog entry (the bundled file's format) into a :class:`ModelPrice`.
+
+    ``index`` (the entry's place in its file) names an entry that has no usable name."""
+    number = f"#{index}" if index is not None else "?"
     if not isinstance(raw, Mapping):
-        raise CatalogError(f"entry must be an object, got {type(raw).__name__}", source=source)
-    entry = str(raw.get("name", "?"))
+        raise CatalogError(f"entry must be an object, got {type(raw).__name__}", source=source,
+                           entry=number)
+    entry = str(raw["name"]) if isinstance(raw.get("name"), str) and raw["name"] else number
     for key in _REQUIRED:
         if key not in raw:
             raise CatalogError("missing field", source=source, entry=entry, field=key)
@@ -254,24 +258,64 @@ def parse_entry(raw: Any, *, source: str = "<code>") -> ModelPrice:
     )
 
 
+# LiteLLM's field for each bundled-format field, so an error names the key in *their* file.
+_LITELLM_FIELDS = {
+    "input_per_mtok": "input_cost_per_token", "output_per_mtok": "output_cost_per_token",
+    "cached_input_per_mtok": "cache_read_input_token_cost",
+    "cache_write_per_mtok": "cache_creation_input_token_cost",
+    "context_window": "max_input_tokens", "max_input_tokens": "max_input_tokens",
+    "max_output_tokens": "max_output_tokens",
+}
+
+
 def _litellm_entry(name: str, raw: Mapping[str, Any], source: str) -> ModelPrice | None:
     """Convert one LiteLLM entry; ``None`` for entries that are not per-token priced."""
     mode = raw.get("mode", "chat")
-    if mode not in _MODES or "input_cost_per_token" not in raw:
+    if not isinstance(mode, str) or mode not in _MODES or "input_cost_per_token" not in raw:
         return None
-    per_mtok = lambda key: (None if raw.get(key) is None  # noqa: E731
-                            else str(Decimal(str(raw[key])) * 1_000_000))
+
+    def per_mtok(key: str) -> str | None:
+        value = raw.get(key)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise CatalogError(f"price per token must be a number, got {value!r}",
+                               source=source, entry=name, field=key)
+        try:
+            return str(Decimal(str(value)) * 1_000_000)
+        except InvalidOperation:
+            raise CatalogError(f"price per token must be a number, got {value!r}",
+                               source=source, entry=name, field=key) from None
+
     max_input = raw.get("max_input_tokens") or raw.get("max_tokens") or 0
-    return parse_entry({
-        "name": name, "provider": raw.get("litellm_provider", "unknown"), "mode": mode,
-        "input_per_mtok": per_mtok("input_cost_per_token"),
-        "output_per_mtok": per_mtok("output_cost_per_token") or "0",
-        "cached_input_per_mtok": per_mtok("cache_read_input_token_cost"),
-        "cache_write_per_mtok": per_mtok("cache_creation_input_token_cost"),
-        "context_window": int(max_input), "max_input_tokens": int(max_input),
-        "max_output_tokens": raw.get("max_output_tokens"), "tokenizer": None,
-        "source": f"LiteLLM price file {source}",
-    }, source=source)
+    if isinstance(max_input, bool) or not isinstance(max_input, int):
+        if isinstance(max_input, float) and max_input.is_integer():
+            max_input = int(max_input)  # LiteLLM's file has a few 128000.0
+        else:
+            field = "max_input_tokens" if raw.get("max_input_tokens") else "max_tokens"
+            raise CatalogError(f"must be a whole number of tokens, got {max_input!r}",
+                               source=source, entry=name, field=field)
+    try:
+        return parse_entry({
+            "name": name, "provider": raw.get("litellm_provider", "unknown"), "mode": mode,
+            "input_per_mtok": per_mtok("input_cost_per_token"),
+            "output_per_mtok": per_mtok("output_cost_per_token") or "0",
+            "cached_input_per_mtok": per_mtok("cache_read_input_token_cost"),
+            "cache_write_per_mtok": per_mtok("cache_creation_input_token_cost"),
+            "context_window": max_input, "max_input_tokens": max_input,
+            "max_output_tokens": raw.get("max_output_tokens"), "tokenizer": None,
+            "source": f"LiteLLM price file {source}",
+        }, source=source)
+    except CatalogError as exc:
+        if exc.field not in _LITELLM_FIELDS:
+            raise
+        # "got '5e-6000000'" (per million) would confuse: show LiteLLM's own value.
+        key = _LITELLM_FIELDS[exc.field]
+        expected = ("a finite price >= 0 (USD per token)" if key.endswith("cost")
+                    or key.endswith("per_token") else "a whole number of tokens >= 0")
+        reason = str(exc).split(": ", 1)[-1]
+        raise CatalogError(f"must be {expected}, got {raw.get(key)!r} ({reason})",
+                           source=source, entry=name, field=key) from None
 
 
 # ---------------------------------------------------------------------------- catalog
@@ -457,6 +501,9 @@ def _read_json(path: Path) -> Any:
     except json.JSONDecodeError as exc:
         raise CatalogError(f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}",
                            source=str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise CatalogError(f"not UTF-8 text (byte {exc.start}): expected a JSON file",
+                           source=str(path)) from None
 
 
 def _load_entries(path: Path) -> list[ModelPrice]:
@@ -466,7 +513,7 @@ def _load_entries(path: Path) -> list[ModelPrice]:
         raise CatalogError("expected an object with a 'models' list", source=str(path))
     entries, seen = [], set()
     for i, raw in enumerate(models):
-        entry = parse_entry(raw, source=f"{path}[{i}]" if not isinstance(raw, Mapping) else str(path))
+        entry = parse_entry(raw, source=str(path), index=i)
         if entry.name in seen:
             raise CatalogError("duplicate model name", source=str(path), entry=entry.name,
                                field="name")
