@@ -275,7 +275,7 @@ def _newton_cg(p: _Problem, y: Floats, lam_dense: float, lam_hashed: float,
         return float(np.sum(np.logaddexp(0.0, m) - y * m)
                      + 0.5 * np.sum(lam * (t - p.prior) ** 2))
 
-    theta = p.prior.copy()
+    theta: Floats = p.prior.copy()
     f = loss(theta)
     for _ in range(iterations):
         prob = 0.5 * (1.0 + np.tanh(0.5 * margin(theta)))
@@ -300,7 +300,7 @@ def _newton_cg(p: _Problem, y: Floats, lam_dense: float, lam_hashed: float,
             rr = rr_new
         t = 1.0
         while t > 1e-4:  # backtracking keeps every step a descent step
-            candidate = theta + t * step
+            candidate: Floats = theta + t * step
             fc = loss(candidate)
             if fc <= f + 1e-4 * t * float(g @ step):
                 break
