@@ -44,6 +44,7 @@ from typing import Any
 
 from budgetkit.pricing import PICOS_PER_NANO, token_count
 
+from ._budget import Budget
 from ._lease import Lease
 from ._reservation import Reservation
 
@@ -212,7 +213,7 @@ class Lanes:
             pass
 
 
-def _allow_limit(budget: Any) -> int:
+def _allow_limit(budget: Budget) -> int:
     """The most a window may hold (spent + reserved) for the full check to allow a call
     without a word: below the first level, and not below the downgrade hint's line."""
     return min(budget.level_amounts[0] - 1, budget.keep_amount)

@@ -15,9 +15,11 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import Insert, Table, func, or_, select, text
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.sql.expression import bindparam
+
+from budgetkit.ledger import table_of
 
 from ._budget import Budget
 from ._tables import (
@@ -29,10 +31,10 @@ from ._tables import (
 
 __all__ = ["W", "R", "A", "AL", "Driver", "insert_ignore", "ledger_spend"]
 
-W = BudgetWindowRow.__table__  # type: ignore[attr-defined]
-R = BudgetReservationRow.__table__  # type: ignore[attr-defined]
-A = BudgetApprovalRow.__table__  # type: ignore[attr-defined]
-AL = BudgetAlertRow.__table__  # type: ignore[attr-defined]
+W = table_of(BudgetWindowRow)
+R = table_of(BudgetReservationRow)
+A = table_of(BudgetApprovalRow)
+AL = table_of(BudgetAlertRow)
 
 # Approved extra amounts of a window that are still valid (status, error messages).
 _APPROVED = func.coalesce(
@@ -232,16 +234,16 @@ class Driver:
             self._release(connection, False)
 
 
-def insert_ignore(store: Any, table: Any) -> Any:
+def insert_ignore(store: Any, table: Table) -> Insert | None:
     """``INSERT ... ON CONFLICT DO NOTHING`` for the store's dialect (None: plain insert)."""
     name = store.engine.dialect.name
     if name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
-    elif name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        return None
-    return dialect_insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+        return sqlite_insert(table).on_conflict_do_nothing()
+    if name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+        return postgresql_insert(table).on_conflict_do_nothing()
+    return None
 
 
 def ledger_spend(conn: Any, budget: Budget, key: str, start: dt.datetime,
@@ -256,8 +258,8 @@ def ledger_spend(conn: Any, budget: Budget, key: str, start: dt.datetime,
         return 0
     from budgetkit.ledger import UsageRow, UsageTagRow
 
-    usage = UsageRow.__table__  # type: ignore[attr-defined]
-    tags = UsageTagRow.__table__  # type: ignore[attr-defined]
+    usage = table_of(UsageRow)
+    tags = table_of(UsageTagRow)
     parts = key.split("\x1f") if key else []
     run = next((part[4:] for part in parts if part.startswith("run:")), None)
     value = next((part for part in parts if not part.startswith("run:")), None)

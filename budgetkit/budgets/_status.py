@@ -11,7 +11,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
@@ -73,14 +74,19 @@ class Approval:
 class BudgetReader:
     """Status, approvals, alerts and headroom of a :class:`BudgetBook` (a mixin)."""
 
-    # provided by BudgetBook
+    # provided by BudgetBook (and its Windows mixin)
     _budgets: dict[str, Budget]
     _desk: Any
     clock: Any
     store: Any
     flush: Any
     settle_queued: Any
-    _targets: Any
+    reap: Callable[[dt.datetime], int]
+    _get: Callable[[str], Budget]
+    _transaction: Callable[[], AbstractContextManager[Any]]
+    _window_bounds: Callable[[Budget, dt.datetime], tuple[dt.datetime, dt.datetime | None]]
+    _window_id: Callable[[Budget, str, dt.datetime, dt.datetime | None, dt.datetime], int | None]
+    _targets: Callable[..., list[tuple[Budget, str, dt.datetime, int | None]]]
 
     def alerts(self, *, budget: str | None = None, since: dt.datetime | None = None
                ) -> list[Alert]:

@@ -81,6 +81,7 @@ class Windows:
                 return None
         if len(self._window_ids) > 50_000:  # bounded: old windows and runs fall out
             self._window_ids.clear()
+        window_id = int(window_id)  # an integer already; the query's result is typed Any
         self._window_ids[cache_key] = window_id
         return window_id
 
