@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -36,10 +37,10 @@ def load_budgets(path: str | Path) -> list[Budget]:
         if path.suffix.lower() == ".json":
             document = json.loads(raw)
         else:
-            try:
+            if sys.version_info >= (3, 11):
                 import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib  # type: ignore[no-redef]
+            else:  # tomli is tomllib before it joined the standard library
+                import tomli as tomllib
             document = tomllib.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigurationError(f"{source}: not valid {path.suffix.lstrip('.') or 'TOML'}: "
