@@ -23,6 +23,8 @@ from sqlalchemy.pool import StaticPool
 from sqlmodel import SQLModel, col
 
 from budgetkit.errors import ConfigurationError
+from budgetkit.progress import ProgressCallback
+
 from . import rollups as _rollup
 
 from ._schema import add_missing_columns
@@ -203,11 +205,12 @@ class Store:
         return int(result.rowcount or 0)
 
     # -- rollup ----------------------------------------------------------------------------
-    def rebuild_rollup(self) -> _rollup.RollupStatus:
+    def rebuild_rollup(self, progress: ProgressCallback | None = None) -> _rollup.RollupStatus:
         """Recompute the rollup tables from the ledger (after rows were written around
-        budgetkit, or for a ledger older than the rollup); reports then use them."""
+        budgetkit, or for a ledger older than the rollup); reports then use them.
+        ``progress(done, total)`` is called after each rollup table."""
         self.ensure_tables()
-        return _rollup.rebuild(self.engine)
+        return _rollup.rebuild(self.engine, progress)
 
     def rollup_status(self) -> _rollup.RollupStatus:
         self.ensure_tables()

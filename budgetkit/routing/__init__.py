@@ -44,13 +44,14 @@ from ._router import TASK_LEVELS as TASK_LEVELS
 from ._router import RouteDecision as RouteDecision
 from ._router import Router as Router
 from ._prompt import complexity_score as complexity_score
+from ._prompt import prompt_text as prompt_text
 from ._features import PromptFeatures as PromptFeatures
 from ._features import prompt_features as prompt_features
 from ._scorer import Scorer as Scorer
 from ._scorer import default_scorer as default_scorer
 
 __all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Scorer',
-           'default_scorer', 'PromptFeatures', 'prompt_features', 'Completion',
+           'default_scorer', 'PromptFeatures', 'prompt_features', 'prompt_text', 'Completion',
            'Check', 'MinLength', 'RequiredElements', 'MatchesRegex', 'ValidJSON',
            'ScoreAtLeast', 'Agreement', 'ScorerCheck', 'Verifier', 'final_answer',
            'RouterScorerRow', 'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',

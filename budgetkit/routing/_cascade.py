@@ -36,7 +36,7 @@ from budgetkit.errors import BudgetExceeded, ConfigurationError
 from ._checks import Check
 from ._features import prompt_features
 from ._learning import verdict_metadata
-from ._prompt import _messages_text
+from ._prompt import prompt_text
 
 __all__ = [
     "Completion",
@@ -210,7 +210,7 @@ class Cascade:
         attempt; ``attribution`` takes :meth:`Engine.admit`'s keyword arguments.
         """
         request_id = request_id or uuid.uuid4().hex
-        text = _prompt_text(prompt, messages)
+        text = prompt_text(prompt, messages)
         attempts: list[Attempt] = []
         for number, model in enumerate(self.models, start=1):
             reason = self.attempt_reason(number, attempts[-1] if attempts else None)
@@ -241,7 +241,7 @@ class Cascade:
                    request_id: str | None = None, **attribution: Any) -> CascadeResult:
         """:meth:`run` for a coroutine ``call``."""
         request_id = request_id or uuid.uuid4().hex
-        text = _prompt_text(prompt, messages)
+        text = prompt_text(prompt, messages)
         attempts: list[Attempt] = []
         for number, model in enumerate(self.models, start=1):
             reason = self.attempt_reason(number, attempts[-1] if attempts else None)
@@ -291,14 +291,20 @@ class Cascade:
         return await self.engine.aadmit(model, **self._admit_kwargs(
             number, reason, prompt, messages, request_id, attribution))
 
+    def verdict_metadata(self, prompt: str | None, failures: Sequence[str]) -> dict[str, Any]:
+        """The usage-row metadata recording the verdict on the cheapest answer to
+        ``prompt`` (empty when verdicts are off or there is no prompt). Adapters that run the
+        cascade themselves add it to their first attempt's ticket before settling it."""
+        if not self.record_verdicts or prompt is None:
+            return {}
+        return verdict_metadata(prompt_features(prompt), cheap_failed=bool(failures),
+                                prompt=prompt if self.verdict_prompts else None)
+
     def _note_verdict(self, ticket: Any, number: int, text: str | None,
                       attempt: Attempt) -> None:
         """Put the verdict on the cheapest answer into that attempt's usage row."""
-        if number != 1 or ticket is None or text is None or not self.record_verdicts:
-            return
-        ticket.metadata.update(verdict_metadata(
-            prompt_features(text), cheap_failed=not attempt.passed,
-            prompt=text if self.verdict_prompts else None))
+        if number == 1 and ticket is not None:
+            ticket.metadata.update(self.verdict_metadata(text, attempt.failures))
 
     @staticmethod
     def _result(attempts: list[Attempt], request_id: str, *,
@@ -308,14 +314,6 @@ class Cascade:
         return CascadeResult(completion=last.completion, model=last.model,
                              accepted=last.passed, attempts=attempts, request_id=request_id,
                              stopped_by=stopped_by)
-
-
-def _prompt_text(prompt: str | None,
-                 messages: Sequence[Mapping[str, Any]] | None) -> str | None:
-    if prompt is not None:
-        return prompt
-    # the same text the router scores, so a verdict's features match a routing decision's
-    return _messages_text(messages) if messages is not None else None
 
 
 def _as_completion(answer: Completion | str) -> Completion:

@@ -15,7 +15,7 @@ from typing import Any
 
 from budgetkit.pricing import PriceCatalog, count_message_tokens, count_tokens
 
-__all__ = ["complexity_score", "LENGTH_SATURATION"]
+__all__ = ["complexity_score", "LENGTH_SATURATION", "prompt_text"]
 
 _CODE = re.compile(
     r"```|^\s*(?:def|class|import|from \S+ import|function|const|let|var|public|private|"
@@ -101,3 +101,12 @@ def _describe(signals: Mapping[str, Any]) -> str:
     if signals.get("constraints"):
         parts.append(f"{signals['constraints']} constraints")
     return ", ".join(parts)
+
+
+def prompt_text(prompt: str | None = None,
+                messages: Sequence[Mapping[str, Any]] | None = None) -> str | None:
+    """The text the router scores and cascade checks see: ``prompt``, else the text contents
+    of OpenAI-format ``messages`` joined by newlines (None when neither is given)."""
+    if prompt is not None:
+        return prompt
+    return _messages_text(messages) if messages is not None else None

@@ -74,7 +74,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 from pydantic import ConfigDict, Field
 
 from budgetkit import ConfigurationError, ContextWindowExceeded
-from budgetkit.routing import asettle_completion, metered_call, settle_completion
+from budgetkit.routing import asettle_completion, metered_call, prompt_text, settle_completion
 from budgetkit.routing import RouteDecision
 from budgetkit.routing import (check_routed_models, fallback_reason, largest_window_decision,
                                routing_catalog)
@@ -302,7 +302,8 @@ class RoutedChatModel(BaseChatModel):
 
     # -- one inner call -------------------------------------------------------------------
     def _call_model(self, name: str, call: RoutedCall, reason: str,
-                    manager: CallbackManager | None) -> AIMessage:
+                    manager: CallbackManager | None,
+                    judge: Callable[[AIMessage], list[str]] | None = None) -> AIMessage:
         engine = self._engine
         self._fit(name, call)
         call.attempts += 1
@@ -322,11 +323,13 @@ class RoutedChatModel(BaseChatModel):
                 engine.release(ticket, error=exc)
             raise
         message = as_message(output)
+        self._judge(judge, call, message, ticket)
         settle_completion(engine, ticket, completion_of(message))
         return message
 
     async def _acall_model(self, name: str, call: RoutedCall, reason: str,
-                           manager: AsyncCallbackManager | None) -> AIMessage:
+                           manager: AsyncCallbackManager | None,
+                           judge: Callable[[AIMessage], list[str]] | None = None) -> AIMessage:
         engine = self._engine
         self._fit(name, call)
         call.attempts += 1
@@ -346,6 +349,7 @@ class RoutedChatModel(BaseChatModel):
                 await engine.arelease(ticket, error=exc)
             raise
         message = as_message(output)
+        self._judge(judge, call, message, ticket)
         await asettle_completion(engine, ticket, completion_of(message))
         return message
 
@@ -354,7 +358,30 @@ class RoutedChatModel(BaseChatModel):
             parsed = message.additional_kwargs.get(PARSED_KEY) or {}
             error = parsed.get("parsing_error")
             return [f"structured output did not parse: {error}"] if error is not None else []
-        return self.cascade.evaluate(message_text(message.content))
+        return self.cascade.evaluate(message_text(message.content),
+                                     prompt_text(messages=call.openai_messages))
+
+    def _judge(self, judge: Callable[[AIMessage], list[str]] | None, call: RoutedCall,
+               message: AIMessage, ticket: Any) -> None:
+        """Run the cascade's checks before the attempt is settled, so the verdict on the
+        cheapest answer rides in its usage row (``Router.fit_from_ledger`` learns from it)."""
+        if judge is None:
+            return
+        failures = judge(message)
+        if ticket is not None and call.attempts == 1:
+            ticket.metadata.update(self.cascade.verdict_metadata(
+                prompt_text(messages=call.openai_messages), failures))
+
+    def _judged(self, call: RoutedCall) -> tuple[Callable[[AIMessage], list[str]],
+                                                 list[list[str]]]:
+        """A judge for one attempt and the list its verdicts land in."""
+        verdicts: list[list[str]] = []
+
+        def judge(message: AIMessage) -> list[str]:
+            verdicts.append(self._failures(call, message))
+            return verdicts[-1]
+
+        return judge, verdicts
 
     # -- generate -------------------------------------------------------------------------
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
@@ -372,9 +399,11 @@ class RoutedChatModel(BaseChatModel):
         reason, message, previous = "", None, None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self.cascade.attempt_reason(number, previous)
+            judge, verdicts = self._judged(call)
             message = self._with_fallback(
-                lambda model, reason=reason: self._call_model(model, call, reason, manager), name)
-            previous = _Failed(name, self._failures(call, message))
+                lambda model, reason=reason: self._call_model(model, call, reason, manager,
+                                                              judge), name)
+            previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 break
         assert message is not None
@@ -395,10 +424,11 @@ class RoutedChatModel(BaseChatModel):
         reason, message, previous = "", None, None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self.cascade.attempt_reason(number, previous)
+            judge, verdicts = self._judged(call)
             message = await self._awith_fallback(
-                lambda model, reason=reason: self._acall_model(model, call, reason, manager),
-                name)
-            previous = _Failed(name, self._failures(call, message))
+                lambda model, reason=reason: self._acall_model(model, call, reason, manager,
+                                                               judge), name)
+            previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 break
         assert message is not None
@@ -503,9 +533,11 @@ class RoutedChatModel(BaseChatModel):
             reason = self.cascade.attempt_reason(number, previous)
             if number == len(models):
                 return name, reason
+            judge, verdicts = self._judged(call)
             message = self._with_fallback(
-                lambda model, reason=reason: self._call_model(model, call, reason, manager), name)
-            previous = _Failed(name, self._failures(call, message))
+                lambda model, reason=reason: self._call_model(model, call, reason, manager,
+                                                              judge), name)
+            previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 return None, (reason, as_chunk(message))
         raise AssertionError("unreachable")  # pragma: no cover
@@ -546,10 +578,11 @@ class RoutedChatModel(BaseChatModel):
             reason = self.cascade.attempt_reason(number, previous)
             if number == len(models):
                 return name, reason
+            judge, verdicts = self._judged(call)
             message = await self._awith_fallback(
-                lambda model, reason=reason: self._acall_model(model, call, reason, manager),
-                name)
-            previous = _Failed(name, self._failures(call, message))
+                lambda model, reason=reason: self._acall_model(model, call, reason, manager,
+                                                               judge), name)
+            previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 return None, (reason, as_chunk(message))
         raise AssertionError("unreachable")  # pragma: no cover

@@ -41,3 +41,34 @@ def test_router_reason_is_a_column_when_the_handler_records(tmp_path) -> None:
     assert row.model == CHEAP and (row.route_reason or "").startswith("score ")
     assert "P(cheap answer fails)" in (row.route_reason or "")
     assert "route_reason" not in row.metadata_
+
+
+def test_a_routed_cascade_with_an_engine_leaves_verdicts_the_router_learns_from(
+        tmp_path) -> None:
+    from budgetkit.routing import Agreement
+
+    def cheap_model(prompt: str) -> FakeMessagesListChatModel:
+        return fake("?" if "integral" in prompt else "a fine answer")
+
+    with Engine(db=str(tmp_path / "usage.db")) as engine:
+        for n in range(15):
+            for prompt in (f"Compute the integral of x^{n} from 0 to 2.",
+                           f"Suggest a name for the cafe at number {n}."):
+                model = RoutedChatModel(
+                    models={CHEAP: cheap_model(prompt), STRONG: fake("a full answer")},
+                    cascade=Cascade([CHEAP, STRONG], [MinLength(5)]), engine=engine)
+                model.invoke(prompt)
+        first = [r for r in engine.usage() if r.attempt == 1]
+        assert len(first) == 30 and all("route_verdict" in r.metadata_ for r in first)
+        router = Router({"low": CHEAP, "high": STRONG}, engine=engine)
+        router.fit_from_ledger(engine)
+        assert router.route("Compute the integral of x^9 from 0 to 5.").model == STRONG
+        assert router.route("Suggest a name for the cafe at number 99.").model == CHEAP
+
+        # checks that need the question get it from the routed call's messages
+        asked: list[str] = []
+        agree = Agreement(lambda prompt: asked.append(prompt) or "a different answer")
+        model = RoutedChatModel(models={CHEAP: fake("an answer"), STRONG: fake("strong")},
+                                cascade=Cascade([CHEAP, STRONG], [agree]), engine=engine)
+        assert model.invoke("Which is larger, 2^10 or 10^3?").content == "strong"
+        assert asked[0] == "Which is larger, 2^10 or 10^3?"
