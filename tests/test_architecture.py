@@ -20,7 +20,7 @@ INTEGRATIONS = ROOT / "integrations"
 # or its own part; never one on its own floor or above (so budgets, cache and fitting stay
 # independent of each other, and nothing below the engine knows the engine).
 LAYERS: dict[str, int] = {
-    "_version": 0, "errors": 0,
+    "_version": 0, "errors": 0, "progress": 0,  # the progress hook's type, nothing else
     "pricing": 1,
     "ledger": 2,
     "budgets": 3, "cache": 3, "fitting": 3,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -255,8 +256,9 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
                                                        tmp_path: Path) -> None:
     pytest.importorskip("langchain_openai", reason="the demo needs langchain-openai")
     db = str(tmp_path / "demo.db")
-    code, out, err = run(capsys, "demo", "--db", db, "--calls", "60", "--json")
+    code, out, err = run(capsys, "demo", "--db", db, "--calls", "60", "--json", "--quiet")
     assert code == EXIT_OK, err
+    assert err == ""  # --quiet: no progress lines
     result = json.loads(out)
     demo, report = result["demo"], result["report"]
     assert demo["answered"] + demo["blocked"] + demo["embedded"] == demo["calls_planned"]
@@ -274,10 +276,79 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
     assert any(a["direction"] == "spike" for a in anomalies)  # the runaway batch job
 
 
-def test_console_money_tables_and_progress_bar() -> None:
+def test_demo_without_db_uses_a_temporary_ledger_and_leaves_home_alone(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("langchain_openai", reason="the demo needs langchain-openai")
+    import tempfile
+
+    home, temporary = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    temporary.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("BUDGETKIT_DB", str(home / "app.db"))  # the app's ledger: not the demo's
+    monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+    code, out, err = run(capsys, "demo", "--calls", "20")
+    assert code == EXIT_OK, err
+    assert list(home.iterdir()) == []  # no ~/.budgetkit, no budgets.toml, no app.db
+    [folder] = temporary.iterdir()
+    ledger = folder / "demo.db"
+    assert (folder / "budgets.toml").is_file()
+    # it says where it wrote: before the work on stderr, and in the summary
+    assert f"writing to a new temporary ledger, {ledger}" in err
+    assert f"into sqlite:///{ledger}" in out and f"--db {ledger}" in out
+    # not a terminal: no bar, one line per stage
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert len(lines) == 4, lines  # where, loading, calls, report
+    assert re.fullmatch(r"demo calls: \d+ calls in [\d.]+ s", lines[2])
+    with Engine(db=str(ledger)) as engine:
+        assert len(engine.usage()) > 0
+
+
+def test_progress_draws_a_bar_on_a_terminal_and_one_line_elsewhere() -> None:
     import io
 
-    from budgetkit.cli._console import Progress, money, table
+    from budgetkit.cli._progress import Progress
+
+    terminal = io.StringIO()
+    with Progress("export", 4, unit="rows", stream=terminal, enabled=True, delay=0) as progress:
+        for done in range(1, 5):
+            progress.update(done)
+    assert "100%" in terminal.getvalue() and "4/4 rows" in terminal.getvalue()
+    assert terminal.getvalue().endswith("\n")  # the finished bar stays as a line
+
+    log = io.StringIO()  # not a terminal: no bar, one line at the end of the stage
+    with Progress("export", unit="rows", stream=log, delay=0) as progress:
+        progress.update(2_000, None)
+        progress.update(5_200, 5_200)
+    assert re.fullmatch(r"export: 5,200 rows in [\d.]+ s\n", log.getvalue())
+
+    quick = io.StringIO()  # quicker than the delay: nothing to say
+    with Progress("export", unit="rows", stream=quick, delay=60) as progress:
+        progress.update(3, 3)
+    quiet = io.StringIO()
+    with Progress("export", 3, unit="rows", stream=quiet, enabled=True, quiet=True,
+                  delay=0) as progress:
+        progress.update(3)
+    assert quick.getvalue() == "" and quiet.getvalue() == ""
+
+
+def test_a_wait_without_updates_shows_the_time_passing() -> None:
+    import io
+    import time
+
+    from budgetkit.cli._progress import Progress
+
+    terminal = io.StringIO()  # e.g. one long SQL query of a report over a large ledger
+    with Progress("report: reading the ledger", stream=terminal, enabled=True, delay=0.2):
+        time.sleep(1.3)
+    drawn = terminal.getvalue()
+    assert "reading the ledger... [00:01]" in drawn and drawn.endswith("\n")
+
+
+def test_console_money_and_tables() -> None:
+    from budgetkit.cli._console import money, table
 
     assert [money(v) for v in (1234.5, 2.5, 0.0421, 0.000015, 0, -0.5, None)] == [
         "$1,234.50", "$2.50", "$0.0421", "$0.000015", "$0", "-$0.5000", "-"]
@@ -285,11 +356,3 @@ def test_console_money_tables_and_progress_bar() -> None:
     lines = text.splitlines()
     assert lines[0].startswith("model") and lines[2].endswith("$1.00")
     assert len({len(line) for line in lines[2:]}) == 1  # numbers right-aligned
-    stream = io.StringIO()
-    with Progress("rows", 4, stream=stream, enabled=True) as progress:
-        for done in range(1, 5):
-            progress.update(done)
-    assert "100%" in stream.getvalue() and "4/4 rows" in stream.getvalue()
-    quiet = io.StringIO()
-    Progress("rows", 4, stream=quiet).update(4)  # not a terminal: nothing drawn
-    assert quiet.getvalue() == ""

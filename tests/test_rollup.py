@@ -198,8 +198,11 @@ def test_incremental_rollup_equals_a_rebuild_and_survives_a_mid_hour_purge(store
     rng = random.Random(11)
     write(store, random_rows(rng, 1200), rng)
     incremental = rollup_snapshot(store)
-    assert store.rebuild_rollup().ready
+    seen: list[tuple[int, int | None]] = []
+    assert store.rebuild_rollup(progress=lambda done, total: seen.append((done, total))).ready
     assert rollup_snapshot(store) == incremental
+    # the progress hook hears of each rollup table as it is rebuilt, in order
+    assert seen == [(done, len(SHAPES)) for done in range(len(SHAPES) + 1)]
     assert sum(r[SHAPES[0].table.c.keys().index("calls")] for r in incremental[
         "budgetkit_usage_hourly"]) == 1200
 

@@ -1,17 +1,15 @@
-"""Terminal output for the command line: tables, money, bars and a progress bar.
+"""Terminal output for the command line: tables, money and bars.
 
-Plain text that reads well in a terminal and in a CI log; no dependency.
+Plain text that reads well in a terminal and in a CI log; no dependency. Progress bars of
+long work are in ``_progress``.
 """
 
 from __future__ import annotations
 
-import shutil
-import sys
-import time
 from collections.abc import Iterable, Sequence
-from typing import IO, Any
+from typing import Any
 
-__all__ = ["money", "integer", "table", "bar", "Progress"]
+__all__ = ["money", "integer", "table", "bar"]
 
 
 def money(usd: float | None) -> str:
@@ -63,51 +61,3 @@ def bar(value: float, maximum: float, width: int = 30) -> str:
         return ""
     eighths = int(round(width * 8 * min(value, maximum) / maximum))
     return "█" * (eighths // 8) + ("", "▏", "▎", "▍", "▌", "▋", "▊", "▉")[eighths % 8]
-
-
-class Progress:
-    """``[#####.....]  52%  5,200/10,000 export`` on stderr, redrawn in place.
-
-    Drawn only when the stream is a terminal (scripts and CI logs stay clean) unless
-    ``enabled`` says otherwise; redraws at most 10 times a second.
-    """
-
-    def __init__(self, label: str, total: int | None = None, *, stream: IO[str] | None = None,
-                 enabled: bool | None = None) -> None:
-        self.label, self.total = label, total
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self._last = 0.0
-        self._drawn = False
-
-    def update(self, done: int, total: int | None = None) -> None:
-        if total is not None:
-            self.total = total
-        if not self.enabled:
-            return
-        now = time.monotonic()
-        if now - self._last < 0.1 and (self.total is None or done < self.total):
-            return
-        self._last = now
-        width = max(10, min(40, shutil.get_terminal_size((80, 20)).columns - 40))
-        if self.total:
-            filled = int(width * min(done, self.total) / self.total)
-            text = (f"[{'#' * filled}{'.' * (width - filled)}] "
-                    f"{100 * done / self.total:3.0f}%  {done:,}/{self.total:,} {self.label}")
-        else:
-            text = f"{done:,} {self.label}"
-        self.stream.write("\r" + text)
-        self.stream.flush()
-        self._drawn = True
-
-    def close(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
-
-    def __enter__(self) -> Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

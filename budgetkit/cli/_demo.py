@@ -16,9 +16,12 @@ OpenAI-compatible server (:class:`budgetkit.testing.FakeOpenAIServer`: no networ
   cents and the retry goes through), a team daily budget and a monthly one; alerts fire;
 - five days ago a runaway batch job spends far more than usual: the anomaly report shows it.
 
-Rows go to the given database (default: budgetkit's default SQLite file), the budgets are
+Rows go to ``--db`` when it is given, else to a fresh SQLite file in a new temporary folder
+(never to the user's own ledger, ``~/.budgetkit/`` or ``BUDGETKIT_DB``); the budgets are
 written to ``budgets.toml`` next to a SQLite database when none is there, so
-``budgetkit serve`` shows the same gauges. Needs ``langchain-openai``.
+``budgetkit serve`` shows the same gauges. Both paths are printed. Each stage shows its
+progress on stderr (a bar on a terminal, one line per stage otherwise, nothing with
+``--quiet``). Needs ``langchain-openai``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import json
 import logging
 import random
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +146,22 @@ def _budget_file(engine: Any, *, write: bool) -> tuple[Path | None, bool]:
 
 
 def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: int = 7,
-             as_json: bool = False, show_progress: bool | None = None) -> int:
-    """Run the demo workload into ``db`` and print the report; returns an exit code."""
+             as_json: bool = False, quiet: bool = False) -> int:
+    """Run the demo workload into ``db`` (default: a new temporary SQLite file) and print
+    the report; returns an exit code."""
+    from ._progress import Progress
+
+    def stage(label: str, total: int | None = None, unit: str = "") -> Progress:
+        return Progress(label, total, unit=unit, quiet=quiet, delay=0)
+
+    if db is None:
+        db = str(Path(tempfile.mkdtemp(prefix="budgetkit-demo-")) / "demo.db")
+        where = f"a new temporary ledger, {db} (--db FILE writes elsewhere)"
+    else:
+        where = db
+    if not quiet:
+        print(f"budgetkit demo: writing to {where}", file=sys.stderr)
+    loading = stage("loading LangChain and the local OpenAI-compatible server")
     try:
         from langchain_budgetkit import (
             BudgetkitCache,
@@ -155,6 +173,7 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
         from langchain_core.prompts import ChatPromptTemplate
         from langchain_openai import ChatOpenAI, OpenAIEmbeddings
     except ImportError as exc:
+        loading.close()
         print(f"budgetkit demo needs LangChain's OpenAI client and the LangChain adapter: "
               f"pip install langchain-openai langchain-budgetkit ({exc.name} is missing)",
               file=sys.stderr)
@@ -165,13 +184,12 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
     from budgetkit.reports import summarize
     from budgetkit.testing import FakeOpenAIServer
 
-    from ._console import Progress
     from ._render import render_summary
 
     # alerts and budget stops are shown in the report, not as log lines mid-run
-    quiet = {name: logging.getLogger(name).level
-             for name in ("budgetkit", "budgetkit.alerts", "langchain_core.callbacks.manager")}
-    for name in quiet:
+    silenced = {name: logging.getLogger(name).level
+                for name in ("budgetkit", "budgetkit.alerts", "langchain_core.callbacks.manager")}
+    for name in silenced:
         logging.getLogger(name).setLevel(logging.CRITICAL + 1)
     rng = random.Random(seed)
     names = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
@@ -210,7 +228,8 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
             embedder = OpenAIEmbeddings(model="text-embedding-3-small", base_url=server.base_url,
                                         api_key="demo-key", check_embedding_ctx_length=False)
             plan = _plan(calls, people, rng)
-            with Progress("demo calls", len(plan), enabled=show_progress) as progress:
+            loading.close()
+            with stage("demo calls", len(plan), unit="calls") as progress:
                 for index, item in enumerate(plan, 1):
                     clock.at = item["when"]
                     _one_call(item, chains, handler, embedder, engine, rng, counts,
@@ -229,10 +248,11 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                 _one_call(retry, chains, handler, embedder, engine, rng, counts,
                           MeteredEmbeddings, BudgetExceeded)
                 counts["retry_answered"] = counts["answered"] - answered_before
-        engine.flush()
-        data, text = render_summary(engine, {"days": 14})
-        counts["cache_hits"] = (summarize(engine, group_by=(), days=3660).totals.cache_hits
-                                - hits_before)  # this run's, also when the database had some
+        with stage("writing the ledger and the report"):
+            engine.flush()
+            data, text = render_summary(engine, {"days": 14})
+            counts["cache_hits"] = (summarize(engine, group_by=(), days=3660).totals.cache_hits
+                                    - hits_before)  # this run's, also with earlier rows
         summary = {"calls_planned": len(plan), **counts, "database": engine.store.url,
                    "budgets_file": str(budget_path) if budget_path else None}
         if as_json:
@@ -258,18 +278,18 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
             print(f"\nDemo: {counts['answered']} answers ({counts['cache_hits']} from the cache),"
                   f" {counts['embedded']} embedding calls, {counts['blocked']} calls stopped "
                   f"by a budget, into {engine.store.url}")
-            db_arg = f" --db {db}" if db else ""
-            print(f"Next: budgetkit report anomalies{db_arg}   |   budgetkit serve{db_arg}")
+            if budget_path is not None:
+                print(f"Budgets: {budget_path}" + ("" if wrote else " (yours, left as it was)"))
+            print(f"Next: budgetkit report anomalies --db {db}   |   budgetkit serve --db {db}")
         return 0
     finally:
+        loading.close()
         engine.close()
-        for name, level in quiet.items():
+        for name, level in silenced.items():
             logging.getLogger(name).setLevel(level)
 
 
 def _demo_budgets(load: Any) -> list[Any]:
-    import tempfile
-
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "budgets.toml"
         path.write_text(DEMO_BUDGETS_TOML, encoding="utf-8")

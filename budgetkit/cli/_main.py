@@ -35,7 +35,8 @@ from budgetkit.errors import (
     UnknownModelError,
 )
 
-from ._console import Progress, integer, money, table
+from ._console import integer, money, table
+from ._progress import Progress
 from ._render import amount, budget_table, group_table, period_line, render_summary
 
 __all__ = ["main", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_MISSING_DEPENDENCY"]
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                              "or budgets.toml next to the database)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON for scripts instead of tables")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars or progress lines on stderr")
 
     span = argparse.ArgumentParser(add_help=False)
     span.add_argument("--days", type=int, help="the last N days (default 30)")
@@ -154,10 +157,24 @@ def _parser() -> argparse.ArgumentParser:
 
 # -- shared helpers -------------------------------------------------------------------------
 def _emit(args: argparse.Namespace, data: Any, text: str) -> None:
+    _stop_waiting(args)  # the result replaces the "reading the ledger" bar
     if args.json:
         print(json.dumps(data, indent=2, default=str, allow_nan=False))
     else:
         print(text)
+
+
+def _progress(args: argparse.Namespace, label: str, total: int | None = None, *,
+              unit: str = "") -> Progress:
+    """A stage's progress on stderr: a bar on a terminal, else one line if it took a while;
+    nothing with ``--quiet``."""
+    return Progress(label, total, unit=unit, quiet=args.quiet)
+
+
+def _stop_waiting(args: argparse.Namespace) -> None:
+    waiting: Progress | None = getattr(args, "waiting", None)
+    if waiting is not None:
+        waiting.close()
 
 
 def _budget_file(args: argparse.Namespace, db_url: str) -> Path | None:
@@ -376,7 +393,9 @@ def cmd_export(args: argparse.Namespace, engine: Any) -> int:
     from budgetkit.reports import export_usage
 
     span = _span(args)
-    with Progress("rows exported") as progress:
+    # rows printed to a terminal would scribble over the bar
+    to_screen = args.output == "-" and sys.stdout.isatty()
+    with Progress("export", unit="rows", quiet=args.quiet or to_screen) as progress:
         if args.output == "-":
             count = export_usage(engine, sys.stdout, format=args.format or "csv",
                                  progress=progress.update, **span)
@@ -444,7 +463,7 @@ def cmd_purge(args: argparse.Namespace, engine: Any) -> int:
         oldest = dt.datetime.fromisoformat(oldest)
     deleted = 0
     step = max(dt.timedelta(days=1), (cutoff - oldest) / 200)
-    with Progress("rows deleted", total) as progress:
+    with _progress(args, "purge", total, unit="rows") as progress:
         edge = oldest
         while edge < cutoff:
             edge = min(edge + step, cutoff)
@@ -458,7 +477,8 @@ def cmd_purge(args: argparse.Namespace, engine: Any) -> int:
 def cmd_rollup(args: argparse.Namespace, engine: Any) -> int:
     engine.flush()
     if args.rebuild:
-        state = engine.store.rebuild_rollup()
+        with _progress(args, "rollup rebuild", unit="tables") as progress:
+            state = engine.store.rebuild_rollup(progress=progress.update)
     else:
         state = engine.store.rollup_status()
     data = state.to_dict()
@@ -506,13 +526,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.calls < 1 or args.users < 1:
         raise _Usage("--calls and --users must be >= 1")
     return run_demo(db=args.db, calls=args.calls, users=args.users, seed=args.seed,
-                    as_json=args.json)
+                    as_json=args.json, quiet=args.quiet)
 
 
 # -- main -----------------------------------------------------------------------------------
 _ENGINE_COMMANDS = {"report": cmd_report, "budgets": cmd_budgets, "alerts": cmd_alerts,
                     "approve": cmd_approve, "export": cmd_export, "purge": cmd_purge,
                     "rollup": cmd_rollup, "serve": cmd_serve}
+_READ_COMMANDS = frozenset({"report", "budgets", "alerts"})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -521,7 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         # not parser.set_defaults: it would reset the shared --db action's SUPPRESS default
-        for name, default in (("db", None), ("budgets", None), ("json", False)):
+        for name, default in (("db", None), ("budgets", None), ("json", False),
+                              ("quiet", False)):
             if not hasattr(args, name):
                 setattr(args, name, default)
         if args.command is None:
@@ -532,9 +554,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             return cmd_demo(args)
         engine = open_engine(args)
+        if args.command in _READ_COMMANDS:  # a query over a large ledger can take a while
+            args.waiting = _progress(args, f"{args.command}: reading the ledger")
         try:
             return _ENGINE_COMMANDS[args.command](args, engine)
         finally:
+            _stop_waiting(args)
             engine.close()
     except _Usage as exc:
         print(f"budgetkit: error: {exc}", file=sys.stderr)

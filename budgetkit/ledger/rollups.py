@@ -46,6 +46,8 @@ from typing import Any, cast
 from sqlalchemy import Insert, Table, and_, func, literal_column, select
 from sqlalchemy.engine import Connection
 
+from budgetkit.progress import ProgressCallback
+
 from ._tables import (
     ROLLUP_DIMENSIONS,
     ROLLUP_MEASURES,
@@ -293,15 +295,22 @@ class RollupStatus:
                 "buckets": dict(self.buckets), "seconds": self.seconds}
 
 
-def rebuild(sa_engine: Any) -> RollupStatus:
-    """Recompute every rollup table from the ledger in one transaction; mark it trusted."""
+def rebuild(sa_engine: Any, progress: ProgressCallback | None = None) -> RollupStatus:
+    """Recompute every rollup table from the ledger in one transaction; mark it trusted.
+
+    ``progress(done, total)`` is called after each rollup table (see :mod:`budgetkit.progress`).
+    """
     started = time.perf_counter()
     with sa_engine.begin() as conn:
         if not supports(conn.dialect.name):
             return status(sa_engine)
         _lock(conn)
-        for shape in SHAPES:
+        if progress is not None:
+            progress(0, len(SHAPES))
+        for built, shape in enumerate(SHAPES, 1):
             _refresh(conn, shape, None, None)
+            if progress is not None:
+                progress(built, len(SHAPES))
         _mark_ready(conn)
     done = status(sa_engine)
     return RollupStatus(done.ready, done.version, done.built_at, done.buckets,

@@ -12,7 +12,6 @@ import datetime as dt
 import io
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -21,6 +20,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from budgetkit.errors import ConfigurationError, StoreUnavailable
 from budgetkit.pricing import nanos_to_decimal
+from budgetkit.progress import ProgressCallback
 
 from ._reports import USAGE, Period, _filters, as_source
 
@@ -57,12 +57,13 @@ def _plain(row: Any) -> dict[str, Any]:
 def export_usage(source: Any, destination: str | os.PathLike[str] | IO[str], *,
                  format: str | None = None, days: int | None = None, start_date: Any = None,
                  end_date: Any = None, now: dt.datetime | None = None,
-                 progress: Callable[[int, int], None] | None = None,
+                 progress: ProgressCallback | None = None,
                  **filters: Any) -> int:
     """Write the period's usage rows (oldest first) to ``destination``; returns the count.
 
     ``format`` is csv, json (one array) or jsonl (a row per line); by default it follows
-    the file's suffix. ``progress(done, total)`` is called after each chunk.
+    the file's suffix. ``progress(done, total)`` is called after each chunk of rows (see
+    :mod:`budgetkit.progress`).
     """
     if format is None:
         suffix = Path(os.fspath(destination)).suffix.lower().lstrip(".") if isinstance(
@@ -83,7 +84,7 @@ def export_usage(source: Any, destination: str | os.PathLike[str] | IO[str], *,
 
 
 def _write(src: Any, query: Any, where: Any, out: IO[str], format: str,
-           progress: Callable[[int, int], None] | None) -> int:
+           progress: ProgressCallback | None) -> int:
     done = 0
     try:
         with src.store.engine.connect() as conn:
