@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from ._budget import Budget, window_bounds
 from ._sql import W, ledger_spend
+
+if TYPE_CHECKING:
+    from ._lane import AdmissionLane
 
 __all__ = ["Windows"]
 
@@ -134,7 +137,8 @@ class Windows:
             return None
         return cached[2], cached[3]
 
-    def lane(self, ticket: Any, default_output: int, wall_clock: bool = False) -> Any:
+    def lane(self, ticket: Any, default_output: int, wall_clock: bool = False
+             ) -> AdmissionLane | None:
         """An admission lane for calls like ``ticket`` (see ``_budget_lane``), or None."""
         from ._lane import AdmissionLane
 

@@ -16,6 +16,7 @@ from budgetkit.errors import ConfigurationError
 from budgetkit.pricing import token_count
 
 if TYPE_CHECKING:
+    from budgetkit.budgets import BudgetBook
     from budgetkit.ledger import Store, Ticket
     from budgetkit.pricing import PriceCatalog
 
@@ -28,14 +29,14 @@ class BudgetMethods:
     store: Store
     catalog: PriceCatalog
     project: str | None
-    _budgets: Any
+    _budgets: BudgetBook | None
     _lock: threading.Lock
 
     def now(self) -> dt.datetime:
         raise NotImplementedError
 
     # -- budgets (see _budget_book) -----------------------------------------------------
-    def _budget_book(self) -> Any:
+    def _budget_book(self) -> BudgetBook:
         if self._budgets is None:
             from budgetkit.budgets import BudgetBook
 

@@ -146,7 +146,7 @@ class Engine(BudgetMethods):
         self._lock = threading.Lock()
         self._listeners: list[Callable[[UsageRecord], None]] = []
         _watch_forks(self)
-        self._budgets: Any = None  # the budget book, created by add_budget
+        self._budgets = None  # the budget book, created by add_budget
         self._closed = False
         if retention_days is not None:
             self.purge()
@@ -337,8 +337,10 @@ class Engine(BudgetMethods):
 
     def _reserve(self, ticket: Ticket) -> Ticket:
         """Reserve in every budget, or write the ``blocked`` row and raise."""
+        budgets = self._budgets
+        assert budgets is not None  # called only when budgets are registered
         try:
-            self._budgets.reserve(ticket)
+            budgets.reserve(ticket)
         except Exception as exc:
             from budgetkit.errors import BudgetExceeded
 
