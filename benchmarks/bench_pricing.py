@@ -5,7 +5,8 @@
     .venv-bench/bin/python benchmarks/bench_pricing.py
 
 Peers: LiteLLM's ``cost_per_token`` (with its bundled local price map, no network) and
-tokencost's ``count_message_tokens``. Both are pointed at the same offline tiktoken files.
+tokencost's ``count_message_tokens``, given the same tiktoken files offline (llama-index-core's
+copy; budgetkit reads the identical files it ships).
 Prints a markdown table; times are the median of 7 repeats.
 """
 
@@ -43,29 +44,38 @@ def per_call_us(fn, number: int) -> float:
     return statistics.median(runs) / number * 1e6
 
 
-def import_seconds(module: str) -> float:
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", f"import {module}"], check=True,
-                       env={**os.environ})
-        times.append(time.perf_counter() - start)
-    base = []
-    for _ in range(3):
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        base.append(time.perf_counter() - start)
-    return min(times) - min(base)
+def import_seconds(module: str, runs: int = 5) -> float:
+    """Median time of ``import module`` in a fresh interpreter, timed inside that interpreter.
+
+    (Timing the whole subprocess and subtracting an empty interpreter's start-up gave negative
+    figures when the machine was busy: the difference of two noisy numbers.)
+    """
+    code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+    times = [float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                  text=True, env={**os.environ}).stdout.split()[-1])
+             for _ in range(runs)]
+    return statistics.median(times)
 
 
-def conversation(n_turns: int) -> list[dict[str, str]]:
-    messages = [{"role": "system", "content": "You are a careful assistant for a retail bank."}]
+def ratio(ours: float, peer: float) -> str:
+    """``peer / ours`` as "N.Nx faster", or "N.Nx slower" when budgetkit takes longer."""
+    return f"{peer / ours:.1f}x faster" if peer >= ours else f"{ours / peer:.1f}x slower"
+
+
+def conversation(n_turns: int, marker: str = "") -> list[dict[str, str]]:
+    messages = [{"role": "system",
+                 "content": f"{marker}You are a careful assistant for a retail bank."}]
     for i in range(n_turns):
-        messages.append({"role": "user", "content": f"Question {i}: what is the fee for a "
-                                                    f"wire transfer of {i * 37} EUR to Spain?"})
-        messages.append({"role": "assistant", "content": f"For {i * 37} EUR the fee is 0.2 %, "
-                                                         "at least 5 EUR, and it arrives in a day."})
+        messages.append({"role": "user", "content": f"{marker}Question {i}: what is the fee for "
+                                                    f"a wire transfer of {i * 37} EUR to Spain?"})
+        messages.append({"role": "assistant",
+                         "content": f"{marker}For {i * 37} EUR the fee is 0.2 %, at least 5 EUR, "
+                                    "and it arrives in a day."})
     return messages
+
+
+def progress(stage: str) -> None:
+    print(f"measuring: {stage}", file=sys.stderr, flush=True)
 
 
 def main() -> None:
@@ -76,10 +86,13 @@ def main() -> None:
 
     rows: list[tuple[str, str, str, str]] = []
 
+    progress("import time (fresh interpreters)")
     ours_import = import_seconds("budgetkit")
     litellm_import = import_seconds("litellm")
     rows.append(("import time", f"{ours_import * 1000:.0f} ms", f"{litellm_import * 1000:.0f} ms "
-                 "(litellm)", f"{litellm_import / ours_import:.0f}x faster"))
+                 "(litellm)", ratio(ours_import, litellm_import)))
+
+    progress("cost of one call")
 
     ours = per_call_us(lambda: budgetkit.estimate_cost("gpt-4o", 1000, 200), 20_000)
     peer = per_call_us(lambda: litellm.cost_per_token(model="gpt-4o", prompt_tokens=1000,
@@ -88,15 +101,16 @@ def main() -> None:
                                           completion_tokens=200))
                - budgetkit.estimate_cost("gpt-4o", 1000, 200)) < 1e-12
     rows.append(("cost of one call (gpt-4o)", f"{ours:.2f} µs", f"{peer:.1f} µs (litellm)",
-                 f"{peer / ours:.0f}x faster; same USD: {same}"))
+                 f"{ratio(ours, peer)}; same USD: {same}"))
 
     ours = per_call_us(lambda: budgetkit.estimate_cost("gpt-4o-2024-08-06", 1000, 200), 20_000)
     peer = per_call_us(lambda: litellm.cost_per_token(model="gpt-4o-2024-08-06",
                                                       prompt_tokens=1000,
                                                       completion_tokens=200), 500)
     rows.append(("cost of one call (dated snapshot)", f"{ours:.2f} µs",
-                 f"{peer:.1f} µs (litellm)", f"{peer / ours:.0f}x faster"))
+                 f"{peer:.1f} µs (litellm)", ratio(ours, peer)))
 
+    progress("counting repeated messages")
     for label, messages in (("count 6 messages", conversation(2)[:6]),
                             ("count 201 messages", conversation(100))):
         for model in ("gpt-4o", "gpt-4"):
@@ -106,22 +120,28 @@ def main() -> None:
             peer = per_call_us(lambda: tokencost.count_message_tokens(messages, model), 20)
             rows.append((f"{label} ({model})", f"{ours:.1f} µs → {ours_count}",
                          f"{peer:.1f} µs → {peer_count} (tokencost)",
-                         f"{peer / ours:.1f}x faster; same count: {ours_count == peer_count}"))
+                         f"{ratio(ours, peer)}; same count: {ours_count == peer_count}"))
 
     # The rows above repeat the same messages, so budgetkit's count cache is warm (as it is for
-    # a growing chat history). Cold: the cache is cleared before every count.
-    from budgetkit.pricing import _tokens
+    # a growing chat history). First count: every call counts a conversation never seen before
+    # (each message carries a fresh number), so nothing is cached; tokencost caches nothing.
+    # Built before timing, so neither side pays for making them.
+    calls = 1 + 50 * REPEATS
+    ours_fresh = iter([conversation(100, marker=f"#{k} ") for k in range(calls)])
+    peer_fresh = iter([conversation(100, marker=f"#{k} ") for k in range(calls, 2 * calls)])
 
-    messages = conversation(100)
+    def first_count_ours() -> int:
+        return budgetkit.count_message_tokens(next(ours_fresh), "gpt-4o")
 
-    def cold() -> int:
-        _tokens._count_cache.clear()
-        return budgetkit.count_message_tokens(messages, "gpt-4o")
+    def first_count_peer() -> int:
+        return tokencost.count_message_tokens(next(peer_fresh), "gpt-4o")
 
-    ours = per_call_us(cold, 50)
-    peer = per_call_us(lambda: tokencost.count_message_tokens(messages, "gpt-4o"), 20)
-    rows.append(("count 201 messages (gpt-4o), cold cache", f"{ours:.1f} µs", f"{peer:.1f} µs "
-                 "(tokencost)", f"{peer / ours:.1f}x faster"))
+    progress("first count of new conversations")
+    ours = per_call_us(first_count_ours, 50)
+    peer = per_call_us(first_count_peer, 50)
+    rows.append(("count 201 new messages (gpt-4o), first count", f"{ours:.1f} µs",
+                 f"{peer:.1f} µs (tokencost)",
+                 f"{ratio(ours, peer)} (budgetkit/tokencost time {ours / peer:.2f})"))
 
     print(f"\nMeasured {time.strftime('%Y-%m-%d')} on {platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}; "

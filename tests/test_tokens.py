@@ -308,3 +308,17 @@ def test_tool_counts_of_unchecked_families_are_estimates() -> None:
                                                                                  "gpt-4")
     assert count_tool_tokens(COOKBOOK_TOOLS, "gpt-4.1") == count_tool_tokens(COOKBOOK_TOOLS,
                                                                              "gpt-4o")
+
+
+def test_count_cache_stays_bounded_and_exact(monkeypatch) -> None:
+    from budgetkit.pricing import _tokens
+
+    monkeypatch.setattr(_tokens, "_COUNT_CACHE_SIZE", 64)
+    counter = _tokens._TextCounter(get_encoding("o200k_base"))
+    texts = [f"turn {i}: the fee is {i * 37} EUR" for i in range(500)]
+    for text in texts + texts[::-1]:
+        assert counter.count(text) == len(get_encoding("o200k_base").encode(text))
+        assert len(counter._counts) <= 64
+    long_text = "x " * 5_000  # above the cacheable size: counted, never kept
+    assert counter.count(long_text) == len(get_encoding("o200k_base").encode(long_text))
+    assert long_text not in counter._counts

@@ -16,14 +16,14 @@ import re
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import TYPE_CHECKING, Any
-
-from cachetools import LRUCache
 
 from budgetkit.errors import ConfigurationError
 
 from ._bpe import load_encoding
 from ._catalog import PriceCatalog, default_catalog
+from ._long_text import LONG_TEXT, count_long_text, encode_long_text
 
 if TYPE_CHECKING:
     import tiktoken
@@ -51,10 +51,54 @@ _encodings: dict[str, tiktoken.Encoding] = {}
 _encoding_lock = threading.Lock()
 _model_encodings: dict[tuple[int, str], tuple[str, bool]] = {}
 # Token counts of repeated strings (system prompts, history turns) are kept. Bounded to
-# 16k strings of at most 8k characters: at worst ~128 MB of keys, typically far less.
-_count_cache: LRUCache[tuple[str, str], int] = LRUCache(maxsize=16_384)
-_count_cache_lock = threading.Lock()
+# 16k strings of at most 8k characters per encoding: at worst ~128 MB of keys, typically far
+# less.
+_COUNT_CACHE_SIZE = 16_384
 _CACHEABLE_CHARS = 8_000  # longer strings are rare repeats; not worth the memory
+
+
+class _TextCounter:
+    """Counts texts in one encoding, remembering the counts of short texts.
+
+    The first count of a text is as cheap as tiktoken itself allows: one plain ``dict`` look-up
+    (no lock, no tuple key, no LRU bookkeeping) before ``encode_ordinary`` (which, unlike
+    ``encode``, does not scan for special tokens: their text is counted as plain text either
+    way). When full, the older half is dropped in one go (first in, first out): a repeated
+    string evicted that way is counted again once, which costs less than moving every hit to
+    the end of an LRU list.
+    """
+
+    __slots__ = ("_encode", "_counts", "_lock")
+
+    def __init__(self, encoding: tiktoken.Encoding) -> None:
+        self._encode = encoding.encode_ordinary
+        self._counts: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def count(self, text: str) -> int:
+        found = self._counts.get(text)
+        if found is not None:
+            return found
+        found = (len(self._encode(text)) if len(text) <= LONG_TEXT  # huge: see _long_text
+                 else count_long_text(self._encode, text))
+        if len(text) <= _CACHEABLE_CHARS:
+            if len(self._counts) >= _COUNT_CACHE_SIZE:
+                self._drop_older_half()
+            self._counts[text] = found
+        return found
+
+    def _drop_older_half(self) -> None:
+        with self._lock:
+            counts = self._counts
+            if len(counts) >= _COUNT_CACHE_SIZE:
+                # Readers keep using the old dict until they see the new one: no lock to read.
+                self._counts = dict(islice(counts.items(), len(counts) // 2, None))
+
+    def clear(self) -> None:
+        self._counts = {}
+
+
+_counters: dict[str, _TextCounter] = {}
 
 
 def get_encoding(name: str) -> tiktoken.Encoding:
@@ -67,6 +111,15 @@ def get_encoding(name: str) -> tiktoken.Encoding:
         if enc is None:
             enc = _encodings[name] = load_encoding(name)
     return enc
+
+
+def _counter(encoding: str) -> _TextCounter:
+    counter = _counters.get(encoding)
+    if counter is None:
+        enc = get_encoding(encoding)
+        with _encoding_lock:
+            counter = _counters.setdefault(encoding, _TextCounter(enc))
+    return counter
 
 
 def _encoding_name(model: str, catalog: PriceCatalog | None) -> tuple[str, bool]:
@@ -97,15 +150,7 @@ def is_exact(model: str, *, catalog: PriceCatalog | None = None) -> bool:
 
 
 def _count(text: str, encoding: str) -> int:
-    if len(text) > _CACHEABLE_CHARS:
-        return len(get_encoding(encoding).encode(text, disallowed_special=()))
-    key = (encoding, text)
-    cached = _count_cache.get(key)
-    if cached is None:
-        cached = len(get_encoding(encoding).encode(text, disallowed_special=()))
-        with _count_cache_lock:
-            _count_cache[key] = cached
-    return cached
+    return _counter(encoding).count(text)
 
 
 def count_tokens(text: str, model: str = "gpt-4o", *, catalog: PriceCatalog | None = None) -> int:
@@ -158,32 +203,38 @@ def count_message_tokens(messages: Iterable[Mapping[str, Any]], model: str = "gp
     OpenAI models; tool calls, images and non-OpenAI models are estimates.
     """
     encoding, _ = _encoding_name(model, catalog)
+    count = _counter(encoding).count
     per_message, per_name = _TOKENS_PER_MESSAGE, _TOKENS_PER_NAME
     if model in _LEGACY_0301:
         per_message, per_name = 4, -1
     total = 0
     for message in messages:
-        if not isinstance(message, Mapping):
+        # type() before isinstance(): the ABC check costs more than counting a short turn.
+        if type(message) is not dict and not isinstance(message, Mapping):
             raise ConfigurationError(
                 f"messages must be dicts with 'role' and 'content', got {type(message).__name__}"
                 " (framework messages are converted by the adapters)")
         total += per_message
-        text, extra = _content_text(message.get("content"))
-        total += extra + (_count(text, encoding) if text else 0)
+        content = message.get("content")
+        if type(content) is str:
+            total += count(content) if content else 0
+        else:
+            text, extra = _content_text(content)
+            total += extra + (count(text) if text else 0)
         role = message.get("role")
         if role:
-            total += _count(str(role), encoding)
+            total += count(role if type(role) is str else str(role))
         name = message.get("name")
         if name:
-            total += _count(str(name), encoding) + per_name
+            total += count(str(name)) + per_name
         for call in message.get("tool_calls") or ():
             function = call.get("function", call) if isinstance(call, Mapping) else {}
             arguments = function.get("arguments", function.get("args", ""))
             if not isinstance(arguments, str):
                 arguments = json.dumps(arguments, separators=(",", ":"))
-            total += _count(str(function.get("name", "")), encoding) + _count(arguments, encoding) + 3
+            total += count(str(function.get("name", ""))) + count(arguments) + 3
         if message.get("tool_call_id"):
-            total += _count(str(message["tool_call_id"]), encoding)
+            total += count(str(message["tool_call_id"]))
     total += _REPLY_PRIMING
     if tools:
         total += count_tool_tokens(tools, model, catalog=catalog)
@@ -306,7 +357,7 @@ def chunk_text(text: str, model: str, max_tokens: int, overlap: int = 0, *,
     if not text:
         return []
     enc = encoding_for_model(model, catalog=catalog)
-    tokens = enc.encode(text, disallowed_special=())
+    tokens = encode_long_text(enc.encode_ordinary, text)
     token_bytes = [enc.decode_single_token_bytes(t) for t in tokens]
     chunks: list[str] = []
     start = 0
