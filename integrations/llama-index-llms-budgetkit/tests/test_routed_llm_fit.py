@@ -175,7 +175,10 @@ def test_router_escalates_to_a_larger_window_before_fitting(engine: Engine, cata
     count = admitted(full, SMALL, catalog)
     assert WINDOWS[SMALL] < count + RESERVE <= WINDOWS[LARGE]
     small, large = recording("s"), recording("l")
-    response = routed(engine, small, large, fit_context=True, reserve_output=RESERVE).chat(full)
+    # thresholds of 1: the learned score alone never routes up here, only the window does
+    router = Router({"low": SMALL, "high": LARGE}, engine=engine, thresholds=(1.0, 1.0))
+    response = routed(engine, small, large, router=router, fit_context=True,
+                      reserve_output=RESERVE).chat(full)
     assert large.chats == [full] and small.chats == []  # whole, not cut
     marker = response.additional_kwargs[ROUTED_MARKER]
     assert "context_fit" not in marker

@@ -60,7 +60,8 @@ from llama_index.core.llms.llm import LLM
 import budgetkit
 from budgetkit import ConfigurationError, ContextWindowExceeded
 from budgetkit.fitting import FitReport
-from budgetkit.routing import Completion, asettle_completion, metered_call, settle_completion
+from budgetkit.routing import (Completion, asettle_completion, metered_call, prompt_text,
+                               settle_completion)
 from budgetkit.routing import RouteDecision
 from budgetkit.routing import (check_routed_models, explain_fit, fallback_reason,
                                fit_summary, largest_window_decision, routing_catalog)
@@ -325,9 +326,11 @@ class RoutedLLM(LLM):
         response = None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self._attempt_reason(number, previous)
+            verdicts: list[list[str]] = []
             response = self._with_fallback(
-                lambda model, reason=reason: self._once(model, call, reason, invoke), name)
-            failures = self.cascade.evaluate(_text(response))
+                lambda model, reason=reason, verdicts=verdicts: self._once(
+                    model, call, reason, invoke, verdicts), name)
+            failures = verdicts[-1]
             if not failures:
                 break
             previous = (name, failures)
@@ -343,13 +346,31 @@ class RoutedLLM(LLM):
         response = None
         for number, name in enumerate(self.cascade.models, start=1):
             reason = self._attempt_reason(number, previous)
+            verdicts: list[list[str]] = []
             response = await self._awith_fallback(
-                lambda model, reason=reason: self._aonce(model, call, reason, invoke), name)
-            failures = self.cascade.evaluate(_text(response))
+                lambda model, reason=reason, verdicts=verdicts: self._aonce(
+                    model, call, reason, invoke, verdicts), name)
+            failures = verdicts[-1]
             if not failures:
                 break
             previous = (name, failures)
         return response
+
+    def _failures(self, call: _Call, response: Response) -> list[str]:
+        """Why the cascade's checks reject ``response`` (checks that need the question get
+        the call's prompt or messages as text)."""
+        return self.cascade.evaluate(_text(response), prompt_text(call.prompt, call.messages))
+
+    def _judge(self, verdicts: list[list[str]] | None, call: _Call, response: Response,
+               ticket: Any) -> None:
+        """Check the answer before its attempt is settled, so the verdict on the cheapest
+        answer rides in that usage row (``Router.fit_from_ledger`` learns from it)."""
+        if verdicts is None:
+            return
+        verdicts.append(self._failures(call, response))
+        if ticket is not None and call.attempts == 1:
+            ticket.metadata.update(self.cascade.verdict_metadata(
+                prompt_text(call.prompt, call.messages), verdicts[-1]))
 
     def _attempt_reason(self, number: int, previous: tuple[str, list[str]] | None) -> str:
         from budgetkit.routing import Attempt
@@ -358,7 +379,8 @@ class RoutedLLM(LLM):
                                                        previous[1])
         return self.cascade.attempt_reason(number, before)
 
-    def _once(self, name: str, call: _Call, reason: str, invoke: Invoke) -> Response:
+    def _once(self, name: str, call: _Call, reason: str, invoke: Invoke,
+              verdicts: list[list[str]] | None = None) -> Response:
         ticket = self._admit(name, call, reason)
         try:
             with metered_call(ticket is not None):
@@ -366,9 +388,11 @@ class RoutedLLM(LLM):
         except BaseException as exc:
             self._release(ticket, exc)
             raise
+        self._judge(verdicts, call, response, ticket)
         return self._finish(ticket, response, call, reason)
 
-    async def _aonce(self, name: str, call: _Call, reason: str, invoke: Invoke) -> Response:
+    async def _aonce(self, name: str, call: _Call, reason: str, invoke: Invoke,
+                     verdicts: list[list[str]] | None = None) -> Response:
         ticket = await self._aadmit(name, call, reason)
         try:
             with metered_call(ticket is not None):
@@ -376,6 +400,7 @@ class RoutedLLM(LLM):
         except BaseException as exc:
             self._release(ticket, exc)
             raise
+        self._judge(verdicts, call, response, ticket)
         await asettle_completion(self._engine, ticket, _completion(response))
         return _mark(response, call, reason)
 
@@ -450,7 +475,7 @@ class RoutedLLM(LLM):
                 return name, reason
             response = self._with_fallback(
                 lambda model, reason=reason: self._once(model, call, reason, whole), name)
-            failures = self.cascade.evaluate(_text(response))
+            failures = self._failures(call, response)
             if not failures:
                 return response, reason
             previous = (name, failures)
@@ -551,7 +576,7 @@ class RoutedLLM(LLM):
                 return name, reason
             response = await self._awith_fallback(
                 lambda model, reason=reason: self._aonce(model, call, reason, whole), name)
-            failures = self.cascade.evaluate(_text(response))
+            failures = self._failures(call, response)
             if not failures:
                 return response, reason
             previous = (name, failures)
