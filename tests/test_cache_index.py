@@ -4,7 +4,9 @@ adds, replacements and removals stay consistent; saved graphs restore and reconc
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,3 +157,31 @@ def test_bad_vectors_are_typed_errors() -> None:
         LocalIndex(0)
     with pytest.raises(ConfigurationError, match="exact_max"):
         LocalIndex(DIM, exact_max=-1)
+
+
+def test_a_large_graph_is_built_in_the_background_while_the_exact_scan_answers(
+        data, monkeypatch: pytest.MonkeyPatch) -> None:
+    entries, queries = data
+    gate = threading.Event()
+    build = _index._Build._run
+
+    def held(self: Any, *args: Any) -> None:  # the build waits until the test lets it go
+        gate.wait(30)
+        build(self, *args)
+
+    monkeypatch.setattr(_index._Build, "_run", held)
+    index = LocalIndex(DIM, exact_max=100, background_min=1000)
+    index.add(range(1500), entries[:1500])
+    assert index.building and index.kind == "exact"
+    assert index.search(queries[0])[0][0] == 0  # answered exactly meanwhile
+    for item in range(10):
+        assert index.remove(item)
+    index.add([5_000], entries[1600:1601])
+    index.add([20], entries[1700:1701])  # a live id gets a new vector meanwhile
+    gate.set()
+    assert index.wait_built(30) and index.kind == "hnsw" and not index.building
+    assert len(index) == 1500 - 10 + 1
+    assert 3 not in index and 5_000 in index  # what happened meanwhile was replayed
+    assert index.search(entries[1600])[0][0] == 5_000
+    assert index.search(entries[1700])[0][0] == 20
+    assert all(item >= 10 for item, _ in index.search(entries[3], k=5))
