@@ -170,7 +170,8 @@ def test_a_large_graph_is_built_in_the_background_while_the_exact_scan_answers(
         build(self, *args)
 
     monkeypatch.setattr(_index._Build, "_run", held)
-    index = LocalIndex(DIM, exact_max=100, background_min=1000)
+    monkeypatch.setattr(LocalIndex, "background_min", 1000)
+    index = LocalIndex(DIM, exact_max=100)
     index.add(range(1500), entries[:1500])
     assert index.building and index.kind == "exact"
     assert index.search(queries[0])[0][0] == 0  # answered exactly meanwhile

@@ -14,6 +14,7 @@ import pytest
 from budgetkit import Engine
 from budgetkit.cache import MiniLMEmbedder, ResponseCache
 from budgetkit.cache import _index_files
+from budgetkit.cache._index import LocalIndex
 
 MODEL = "gpt-4o-mini"
 DIM = 48
@@ -104,3 +105,25 @@ def test_an_in_memory_ledger_saves_nothing(tmp_path: Path) -> None:
             cache.store(f"a{i}", model=MODEL, prompt=f"q{i}")
         assert cache.save_index() == 1 and (tmp_path / "elsewhere").is_dir()
         assert not (tmp_path / "x.db.vectors").exists()
+
+
+def test_a_graph_built_in_the_background_serves_once_ready_and_is_saved(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    db = tmp_path / "cold.db"
+    with Engine(db) as engine:
+        cache = ResponseCache(engine, embedder=hashed_embedder, exact_max=50)
+        for i in range(400):
+            cache.store(f"answer {i}", model=MODEL, prompt=f"question number {i}")
+    monkeypatch.setattr(LocalIndex, "background_min", 200)
+    for path in (tmp_path / "cold.db.vectors").glob("*"):  # no saved graph: a cold open
+        path.unlink()
+    with Engine(db) as engine:
+        cache = ResponseCache(engine, embedder=hashed_embedder, exact_max=50)
+        hit = cache.lookup(model=MODEL, prompt="Question number 7?", semantic=True)
+        assert hit is not None and hit.value == "answer 7" and hit.kind == "semantic"
+        assert cache.ready(timeout=60)
+        index = next(iter(cache._indexes.values()))
+        assert index.kind == "hnsw" and len(index) == 400
+        hit = cache.lookup(model=MODEL, prompt="Question number 9?", semantic=True)
+        assert hit is not None and hit.value == "answer 9"
+        assert cache.save_index() == 1

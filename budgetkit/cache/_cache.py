@@ -290,10 +290,18 @@ class ResponseCache:
         return str(getattr(self.embedder, "name", type(self.embedder).__name__))
 
     def ready(self, timeout: float | None = None) -> bool:
-        """Wait until the local model is loaded (it loads in the background from open);
-        ``False`` if ``timeout`` seconds passed first. Lookups wait by themselves; a
-        server can call this before it starts taking requests."""
-        return self._ready.wait(timeout)
+        """Wait until the local model is loaded and any HNSW graph being built in the
+        background is done (both start at open); ``False`` if ``timeout`` seconds passed
+        first. Lookups need not wait: they wait for the model by themselves and scan
+        exactly while a graph is built. A server can call this before taking requests."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._ready.wait(timeout):
+            return False
+        for index in list(self._indexes.values()):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not index.wait_built(left):
+                return False
+        return True
 
     def _warm_up(self) -> None:
         """Load the local model in the background (about 1 s); embedding waits for it.

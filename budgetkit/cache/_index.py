@@ -301,13 +301,14 @@ class LocalIndex:
     """
 
     _warned = False
+    #: From this size a graph is built in the background (``None``: never).
+    background_min: int | None = 20_000
 
     def __init__(self, dim: int, *, exact_max: int | None = DEFAULT_EXACT_MAX,
-                 threads: int = 1, background_min: int | None = 20_000) -> None:
+                 threads: int = 1) -> None:
         if exact_max is not None and exact_max < 0:
             raise ConfigurationError(f"exact_max must be >= 0 or None, got {exact_max}")
         self.exact_max = exact_max
-        self.background_min = background_min
         self._threads = threads
         self._impl: ExactIndex | HnswIndex = ExactIndex(dim)
         #: Bumped by every add and removal: tells a saved file whether it is current.
@@ -331,12 +332,11 @@ class LocalIndex:
         return self._build is not None
 
     def wait_built(self, timeout: float | None = None) -> bool:
-        """Wait for a background build to finish; ``False`` if ``timeout`` passed first."""
+        """Wait for a background build to finish; ``False`` if ``timeout`` passed first.
+        Only waits (any thread may call it); the next call that uses the index switches
+        to the graph."""
         build = self._build
-        if build is not None and not build.done.wait(timeout):
-            return False
-        self._take_built()
-        return True
+        return build is None or build.done.wait(timeout)
 
     def __len__(self) -> int:
         return len(self._impl)
