@@ -13,7 +13,9 @@ hits all of them alike:
   folder);
 - the same handler on a second ledger with ``--budgets`` budgets (default 3: global, per
   user, per project; limits never reached), so every admit reserves and every settle
-  commits in each budget's window.
+  commits in each budget's window;
+- the handler on a third ledger with the journal off (``Engine(journal=False)``): what the
+  journal (one ``write()`` per row before the call returns, see docs/reliability.md) costs.
 
 Overhead = a handler's per-call latency minus the bare call's, at p50 and p99.
 
@@ -109,13 +111,16 @@ def main() -> None:
     model = FakeChatModel()
     with tempfile.TemporaryDirectory() as folder, \
             Engine(db=str(Path(folder) / "bench.db")) as engine, \
-            Engine(db=str(Path(folder) / "budgets.db")) as budget_engine:
+            Engine(db=str(Path(folder) / "budgets.db")) as budget_engine, \
+            Engine(db=str(Path(folder) / "nojournal.db"), journal=False) as bare_engine:
         usage_handler = UsageMetadataCallbackHandler()
         budget_handler = BudgetkitCallbackHandler(engine, user_id="bench", project="bench")
         conditions = {
             "bare (no callbacks)": {},
             "UsageMetadataCallbackHandler": {"callbacks": [usage_handler]},
             "BudgetkitCallbackHandler (SQLite)": {"callbacks": [budget_handler]},
+            "BudgetkitCallbackHandler (no journal)": {"callbacks": [
+                BudgetkitCallbackHandler(bare_engine, user_id="bench", project="bench")]},
         }
         if args.budgets:
             for index in range(args.budgets):
@@ -129,6 +134,7 @@ def main() -> None:
                 "callbacks": [with_budgets]}
         engines = {name: None for name in conditions}
         engines["BudgetkitCallbackHandler (SQLite)"] = engine
+        engines["BudgetkitCallbackHandler (no journal)"] = bare_engine
         for name in conditions:
             if "budgets)" in name:
                 engines[name] = budget_engine

@@ -34,6 +34,7 @@ from budgetkit.ledger import (
     UsageRow,
     messages_text,
     new_id,
+    open_journal,
     prompt_hash,
     redact_preview,
     snapshot_messages,
@@ -67,6 +68,9 @@ Status = Literal["ok", "error", "cached", "blocked"]
 
 _DEFAULT_MAX_OUTPUT = 4096  # worst case reserved when neither caller nor catalog says
 _YIELD_EVERY = 8  # deferred jobs run between GIL releases (each job is ~10-20 µs)
+#: Seconds a deferred job may wait for the writer before a caller runs the queue itself:
+#: bounds what a SIGKILL can lose of deferred work while the writer waits on the database.
+_DEFERRED_MAX_AGE = 0.25
 
 
 _EPOCH = dt.datetime(1970, 1, 1)
@@ -113,6 +117,11 @@ class Engine(BudgetMethods):
     ``retention_days`` purges older rows at start and on :meth:`purge`.
     ``clock`` returns the current time as a timezone-aware or naive-UTC datetime (tests
     inject a fake one). The engine is thread-safe and usable from asyncio code.
+    ``journal``: each usage row is appended to a local journal before the call that
+    recorded it returns, and an engine opening the ledger replays what a killed process
+    left (see docs/reliability.md). True: next to a SQLite file, or
+    ``BUDGETKIT_JOURNAL_DIR`` / ``~/.budgetkit/journal/`` for other databases; a folder
+    path; False: no journal (rows queued at a SIGKILL are then lost).
     """
 
     def __init__(self, db: str | Any | None = None, *, catalog: PriceCatalog | None = None,
@@ -121,7 +130,8 @@ class Engine(BudgetMethods):
                  default_max_output_tokens: int = _DEFAULT_MAX_OUTPUT,
                  clock: Callable[[], dt.datetime] = _utcnow,
                  batch_size: int = 500, max_queue: int = 10_000,
-                 max_backlog: int = 100_000) -> None:
+                 max_backlog: int = 100_000,
+                 journal: bool | str | os.PathLike[str] = True) -> None:
         if retention_days is not None and retention_days <= 0:
             raise ConfigurationError(f"retention_days must be > 0, got {retention_days}")
         if default_max_output_tokens <= 0:
@@ -139,9 +149,11 @@ class Engine(BudgetMethods):
         # Reentrant: SIGTERM's flush may interrupt this thread inside a deferred job.
         self._deferred_lock = threading.RLock()
         self._max_deferred = max_queue
+        self._deferred_since = 0.0  # when the oldest waiting deferred job was queued
         self._writer = BatchWriter(self.store.insert_usage, batch_size=batch_size,
                                    max_queue=max_queue, max_backlog=max_backlog,
-                                   prepare=self.run_deferred, is_bad_row=_is_bad_row)
+                                   prepare=self.run_deferred, is_bad_row=_is_bad_row,
+                                   journal=open_journal(self.store, journal))
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._listeners: list[Callable[[UsageRecord], None]] = []
@@ -207,8 +219,9 @@ class Engine(BudgetMethods):
         its row) can wait a few milliseconds, and an LLM app's threads mostly wait on the
         network, when this work then costs them nothing. :meth:`flush`, :meth:`close`,
         normal exit and SIGTERM run every deferred job first. Jobs run in order, one at a
-        time; a job that raises is logged. When too many are waiting (the writer cannot
-        keep up), the caller runs them itself.
+        time; a job that raises is logged. When too many are waiting, or the oldest has
+        waited over ``_DEFERRED_MAX_AGE`` (the writer is stuck on the database), the caller
+        runs them itself: a job's row reaches the journal only when the job runs.
         """
         if self._closed:
             job()
@@ -216,7 +229,10 @@ class Engine(BudgetMethods):
         deferred = self._deferred
         deferred.append(job)
         waiting = len(deferred)
-        if waiting >= self._max_deferred:
+        if waiting == 1:
+            self._deferred_since = time.monotonic()
+        elif waiting >= self._max_deferred \
+                or time.monotonic() - self._deferred_since > _DEFERRED_MAX_AGE:
             self.run_deferred()
         elif waiting == self._batch_size:
             self._writer.wake()

@@ -1,5 +1,5 @@
 """What was spent: the store (SQLModel over SQLite or PostgreSQL), the usage tables and
-their rollups, the batch writer, and the records one call produces (:class:`Ticket`,
+their rollups, the batch writer and its journal, and the records one call produces (:class:`Ticket`,
 :class:`UsageRecord`).
 
 Built on :mod:`budgetkit.pricing`; knows nothing of budgets, cache or routing.
@@ -7,6 +7,7 @@ Built on :mod:`budgetkit.pricing`; knows nothing of budgets, cache or routing.
 
 from __future__ import annotations
 
+from ._journal import open_journal as open_journal
 from ._store import Store as Store
 from ._store import default_db_url as default_db_url
 from ._store import iter_chunks as iter_chunks
@@ -28,4 +29,4 @@ from ._writer import BatchWriter as BatchWriter
 __all__ = ['Store', 'default_db_url', 'iter_chunks', 'UsageRow', 'UsageTagRow',
            'OPERATION_TYPES', 'STATUSES', 'Ticket', 'UsageRecord', 'messages_text', 'new_id',
            'prompt_hash', 'redact_preview', 'snapshot_messages', 'Usage', 'BatchWriter',
-           'table_of']
+           'open_journal', 'table_of']

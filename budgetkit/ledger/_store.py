@@ -30,7 +30,7 @@ from . import rollups as _rollup
 from ._schema import add_missing_columns
 from ._tables import UsageRow, UsageTagRow, table_of
 
-__all__ = ["Store", "default_db_url", "TABLE_MODULES"]
+__all__ = ["Store", "default_db_url", "TABLE_MODULES", "usage_columns"]
 
 logger = logging.getLogger("budgetkit")
 
@@ -143,12 +143,32 @@ class Store:
             for sql, params in rollup:
                 conn.exec_driver_sql(sql, params)
 
+    def insert_missing_usage(self, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Insert the rows whose ids the ledger lacks (replaying a journal); returns how
+        many. Idempotent: a row already there is skipped, not inserted twice, so the rollup
+        counts each row once (a plain insert-ignore could not tell the rollup which rows
+        it skipped)."""
+        if not rows:
+            return 0
+        self.ensure_tables()
+        usage_table = table_of(UsageRow)
+        ids = list({row["id"] for row in rows})
+        with self.engine.connect() as conn:
+            present = set(conn.execute(select(usage_table.c.id)
+                                       .where(usage_table.c.id.in_(ids))).scalars())
+        missing: dict[str, Mapping[str, Any]] = {}
+        for row in rows:
+            if row["id"] not in present:
+                missing.setdefault(row["id"], row)
+        self.insert_usage(list(missing.values()))
+        return len(missing)
+
     def _insert_statements(self) -> tuple[str, str]:
         if self._insert_sql is None:
             mark = "?" if self.engine.dialect.paramstyle == "qmark" else "%s"
             quote = self.engine.dialect.identifier_preparer.quote
-            names = ", ".join(quote(name) for name in _usage_columns())
-            marks = ", ".join(mark for _ in _usage_columns())
+            names = ", ".join(quote(name) for name in usage_columns())
+            marks = ", ".join(mark for _ in usage_columns())
             self._insert_sql = (
                 f"INSERT INTO {UsageRow.__tablename__} ({names}) VALUES ({marks})",
                 f"INSERT INTO {UsageTagRow.__tablename__} (usage_id, tag) VALUES ({mark}, {mark})",
@@ -223,7 +243,8 @@ _USAGE_COLUMNS: tuple[str, ...] = ()
 _JSON_COLUMNS = frozenset({"tags", "metadata"})
 
 
-def _usage_columns() -> tuple[str, ...]:
+def usage_columns() -> tuple[str, ...]:
+    """The usage table's column names, in table order."""
     global _USAGE_COLUMNS
     if not _USAGE_COLUMNS:
         _USAGE_COLUMNS = tuple(c.name for c in table_of(UsageRow).columns)
@@ -235,7 +256,7 @@ def _usage_params(row: Mapping[str, Any], sqlite: bool) -> tuple[Any, ...]:
     SQLAlchemy would, so rows read back through the ORM are identical)."""
     # Runs on the writer thread for every row, holding the GIL the application's threads
     # want: one list comprehension, and no JSON encoder for the usual empty tags/metadata.
-    columns = _usage_columns()
+    columns = usage_columns()
     values: list[Any] = [row.get(name) for name in columns]
     tags_at, metadata_at, created_at = _SPECIAL_AT or _special_positions(columns)
     tags, metadata = values[tags_at], values[metadata_at]

@@ -9,7 +9,9 @@ writes succeed again), and writes are retried with backoff: the user's LLM calls
 for, or fail because of, the ledger.
 
 ``flush()`` waits until everything handed over so far is written (or the timeout passes);
-``close()``, interpreter exit and SIGTERM flush.
+``close()``, interpreter exit and SIGTERM flush. With a :class:`~._journal.Journal`, each row
+is appended to it before ``submit`` returns, so a process killed outright loses nothing
+either (the next start replays it); see ``_journal`` for what survives what.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._journal import Journal
 
 logger = logging.getLogger("budgetkit")
 
@@ -45,8 +50,10 @@ class BatchWriter:
                  flush_interval: float = 0.05, retry_initial: float = 0.1,
                  retry_max: float = 5.0, name: str = "budgetkit-writer",
                  prepare: Callable[[], object] | None = None,
-                 is_bad_row: Callable[[BaseException], bool] | None = None) -> None:
+                 is_bad_row: Callable[[BaseException], bool] | None = None,
+                 journal: Journal | None = None) -> None:
         self._write = write
+        self._journal = journal
         # Tells a batch the database refused for what it holds (a value too long, a
         # duplicate id) from one it could not take (down): the first is written row by
         # row and only the bad rows are dropped, so one row cannot hold back the rest.
@@ -79,6 +86,10 @@ class BatchWriter:
 
     # -- producer side -----------------------------------------------------------------
     def submit(self, row: _Row) -> None:
+        if self._journal is not None:
+            if self._closed:
+                raise RuntimeError("the engine is closed")
+            self._journal.append(row)  # on disk (the kernel's) before the caller goes on
         with self._lock:
             if self._closed:
                 raise RuntimeError("the engine is closed")
@@ -133,6 +144,8 @@ class BatchWriter:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=1.0)
+        if self._journal is not None:
+            self._journal.close(delete=True)  # deletes only files whose rows are all in
         if not done:
             logger.error("budgetkit: %d usage rows could not be written before close",
                          self.pending)
@@ -149,6 +162,8 @@ class BatchWriter:
         self._backlog.clear()
         self._submitted = self._written = self.dropped = 0
         self._failing = self._dropping = self._stopping = False
+        if self._journal is not None:
+            self._journal.after_fork_in_child()
         self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
         if not self._closed:
             self._thread.start()
@@ -196,10 +211,15 @@ class BatchWriter:
                     with self._lock:  # what is left goes back; written rows stay counted
                         self._written += written
                         self._backlog.extendleft(reversed(batch[index:]))
+                    if self._journal is not None:
+                        self._journal.committed([done["id"] for done in batch[:index]
+                                                 if done])
                     return None
                 with self._lock:
                     self.dropped += 1
                     self._written_cv.notify_all()
+                if self._journal is not None:  # refused for its content: a replay would be too
+                    self._journal.committed([row["id"]])
                 logger.error("budgetkit: the database refused usage row %s (%s: %s); "
                              "dropped it, kept the others", row.get("id"),
                              type(exc).__name__, str(exc).splitlines()[0][:300])
@@ -217,12 +237,17 @@ class BatchWriter:
                 self._wake.wait(self._flush_interval)
                 self._wake.clear()
                 continue
+            journal = self._journal
             try:
+                if journal is not None:
+                    journal.sync()  # group commit: one fdatasync per batch
                 self._write(batch)
             except Exception as exc:  # the database is down or refused the batch
                 if self._is_bad_row is not None and self._is_bad_row(exc):
                     kept = self._without_bad_rows(batch)
                     if kept is not None:
+                        if journal is not None:
+                            journal.committed([row["id"] for row in kept])
                         with self._lock:
                             self._written += len(kept)
                             self._written_cv.notify_all()
@@ -241,6 +266,8 @@ class BatchWriter:
                 delay = min(delay * 2, self._retry_max)
                 continue
             delay = self._retry_initial
+            if journal is not None:
+                journal.committed([row["id"] for row in batch])
             with self._lock:
                 self._written += len(batch)
                 if self._dropping:
