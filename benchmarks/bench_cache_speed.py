@@ -13,10 +13,11 @@ it should be served that entry. Entries are written straight into the cache tabl
 "lookup" is everything but the model (exact key, index search, candidate rows, guard,
 hit bookkeeping in the database). The model's own cost is measured beside it.
 
-1. In process (SQLite ledger): the first open after the rows were written (it builds the
-   HNSW graph and saves it next to the ledger), a second open (restores it), the first
-   lookup after that open, lookup p50 / p99, how often the source entry is served, and
-   resident memory per entry.
+1. In process (SQLite ledger): a cold open after the rows were written (no saved graph:
+   from 20k entries the graph builds in the background while the exact scan answers), its
+   first lookup and the time until the graph was built (then saved next to the ledger);
+   a second open (restores the graph), its first lookup, lookup p50 / p99, how often the
+   source entry is served, and resident memory per entry.
 2. pgvector (a private PostgreSQL 16 + pgvector from ``pgserver``): the same, plus the
    database's bytes per entry (table + indexes); then two processes looking up at once.
 3. The local model on the largest in-process cache: open, then the first lookup at once
@@ -223,12 +224,18 @@ def measure(db: str, vectors: np.ndarray, queries: np.ndarray, picked: np.ndarra
             hit = cache.lookup(model=MODEL, prompt=paraphrase(int(picked[0])), record=False)
             first = (time.perf_counter() - started) * 1000.0
             if attempt == 0 and backend == "local":
-                say(f"first open (builds and saves the graph) {opens[-1]:.1f} s")
+                started = time.perf_counter()
+                cache.ready()  # a graph of 20k+ vectors builds in the background
+                built = time.perf_counter() - started
+                cache.save_index()
+                result.update(cold_first_ms=first, built_s=built)
+                say(f"cold open (no saved graph) {opens[-1]:.2f} s, first lookup "
+                    f"{first:.1f} ms, then {built:.1f} s until the graph was built")
                 continue
             say(f"open {opens[-1]:.2f} s, first lookup {first:.1f} ms "
                 f"({'hit' if hit else 'miss'})")
             times, served = lookups(cache, picked)
-            result.update(first_open_s=opens[0], open_s=opens[-1], first_ms=first,
+            result.update(cold_open_s=opens[0], open_s=opens[-1], first_ms=first,
                           p50=pct(times, 50), p99=pct(times, 99), served=served,
                           rss_per_entry=memory(db, backend, len(vectors)))
             if backend == "pgvector":
@@ -467,15 +474,17 @@ def main() -> None:
                 pair = two_processes(url, sizes[-1], topics, args.queries)
     print(f"{args.queries} lookups per row (paraphrases of stored entries); wall-clock; "
           f"numpy {np.__version__}; {dt.date.today().isoformat()}\n")
-    print("| backend | entries | first open s | open s | first lookup ms | lookup p50 ms "
-          "| p99 ms | source served | process bytes/entry | database bytes/entry |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| backend | entries | open s | first lookup ms | lookup p50 ms | p99 ms "
+          "| source served | process bytes/entry | database bytes/entry "
+          "| cold open s (no saved graph) | its first lookup ms | graph built after s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         database = f"{row['db_per_entry']:,.0f}" if "db_per_entry" in row else "-"
-        print(f"| {row['backend']} | {row['entries']:,} | {row['first_open_s']:.2f} "
-              f"| {row['open_s']:.2f} | {row['first_ms']:.1f} | {row['p50']:.2f} "
-              f"| {row['p99']:.2f} | {row['served']:.1%} | {row['rss_per_entry']:,.0f} "
-              f"| {database} |")
+        cold = (f"{row['cold_open_s']:.2f} | {row['cold_first_ms']:.1f} | {row['built_s']:.1f}"
+                if "built_s" in row else "- | - | -")
+        print(f"| {row['backend']} | {row['entries']:,} | {row['open_s']:.2f} "
+              f"| {row['first_ms']:.1f} | {row['p50']:.2f} | {row['p99']:.2f} "
+              f"| {row['served']:.1%} | {row['rss_per_entry']:,.0f} | {database} | {cold} |")
     if pair:
         print(f"\npgvector, two processes looking up at once on {sizes[-1]:,} entries: "
               + "; ".join(f"p50 {item['p50']:.2f} ms, p99 {item['p99']:.2f} ms, "
