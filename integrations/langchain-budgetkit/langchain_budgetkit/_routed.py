@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -401,8 +402,8 @@ class RoutedChatModel(BaseChatModel):
             reason = self.cascade.attempt_reason(number, previous)
             judge, verdicts = self._judged(call)
             message = self._with_fallback(
-                lambda model, reason=reason: self._call_model(model, call, reason, manager,
-                                                              judge), name)
+                partial(self._call_model, call=call, reason=reason, manager=manager,
+                        judge=judge), name)
             previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 break
@@ -426,8 +427,8 @@ class RoutedChatModel(BaseChatModel):
             reason = self.cascade.attempt_reason(number, previous)
             judge, verdicts = self._judged(call)
             message = await self._awith_fallback(
-                lambda model, reason=reason: self._acall_model(model, call, reason, manager,
-                                                               judge), name)
+                partial(self._acall_model, call=call, reason=reason, manager=manager,
+                        judge=judge), name)
             previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 break
@@ -535,8 +536,8 @@ class RoutedChatModel(BaseChatModel):
                 return name, reason
             judge, verdicts = self._judged(call)
             message = self._with_fallback(
-                lambda model, reason=reason: self._call_model(model, call, reason, manager,
-                                                              judge), name)
+                partial(self._call_model, call=call, reason=reason, manager=manager,
+                        judge=judge), name)
             previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 return None, (reason, as_chunk(message))
@@ -580,8 +581,8 @@ class RoutedChatModel(BaseChatModel):
                 return name, reason
             judge, verdicts = self._judged(call)
             message = await self._awith_fallback(
-                lambda model, reason=reason: self._acall_model(model, call, reason, manager,
-                                                               judge), name)
+                partial(self._acall_model, call=call, reason=reason, manager=manager,
+                        judge=judge), name)
             previous = _Failed(name, verdicts[-1])
             if not previous.failures:
                 return None, (reason, as_chunk(message))

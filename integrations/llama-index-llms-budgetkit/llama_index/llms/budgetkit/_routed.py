@@ -48,6 +48,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen,
@@ -328,8 +329,8 @@ class RoutedLLM(LLM):
             reason = self._attempt_reason(number, previous)
             verdicts: list[list[str]] = []
             response = self._with_fallback(
-                lambda model, reason=reason, verdicts=verdicts: self._once(
-                    model, call, reason, invoke, verdicts), name)
+                partial(self._once, call=call, reason=reason, invoke=invoke,
+                        verdicts=verdicts), name)
             failures = verdicts[-1]
             if not failures:
                 break
@@ -348,8 +349,8 @@ class RoutedLLM(LLM):
             reason = self._attempt_reason(number, previous)
             verdicts: list[list[str]] = []
             response = await self._awith_fallback(
-                lambda model, reason=reason, verdicts=verdicts: self._aonce(
-                    model, call, reason, invoke, verdicts), name)
+                partial(self._aonce, call=call, reason=reason, invoke=invoke,
+                        verdicts=verdicts), name)
             failures = verdicts[-1]
             if not failures:
                 break
