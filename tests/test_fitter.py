@@ -474,3 +474,21 @@ def test_fitting_loads_no_framework():
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                          text=True).stdout.strip()
     assert out == "[]"
+
+
+def test_reserve_output_and_max_tokens_are_both_honoured():
+    """max_tokens is the room the call has; reserve_output is kept free of it for the reply."""
+    rng = random.Random(11)
+    messages = history(rng, 60)
+    assert prompt_token_limit(MODEL, reserve_output=1000, max_tokens=4000) == 3000
+    kept, report = fit_messages(messages, MODEL, reserve_output=1000, max_tokens=4000)
+    assert report.limit == 3000 and report.tokens_after <= 3000
+    assert report.tokens_after == count_message_tokens(kept, MODEL)
+    alone = fit_messages(messages, MODEL, max_tokens=4000).report
+    assert alone.limit == 4000 and alone.tokens_after > 3000  # the reserve made a difference
+    docs = ["word " * 400 for _ in range(10)]
+    assert fit_documents(docs, MODEL, max_tokens=4000, reserve_output=1000).report.limit == 3000
+    with pytest.raises(ConfigurationError, match="reserve_output=4000.*max_tokens=4000"):
+        fit_messages(messages, MODEL, reserve_output=4000, max_tokens=4000)
+    with pytest.raises(ConfigurationError, match="reserve_output"):  # checked with max_tokens too
+        fit_messages(messages, MODEL, reserve_output=-1, max_tokens=4000)

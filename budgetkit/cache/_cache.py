@@ -574,6 +574,8 @@ class ResponseCache:
     def purge_expired(self) -> int:
         """Delete expired entries from memory and the database; returns how many."""
         now = self.now()
+        if self._shared is not None:  # nothing in memory: the database knows how many
+            return self._rows.delete_expired(now)
         with self._lock:
             for gone in self._rows.fill(self._entries.quiet_values()):
                 self._drop(gone)

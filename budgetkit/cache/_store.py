@@ -330,6 +330,7 @@ class CacheRows:
         with self.store.engine.begin() as conn:
             conn.execute(statement)
 
-    def delete_expired(self, now: dt.datetime) -> None:
+    def delete_expired(self, now: dt.datetime) -> int:
         with self.store.engine.begin() as conn:
-            conn.execute(delete(self.table).where(self.table.c.expires_at <= now))
+            result = conn.execute(delete(self.table).where(self.table.c.expires_at <= now))
+            return int(result.rowcount or 0)

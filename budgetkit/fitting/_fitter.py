@@ -146,19 +146,27 @@ def prompt_token_limit(model: str, *, reserve_output: int | None = None,
                        catalog: PriceCatalog | None = None) -> int:
     """Prompt tokens ``model`` can take while leaving room for the reply.
 
-    ``max_tokens``, when given, is the allowance itself and the catalog is not consulted.
+    ``max_tokens``, when given, is the room the call has and the catalog is not consulted:
+    the allowance is ``max_tokens - reserve_output`` (``reserve_output`` defaults to 0 here,
+    so ``max_tokens`` alone is the allowance itself). Both arguments are always honoured; a
+    ``reserve_output`` that leaves no room raises :class:`ConfigurationError`.
     Otherwise: the catalog's context window minus ``reserve_output`` (default: the model's
     max_output_tokens, at most :data:`DEFAULT_RESERVE_CAP`), and never more than the model's
     max_input_tokens.
     """
-    if max_tokens is not None:
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
-            raise ConfigurationError(f"max_tokens must be a positive int, got {max_tokens!r}")
-        return max_tokens
     if reserve_output is not None and (isinstance(reserve_output, bool)
                                        or not isinstance(reserve_output, int)
                                        or reserve_output < 0):
         raise ConfigurationError(f"reserve_output must be an int >= 0, got {reserve_output!r}")
+    if max_tokens is not None:
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens <= 0:
+            raise ConfigurationError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        allowance = max_tokens - (reserve_output or 0)
+        if allowance <= 0:
+            raise ConfigurationError(
+                f"reserve_output={reserve_output} leaves no room for a prompt in "
+                f"max_tokens={max_tokens}")
+        return allowance
     price = (catalog if catalog is not None else default_catalog()).get(model)
     if not price.context_window:
         raise ConfigurationError(f"the catalog has no context window for {model!r}; "
@@ -313,8 +321,11 @@ def fit_messages(messages: Sequence[Mapping[str, Any]], model: str, *,
     """Keep the system messages and the most recent turns of ``messages`` that fit.
 
     ``messages`` are OpenAI-format dicts (``role``, ``content``, ``name``, ``tool_calls``,
-    ``tool_call_id``). The allowance is ``max_tokens`` if given, else ``model``'s window
-    minus ``reserve_output`` (see :func:`prompt_token_limit`); ``tools`` are counted in it.
+    ``tool_call_id``). The allowance is ``max_tokens - reserve_output`` when ``max_tokens`` is
+    given (``reserve_output`` then defaults to 0: with both, both are honoured, e.g.
+    ``reserve_output=1000, max_tokens=4000`` allows 3,000 prompt tokens), else ``model``'s
+    window minus ``reserve_output`` (see :func:`prompt_token_limit`); ``tools`` are counted
+    in it.
     The kept prompt, counted with :func:`count_message_tokens` (tools included), is
     ``report.tokens_after`` and never exceeds ``report.limit``. A history that fits whole is
     returned whole.
@@ -519,8 +530,9 @@ def fit_documents(docs: Sequence[T], model: str | None = None, *, max_tokens: in
 
     ``docs`` are in rank order, best first: strings, dicts with a ``text`` (or
     ``page_content`` / ``content``, or ``text_key``) string, or objects with such an
-    attribute. The allowance is ``max_tokens``, or ``model``'s window minus
-    ``reserve_output``. Documents are taken best first; one that does not fit is skipped and
+    attribute. The allowance is ``max_tokens`` minus ``reserve_output`` (default 0 then),
+    or ``model``'s window minus ``reserve_output``. Documents are taken best first; one that
+    does not fit is skipped and
     smaller, lower-ranked ones may still fill the room. ``report.tokens_after`` is the exact
     count of the kept texts joined with ``separator`` (``tokens_before``, all of them joined,
     is counted when first read). Counts use ``model``'s tokenizer (gpt-4o's when no model is

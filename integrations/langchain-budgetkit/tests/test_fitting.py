@@ -145,3 +145,14 @@ def test_same_messages_kept_as_trim_messages(seed):
         assert theirs == messages[:1]
         return
     assert [id(m) for m in ours] == [id(m) for m in theirs]
+
+
+def test_reserve_output_and_max_tokens_pass_through():
+    history = [SystemMessage("be brief")] + [
+        HumanMessage(f"question {i}: " + "detail " * 40) if i % 2 == 0
+        else AIMessage(f"answer {i}: " + "detail " * 40) for i in range(40)]
+    kept, report = fit_messages(history, "gpt-4o", reserve_output=500, max_tokens=1500)
+    assert report.limit == 1000 and report.tokens_after <= 1000
+    assert fit_messages(history, "gpt-4o", max_tokens=1500).report.tokens_after > 1000
+    with pytest.raises(ConfigurationError, match="reserve_output"):
+        fit_messages(history, "gpt-4o", reserve_output=1500, max_tokens=1500)

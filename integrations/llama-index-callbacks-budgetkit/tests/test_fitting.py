@@ -109,3 +109,14 @@ def test_plain_text_cut():
 def test_rejects_other_message_types():
     with pytest.raises(ConfigurationError, match=r"messages\[0\]"):
         fit_messages([{"role": "user", "content": "hi"}], MODEL, max_tokens=10)
+
+
+def test_reserve_output_and_max_tokens_pass_through():
+    chat = [ChatMessage(role=MessageRole.SYSTEM, content="be brief")] + [
+        ChatMessage(role=MessageRole.USER if i % 2 == 0 else MessageRole.ASSISTANT,
+                    content=f"turn {i}: " + "detail " * 40) for i in range(40)]
+    kept, report = fit_messages(chat, "gpt-4o", reserve_output=500, max_tokens=1500)
+    assert report.limit == 1000 and report.tokens_after <= 1000
+    assert fit_messages(chat, "gpt-4o", max_tokens=1500).report.tokens_after > 1000
+    with pytest.raises(ConfigurationError, match="reserve_output"):
+        fit_messages(chat, "gpt-4o", reserve_output=1500, max_tokens=1500)
