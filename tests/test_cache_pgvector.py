@@ -223,6 +223,8 @@ def test_size_bound_and_expiry_hold_in_the_database(
         with engine.store.engine.connect() as conn:  # vectors left with their entries
             left = conn.execute(text("SELECT count(*) FROM budgetkit_cache_vector_48")).scalar()
         assert left == len(cache) == 1  # the expired entries found were deleted
+        assert cache.purge_expired() == 1 and len(cache) == 0  # the last expired one
+        cache.store("fresh", model=MODEL, prompt="a new question")
         assert cache.clear() == 1 and len(cache) == 0
 
 
