@@ -10,7 +10,8 @@ import json
 import pytest
 
 from budgetkit import Cascade, ConfigurationError, Engine, Router
-from budgetkit.routing import Completion, MinLength, RouterScorerRow, default_scorer
+from budgetkit.routing import Completion, MinLength, default_scorer
+from budgetkit.routing._tables import RouterScorerRow
 
 CHEAP, STRONG = "gpt-4o-mini", "gpt-4o"
 TIERS = {"cheap": CHEAP, "strong": STRONG}

@@ -22,7 +22,6 @@ from ._model_checks import Agreement as Agreement
 from ._model_checks import ScorerCheck as ScorerCheck
 from ._model_checks import Verifier as Verifier
 from ._model_checks import final_answer as final_answer
-from ._tables import RouterScorerRow as RouterScorerRow
 from ._cascade import asettle_completion as asettle_completion
 from ._cascade import is_metered_call as is_metered_call
 from ._cascade import metered_call as metered_call
@@ -54,7 +53,7 @@ __all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Scorer
            'default_scorer', 'PromptFeatures', 'prompt_features', 'prompt_text', 'Completion',
            'Check', 'MinLength', 'RequiredElements', 'MatchesRegex', 'ValidJSON',
            'ScoreAtLeast', 'Agreement', 'ScorerCheck', 'Verifier', 'final_answer',
-           'RouterScorerRow', 'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',
+           'Attempt', 'CascadeResult', 'Cascade', 'settle_completion',
            'asettle_completion', 'metered_call', 'is_metered_call', 'Fallback',
            'FallbackAttempt', 'is_rate_limit', 'is_timeout', 'is_server_error',
            'is_transient', 'is_context_length_error', 'check_routed_models',

@@ -15,15 +15,13 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select
-from sqlmodel import Session
-
 from budgetkit.errors import ConfigurationError
-from budgetkit.ledger import UsageRow
 
 from ._features import PromptFeatures
 from ._scorer import Scorer
-from ._tables import RouterScorerRow
+
+# SQLAlchemy, SQLModel and the tables are imported inside the functions that use the store:
+# importing budgetkit.routing (a Router without an engine) stays free of the database stack.
 
 __all__ = ["VERDICT_KEY", "verdict_metadata", "save_scorer", "load_scorer", "load_verdicts"]
 
@@ -49,6 +47,10 @@ def _store(engine: Any) -> Any:
 
 
 def save_scorer(engine: Any, name: str, scorer: Scorer) -> None:
+    from sqlmodel import Session
+
+    from ._tables import RouterScorerRow
+
     store = _store(engine)
     now = dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
     with Session(store.engine) as session:
@@ -59,6 +61,10 @@ def save_scorer(engine: Any, name: str, scorer: Scorer) -> None:
 
 def load_scorer(engine: Any, name: str) -> Scorer | None:
     """The newest scorer saved under ``name``, or None."""
+    from sqlalchemy import select
+
+    from ._tables import RouterScorerRow
+
     store = _store(engine)
     query = (select(RouterScorerRow.scorer).where(RouterScorerRow.name == name)  # type: ignore[call-overload]
              .order_by(RouterScorerRow.id.desc()).limit(1))  # type: ignore[union-attr]
@@ -70,6 +76,10 @@ def load_scorer(engine: Any, name: str) -> Scorer | None:
 def load_verdicts(engine: Any, *, since: dt.datetime | None = None
                   ) -> tuple[list[PromptFeatures], list[bool]]:
     """Every cascade verdict in the ledger (oldest first), as features and labels."""
+    from sqlalchemy import select
+
+    from budgetkit.ledger import UsageRow
+
     if since is not None and not isinstance(since, dt.datetime):
         raise ConfigurationError(f"since must be a datetime, got {since!r}")
     flush = getattr(engine, "flush", None)
