@@ -17,6 +17,7 @@ from ._counts import finite_number as finite_number
 from ._counts import nonnegative_int as nonnegative_int
 from ._counts import token_count as token_count
 from ._money import PICOS_PER_NANO as PICOS_PER_NANO
+from ._money import format_usd as format_usd
 from ._money import nanos_to_decimal as nanos_to_decimal
 from ._money import nanos_to_usd as nanos_to_usd
 from ._money import usd_to_nanos as usd_to_nanos
@@ -36,5 +37,5 @@ __all__ = ['ModelPrice', 'ModelBudget', 'PriceCatalog', 'default_catalog', 'esti
            'count_message_tokens', 'count_tool_tokens', 'chunk_text', 'encoding_for_model',
            'is_exact', 'tool_counts_are_exact', 'ESTIMATE_ENCODING', 'message_tokens_bound',
            'text_tokens_bound',
-           'PICOS_PER_NANO', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal',
+           'PICOS_PER_NANO', 'format_usd', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal',
            'token_count', 'nonnegative_int', 'finite_number']
