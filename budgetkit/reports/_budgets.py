@@ -77,9 +77,10 @@ def alert_rows(source: Any, *, since: dt.datetime | None = None, limit: int = 50
     process has not loaded) are included.
     """
     from budgetkit.budgets import BudgetAlertRow
+    from budgetkit.ledger import table_of
 
     src = as_source(source)
-    table = BudgetAlertRow.__table__  # type: ignore[attr-defined]
+    table = table_of(BudgetAlertRow)
     query = select(table).order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit)
     if since is not None:
         query = query.where(table.c.created_at >= since)

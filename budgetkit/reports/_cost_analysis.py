@@ -270,7 +270,9 @@ def what_if(source: Any, target: str, *, days: int | None = None, start_date: An
     for group in summarize(src, group_by=("model", "status"), period=period, **filters).groups:
         if group.key["status"] in ("ok", "error"):
             paid.setdefault(group.key["model"], []).append(group)
-    rows, skipped, actual_total, repriced_total = [], [], 0, 0
+    rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    actual_total = repriced_total = 0
     for model, groups in paid.items():
         totals = UsageGroup.merge({"model": model}, groups)
         price = src.catalog.resolve(model)

@@ -29,7 +29,7 @@ from sqlalchemy.exc import OperationalError, ProgrammingError
 from sqlalchemy.sql import ColumnElement, Select
 
 from budgetkit.errors import ConfigurationError, StoreUnavailable
-from budgetkit.ledger import Store, UsageRow, UsageTagRow
+from budgetkit.ledger import Store, UsageRow, UsageTagRow, table_of
 from budgetkit.ledger import rollups
 from budgetkit.pricing import PriceCatalog, default_catalog, nanos_to_usd
 
@@ -43,8 +43,8 @@ __all__ = [
     "allocate_costs",
 ]
 
-USAGE = UsageRow.__table__  # type: ignore[attr-defined]
-TAGS = UsageTagRow.__table__  # type: ignore[attr-defined]
+USAGE = table_of(UsageRow)
+TAGS = table_of(UsageTagRow)
 
 DEFAULT_DAYS = 30
 TIME_DIMENSIONS = ("hour", "day", "week", "month")
@@ -222,13 +222,14 @@ class _Cols:
     def __init__(self, scan: bool) -> None:
         self.scan = scan
 
-    def __getitem__(self, name: str) -> Any:
+    def __getitem__(self, name: str) -> ColumnElement[Any]:
         column = USAGE.c[name]
         if not self.scan:
             return column
         return literal_column(f"+{USAGE.name}.{column.name}", type_=column.type)
 
-    __getattr__ = __getitem__
+    def __getattr__(self, name: str) -> ColumnElement[Any]:  # cols.created_at
+        return self[name]
 
 
 def plan_columns(src: _Source, period: Period | None, filters: Mapping[str, Any]) -> _Cols:
@@ -295,7 +296,9 @@ def _dimension_expr(src: _Source, name: str, cols: _Cols | None = None) -> Colum
     if name == "tag":
         return TAGS.c.tag
     if name.startswith("metadata."):
-        return USAGE.c.metadata[name[len("metadata."):]].as_string()
+        # (as_string is the JSON type's comparator, which the column's typing does not show)
+        value: ColumnElement[Any] = USAGE.c.metadata[name[len("metadata."):]].as_string()
+        return value
     return (cols or _Cols(False))[_DIMENSION_COLUMNS[name]]
 
 
