@@ -14,15 +14,14 @@ to half of that). hnswlib was chosen over faiss-cpu (its HNSW cannot remove ids,
 cache evicts all the time) and usearch (twice the build time, 1.4-2.5x the lookup time
 here); it is imported only when a partition grows past ``exact_max``.
 
-A 100k graph takes 12-15 s to build but 0.1 s to read back, so large indexes can be saved
-(:meth:`LocalIndex.save`) and restored at open (:meth:`LocalIndex.restore`), which
-reconciles the file with the ids the database says are alive.
-
-Not thread-safe on their own: the cache serialises calls with its lock.
+A 100k graph takes 12-15 s to build but 0.1 s to read back, so large indexes are saved
+and restored at open (:meth:`LocalIndex.restore` reconciles the file with the ids the
+database says are alive). Not thread-safe on their own: the cache holds its lock.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -67,8 +66,6 @@ class VectorIndex(Protocol):
 
 
 def hnswlib_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("hnswlib") is not None
 
 
@@ -79,8 +76,8 @@ def _as_query(query: np.ndarray, dim: int) -> np.ndarray:
     return query
 
 
-def _as_batch(ids: Iterable[int], vectors: np.ndarray, dim: int) -> tuple[np.ndarray,
-                                                                          np.ndarray]:
+def _as_batch(ids: Iterable[int], vectors: np.ndarray,
+              dim: int) -> tuple[np.ndarray, np.ndarray]:
     id_array = np.fromiter((int(item) for item in ids), dtype=np.int64)
     matrix = np.ascontiguousarray(vectors, dtype=np.float32)
     if matrix.ndim == 1:
