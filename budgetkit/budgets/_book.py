@@ -13,7 +13,10 @@ How it holds across threads and processes:
   cached, so concurrent first calls of a new user meet one row and one limit.
 - Each reservation is also a row with an expiry. Whoever deletes that row (settle,
   release, or the reaper of expired reservations) gives the amount back: exactly once,
-  even when a process died between reserve and settle.
+  even when a process died between reserve and settle. The expiry is short
+  (``reservation_timeout``, 60 s) and a live process renews it while the call runs (the
+  settler thread, every third of the timeout: a heartbeat), so a long call keeps its hold
+  and a killed process's holds come back within the timeout.
 - Settling is queued: it rides in the next admit's transaction (one commit per call) or a
   background thread does it shortly after. A queued settle only keeps a reservation a
   little longer, which can make admission stricter, never looser; an admit that finds no
@@ -70,9 +73,10 @@ __all__ = ["BudgetBook", "BudgetStatus", "Approval", "Reservation", "attribution
 
 logger = logging.getLogger("budgetkit")
 
-#: Seconds after which a reservation that was never settled is given back (a process
-#: killed mid-call). Longer than any sane model call; configurable per engine.
-DEFAULT_RESERVATION_TIMEOUT = 900.0
+#: Seconds after which a reservation nobody renewed is given back (its process was killed
+#: mid-call). A live process renews its holds every third of this while the calls run, so
+#: it bounds how long a dead process's money stays held, not how long a call may take.
+DEFAULT_RESERVATION_TIMEOUT = 60.0
 #: How long (wall seconds) queued settles wait for an admit to carry them.
 SETTLE_DELAY = 0.02
 #: How often (engine-clock seconds) admit sweeps every expired reservation.
@@ -116,6 +120,9 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._bounds: dict[tuple[str, str], tuple[dt.datetime, dt.datetime | None]] = {}
         self._fired: set[tuple[int, str]] = set()
         self._next_reap: dt.datetime | None = None  # admit sweeps expired reservations then
+        # Calls holding reservation rows: ticket id -> when (monotonic) the row's expiry was
+        # last set. The settler renews those older than a third of the timeout.
+        self._holds: dict[str, float] = {}
         #: Settle on a background thread in batches (False: on the caller's thread).
         self.deferred = True
         #: Queued settles ride along in the next admit's transaction (one commit per call).
@@ -143,6 +150,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._settler = None
+        self._holds = {}  # the parent's calls: the parent renews them
         self._desk.after_fork_in_child()
 
     # -- registry ---------------------------------------------------------------------
@@ -247,8 +255,11 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         except BaseException:
             self._desk.give_back(leased)
             raise
-        if plan and self.leases and self._desk.note_exact(plan, results):
+        if plan:  # rows that expire unless renewed while the call runs
+            self._holds[ticket.id] = time.monotonic()
             self._ensure_settler()
+            if self.leases:
+                self._desk.note_exact(plan, results)
         if self._desk.refill_wanted:
             self._wake.set()
         plan = [*(item for item, _lease in leased), *plan, *solo]
@@ -432,6 +443,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                 return
             reservations = [item for item in reservations if not item.leased]
         held = bool(reservations)
+        if held:
+            self._holds.pop(ticket.id, None)
         if not held:
             if not self._budgets or (cost_nanos == 0 and tokens == 0):
                 return
@@ -526,6 +539,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                 if self._desk.sync_wanted \
                         or time.monotonic() - self._desk.last_sync >= LEASE_SYNC:
                     self._sync_leases()
+                if self._holds:
+                    self.renew_holds()
             except Exception:  # keep settling later batches; these reservations expire
                 logger.exception("budgetkit: settling budget reservations failed")
 
@@ -652,6 +667,38 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         return True
 
     # -- expiry -----------------------------------------------------------------------
+    def renew_holds(self, *, older_than: float | None = None) -> int:
+        """The heartbeat: push back the expiry of the reservation rows of calls still
+        running that were (re)set more than ``older_than`` wall seconds ago (default: a
+        third of the timeout). Returns how many rows were renewed."""
+        interval = self.reservation_timeout / 3 if older_than is None else older_than
+        started = time.monotonic()
+        due = [ticket_id for ticket_id, since in list(self._holds.items())
+               if started - since >= interval]
+        if not due:
+            return 0
+        until = self._driver.time(self.clock()
+                                  + dt.timedelta(seconds=self.reservation_timeout))
+        renewed = 0
+        for begin in range(0, len(due), 500):
+            chunk = sorted(due[begin:begin + 500])  # one order: no two renewals wait in a cycle
+            names = ", ".join(f":t{index}" for index in range(len(chunk)))
+            params: dict[str, Any] = {f"t{index}": ticket_id
+                                      for index, ticket_id in enumerate(chunk)}
+            params["until"] = until
+            try:
+                with self._fast() as run:
+                    rows = run(_RENEW_SQL.format(tickets=names), params)
+            except self._driver.errors:  # tried again at the next beat, well before expiry
+                logger.exception("budgetkit: could not renew %d budget reservation(s)",
+                                 len(chunk))
+                continue
+            renewed += len(rows)
+            for ticket_id in chunk:
+                if ticket_id in self._holds:  # (settled meanwhile: gone)
+                    self._holds[ticket_id] = started
+        return renewed
+
     def reap(self, now: dt.datetime | None = None, *, window_id: int | None = None) -> int:
         """Give back reservations older than the timeout; returns the amount reclaimed."""
         now = now or self.clock()
@@ -678,6 +725,11 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         if reclaimed:
             logger.warning("budgetkit: reclaimed %d expired budget reservation(s)", len(expired))
         return reclaimed
+
+_RENEW_SQL = """
+UPDATE budgetkit_budget_reservation SET expires_at = :until WHERE ticket_id IN ({tickets})
+RETURNING ticket_id"""
+
 
 def _flush_at_exit(book_ref: weakref.ref[BudgetBook]) -> None:
     book = book_ref()

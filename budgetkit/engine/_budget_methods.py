@@ -77,8 +77,9 @@ class BudgetMethods:
     def configure_budgets(self, *, reservation_timeout: float | None = None,
                           alert_sinks: Sequence[Callable[[Any], None]] | None = None,
                           durable: bool | None = None) -> None:
-        """``reservation_timeout``: seconds after which an unsettled reservation (a process
-        killed mid-call) is given back (default 900). ``alert_sinks`` replaces the sinks
+        """``reservation_timeout``: seconds after which a reservation nobody renewed (its
+        process was killed mid-call) is given back (default 60; a live process renews its
+        running calls' reservations every third of it, so calls may run longer). ``alert_sinks`` replaces the sinks
         (default: a :class:`LoggingSink`). ``durable=False`` (PostgreSQL) commits budget
         updates without waiting for the disk: several times faster, still atomic, but a
         database *server* crash may forget the last fraction of a second of them."""
