@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from budgetkit.errors import (
     BudgetkitError,
@@ -51,14 +51,15 @@ class _Usage(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         # one line and a pointer to --help, instead of argparse's full usage block
         raise _Usage(f"{message}\n(see '{self.prog} --help')")
 
 
 # -- parser ---------------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    # (parents are _Parsers too: the sub-parsers, made by _Parser, take parents of their class)
+    common = _Parser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the sub-parser default
     common.add_argument("--db", default=argparse.SUPPRESS,
                         help="database URL or SQLite file (default: $BUDGETKIT_DB or "
@@ -71,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars or progress lines on stderr")
 
-    span = argparse.ArgumentParser(add_help=False)
+    span = _Parser(add_help=False)
     span.add_argument("--days", type=int, help="the last N days (default 30)")
     span.add_argument("--start", metavar="DATE", help="first day, e.g. 2024-01-01")
     span.add_argument("--end", metavar="DATE", help="last day (inclusive)")
@@ -338,10 +339,10 @@ def cmd_budgets(args: argparse.Namespace, engine: Any) -> int:
     if args.action == "list":
         budgets = [as_plain(b) for b in engine.budgets()
                    if args.budget is None or b.name == args.budget]
-        rows = [[b["name"], b["scope"] + (f"={b['match']}" if b.get("match") else ""),
-                 b["period"], amount(b["limit"], b["unit"]), b["unit"],
-                 ", ".join(f"{x:g}" for x in b["alert_at"])] for b in budgets]
-        text = (table(rows, ["budget", "scope", "period", "limit", "unit", "alerts at"],
+        cells = [[b["name"], b["scope"] + (f"={b['match']}" if b.get("match") else ""),
+                  b["period"], amount(b["limit"], b["unit"]), b["unit"],
+                  ", ".join(f"{x:g}" for x in b["alert_at"])] for b in budgets]
+        text = (table(cells, ["budget", "scope", "period", "limit", "unit", "alerts at"],
                       "lllrll") if budgets else _no_budgets_hint(engine))
         _emit(args, budgets, text)
         return EXIT_OK
@@ -426,7 +427,7 @@ def cmd_prices(args: argparse.Namespace) -> int:
     def per_m(picos: int | None) -> float | None:
         return None if picos is None else picos / 1e6
 
-    data = [{"model": p.name, "provider": p.provider, "mode": p.mode,
+    data: list[dict[str, Any]] = [{"model": p.name, "provider": p.provider, "mode": p.mode,
              "input_per_1m_usd": per_m(p.input_picos), "output_per_1m_usd": per_m(p.output_picos),
              "cached_input_per_1m_usd": per_m(p.cached_input_picos),
              "context_window": p.context_window, "max_output_tokens": p.max_output_tokens,

@@ -37,7 +37,7 @@ def render_summary(engine: Any, span: dict[str, Any]) -> tuple[dict[str, Any], s
     series = fill_series(by_day, "day")
     analysis = cost_analysis(src, **span)
     totals = by_model.totals
-    data = {"period": by_model.period.to_dict(), "totals": totals.to_dict(),
+    data: dict[str, Any] = {"period": by_model.period.to_dict(), "totals": totals.to_dict(),
             "by_model": [g.to_dict() for g in by_model.groups],
             "by_operation": [g.to_dict() for g in by_op.groups],
             "daily": [g.to_dict() for g in series],
