@@ -284,3 +284,34 @@ def test_seed_endpoints_on_postgresql(pg_url: str) -> None:
         assert get(client, "/token-usage", ALICE)["summary"]["totals"]["total_operations"] == 10
         board = get(client, "/api/dashboard?days=7")
         assert board["cache"]["hits"] == 1 and len(board["budgets"]) == 3
+
+
+def test_money_is_formatted_by_one_function_everywhere(client: TestClient,
+                                                       engine: Engine) -> None:
+    """Every USD number in the JSON has its text beside it, made by format_usd (as the CLI
+    prints it), and the dashboard page formats no money itself."""
+    from budgetkit.cli._console import money
+    from budgetkit.pricing import format_usd
+
+    assert money is not None and money(0.00421) == format_usd(0.00421) == "$0.004210"
+    usage = get(client, "/token-usage")
+    totals = usage["summary"]["totals"]
+    assert totals["total_cost_text"] == format_usd(totals["total_cost_usd"])
+    assert totals["total_saved_text"] == format_usd(totals["total_saved_usd"]) != "$0"
+    for row in usage["summary"]["summary"] + usage["daily_usage"]:
+        assert row["total_cost_text"] == format_usd(row["total_cost_usd"])
+    data = get(client, "/api/dashboard")
+    assert data["totals"]["cost_text"] == format_usd(data["totals"]["cost_usd"])
+    assert data["cache"]["saved_text"] == format_usd(data["cache"]["saved_usd"])
+    assert data["forecast"]["projected_total_text"] == format_usd(
+        data["forecast"]["projected_total_usd"])
+    assert all(r["cost_text"] == format_usd(r["cost_usd"]) for r in data["by_model"])
+    top = max(r["cost_usd"] for r in data["daily"])
+    assert data["daily_ticks"] == [format_usd(top * i / 4) for i in range(5)]
+    usd_budgets = [b for b in data["budgets"] if b["unit"] == "usd"]
+    assert usd_budgets and all(b["used_text"] == format_usd(b["used"]) for b in usd_budgets)
+    # The row the API summed: its exact Decimal cost prints the same as the float.
+    [row] = [r for r in engine.usage() if r.status == "cached"][:1]
+    assert format_usd(row.saved) == format_usd(float(row.saved))
+    html = client.get("/dashboard").text
+    assert "function money" not in html and "toFixed(2)" not in html and "toFixed(4)" not in html

@@ -7,27 +7,17 @@ long work are in ``_progress``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from decimal import Decimal
 from typing import Any
+
+from budgetkit.pricing import format_usd
 
 __all__ = ["money", "integer", "table", "bar"]
 
 
-def money(usd: float | None) -> str:
-    """``$12.35``, ``$0.0042``, ``$0.000015``: enough digits to see small costs."""
-    if usd is None:
-        return "-"
-    amount = abs(usd)
-    if amount >= 100:
-        text = f"{amount:,.2f}"
-    elif amount >= 1:
-        text = f"{amount:.2f}"
-    elif amount >= 0.01:
-        text = f"{amount:.4f}"
-    elif amount == 0:
-        text = "0"
-    else:
-        text = f"{amount:.6f}"
-    return ("-$" if usd < 0 else "$") + text
+def money(usd: Decimal | float | None) -> str:
+    """Money as the API and the dashboard show it (:func:`budgetkit.pricing.format_usd`)."""
+    return format_usd(usd)
 
 
 def integer(value: int | float | None) -> str:

@@ -8,6 +8,7 @@ hex) so a batch retried after an unclear failure cannot insert a row twice.
 from __future__ import annotations
 
 import datetime as dt
+from decimal import Decimal
 from typing import Any, Optional
 
 from sqlalchemy import (
@@ -22,6 +23,8 @@ from sqlalchemy import (
     Table,
 )
 from sqlmodel import Field, SQLModel
+
+from budgetkit.pricing import nanos_to_decimal
 
 __all__ = ["table_of", "UsageRow", "UsageTagRow", "OPERATION_TYPES", "STATUSES", "USAGE_HOURLY",
            "USAGE_DAILY", "USAGE_DAILY_USER", "USAGE_DAILY_TAG", "ROLLUP_STATE"]
@@ -89,6 +92,16 @@ class UsageRow(SQLModel, table=True):
                                       sa_column=Column("metadata", JSON, nullable=False))
     prompt_hash: Optional[str] = Field(default=None, max_length=64, index=True)
     prompt_preview: Optional[str] = None
+
+    @property
+    def cost(self) -> Decimal:
+        """Cost in USD, exact (``cost_nanos`` / 1e9); ``format_usd`` prints it."""
+        return nanos_to_decimal(self.cost_nanos)
+
+    @property
+    def saved(self) -> Decimal:
+        """Money a cache hit saved, in USD, exact (``saved_nanos`` / 1e9)."""
+        return nanos_to_decimal(self.saved_nanos)
 
 
 class UsageTagRow(SQLModel, table=True):

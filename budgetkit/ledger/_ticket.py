@@ -8,10 +8,11 @@ import hashlib
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Any
 
 from budgetkit.errors import ConfigurationError
-from budgetkit.pricing import ModelPrice, nanos_to_usd
+from budgetkit.pricing import ModelPrice, nanos_to_decimal, nanos_to_usd
 
 __all__ = ["Ticket", "UsageRecord", "messages_text", "new_id", "prompt_hash", "redact_preview",
            "snapshot_messages"]
@@ -205,14 +206,14 @@ class UsageRecord:
     prompt_preview: str | None
 
     @property
-    def cost(self) -> float:
-        """Cost in USD."""
-        return nanos_to_usd(self.cost_nanos)
+    def cost(self) -> Decimal:
+        """Cost in USD, exact (``cost_nanos`` / 1e9); ``format_usd`` prints it."""
+        return nanos_to_decimal(self.cost_nanos)
 
     @property
-    def saved(self) -> float:
-        """Money a cache hit saved, in USD."""
-        return nanos_to_usd(self.saved_nanos)
+    def saved(self) -> Decimal:
+        """Money a cache hit saved, in USD, exact (``saved_nanos`` / 1e9)."""
+        return nanos_to_decimal(self.saved_nanos)
 
     def as_row(self) -> dict[str, Any]:
         """The record as a dict of :class:`UsageRow` columns (``tags`` a list)."""

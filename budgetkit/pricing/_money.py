@@ -47,3 +47,26 @@ def per_mtok_to_picos(price_per_million: Decimal | str | float | int) -> int:
 def picos_to_nanos(picos: int) -> int:
     """Round a pico-dollar amount to nano-dollars, half-up (non-negative amounts)."""
     return (picos + PICOS_PER_NANO // 2) // PICOS_PER_NANO
+
+
+_CENT = Decimal("0.01")
+
+
+def format_usd(amount: Decimal | float | int | None) -> str:
+    """Money as budgetkit shows it everywhere (CLI, HTTP API ``*_text`` fields, dashboard):
+    ``$1,234.50``, ``$12.35``, ``$0.0420``, ``$0.004210``, ``$0``, ``-$2.50``; ``-`` for
+    ``None``. Small amounts get more digits (four from one cent, six below) so a call's cost
+    is visible; rounding is half-up on the decimal value (a float is read as its shortest
+    repr, so ``nanos_to_usd(n)`` and ``nanos_to_decimal(n)`` print the same).
+    """
+    if amount is None:
+        return "-"
+    value = amount if isinstance(amount, Decimal) else Decimal(str(amount))
+    if not value.is_finite():
+        raise ValueError(f"not a finite money amount: {amount!r}")
+    size = abs(value)
+    if size == 0:
+        return "$0"
+    places = _CENT if size >= 1 else Decimal("0.0001") if size >= _CENT else Decimal("0.000001")
+    text = f"{size.quantize(places, rounding=ROUND_HALF_UP):,}"
+    return ("-$" if value < 0 else "$") + text

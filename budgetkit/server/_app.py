@@ -44,6 +44,7 @@ from ._models import (
     seed_summary_row,
     seed_totals,
 )
+from ._money_text import money_ticks, with_money_text
 
 __all__ = ["create_app", "parse_tokens", "TOKENS_ENV"]
 
@@ -152,11 +153,12 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
         src = as_source(app.state.engine)
         summary = summarize(src, group_by=["operation_type", "model"], **kw)
         series = summarize(src, group_by="day", **kw)
-        return {"message": "Token usage statistics retrieved successfully",
-                "period": summary.period.to_dict(),
-                "summary": {"summary": [seed_summary_row(g) for g in summary.groups],
-                            "totals": seed_totals(summary.totals)},
-                "daily_usage": [seed_daily(g) for g in series.groups]}
+        return with_money_text({
+            "message": "Token usage statistics retrieved successfully",
+            "period": summary.period.to_dict(),
+            "summary": {"summary": [seed_summary_row(g) for g in summary.groups],
+                        "totals": seed_totals(summary.totals)},
+            "daily_usage": [seed_daily(g) for g in series.groups]})
 
     @app.get("/token-usage/user/{user_id}", response_model=UserUsageResponse, tags=["usage"])
     def user_usage(user_id: str, who: Who, days: Days = None, start_date: StartDate = None,
@@ -166,11 +168,12 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
             raise HTTPException(403, "this token may only read its own user's usage")
         summary = summarize(app.state.engine, group_by="operation_type", user_id=user_id,
                             **span(days, start_date, end_date))
-        return {"message": f"Token usage statistics for user {user_id}",
-                "period": summary.period.to_dict(),
-                "user_usage": {"user_id": user_id,
-                               "summary": [seed_summary_row(g) for g in summary.groups],
-                               "totals": seed_totals(summary.totals)}}
+        return with_money_text({
+            "message": f"Token usage statistics for user {user_id}",
+            "period": summary.period.to_dict(),
+            "user_usage": {"user_id": user_id,
+                           "summary": [seed_summary_row(g) for g in summary.groups],
+                           "totals": seed_totals(summary.totals)}})
 
     @app.get("/token-usage/cost-analysis", response_model=CostAnalysisResponse,
              tags=["usage"])
@@ -179,14 +182,15 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
         """Cost per token and per operation, with recommendations naming their figures."""
         analysis = cost_analysis(app.state.engine, **span(days, start_date, end_date),
                                  **who.user_filter())
-        return {"message": "Cost analysis completed successfully",
-                "cost_analysis": analysis.to_dict()}
+        return with_money_text({"message": "Cost analysis completed successfully",
+                                "cost_analysis": analysis.to_dict()})
 
     @app.get("/token-usage/forecast", tags=["usage"])
     def forecast_endpoint(who: Who, period: Annotated[str, Query(
             pattern="^(day|week|month)$")] = "month") -> dict[str, Any]:
         """Projected spend at the end of the calendar period (method included)."""
-        return forecast(app.state.engine, period=period, **who.user_filter()).to_dict()
+        return with_money_text(forecast(app.state.engine, period=period,
+                                        **who.user_filter()).to_dict())
 
     @app.get("/token-usage/anomalies", tags=["usage"])
     def anomalies_endpoint(who: Who, days: Days = None,
@@ -206,20 +210,21 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
         """Spend split by project, tag, user or a metadata key, with each share."""
         rows = allocate_costs(app.state.engine, by=by, **span(days, start_date, end_date),
                               **who.user_filter())
-        return {"by": by, "allocation": rows}
+        return with_money_text({"by": by, "allocation": rows})
 
     @app.get("/token-usage/what-if", tags=["usage"])
     def what_if_endpoint(who: Who, target: Annotated[str, Query(min_length=1)],
                          days: Days = None, start_date: StartDate = None,
                          end_date: EndDate = None) -> dict[str, Any]:
         """The period's calls re-priced as if ``target`` had answered them."""
-        return what_if(app.state.engine, target, **span(days, start_date, end_date),
-                       **who.user_filter()).to_dict()
+        return with_money_text(what_if(app.state.engine, target,
+                                       **span(days, start_date, end_date),
+                                       **who.user_filter()).to_dict())
 
     @app.get("/budgets", tags=["budgets"])
     def budgets_endpoint(who: Who) -> dict[str, Any]:
         """Used / reserved / remaining / percentage of each budget window."""
-        return {"budgets": budget_rows(app.state.engine, user_id=who.user_id)}
+        return with_money_text({"budgets": budget_rows(app.state.engine, user_id=who.user_id)})
 
     @app.get("/alerts", tags=["budgets"])
     def alerts_endpoint(who: Who, limit: Annotated[int, Query(ge=1, le=1000)] = 50
@@ -263,8 +268,9 @@ def dashboard_payload(engine: Any, who: Principal, days: int) -> dict[str, Any]:
     analysis = cost_analysis(src, days=days, **kw)
     prediction = forecast(src, period="month", **kw)
     anomalies = detect_anomalies(src, days=days, **kw)
-    return {
+    return with_money_text({
         "generated_at": src.now.isoformat(), "days": days, "user_scope": who.user_id,
+        "daily_ticks": money_ticks(max((g.cost for g in series), default=0.0)),
         "period": by_model.period.to_dict(), "totals": totals.to_dict(),
         "daily": [{"day": g.key["day"], "cost_usd": g.cost, "calls": g.calls,
                    "saved_usd": g.saved, "tokens": g.total_tokens} for g in series],
@@ -280,4 +286,4 @@ def dashboard_payload(engine: Any, who: Principal, days: int) -> dict[str, Any]:
         "forecast": prediction.to_dict(),
         "anomalies": [a.to_dict() for a in anomalies],
         "recommendations": [r.message for r in analysis.recommendations],
-    }
+    })
