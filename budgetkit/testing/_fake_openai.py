@@ -188,18 +188,18 @@ class FakeOpenAIServer:
         visible = (self.completion_tokens if self.completion_tokens is not None
                    else _count(completion_text, model))
         completion = visible + self.reasoning_tokens
+        prompt_details = {"cached_tokens": min(self.cached_tokens, prompt), "audio_tokens": 0}
+        if self.cache_write_tokens:
+            prompt_details["cache_write_tokens"] = self.cache_write_tokens
         usage = {
             "prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": min(self.cached_tokens, prompt),
-                                      "audio_tokens": 0},
+            "prompt_tokens_details": prompt_details,
             "completion_tokens_details": {"reasoning_tokens": self.reasoning_tokens,
                                           "audio_tokens": 0,
                                           "accepted_prediction_tokens": 0,
                                           "rejected_prediction_tokens": 0},
         }
-        if self.cache_write_tokens:
-            usage["prompt_tokens_details"]["cache_write_tokens"] = self.cache_write_tokens
         with self._lock:
             self.usages.append(usage)
         return usage

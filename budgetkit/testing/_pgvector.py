@@ -44,7 +44,7 @@ class PgvectorServer:
         with warnings.catch_warnings():  # platformdirs warns about XDG_RUNTIME_DIR
             warnings.simplefilter("ignore")
             try:
-                self._server = pgserver.get_server(  # type: ignore[attr-defined]
+                self._server = pgserver.get_server(
                     self.folder, cleanup_mode="stop")
             except Exception as exc:  # pgserver raises bare exceptions of many kinds
                 raise ConfigurationError(f"pgserver could not start PostgreSQL in "
