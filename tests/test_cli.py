@@ -149,6 +149,7 @@ def test_approve_lifts_a_stop_and_is_stored(capsys: pytest.CaptureFixture[str], 
 
 
 def test_no_budget_file_gives_a_hint(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    Engine(db=str(tmp_path / "empty.db")).close()  # an empty ledger that exists
     code, out, _ = run(capsys, "budgets", "--db", str(tmp_path / "empty.db"))
     assert code == EXIT_OK and "No budgets loaded" in out
     bad = tmp_path / "bad.toml"
@@ -218,6 +219,38 @@ def test_wrong_arguments_give_a_short_message(capsys: pytest.CaptureFixture[str]
     assert code == EXIT_USAGE
     assert needle in err and "Traceback" not in err
     assert len(err.strip().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["report"], ["report", "costs"], ["budgets", "list"], ["budgets"], ["alerts"],
+    ["export", "-o", "-"], ["serve"], ["purge", "--older-than", "30"], ["rollup"],
+])
+@pytest.mark.parametrize("form", ["path", "url", "environment"])
+def test_read_commands_refuse_a_ledger_that_does_not_exist(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        argv: list[str], form: str) -> None:
+    missing = tmp_path / "typo" / "ledgr.db"
+    db_args = {"path": ["--db", str(missing)], "url": ["--db", f"sqlite:///{missing}"],
+               "environment": []}[form]
+    if form == "environment":
+        monkeypatch.setenv("BUDGETKIT_DB", str(missing))
+    code, out, err = run(capsys, *argv, *db_args)
+    assert code == EXIT_USAGE and out == ""
+    assert f"no ledger at {missing}" in err and "Traceback" not in err
+    assert not missing.exists() and not missing.parent.exists()  # nothing created
+
+
+def test_write_commands_and_in_memory_ledgers_may_start_empty(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    new = tmp_path / "new.db"
+    (tmp_path / "budgets.toml").write_text(BUDGETS_TOML)
+    code, out, err = run(capsys, "approve", "daily-usd", "--db", str(new))
+    assert code == EXIT_OK, err
+    assert new.is_file()  # approve writes, so it may create the ledger
+    code, out, err = run(capsys, "report", "--db", str(new))  # and now it exists
+    assert code == EXIT_OK, err
+    code, out, err = run(capsys, "report", "--db", ":memory:")
+    assert code == EXIT_OK, err
 
 
 def test_unreachable_database_is_a_failure_not_a_traceback(

@@ -1,13 +1,17 @@
 """The ``budgetkit`` command line.
 
     budgetkit report [summary|costs|forecast|anomalies|what-if|allocation|daily|weekly|monthly]
-    budgetkit budgets list|status        budgetkit alerts        budgetkit approve BUDGET
+    budgetkit budgets list|status|add|set|remove                 budgetkit alerts
+    budgetkit approve BUDGET
     budgetkit export -o usage.csv        budgetkit prices MODEL  budgetkit purge --older-than 90
     budgetkit rollup [--rebuild]         budgetkit serve         budgetkit demo
 
 Every command takes ``--db`` (a SQLAlchemy URL or a SQLite path; default ``BUDGETKIT_DB`` or
 ``~/.budgetkit/budgetkit.db``), ``--budgets`` (a TOML/JSON budget file; default
 ``BUDGETKIT_BUDGETS`` or ``budgets.toml`` next to the SQLite file) and ``--json``.
+
+Commands that read a ledger (report, budgets, alerts, export, serve, purge, rollup) refuse a
+SQLite file that does not exist, naming it (exit 2); approve and demo may create one.
 
 Exit codes: 0 success; 1 the work failed (database unreachable, ...); 2 a wrong argument
 or input (unknown model, bad date, unknown budget); 3 an optional dependency is missing.
@@ -35,6 +39,8 @@ from budgetkit.errors import (
     UnknownModelError,
 )
 
+from ._budgets import CHANGE_ACTIONS, change_budgets
+from ._budgets import add_arguments as add_budget_arguments
 from ._console import integer, money, table
 from ._progress import Progress
 from ._render import amount, budget_table, group_table, period_line, render_summary
@@ -102,8 +108,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="forecast: the calendar period to project")
 
     budgets = sub.add_parser("budgets", parents=[common], help="budgets and their status")
-    budgets.add_argument("action", nargs="?", default="status", choices=("list", "status"))
+    budgets.add_argument("action", nargs="?", default="status",
+                         choices=("list", "status", *CHANGE_ACTIONS))
     budgets.add_argument("--budget", help="only this budget")
+    add_budget_arguments(budgets)  # add|set|remove: the budgets stored in the ledger
 
     alerts = sub.add_parser("alerts", parents=[common], help="recent budget alerts")
     alerts.add_argument("--limit", type=int, default=20)
@@ -198,8 +206,8 @@ def open_engine(args: argparse.Namespace) -> Any:
     engine = Engine(db=args.db)
     path = _budget_file(args, engine.store.url)
     if path is not None:
-        try:
-            engine.load_budgets(path)
+        try:  # to read with, not to store: `budgets add --file` stores a file's budgets
+            engine.load_budgets(path, shared=False)
         except BaseException:
             engine.close()
             raise
@@ -336,6 +344,10 @@ def _no_budgets_hint(engine: Any) -> str:
 def cmd_budgets(args: argparse.Namespace, engine: Any) -> int:
     from budgetkit.reports import as_plain, budget_rows
 
+    if args.action in CHANGE_ACTIONS:
+        payload, text = change_budgets(args, engine.store)
+        _emit(args, payload, text)
+        return EXIT_OK
     if args.action == "list":
         budgets = [as_plain(b) for b in engine.budgets()
                    if args.budget is None or b.name == args.budget]
@@ -535,6 +547,31 @@ _ENGINE_COMMANDS = {"report": cmd_report, "budgets": cmd_budgets, "alerts": cmd_
                     "approve": cmd_approve, "export": cmd_export, "purge": cmd_purge,
                     "rollup": cmd_rollup, "serve": cmd_serve}
 _READ_COMMANDS = frozenset({"report", "budgets", "alerts"})
+# Commands that only make sense on a ledger that exists: a mistyped --db must not quietly
+# create (and report on) an empty one. approve writes a new approval, so it may create it.
+_NEEDS_EXISTING_LEDGER = frozenset({"report", "budgets", "alerts", "export", "serve", "purge",
+                                    "rollup"})
+
+
+def missing_ledger(db: str | None) -> Path | None:
+    """The SQLite file ``db`` names (default ``BUDGETKIT_DB``, else the home ledger) when it
+    does not exist; ``None`` when it exists or ``db`` is not a SQLite file (a server URL,
+    ``:memory:``). Nothing is created while looking."""
+    text = db if db is not None else (os.environ.get("BUDGETKIT_DB")
+                                      or str(Path.home() / ".budgetkit" / "budgetkit.db"))
+    if "://" in text:
+        from sqlalchemy.engine import make_url
+
+        url = make_url(text)
+        if not url.drivername.startswith("sqlite") or url.database in (None, "", ":memory:"):
+            return None
+        path = Path(url.database)
+    elif text == ":memory:":
+        return None
+    else:
+        path = Path(text)
+    path = path.expanduser()
+    return None if path.exists() else path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -554,6 +591,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_prices(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command in _NEEDS_EXISTING_LEDGER and (absent := missing_ledger(args.db)):
+            raise _Usage(f"no ledger at {absent}: {args.command} reads an existing one (check "
+                         "--db or BUDGETKIT_DB; a ledger is created by the first call an "
+                         "application records)")
         engine = open_engine(args)
         if args.command in _READ_COMMANDS:  # a query over a large ledger can take a while
             args.waiting = _progress(args, f"{args.command}: reading the ledger")
