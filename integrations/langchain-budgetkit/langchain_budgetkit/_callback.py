@@ -792,7 +792,7 @@ class BudgetkitCallbackHandler(_Tracker, BaseCallbackHandler):
 
     on_tool_start = on_retriever_start = on_chain_start  # type: ignore[assignment]
     on_tool_end = on_retriever_end = on_chain_end  # type: ignore[assignment]
-    on_tool_error = on_retriever_error = on_chain_error  # type: ignore[assignment]
+    on_tool_error = on_retriever_error = on_chain_error
 
     # -- model runs ------------------------------------------------------------------
     def on_chat_model_start(self, serialized: dict[str, Any],

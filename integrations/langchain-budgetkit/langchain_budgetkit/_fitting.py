@@ -31,8 +31,8 @@ def to_openai_tools(tools: Sequence[Any] | None) -> list[dict[str, Any]] | None:
     return [convert_to_openai_tool(tool) for tool in tools]
 
 
-_ROLES = {HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool",
-          SystemMessage: "system"}
+_ROLES: dict[type[BaseMessage], str] = {
+    HumanMessage: "user", AIMessage: "assistant", ToolMessage: "tool", SystemMessage: "system"}
 
 
 def _plain_openai(message: BaseMessage) -> dict[str, Any] | None:

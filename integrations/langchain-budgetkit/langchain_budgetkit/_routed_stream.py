@@ -126,7 +126,7 @@ class AsyncInnerStream(InnerStream):
             except StopAsyncIteration:
                 return None
 
-    async def __aiter__(self) -> AsyncIterator[AIMessageChunk]:  # type: ignore[override]
+    async def __aiter__(self) -> AsyncIterator[AIMessageChunk]:
         assert self.first is not None
         self.total = self.first
         try:
@@ -187,8 +187,9 @@ def completion_of(message: BaseMessage,
 
 
 def _marker(call: RoutedCall, reason: str) -> dict[str, Any]:
-    marker = {"model": call.model, "route_reason": call.explain(call.model, reason),
-              "attempts": call.attempts, "request_id": call.request_id}
+    marker: dict[str, Any] = {
+        "model": call.model, "route_reason": call.explain(call.model, reason),
+        "attempts": call.attempts, "request_id": call.request_id}
     fitted = call.fitted.get(call.model) if call.model else None
     if fitted is not None:
         marker["context_fit"] = fitted.summary
