@@ -7,8 +7,19 @@ into a :class:`Usage`); framework-free.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
 
-__all__ = ["Usage"]
+__all__ = ["Usage", "UsageCounts"]
+
+
+class UsageCounts(TypedDict):
+    """A :class:`Usage` as keyword arguments of ``Engine.settle`` / ``Engine.record``."""
+
+    input_tokens: int
+    output_tokens: int
+    cached_input_tokens: int
+    cache_write_tokens: int
+    reasoning_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,7 +32,7 @@ class Usage:
     cache_write_tokens: int = 0
     reasoning_tokens: int = 0
 
-    def settle_kwargs(self) -> dict[str, int]:
+    def settle_kwargs(self) -> UsageCounts:
         """The counts as keyword arguments of ``Engine.settle`` / ``Engine.record``."""
         return {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens,
                 "cached_input_tokens": self.cached_input_tokens,

@@ -142,9 +142,9 @@ class BudgetkitEventHandler(BaseEventHandler, TrackerTotals):
                 tracker.finish(key, text=response.message.content, raw=response.raw,
                                additional_kwargs=response.additional_kwargs)
         elif isinstance(event, LLMCompletionEndEvent):
-            response = event.response
-            tracker.finish(key, text=response.text, raw=response.raw,
-                           additional_kwargs=response.additional_kwargs)
+            completion = event.response
+            tracker.finish(key, text=completion.text, raw=completion.raw,
+                           additional_kwargs=completion.additional_kwargs)
         elif isinstance(event, ExceptionEvent):
             tracker.fail(key, event.exception)
         elif isinstance(event, EmbeddingStartEvent):

@@ -85,7 +85,8 @@ def _cut_copy(original: ChatMessage, fitted: Mapping[str, Any]) -> ChatMessage:
             blocks[first] = TextBlock(text=content)
     else:
         for i, part in enumerate(content):
-            if isinstance(blocks[i], TextBlock) and part.get("text") != blocks[i].text:
+            block = blocks[i]
+            if isinstance(block, TextBlock) and part.get("text") != block.text:
                 blocks[i] = TextBlock(text=part["text"])
     return original.model_copy(update={"blocks": blocks,
                                        "additional_kwargs": dict(original.additional_kwargs)})

@@ -51,7 +51,7 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
                  session_id: str | None = None, project: str | None = None,
                  task_type: str | None = None, tags: Sequence[str] = (),
                  metadata: Mapping[str, Any] | None = None) -> None:
-        ignored = [event for event in CBEventType
+        ignored: list[CBEventType] = [event for event in CBEventType
                    if event not in (CBEventType.LLM, CBEventType.EMBEDDING)]
         super().__init__(event_starts_to_ignore=ignored, event_ends_to_ignore=ignored)
         self._tracker = Tracker(engine, user_id=user_id, session_id=session_id,
@@ -85,6 +85,7 @@ class BudgetkitCallbackHandler(BaseCallbackHandler, TrackerTotals):
             messages = payload.get(EventPayload.MESSAGES)
             tracker = self._tracker
             run = legacy_run_ids(event_id, parent_id)
+            prepared: dict[str, Any]
             if messages is not None:
                 kwargs_ = tracker.attribution(event_id, "chat_completion", run=run)
                 prepared = {"messages": to_openai_messages(messages)}

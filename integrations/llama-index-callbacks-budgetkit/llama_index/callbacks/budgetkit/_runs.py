@@ -113,7 +113,8 @@ def end_legacy_trace() -> None:
 
 def legacy_run_ids(event_id: str, parent_id: str | None) -> RunIds:
     """Ids of a legacy ``CallbackManager`` event, read while it starts."""
-    from llama_index.core.callbacks.base import BASE_TRACE_EVENT, global_stack_trace
+    from llama_index.core.callbacks.base import global_stack_trace
+    from llama_index.core.callbacks.schema import BASE_TRACE_EVENT
 
     open_events = [node for node in global_stack_trace.get() if node != BASE_TRACE_EVENT]
     trace = _legacy_trace.get()

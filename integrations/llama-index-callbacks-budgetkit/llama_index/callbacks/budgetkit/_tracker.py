@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from budgetkit import ConfigurationError, Engine, UnknownModelError
 from budgetkit.budgets import LaneReservation, Lanes
@@ -276,7 +276,7 @@ class Tracker:
             return
         usage = usage_from_raw(raw, additional_kwargs) or call.usage
         model = response_model(raw) or call.model
-        source = "provider"
+        source: Literal["provider", "estimated"] = "provider"
         if usage is None:
             usage = self._estimate(call, model, text)
             source = "estimated"
