@@ -26,7 +26,7 @@ asker ("where is my order?") is stored and served for that user only (the cache'
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from llama_index.core.base.llms.types import (ChatMessage, ChatResponse, ChatResponseAsyncGen,
@@ -105,7 +105,7 @@ class CachedLLM(LLM):
 
     @property
     def metadata(self) -> LLMMetadata:
-        return self.llm.metadata  # type: ignore[no-any-return]
+        return self.llm.metadata
 
     @property
     def response_cache(self) -> ResponseCache:
@@ -164,7 +164,7 @@ class CachedLLM(LLM):
             return self._chat_hit(hit)
         response = self.llm.chat(messages, **self._inner_kwargs(kwargs))
         self._store(request, response, self._chat_value(response))
-        return response  # type: ignore[no-any-return]
+        return response
 
     def complete(self, prompt: str, formatted: bool = False, **kwargs: Any) -> CompletionResponse:
         request = self._request(kwargs, prompt=prompt)
@@ -173,7 +173,7 @@ class CachedLLM(LLM):
             return self._completion_hit(hit)
         response = self.llm.complete(prompt, formatted=formatted, **self._inner_kwargs(kwargs))
         self._store(request, response, {"text": response.text})
-        return response  # type: ignore[no-any-return]
+        return response
 
     async def achat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponse:
         request = self._request(kwargs, messages=messages)
@@ -182,7 +182,7 @@ class CachedLLM(LLM):
             return self._chat_hit(hit)
         response = await self.llm.achat(messages, **self._inner_kwargs(kwargs))
         self._store(request, response, self._chat_value(response))
-        return response  # type: ignore[no-any-return]
+        return response
 
     async def acomplete(self, prompt: str, formatted: bool = False,
                         **kwargs: Any) -> CompletionResponse:
@@ -193,13 +193,13 @@ class CachedLLM(LLM):
         response = await self.llm.acomplete(prompt, formatted=formatted,
                                             **self._inner_kwargs(kwargs))
         self._store(request, response, {"text": response.text})
-        return response  # type: ignore[no-any-return]
+        return response
 
     def stream_chat(self, messages: Sequence[ChatMessage], **kwargs: Any) -> ChatResponseGen:
         request = self._request(kwargs, messages=messages)
         hit = self._cache.lookup(**request)
 
-        def gen() -> Iterator[ChatResponse]:
+        def gen() -> ChatResponseGen:
             if hit is not None:
                 served = self._chat_hit(hit)
                 served.delta = served.message.content
@@ -218,7 +218,7 @@ class CachedLLM(LLM):
         request = self._request(kwargs, prompt=prompt)
         hit = self._cache.lookup(**request)
 
-        def gen() -> Iterator[CompletionResponse]:
+        def gen() -> CompletionResponseGen:
             if hit is not None:
                 served = self._completion_hit(hit)
                 served.delta = served.text
@@ -238,7 +238,7 @@ class CachedLLM(LLM):
         request = self._request(kwargs, messages=messages)
         hit = await self._cache.alookup(**request)
 
-        async def gen() -> AsyncIterator[ChatResponse]:
+        async def gen() -> ChatResponseAsyncGen:
             if hit is not None:
                 served = self._chat_hit(hit)
                 served.delta = served.message.content
@@ -258,7 +258,7 @@ class CachedLLM(LLM):
         request = self._request(kwargs, prompt=prompt)
         hit = await self._cache.alookup(**request)
 
-        async def gen() -> AsyncIterator[CompletionResponse]:
+        async def gen() -> CompletionResponseAsyncGen:
             if hit is not None:
                 served = self._completion_hit(hit)
                 served.delta = served.text

@@ -46,7 +46,7 @@ tokens_before, tokens_after, limit, dropped, truncated).
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -475,17 +475,18 @@ class RoutedLLM(LLM):
             if number == len(self.cascade.models):
                 return name, reason
             response = self._with_fallback(
-                lambda model, reason=reason: self._once(model, call, reason, whole), name)
+                partial(self._once, call=call, reason=reason, invoke=whole), name)
             failures = self._failures(call, response)
             if not failures:
                 return response, reason
             previous = (name, failures)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _stream(self, call: _Call, open_stream: Invoke, whole: Invoke) -> Iterator[Response]:
+    def _stream(self, call: _Call, open_stream: Invoke, whole: Invoke
+                ) -> Generator[Response, None, None]:
         target, reason = self._stream_target(call, whole)
         if not isinstance(target, str):  # the cascade accepted a cheap, buffered answer
-            def single() -> Iterator[Response]:  # a real generator, as LlamaIndex expects
+            def single() -> Generator[Response, None, None]:  # LlamaIndex wants a generator
                 yield _as_delta(target)
             return single()
 
@@ -502,7 +503,7 @@ class RoutedLLM(LLM):
 
         ticket, iterator, first = self._with_fallback(opener, target)
 
-        def gen() -> Iterator[Response]:
+        def gen() -> Generator[Response, None, None]:
             last = first
             try:
                 if first is not None:
@@ -525,10 +526,10 @@ class RoutedLLM(LLM):
         return gen()
 
     async def _astream(self, call: _Call, open_stream: Invoke,
-                       whole: Invoke) -> AsyncIterator[Response]:
+                       whole: Invoke) -> AsyncGenerator[Response, None]:
         target, reason = await self._astream_target(call, whole)
         if not isinstance(target, str):
-            async def single() -> AsyncIterator[Response]:
+            async def single() -> AsyncGenerator[Response, None]:
                 yield _as_delta(target)
             return single()
 
@@ -546,7 +547,7 @@ class RoutedLLM(LLM):
 
         ticket, iterator, first = await self._awith_fallback(opener, target)
 
-        async def gen() -> AsyncIterator[Response]:
+        async def gen() -> AsyncGenerator[Response, None]:
             last = first
             try:
                 if first is not None:
@@ -576,7 +577,7 @@ class RoutedLLM(LLM):
             if number == len(self.cascade.models):
                 return name, reason
             response = await self._awith_fallback(
-                lambda model, reason=reason: self._aonce(model, call, reason, whole), name)
+                partial(self._aonce, call=call, reason=reason, invoke=whole), name)
             failures = self._failures(call, response)
             if not failures:
                 return response, reason
@@ -620,8 +621,8 @@ def _as_delta(response: Response) -> Response:
 
 
 def _mark(response: Response, call: _Call, reason: str) -> Response:
-    marker = {"model": call.model, "route_reason": reason, "attempts": call.attempts,
-              "request_id": call.request_id}
+    marker: dict[str, Any] = {"model": call.model, "route_reason": reason,
+                              "attempts": call.attempts, "request_id": call.request_id}
     fitted = call.fitted.get(call.model) if call.model else None
     if fitted is not None:
         marker["route_reason"] = fitted.explain(reason)
