@@ -6,14 +6,15 @@ generation parameter that can change the answer. Any one-character change is a m
 
 Then the **semantic** layer: the prompt (or, for a conversation, its last user message)
 is embedded and compared with the entries of the same *partition*: the same namespace,
-model, parameters and the same conversation before that last message. Sharing the
-partition is what keeps tenants, models and conversations apart: nothing is ever served
-across them. One exception, measured on labelled multi-turn pairs: a last message that
-stands on its own (:func:`budgetkit.cache._keys.is_standalone`) is partitioned by the
-system messages only, so the conversation before it does not matter. Inside a partition
-the best cosine above ``threshold`` wins, unless the miss-as-hit guard
-(:mod:`budgetkit.cache._guard`) finds that the two prompts differ in a number, date,
-negation, polarity or named entity.
+model, parameters (and, for a question about the asker, the user: :mod:`._privacy`) and
+the same conversation before that last message. Sharing the partition is what keeps
+tenants, models, users and conversations apart: nothing is ever served across them. One
+exception, measured on labelled multi-turn pairs: a last message that stands on its own
+(:func:`budgetkit.cache._keys.is_standalone`) is partitioned by the system messages only,
+so the conversation before it does not matter. Inside a partition the nearest entries
+are candidates and the second stage (:mod:`._verifier`) serves the first whose every
+difference it can explain; it refuses a different number, date, negation, opposite,
+entity, order or a one-sided qualifier whatever the cosine.
 
 Entries persist through the store (``budgetkit_cache_entry``), load back at start and
 are shared by processes on one database. Every hit is written to the ledger as a

@@ -1,22 +1,22 @@
-"""The miss-as-hit guard: refuse a semantic match whose *facts* differ.
+"""The facts of a question: what in a prompt changes its answer, reduced to comparable sets.
 
 Sentence embeddings place "capital of France" next to "capital of Germany" and "2023"
 next to "2024": measured here, hard negatives are on average *more* similar to the cached
-question than true paraphrases are. A threshold alone cannot separate them, so before a
-semantic hit is served both prompts are reduced to the few things that change an answer:
+question than true paraphrases are. :func:`extract_facts` reduces a prompt to the few
+things that change an answer, and the second stage (:mod:`._verifier`) compares them:
 
 * numbers (digits, number words, ordinals, percentages, amounts);
 * dates and times (weekdays, months, today / tomorrow / last week ...);
 * negation (not, never, without, no ... counted) and polarity pairs (enable / disable,
-  increase / decrease, before / after, pros / cons, un- / dis- / de- prefixes ...);
+  increase / decrease, before / after, pros / cons ...);
 * superlatives (largest / smallest, cheapest / fastest);
 * named entities (capitalised words inside a sentence, acronyms, quoted text, a list of
   countries, languages and tools written in lower case);
-* a single content word swapped for another ("cats" / "dogs", "numpy" / "pandas").
+* content words in order, to catch numbers bound to other words ("option 1 is X").
 
-If any of these differ the match is refused, whatever the cosine. The rules are
-conservative on purpose: a refused paraphrase costs one model call, a served trap serves
-a wrong answer. ``benchmarks/bench_cache_quality.py`` measures both sides.
+The word lists here are closed classes of the language (numbers, weekdays, negations,
+polar pairs) and a list of names people write in lower case; the verifier's own word
+relations come from WordNet (:mod:`._text`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 
-__all__ = ["Facts", "extract_facts", "facts_conflict"]
+__all__ = ["Facts", "extract_facts"]
 
 _WORD = re.compile(r"[a-z]+n't|[a-z0-9]+(?:[.,][0-9]+)*%?")
 _RAW_TOKEN = re.compile(r"\"[^\"]{1,60}\"|'[^'\s][^']{0,58}'(?![a-z])|[\w$£€%.,'-]+")
@@ -311,48 +311,3 @@ def _rebound(a: Facts, b: Facts) -> bool:
         if number in numbers_b and word in b.content and (number, word) not in pairs_b:
             return True
     return False
-
-
-_PREFIXES = ("un", "dis", "de", "non", "in", "im", "il", "ir", "anti", "counter")
-
-
-def _prefix_flip(a: frozenset[str], b: frozenset[str]) -> bool:
-    for word in a - b:
-        for other in b - a:
-            short, long_ = sorted((word, other), key=len)
-            for prefix in _PREFIXES:
-                if long_ == prefix + short and len(short) > 2:
-                    return True
-            if word[2:] == other[2:] and {word[:2], other[:2]} == {"en", "de"}:
-                return True
-    return False
-
-
-def facts_conflict(a: Facts, b: Facts) -> str | None:
-    """Why prompts with facts ``a`` and ``b`` must not share an answer, or ``None``."""
-    if a.numbers != b.numbers:
-        return "number"
-    if a.times != b.times:
-        return "date"
-    if a.negations != b.negations:
-        return "negation"
-    axes_a = {axis for axis, _ in a.poles}
-    for axis, pole in b.poles:
-        if axis in axes_a and (axis, pole) not in a.poles:
-            return "polarity"
-    if any((after, before) in b.directions for before, after in a.directions):
-        return "direction"
-    if _rebound(a, b) or _rebound(b, a):
-        return "order"
-    if _prefix_flip(a.content, b.content):
-        return "polarity"
-    if a.superlatives != b.superlatives and a.superlatives and b.superlatives:
-        return "superlative"
-    if a.entities != b.entities:
-        return "entity"
-    only_a = {_SYNONYMS.get(word, word) for word in a.content - b.content}
-    only_b = {_SYNONYMS.get(word, word) for word in b.content - a.content}
-    only_a, only_b = only_a - only_b, only_b - only_a
-    if len(only_a) == 1 and len(only_b) == 1:
-        return "swap"
-    return None
