@@ -130,3 +130,21 @@ def test_dev_pairs_stay_separated() -> None:
     served_traps = [p["b"] for p in pairs
                     if not p["same_answer"] and _verdict(p["a"], p["b"])[0]]
     assert served_traps == []
+
+
+def test_a_cache_serves_case_spacing_and_typo_variants_but_not_look_alikes(
+        tmp_path: Path) -> None:
+    from budgetkit import Engine
+    from budgetkit.cache import MiniLMEmbedder, ResponseCache
+
+    with Engine(tmp_path / "cache.db") as engine:
+        cache = ResponseCache(engine, embedder=MiniLMEmbedder(), record_hits=False)
+        cache.store("Canberra", model="gpt-4o-mini", prompt="What is the capital of Australia?")
+        for variant in ("WHAT IS THE CAPITAL OF AUSTRALIA", "what is the capital of australia",
+                        "  What is the capital   of Australia ?", "Whats the capitl of Australia"):
+            hit = cache.lookup(model="gpt-4o-mini", prompt=variant)
+            assert hit is not None and hit.value == "Canberra", variant
+        for trap in ("What is the capital of Austria?", "WHAT IS THE CAPITAL OF AUSTRIA",
+                     "What was the capital of Australia in 1900?"):
+            assert cache.lookup(model="gpt-4o-mini", prompt=trap) is None, trap
+        assert cache.stats().refused_by_guard >= 2
