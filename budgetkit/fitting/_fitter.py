@@ -20,6 +20,12 @@ Chat history rules (:func:`fit_messages`):
 
 Inputs are never mutated; a truncated message is a new dict.
 
+Huge messages (a pasted 10 MB log, one 10 MB word) are fitted in time linear in their
+length and memory independent of it: the message is counted once, piece by piece (see
+``budgetkit/pricing/_long_text.py`` for the count's bound), only the head and tail that
+can be kept are encoded, and each try counts only the kept text
+(``benchmarks/bench_big_prompts.py`` measures it; figures in docs/reliability.md).
+
 Over 500 lines because history fitting, document fitting and compression share one
 counting and one report type; splitting them would scatter the invariants (never split a
 tool call from its result, keep the system message) across files.
@@ -40,6 +46,7 @@ from budgetkit.pricing import (
     count_message_tokens,
     count_tokens,
     default_catalog,
+    encode_long_text,
     encoding_for_model,
 )
 
@@ -198,6 +205,7 @@ class _MessageCounter:
         self.model, self.catalog = model, catalog
         self.priming = count_message_tokens((), model, catalog=catalog)
         self._prefix = (model, encoding_for_model(model, catalog=catalog).name)
+        self._this_fit: dict[int, tuple[Mapping[str, Any], int]] = {}
 
     def __call__(self, message: Mapping[str, Any]) -> int:
         return count_message_tokens((message,), self.model, catalog=self.catalog) - self.priming
@@ -210,8 +218,11 @@ class _MessageCounter:
     def cached(self, message: Mapping[str, Any]) -> int:
         """``message``'s tokens, remembered by the fields the count depends on."""
         key = _cache_key(message)
-        if key is None:
-            return self(message)
+        if key is None:  # long or multipart: remembered for this fit only, by identity
+            found = self._this_fit.get(id(message))
+            if found is None or found[0] is not message:
+                found = self._this_fit[id(message)] = (message, self(message))
+            return found[1]
         key = (self._prefix, *key)
         tokens = _MESSAGE_COUNTS.get(key)
         if tokens is None:
@@ -479,23 +490,47 @@ def _truncate_middle(message: Mapping[str, Any], allowance: int, model: str,
         return None
 
     encoding = encoding_for_model(model, catalog=count.catalog)
-    tokens = encoding.encode(text, disallowed_special=())
-    n = len(tokens)
+    empty = count(rebuild(""))
+    # The text's tokens: the message's count (remembered from the fit) less the rest of it.
+    n = (count.cached(message) - empty if isinstance(content, str)
+         else count_tokens(text, model, catalog=count.catalog))
     # Start from the arithmetic guess, then shrink by the measured overshoot: token counts of
     # joined strings are not additive (BPE merges at the seams), so each try is counted.
-    keep = allowance - count(rebuild("")) - count_tokens(_MARKER.format(n=n), model,
-                                                         catalog=count.catalog)
+    keep = allowance - empty - count_tokens(_MARKER.format(n=n), model, catalog=count.catalog)
     keep = min(keep, n - 1)
+    # Only the ends that can be kept are encoded, never the whole text (10 MB: 570 MB of
+    # token ids before), and each try counts only what it keeps.
+    heads = _edge_tokens(encoding, text, keep - keep // 2, from_end=False)
+    tails = _edge_tokens(encoding, text, keep // 2, from_end=True)
     while keep >= 0:
-        head = encoding.decode_bytes(tokens[: keep - keep // 2]).decode("utf-8", "ignore")
-        tail = encoding.decode_bytes(tokens[n - keep // 2:] if keep // 2 else []).decode(
-            "utf-8", "ignore")
+        head = encoding.decode_bytes(heads[: keep - keep // 2]).decode("utf-8", "ignore")
+        tail = encoding.decode_bytes(tails[len(tails) - keep // 2:] if keep // 2 else []
+                                     ).decode("utf-8", "ignore")
+        overlap = len(head) + len(tail) - len(text)
+        if overlap >= 0:  # (the ends' own tokenizations met in the middle)
+            tail = tail[overlap + 1:]
         candidate = rebuild(head + _MARKER.format(n=n - keep) + tail)
         used = count(candidate)
         if used <= allowance:
             return candidate, used
         keep -= max(1, used - allowance)
     return None
+
+
+def _edge_tokens(encoding: Any, text: str, want: int, *, from_end: bool) -> list[int]:
+    """The first (``from_end``: last) ``want`` token ids of ``text``, encoding only as much
+    of that end as needed (a prefix four characters per wanted token long, doubled until it
+    holds more than ``want``). Decoded, they are a prefix (suffix) of ``text``."""
+    if want <= 0:
+        return []
+    size = min(len(text), 4 * want + 16)
+    while True:
+        piece = text[len(text) - size:] if from_end else text[:size]
+        tokens = encode_long_text(encoding.encode_ordinary, piece)
+        if len(tokens) > want or size == len(text):
+            # (> want: the token cut by the piece's artificial edge is left out)
+            return tokens[len(tokens) - want:] if from_end else tokens[:want]
+        size = min(len(text), size * 2)
 
 
 # ---------------------------------------------------------------------------- documents

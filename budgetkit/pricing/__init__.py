@@ -16,6 +16,8 @@ from ._catalog import get_generation_budget as get_generation_budget
 from ._counts import finite_number as finite_number
 from ._counts import nonnegative_int as nonnegative_int
 from ._counts import token_count as token_count
+from ._long_text import count_long_text as count_long_text
+from ._long_text import encode_long_text as encode_long_text
 from ._money import PICOS_PER_NANO as PICOS_PER_NANO
 from ._money import format_usd as format_usd
 from ._money import nanos_to_decimal as nanos_to_decimal
@@ -38,4 +40,5 @@ __all__ = ['ModelPrice', 'ModelBudget', 'PriceCatalog', 'default_catalog', 'esti
            'is_exact', 'tool_counts_are_exact', 'ESTIMATE_ENCODING', 'message_tokens_bound',
            'text_tokens_bound',
            'PICOS_PER_NANO', 'format_usd', 'nanos_to_usd', 'usd_to_nanos', 'nanos_to_decimal',
-           'token_count', 'nonnegative_int', 'finite_number']
+           'token_count', 'nonnegative_int', 'finite_number', 'count_long_text',
+           'encode_long_text']
