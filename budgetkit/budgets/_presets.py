@@ -17,12 +17,12 @@ from collections.abc import Callable
 
 from budgetkit.errors import ConfigurationError
 
-from ._budget import Budget, BudgetLevels
+from ._budget import Budget, BudgetLevels, Period
 
 __all__ = ["token_ladder_budgets", "model_token_budgets", "seed_budgets", "preset", "PRESETS"]
 
 # (period, moderate from, high from, critical from) in tokens, as the seed writes them.
-TOKEN_LADDERS: tuple[tuple[str, int, int, int], ...] = (
+TOKEN_LADDERS: tuple[tuple[Period, int, int, int], ...] = (
     ("run", 10_000, 50_000, 100_000),
     ("day", 50_000, 200_000, 500_000),
     ("month", 1_500_000, 6_000_000, 15_000_000),
@@ -49,7 +49,7 @@ def token_ladder_budgets(*, timezone: str = "UTC", require_approval: bool = True
     return [
         Budget(name=f"{prefix}-per-{period}" if period == "run" else f"{prefix}-{period}ly"
                if period == "month" else f"{prefix}-daily",
-               limit=critical, unit="tokens", period=period,  # type: ignore[arg-type]
+               limit=critical, unit="tokens", period=period,
                timezone=timezone, require_approval=require_approval,
                levels=BudgetLevels(moderate=moderate, high=high, critical=critical,
                                    absolute=True),
@@ -69,11 +69,12 @@ def model_token_budgets(*, timezone: str = "UTC", require_approval: bool = True
     for provider, models in MODEL_TOKEN_BUDGETS.items():
         named = tuple(model for model in models if model != "*")
         for model, limits in models.items():
-            for period, limit in zip(("run", "day", "month"), limits):
+            periods: tuple[Period, ...] = ("run", "day", "month")
+            for period, limit in zip(periods, limits):
                 label = model if model != "*" else f"{provider}-other"
                 budgets.append(Budget(
                     name=f"model-{label}-{period}", limit=limit, unit="tokens",
-                    period=period,  # type: ignore[arg-type]
+                    period=period,
                     scope="model", match=None if model == "*" else model,
                     provider=provider if model == "*" else None,
                     exclude=named if model == "*" else (), timezone=timezone,

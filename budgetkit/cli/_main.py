@@ -456,13 +456,13 @@ def cmd_prices(args: argparse.Namespace) -> int:
 def cmd_purge(args: argparse.Namespace, engine: Any) -> int:
     from sqlalchemy import func, select
 
-    from budgetkit.ledger import UsageRow
+    from budgetkit.ledger import UsageRow, table_of
 
     if args.older_than < 1:
         raise _Usage(f"--older-than must be >= 1 day, got {args.older_than}")
     engine.flush()
     cutoff = engine.now() - dt.timedelta(days=args.older_than)
-    table_ = UsageRow.__table__  # type: ignore[attr-defined]
+    table_ = table_of(UsageRow)
     with engine.store.engine.connect() as conn:
         total, oldest = conn.execute(select(func.count(), func.min(table_.c.created_at))
                                      .where(table_.c.created_at < cutoff)).one()
