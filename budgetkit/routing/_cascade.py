@@ -325,7 +325,8 @@ def _as_completion(answer: Completion | str) -> Completion:
         f"a cascade call must return a Completion or a str, got {type(answer).__name__}")
 
 
-def _settle_kwargs(engine: Any, ticket: Any, answer: Completion) -> dict[str, Any]:
+def _settle_kwargs(engine: Any, ticket: Any, answer: Completion,
+                   estimate_reason: str | None = None) -> dict[str, Any]:
     estimated = answer.input_tokens is None or answer.output_tokens is None
     output_tokens = answer.output_tokens
     if output_tokens is None:
@@ -335,22 +336,29 @@ def _settle_kwargs(engine: Any, ticket: Any, answer: Completion) -> dict[str, An
             "cached_input_tokens": answer.cached_input_tokens,
             "cache_write_tokens": answer.cache_write_tokens,
             "reasoning_tokens": answer.reasoning_tokens, "model": answer.model,
-            "usage_source": "estimated" if estimated else "provider"}
+            "usage_source": "estimated" if estimated else "provider",
+            "metadata": {"usage_estimate_reason": estimate_reason}
+            if estimated and estimate_reason else None}
 
 
-def settle_completion(engine: Any, ticket: Any, answer: Completion) -> Any:
+def settle_completion(engine: Any, ticket: Any, answer: Completion, *,
+                      estimate_reason: str | None = None) -> Any:
     """Settle ``ticket`` with ``answer``'s usage; counts what the provider did not report.
 
     Shared by the cascade and the framework adapters so every path records usage the same
-    way. Returns the usage record (``None`` without an engine or ticket).
+    way. ``estimate_reason``, when the usage has to be counted, goes in the row's metadata
+    as ``usage_estimate_reason`` (why the provider's figures are missing). Returns the usage
+    record (``None`` without an engine or ticket).
     """
     if engine is None or ticket is None:
         return None
-    return engine.settle(ticket, **_settle_kwargs(engine, ticket, answer))
+    return engine.settle(ticket, **_settle_kwargs(engine, ticket, answer, estimate_reason))
 
 
-async def asettle_completion(engine: Any, ticket: Any, answer: Completion) -> Any:
+async def asettle_completion(engine: Any, ticket: Any, answer: Completion, *,
+                             estimate_reason: str | None = None) -> Any:
     """:func:`settle_completion` for asyncio code (budget commits may touch the database)."""
     if engine is None or ticket is None:
         return None
-    return await engine.asettle(ticket, **_settle_kwargs(engine, ticket, answer))
+    return await engine.asettle(ticket,
+                                **_settle_kwargs(engine, ticket, answer, estimate_reason))

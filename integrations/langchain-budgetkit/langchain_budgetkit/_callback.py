@@ -26,7 +26,9 @@ The life of one model run, by LangChain event:
   mostly wait on the network, where this work costs them nothing; ``engine.flush()``,
   reading the handler's totals and exit run whatever is still waiting.) Without
   usage (some streams, fakes) the tokenizer counts the prompt and the output and the row
-  says ``usage_source="estimated"``.
+  says ``usage_source="estimated"`` and why (metadata ``usage_estimate_reason``: for a
+  ChatOpenAI stream, that the model needs ``stream_usage=True``, which a callback cannot
+  add to a request it only observes; RoutedChatModel asks for it itself).
 - ``on_llm_error``: the reservation is returned; the row has status ``error`` and costs
   nothing unless output was already streamed (then input and partial output are billed,
   estimated).
@@ -77,7 +79,7 @@ from budgetkit.pricing import text_tokens_bound
 from budgetkit.ledger import Usage
 
 from ._messages import message_text, prompt_tokens_bound, to_openai_messages
-from ._stream_usage import ChunkUsage, usage_of_running_totals
+from ._stream_usage import ESTIMATE_REASON_KEY, ChunkUsage, usage_of_running_totals
 from ._usage_parse import (first_value, json_safe, tool_call_text, usage_from_metadata,
                            usage_from_openai)
 
@@ -147,6 +149,19 @@ _ROUTE_KEYS = frozenset(("route_reason", "attempt"))
 _MAX_TOKEN_KEYS = ("max_tokens", "max_completion_tokens", "max_output_tokens",
                    "max_new_tokens", "num_predict", "maxOutputTokens")
 _MODEL_KEYS = ("model", "model_name", "model_id", "deployment_name", "azure_deployment")
+_OPENAI_TYPES = frozenset({"openai-chat", "azure-openai-chat"})  # ChatOpenAI, AzureChatOpenAI
+
+
+def _estimate_reason(run: _Run) -> str:
+    """Why a run's usage had to be counted (the row's ``usage_estimate_reason``)."""
+    if run.chunks is None:
+        return "the response reported no usage"
+    if run.openai_compatible:
+        # A callback only observes the request: it cannot add stream_options to it.
+        return ("the stream reported no usage; create the model with stream_usage=True "
+                "(ChatOpenAI sends stream_options={'include_usage': true} then) for "
+                "the provider's figures")
+    return "the stream reported no usage"
 _CACHE_MARK = "budgetkit_cache_hit"
 #: A run of budgetkit's routed model (its cost is recorded on its inner runs) and an inner
 #: run that model has already recorded itself (see langchain_budgetkit._routed).
@@ -187,6 +202,9 @@ class _Run:
     on_done: Any = None
     #: what an admission lane reserved at the start (the ticket is built at the end)
     held: LaneReservation | None = None
+    #: an OpenAI-compatible LangChain model (invocation params ``_type``): its stream
+    #: reports usage when the model is created with ``stream_usage=True``
+    openai_compatible: bool = False
 
 
 class _Facts:
@@ -377,6 +395,7 @@ class _Tracker:
                    metadata, str(model) if model else None, max_tokens,
                    tools if isinstance(tools, list) and tools else None, prompt,
                    time.perf_counter())
+        run.openai_compatible = params.get("_type") in _OPENAI_TYPES
         if _attribution_wanted:
             _current_call.set(_Call(run_id, run, self))
         if (metadata and (metadata.get(_ROUTED_MARK) or metadata.get(_METERED_MARK))) \
@@ -638,20 +657,27 @@ class _Tracker:
         source = "provider"
         if raw_usage and raw_usage.get("total_cost") == 0 and usage is not None:
             return self._foreign_cache_hit(run, model, usage)
+        reason = None
         if usage is None:
             usage = self._estimate(run, model, facts.response)
             source = "estimated"
+            reason = _estimate_reason(run)
         if run.ticket is None:
             if run.deferred is None or not model:
                 return None
+            deferred = run.deferred
+            if reason is not None:
+                deferred = dict(deferred, metadata={**(deferred.get("metadata") or {}),
+                                                    ESTIMATE_REASON_KEY: reason})
             return _Outcome("record", None, model,
-                            dict(run.deferred, usage_source=source, **usage.settle_kwargs()))
+                            dict(deferred, usage_source=source, **usage.settle_kwargs()))
         return _Outcome("settle", run.ticket, model, {
             "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
             "cached_input_tokens": usage.cached_input_tokens,
             "cache_write_tokens": usage.cache_write_tokens,
             "reasoning_tokens": usage.reasoning_tokens, "model": model,
-            "usage_source": source})
+            "usage_source": source,
+            "metadata": {ESTIMATE_REASON_KEY: reason} if reason is not None else None})
 
     def _foreign_cache_hit(self, run: _Run, model: str | None, usage: Usage) -> _Outcome | None:
         attribution = run.deferred

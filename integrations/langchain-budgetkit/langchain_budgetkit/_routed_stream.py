@@ -5,7 +5,9 @@ An inner stream (:class:`InnerStream`, :class:`AsyncInnerStream`) is admitted wh
 (its first chunk is pulled inside the fallback's ``try``, so a stream that fails before any
 output falls back like a call) and settled with the summed chunks' usage when it ends; a
 stream that breaks releases its reservation. Chunks reporting running totals of usage are
-settled with the last totals, not their sum (see ``_stream_usage``).
+settled with the last totals, not their sum (see ``_stream_usage``). OpenAI-compatible
+inner models are asked for their stream's usage (``stream_usage=True``) unless the caller or
+the model chose otherwise; a row estimated anyway says why (``usage_estimate_reason``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from budgetkit.routing import Completion, asettle_completion, metered_call, sett
 
 from ._messages import message_text
 from ._routed_run import PARSED_KEY, ROUTED_MARKER, RoutedCall
-from ._stream_usage import ChunkUsage, usage_of_running_totals
+from ._stream_usage import ChunkUsage, stream_usage_request, usage_of_running_totals
 from ._usage_parse import usage_from_metadata
 
 __all__ = ["InnerStream", "AsyncInnerStream", "as_message", "as_chunk", "completion_of",
@@ -43,6 +45,8 @@ class InnerStream:
         self.first: AIMessageChunk | None = None
         self.total: AIMessageChunk | None = None
         self.chunk_usage: list[ChunkUsage] = []  # LangChain sums chunks' usage: see below
+        #: what the row says if the stream reports no usage (see stream_usage_request)
+        self.estimate_reason: str | None = None
 
     def _start(self) -> None:
         call = self.call
@@ -60,7 +64,8 @@ class InnerStream:
         try:
             config = self.owner._config(self.name, call, self.reason, self.manager, self.run_id)
             self.iterator = iter(self.owner._inner(self.name, call).stream(
-                call.prompt_for(self.name)[0], config=config, stop=call.stop, **call.kwargs))
+                call.prompt_for(self.name)[0], config=config, stop=call.stop,
+                **self._stream_kwargs()))
             self.first = as_chunk(self._next(AIMessageChunk(content="")))
         except BaseException as exc:
             self._release(exc)
@@ -85,7 +90,14 @@ class InnerStream:
         except BaseException as exc:
             self._release(exc)
             raise
-        settle_completion(self.engine, self.ticket, self._completion())
+        settle_completion(self.engine, self.ticket, self._completion(),
+                          estimate_reason=self.estimate_reason)
+
+    def _stream_kwargs(self) -> dict[str, Any]:
+        """The call's keyword arguments, asking an OpenAI-compatible model for usage."""
+        ask, self.estimate_reason = stream_usage_request(self.owner.models[self.name],
+                                                         self.call.kwargs)
+        return {**self.call.kwargs, **ask}
 
     def _note(self, chunk: AIMessageChunk) -> None:
         if chunk.usage_metadata:
@@ -113,7 +125,7 @@ class AsyncInnerStream(InnerStream):
             config = self.owner._config(self.name, call, self.reason, self.manager, self.run_id)
             self.aiterator = self.owner._inner(self.name, call).astream(
                 call.prompt_for(self.name)[0], config=config, stop=call.stop,
-                **call.kwargs).__aiter__()
+                **self._stream_kwargs()).__aiter__()
             self.first = as_chunk(await self._anext() or AIMessageChunk(content=""))
         except BaseException as exc:
             self._release(exc)
@@ -140,7 +152,8 @@ class AsyncInnerStream(InnerStream):
         except BaseException as exc:
             self._release(exc)
             raise
-        await asettle_completion(self.engine, self.ticket, self._completion())
+        await asettle_completion(self.engine, self.ticket, self._completion(),
+                                 estimate_reason=self.estimate_reason)
 
 
 # ---------------------------------------------------------------------------- helpers

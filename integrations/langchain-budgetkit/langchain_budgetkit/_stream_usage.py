@@ -21,6 +21,11 @@ Reading the chunks' usage in order:
   chunk) is a running total too.
 
 Anything else is left to LangChain's sum, which is right for it.
+
+Streams that report no usage at all are estimated with the tokenizer. RoutedChatModel asks
+OpenAI-compatible inner models for usage (:func:`stream_usage_request`); a callback handler
+cannot change the request it observes. Either way an estimated row says why in its metadata
+(``usage_estimate_reason``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["ChunkUsage", "usage_of_running_totals"]
+__all__ = ["ChunkUsage", "usage_of_running_totals", "stream_usage_request",
+           "ESTIMATE_REASON_KEY"]
 
 #: One streamed chunk's ``usage_metadata`` and whether the chunk carried new text.
 ChunkUsage = tuple[Mapping[str, Any], bool]
@@ -80,3 +86,35 @@ def usage_of_running_totals(chunks: Sequence[ChunkUsage]) -> dict[str, Any] | No
         result["output_token_details"] = output_details
     result["total_tokens"] = result["input_tokens"] + result["output_tokens"]
     return result
+
+
+#: The row metadata key that says why a row's usage is the tokenizer's estimate.
+ESTIMATE_REASON_KEY = "usage_estimate_reason"
+
+
+def stream_usage_request(model: Any, call_kwargs: Mapping[str, Any]) -> tuple[dict[str, Any],
+                                                                              str]:
+    """The keyword arguments that make ``model``'s stream report its usage, and what to say
+    in the row if it still reports none.
+
+    LangChain's OpenAI-compatible models (``ChatOpenAI`` and friends; also ``ChatAnthropic``)
+    have a ``stream_usage`` option; ``ChatOpenAI`` leaves it off for a custom ``base_url``
+    (not every compatible server accepts ``stream_options``), so those streams would be
+    estimated. It is turned on per call (``stream_usage=True``, which ``ChatOpenAI`` sends
+    as ``stream_options={"include_usage": True}``) unless the caller chose: an explicit
+    ``stream_usage`` / ``stream_options`` argument, or ``stream_usage=False`` on the model.
+    """
+    if "stream_usage" in call_kwargs or "stream_options" in call_kwargs:
+        return {}, "the caller's stream_usage / stream_options choice; the stream sent no usage"
+    inner = getattr(model, "bound", model)  # a RunnableBinding (bind, with_config)
+    fields = getattr(type(inner), "model_fields", None) or {}
+    name = type(inner).__name__
+    if "stream_usage" not in fields:
+        return {}, f"{name} has no stream_usage option and its stream reported no usage"
+    setting = getattr(inner, "stream_usage", None)
+    if setting is False:
+        return {}, f"stream_usage=False on the {name}: the stream was not asked for usage"
+    if setting is True:
+        return {}, f"{name} asked the stream for usage (stream_usage=True); none came"
+    return {"stream_usage": True}, (f"budgetkit asked the {name} stream for usage "
+                                    "(stream_usage=True); the server sent none")

@@ -172,9 +172,12 @@ def test_legacy_completion_llm(engine, fake_openai):
 
 
 def test_openai_embeddings_metered(engine, fake_openai):
+    # check_embedding_ctx_length=False: OpenAIEmbeddings would otherwise fetch tiktoken's
+    # files itself (budgetkit's bundled copies are its own, not registered in tiktoken).
     embeddings = MeteredEmbeddings(
         OpenAIEmbeddings(model="text-embedding-3-small", base_url=fake_openai.base_url,
-                         api_key="test-key", max_retries=0), engine, user_id="indexer")
+                         api_key="test-key", max_retries=0, check_embedding_ctx_length=False),
+        engine, user_id="indexer")
     docs = ["The quick brown fox.", "jumps over the lazy dog", "ünïcödé text ✓"]
     vectors = embeddings.embed_documents(docs)
     query = asyncio.run(embeddings.aembed_query("where is the fox?"))

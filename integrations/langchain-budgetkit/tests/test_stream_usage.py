@@ -240,3 +240,83 @@ def test_running_totals_detection(chunks, expected) -> None:
     else:
         assert (result["input_tokens"], result["output_tokens"]) == expected
         assert result["total_tokens"] == sum(expected)
+
+
+# ------------------------------------- asking OpenAI-compatible streams for their usage
+
+def compatible_client(server: Any, **kwargs: Any) -> ChatOpenAI:
+    """ChatOpenAI on a custom base_url: LangChain leaves stream_usage unset there."""
+    return ChatOpenAI(model=MODEL, base_url=server.base_url, api_key="test-key", max_retries=0,
+                      **kwargs)
+
+
+def stream_routed(model: RoutedChatModel, mode: str) -> str:
+    if mode == "stream":
+        return "".join(chunk.content for chunk in model.stream("Hi"))
+
+    async def consume() -> str:
+        return "".join([chunk.content async for chunk in model.astream("Hi")])
+    return asyncio.run(consume())
+
+
+@pytest.mark.parametrize("mode", ["stream", "astream"])
+def test_routed_model_asks_a_compatible_stream_for_its_usage(engine: Engine, fake_openai,
+                                                             mode: str) -> None:
+    assert compatible_client(fake_openai).stream_usage is None  # LangChain would not ask
+    model = RoutedChatModel(models={MODEL: compatible_client(fake_openai)}, engine=engine)
+    assert stream_routed(model, mode) == fake_openai.reply
+    [request] = fake_openai.requests
+    assert request.body["stream_options"] == {"include_usage": True}
+    [row] = engine.usage()
+    [served] = fake_openai.usages
+    assert row.usage_source == "provider"
+    assert (row.input_tokens, row.output_tokens) == (served["prompt_tokens"],
+                                                     served["completion_tokens"])
+    assert "usage_estimate_reason" not in row.metadata_
+
+
+@pytest.mark.parametrize(("client_kwargs", "server_reports", "asked", "reason"), [
+    ({"stream_usage": False}, True, False, "stream_usage=False on the ChatOpenAI"),
+    ({}, False, True, "budgetkit asked the ChatOpenAI stream for usage"),
+])
+def test_routed_stream_estimated_anyway_says_why(engine: Engine, fake_openai, client_kwargs,
+                                                 server_reports: bool, asked: bool,
+                                                 reason: str) -> None:
+    fake_openai.configure(stream_usage=server_reports)
+    model = RoutedChatModel(models={MODEL: compatible_client(fake_openai, **client_kwargs)},
+                            engine=engine)
+    assert stream_routed(model, "stream") == fake_openai.reply
+    [request] = fake_openai.requests
+    assert ("stream_options" in request.body) is asked
+    [row] = engine.usage()
+    assert row.usage_source == "estimated"
+    assert reason in row.metadata_["usage_estimate_reason"]
+
+
+def test_caller_choice_of_stream_usage_is_kept(engine: Engine, fake_openai) -> None:
+    model = RoutedChatModel(models={MODEL: compatible_client(fake_openai)}, engine=engine)
+    "".join(chunk.content for chunk in model.stream("Hi", stream_usage=False))
+    [request] = fake_openai.requests
+    assert "stream_options" not in request.body
+    [row] = engine.usage()
+    assert row.usage_source == "estimated"
+    assert "caller's stream_usage" in row.metadata_["usage_estimate_reason"]
+
+
+def test_handler_row_says_how_to_get_a_compatible_streams_usage(engine: Engine,
+                                                                fake_openai) -> None:
+    handler = BudgetkitCallbackHandler(engine)
+    client = compatible_client(fake_openai)
+    text = "".join(chunk.content for chunk in client.stream("Hi", config={"callbacks": [handler]}))
+    assert text == fake_openai.reply
+    engine.flush()
+    [row] = engine.usage()
+    assert row.usage_source == "estimated"
+    assert "stream_usage=True" in row.metadata_["usage_estimate_reason"]
+    # the same client asked for usage: the provider's figures, no reason
+    fake_openai.reset()
+    client = compatible_client(fake_openai, stream_usage=True)
+    "".join(chunk.content for chunk in client.stream("Hi", config={"callbacks": [handler]}))
+    engine.flush()
+    latest = max(engine.usage(), key=lambda r: r.created_at)
+    assert latest.usage_source == "provider" and "usage_estimate_reason" not in latest.metadata_
