@@ -12,6 +12,7 @@ from ._fitter import CompressionReport as CompressionReport
 from ._fitter import FitReport as FitReport
 from ._fitter import FitResult as FitResult
 from ._fitter import LazyOpenAIMessages as LazyOpenAIMessages
+from ._fitter import OnOverflow as OnOverflow
 from ._fitter import compress_prompt as compress_prompt
 from ._fitter import fit_documents as fit_documents
 from ._fitter import fit_message_sequence as fit_message_sequence
@@ -21,4 +22,4 @@ from ._fitter import prompt_token_limit as prompt_token_limit
 __all__ = ['FitReport', 'FitResult', 'CompressionReport', 'CompressedPrompt',
            'DEFAULT_PHRASES', 'DEFAULT_RESERVE_CAP', 'fit_messages', 'fit_documents',
            'compress_prompt', 'prompt_token_limit', 'fit_message_sequence',
-           'LazyOpenAIMessages']
+           'LazyOpenAIMessages', 'OnOverflow']

@@ -16,7 +16,7 @@ from langchain_core.messages import (AIMessage, BaseMessage, HumanMessage, Syste
                                      ToolMessage, convert_to_openai_messages)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit.fitting import LazyOpenAIMessages, fit_message_sequence
+from budgetkit.fitting import LazyOpenAIMessages, OnOverflow, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_messages", "to_openai_tools"]
 
@@ -51,19 +51,19 @@ def _plain_openai(message: BaseMessage) -> dict[str, Any] | None:
     out: dict[str, Any] = {"role": role, "content": content}
     if message.name:
         out["name"] = message.name
-    if role == "assistant":
-        if message.invalid_tool_calls:  # type: ignore[attr-defined]
+    if role == "assistant" and isinstance(message, AIMessage):  # (role says it is one)
+        if message.invalid_tool_calls:
             return None
-        if message.tool_calls:  # type: ignore[attr-defined]
+        if message.tool_calls:
             out["tool_calls"] = [
                 {"type": "function", "id": call["id"], "function": {
                     "name": call["name"],
                     "arguments": json.dumps(call["args"], ensure_ascii=False)}}
-                for call in message.tool_calls]  # type: ignore[attr-defined]
+                for call in message.tool_calls]
     if message.additional_kwargs.get("refusal"):
         out["refusal"] = message.additional_kwargs["refusal"]
-    if role == "tool":
-        out["tool_call_id"] = message.tool_call_id  # type: ignore[attr-defined]
+    if role == "tool" and isinstance(message, ToolMessage):  # (role says it is one)
+        out["tool_call_id"] = message.tool_call_id
     return out
 
 
@@ -110,7 +110,7 @@ class _Converted(LazyOpenAIMessages):
 
 def fit_messages(messages: Sequence[BaseMessage], model: str, *,
                  reserve_output: int | None = None, max_tokens: int | None = None,
-                 on_overflow: str = "truncate", tools: Sequence[Any] | None = None,
+                 on_overflow: OnOverflow = "truncate", tools: Sequence[Any] | None = None,
                  catalog: PriceCatalog | None = None) -> FitResult[BaseMessage]:
     """Keep the system messages and the most recent turns of a LangChain history that fit.
 
@@ -122,7 +122,7 @@ def fit_messages(messages: Sequence[BaseMessage], model: str, *,
     converted = _Converted(originals)
     result = fit_message_sequence(converted, [converted.role(i) for i in range(len(originals))],
                                   model, reserve_output=reserve_output, max_tokens=max_tokens,
-                                  on_overflow=on_overflow,  # type: ignore[arg-type]
+                                  on_overflow=on_overflow,
                                   tools=to_openai_tools(tools), catalog=catalog)
     report = result.report
     kept: list[BaseMessage] = []

@@ -17,7 +17,7 @@ from llama_index.core.base.llms.types import (ChatMessage, ImageBlock, TextBlock
                                               ToolCallBlock)
 
 from budgetkit import ConfigurationError, FitResult, PriceCatalog
-from budgetkit.fitting import LazyOpenAIMessages, fit_message_sequence
+from budgetkit.fitting import LazyOpenAIMessages, OnOverflow, fit_message_sequence
 
 __all__ = ["fit_messages", "to_openai_message"]
 
@@ -106,7 +106,7 @@ class _Converted(LazyOpenAIMessages):
 
 def fit_messages(messages: Sequence[ChatMessage], model: str, *,
                  reserve_output: int | None = None, max_tokens: int | None = None,
-                 on_overflow: str = "truncate",
+                 on_overflow: OnOverflow = "truncate",
                  tools: Sequence[Mapping[str, Any]] | None = None,
                  catalog: PriceCatalog | None = None) -> FitResult[ChatMessage]:
     """Keep the system messages and the most recent turns of a LlamaIndex chat that fit.
@@ -123,7 +123,7 @@ def fit_messages(messages: Sequence[ChatMessage], model: str, *,
     converted = _Converted(originals)
     result = fit_message_sequence(converted, [converted.role(i) for i in range(len(originals))],
                                   model, reserve_output=reserve_output, max_tokens=max_tokens,
-                                  on_overflow=on_overflow,  # type: ignore[arg-type]
+                                  on_overflow=on_overflow,
                                   tools=tools, catalog=catalog)
     report = result.report
     kept = [_cut_copy(originals[index], result.messages[position])
