@@ -67,6 +67,7 @@ def prompt_tokens_bound(messages: Sequence[BaseMessage]) -> int | None:
     for message in messages:
         content = message.content
         kind = type(message)
+        # (mypy does not narrow through `kind`: tool_calls is read only from an AIMessage)
         if type(content) is not str or (
                 kind is not HumanMessage and kind is not SystemMessage
                 and (kind is not AIMessage or message.tool_calls)):  # type: ignore[attr-defined]

@@ -266,6 +266,8 @@ class RoutedChatModel(BaseChatModel):
                              if report.dropped or report.truncated else None)
 
     def _inner(self, name: str, call: RoutedCall) -> Runnable:
+        # bind_tools returns a Runnable, which mypy does not know passes with_structured_output
+        # on to the chat model (RunnableBinding delegates attributes): the ignores say so.
         model: Runnable = self.models[name]
         if call.tools is not None:
             model = model.bind_tools(call.tools["tools"], **call.tools["kwargs"])  # type: ignore[attr-defined]
@@ -472,7 +474,7 @@ class RoutedChatModel(BaseChatModel):
         try:
             for chunk in self._stream(messages, stop=stop, run_manager=run_manager, **kwargs):
                 chunks.append(chunk)
-                yield chunk.message  # type: ignore[misc]
+                yield chunk.message  # type: ignore[misc]  # a chat model's chunks are AI chunks
         except BaseException as exc:
             merged = merge_chat_generation_chunks(chunks)
             run_manager.on_llm_error(exc, response=LLMResult(
@@ -492,7 +494,7 @@ class RoutedChatModel(BaseChatModel):
             async for chunk in self._astream(messages, stop=stop, run_manager=run_manager,
                                              **kwargs):
                 chunks.append(chunk)
-                yield chunk.message  # type: ignore[misc]
+                yield chunk.message  # type: ignore[misc]  # a chat model's chunks are AI chunks
         except BaseException as exc:
             merged = merge_chat_generation_chunks(chunks)
             await run_manager.on_llm_error(exc, response=LLMResult(
