@@ -298,6 +298,9 @@ class ResponseCache:
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._ready.wait(timeout):
             return False
+        if self._shared is not None:  # entries stored before pgvector: their vectors
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            return self._shared.backfill_done.wait(left)
         for index in list(self._indexes.values()):
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not index.wait_built(left):
