@@ -260,3 +260,23 @@ def test_postgres_without_the_extension_falls_back_and_says_why(
         assert local.save_index() == 1
         saved = list((tmp_path / ".budgetkit" / "vectors").glob("*/*.hnsw"))
         assert len(saved) == 1
+
+
+def test_entries_stored_before_pgvector_get_their_vectors_at_open(
+        pgvector_url: str, minilm: MiniLMEmbedder) -> None:
+    with Engine(pgvector_url) as engine:
+        before = ResponseCache(engine, embedder=minilm, vector_backend="local")
+        before.store("Paris", model=MODEL, prompt="What is the capital of France?")
+        before.store("Rome", model=MODEL, prompt="What is the capital of Italy?")
+        with engine.store.engine.connect() as conn:  # no vector rows were written
+            assert conn.execute(text("SELECT to_regclass('budgetkit_cache_vector_384')")
+                                ).scalar() is None
+        cache = ResponseCache(engine, embedder=minilm)  # auto: pgvector from now on
+        assert cache.vector_backend == "pgvector"
+        assert cache.ready(timeout=60)  # waits for the copy too
+        with engine.store.engine.connect() as conn:
+            assert conn.execute(text("SELECT count(*) FROM budgetkit_cache_vector_384")
+                                ).scalar() == 2
+        hit = cache.lookup(model=MODEL, prompt="Which city is the capital of Italy?")
+        assert hit is not None and hit.value == "Rome" and hit.kind == "semantic"
+        assert isinstance(cache._shared, PgVectorEntries) and cache._shared.backfill() == 0

@@ -108,7 +108,10 @@ def open_vector_backend(rows: CacheRows, choice: str) -> PgVectorEntries | None:
         return None
     reason = pgvector_status(rows)
     if reason is None:
-        return PgVectorEntries(rows)
+        backend = PgVectorEntries(rows)
+        threading.Thread(target=backend.backfill_in_background,
+                         name="budgetkit-pgvector-backfill", daemon=True).start()
+        return backend
     if choice == "pgvector":
         raise VectorBackendUnavailable(reason)
     logger.warning("budgetkit cache: not using pgvector because %s; each process keeps "
@@ -147,6 +150,8 @@ class PgVectorEntries:
         self._totals: dict[int, tuple[int, float]] = {}
         self._lock = threading.Lock()
         self._since_trim = 0
+        #: Set once entries stored without pgvector have their vector rows (see backfill).
+        self.backfill_done = threading.Event()
 
     # -- schema -------------------------------------------------------------------------
     @staticmethod
@@ -199,6 +204,50 @@ class PgVectorEntries:
                          {"seq": seq, "part": partition_id, "vector": literal})
 
         return write
+
+    def backfill_in_background(self) -> None:
+        try:
+            self.backfill()
+        except DBAPIError as exc:  # the database went away: the next open tries again
+            logger.warning("budgetkit cache: copying older vectors into pgvector stopped: %s",
+                           str(exc.orig).strip())
+        finally:
+            self.backfill_done.set()
+
+    def backfill(self, batch: int = 2_000) -> int:
+        """Give a vector row to every entry stored without one (by the in-process backend,
+        before pgvector was installed); returns how many. Run in a background thread at
+        open: until it is done those entries are found by exact key only."""
+        added = 0
+        engine = self.rows.store.engine
+        with engine.connect() as conn:
+            sizes = [int(size) for (size,) in conn.execute(text(
+                "SELECT DISTINCT octet_length(embedding) FROM budgetkit_cache_entry "
+                "WHERE embedding IS NOT NULL"))]
+        for size in sizes:
+            if size % 4:
+                continue  # not float32 vectors: nothing we wrote
+            name = self.ensure(size // 4)
+            while True:
+                with engine.begin() as conn:
+                    rows = conn.execute(text(
+                        f"SELECT e.seq, e.partition_id, e.embedding FROM "
+                        f"budgetkit_cache_entry e WHERE octet_length(e.embedding) = {size} "
+                        f"AND NOT EXISTS (SELECT 1 FROM {name} v WHERE v.seq = e.seq) "
+                        f"LIMIT {int(batch)}")).fetchall()
+                    if not rows:
+                        break
+                    conn.execute(text(
+                        f"INSERT INTO {name} (seq, partition_id, embedding) VALUES "
+                        f"(:seq, :part, CAST(:vector AS vector)) ON CONFLICT DO NOTHING"),
+                        [{"seq": seq, "part": part,
+                          "vector": _literal(np.frombuffer(blob, dtype=np.float32))}
+                         for seq, part, blob in rows])
+                added += len(rows)
+        if added:
+            logger.info("budgetkit cache: %d entries stored before pgvector now have their "
+                        "vectors in the database", added)
+        return added
 
     def stored(self, maxsize: int) -> None:
         """Called after each store: every ``TRIM_EVERY`` stores, the least recently used
