@@ -174,14 +174,78 @@ def test_sigterm_keeps_every_finished_call(tmp_path, script_text):
         if finished >= 300:
             break
     process.send_signal(signal.SIGTERM)
-    remaining, _ = process.communicate(timeout=60)
-    for line in remaining.split():
+    try:
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    # Dead, so read() returns at once, and it includes the lines the loop above had read
+    # ahead (communicate() reads the pipe itself and would miss those).
+    for line in process.stdout.read().split():
         finished = int(line)  # calls that finished before the signal landed
     assert process.returncode == -signal.SIGTERM  # it still dies of SIGTERM
     with Engine(db=str(db)) as engine:
         run_ids = {row.request_id or row.run_id for row in engine.usage()}
     assert {f"call-{i}" for i in range(finished)} <= run_ids
     assert len(run_ids) >= finished >= 300
+
+
+# SIGTERM is handled on the main thread between two of its bytecodes, wherever that is: now
+# and then (a loaded machine, many calls) inside the writer's wake-up in ``submit``, where a
+# threading.Event held its lock and the flush's own wake-up deadlocked. Made certain here: a
+# trace function sends the signal once the wake-up's first statement has run (where it would
+# take a lock), or as it returns if it has only one.
+_SIGTERM_INSIDE_THE_WAKE_UP_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from budgetkit import Engine
+
+    engine = Engine(db=sys.argv[1], journal=False, batch_size=1)  # every call wakes it
+    for n in range(20):
+        ticket = engine.admit("gpt-4o-mini", input_tokens=10, run_id=f"call-{n}")
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+    engine.flush()  # an empty queue: the next row is a full batch, and submit wakes the writer
+    lines, fired = [], []
+
+    def inside(frame, event, arg):
+        if fired:
+            return None
+        if event == "line" and not lines:
+            lines.append(frame.f_lineno)
+            return inside
+        fired.append(True)
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at this thread's next bytecode
+        return None
+
+    def calls(frame, event, arg):
+        caller = frame.f_back
+        if not fired and not lines and frame.f_code.co_name == "set" \\
+                and caller is not None and caller.f_code.co_name == "submit":
+            return inside
+        return None
+
+    sys.settrace(calls)
+    ticket = engine.admit("gpt-4o-mini", input_tokens=10, run_id="call-20")
+    engine.settle(ticket, input_tokens=10, output_tokens=1)
+    sys.settrace(None)
+    print("fired" if fired else "not fired", flush=True)
+    import time
+    time.sleep(60)
+""")
+
+
+def test_sigterm_inside_the_writers_wake_up_neither_hangs_nor_loses_rows(tmp_path):
+    db = tmp_path / "inside.db"
+    script = tmp_path / "inside.py"
+    script.write_text(_SIGTERM_INSIDE_THE_WAKE_UP_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(db)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        process.wait(timeout=45)  # a deadlock never ends
+    finally:
+        process.kill()
+    out = process.stdout.read() if process.stdout else ""
+    assert process.returncode == -signal.SIGTERM, out  # died of it, inside settle()
+    with Engine(db=str(db)) as engine:  # every finished call, and the interrupted one
+        assert {row.run_id for row in engine.usage()} == {f"call-{n}" for n in range(21)}
 
 
 # ---------------------------------------------------------------------------- database outage

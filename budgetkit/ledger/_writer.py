@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -35,6 +36,37 @@ logger = logging.getLogger("budgetkit")
 __all__ = ["BatchWriter"]
 
 _Row = Mapping[str, Any]
+
+
+class _Wake:
+    """Wakes the writer thread: ``set()`` from any thread, ``wait()`` and ``clear()`` on it.
+
+    Not a ``threading.Event``: SIGTERM's handler runs on the main thread between two
+    bytecodes, possibly inside ``Event.set()`` of ``submit`` with the event's lock held; the
+    handler's flush then called ``set()`` on the same event and the dying process hung (seen
+    under load in tests/test_ledger_reliability.py). A ``SimpleQueue``'s put and get are each
+    one C call, so no handler can run while one of them holds anything.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def set(self) -> None:
+        self._tokens.put(None)
+
+    def wait(self, timeout: float) -> bool:
+        try:
+            self._tokens.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        return True
+
+    def clear(self) -> None:
+        while True:
+            try:
+                self._tokens.get_nowait()
+            except queue.Empty:
+                return
 
 
 class BatchWriter:
@@ -64,7 +96,7 @@ class BatchWriter:
         self._batch_size = batch_size
         self._queue: deque[_Row] = deque()
         self._max_queue = max_queue
-        self._wake = threading.Event()
+        self._wake = _Wake()
         self._stopping = False
         self._backlog: deque[_Row] = deque()
         self._max_backlog = max_backlog
@@ -157,7 +189,7 @@ class BatchWriter:
         so that none is written twice."""
         self._lock = threading.RLock()
         self._written_cv = threading.Condition(self._lock)
-        self._wake = threading.Event()
+        self._wake = _Wake()
         self._queue.clear()
         self._backlog.clear()
         self._submitted = self._written = self.dropped = 0
