@@ -73,6 +73,7 @@ class Lexicon:
     verbs: frozenset[str]
     adjectives: frozenset[str]
     adverbs: frozenset[str]
+    mainly_verbs: frozenset[str]  # more sense-tagged uses as a verb than as anything else
 
 
 @lru_cache(maxsize=1)
@@ -87,7 +88,8 @@ def lexicon() -> Lexicon:
             synonym_sets={word: frozenset(ids) for word, ids in raw["synonym_sets"].items()},
             antonyms=frozenset(tuple(sorted(pair.split())) for pair in raw["antonyms"]),
             nouns=frozenset(parts["n"].split()), verbs=frozenset(parts["v"].split()),
-            adjectives=frozenset(parts["a"].split()), adverbs=frozenset(parts["r"].split()))
+            adjectives=frozenset(parts["a"].split()), adverbs=frozenset(parts["r"].split()),
+            mainly_verbs=frozenset(raw["mainly_verbs"].split()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"the cache's word lexicon {_LEXICON_FILE} is unreadable "
                                  f"or malformed: {exc}") from exc
@@ -136,9 +138,21 @@ def _stem(word: str) -> str:
     return word
 
 
+@lru_cache(maxsize=16384)
 def lemma(word: str) -> str:
-    """``word`` itself when the lexicon knows it as a word with senses, else its stem."""
-    return word if word in lexicon().synonym_sets else _stem(word)
+    """``word`` itself when the lexicon knows it as a word with senses, else its stem,
+    repaired to a known word where a suffix took a letter ("making" -> "make",
+    "running" -> "run")."""
+    senses = lexicon().synonym_sets
+    if word in senses:
+        return word
+    stem = _stem(word)
+    if stem not in senses and stem != word:
+        for repaired in (stem + "e", stem[:-1] if len(stem) > 3 and stem[-1] == stem[-2]
+                         else ""):
+            if repaired in senses:
+                return repaired
+    return stem
 
 
 def known(word: str) -> bool:

@@ -54,6 +54,10 @@ _PREPOSITIONS = frozenset("in on at for with without after before during under o
 _BE = frozenset("is are was were be been being am".split())
 _UNITS = frozenset("week month year decade century hour minute day daily weekly monthly "
                    "yearly annual annually hourly".split())
+# the same span of time in other words ("a day" / "daily", "now" / "currently")
+_SAME_TIME = {"daily": "day", "weekly": "week", "monthly": "month", "yearly": "year",
+              "annual": "year", "annually": "year", "hourly": "hour", "current": "now",
+              "currently": "now", "now": "now"}
 _ROMAN = {"II": "#2", "III": "#3", "IV": "#4", "VI": "#6", "VII": "#7", "VIII": "#8",
           "IX": "#9", "XI": "#11", "XII": "#12"}
 
@@ -96,10 +100,13 @@ def _content(words: tuple[str, ...] | list[str]) -> list[str]:
 def _times(words: list[str]) -> set[str]:
     found = set()
     for i, word in enumerate(words):
-        if word in _guard._TIME_WORDS and word not in _UNITS and word != "this":
+        if word in ("current", "currently"):
+            found.add("now")
+        elif word in _guard._TIME_WORDS and word not in _UNITS and word != "this":
             found.add(_guard._MONTH_ABBREVIATIONS.get(word, word))
         elif lemma(word) in _UNITS and not (i and words[i - 1] in _WH):
-            found.add(lemma(word))  # "per month" is a fact; "in what year" asks for one
+            # "per month" is a fact; "in what year" asks for one
+            found.add(_SAME_TIME.get(word, lemma(word)))
     return found
 
 
@@ -122,7 +129,10 @@ def _swapped_around(a: list[str], b: list[str], keep: frozenset[str]) -> bool:
                 found.append((_DIRECTIONAL[word], near(words[max(0, i - 3):i]),
                               near(words[i + 1:i + 4])))
         return found
-    return any(da == db and (la & rb) and (ra & lb)
+    def things(words: set[str]) -> bool:  # what is moved must be a thing, not "learn"
+        book = lexicon()
+        return any(w in keep or w in book.nouns or not known(w) for w in words)
+    return any(da == db and things(la & rb) and things(ra & lb)
                for da, la, ra in frames(a) for db, lb, rb in frames(b))
 
 
@@ -194,13 +204,19 @@ def verify(cached: str, asked: str, cosine: float, *, threshold: float,
     left_a, left_b = list(only_a), list(only_b)
     for x in only_a:
         for y in left_b:
-            if are_synonyms(x, y, names=names) or is_typo(x, y, names=names):
+            if (are_synonyms(x, y, names=names) or is_typo(x, y, names=names)
+                    or _SAME_TIME.get(x, lemma(x)) == _SAME_TIME.get(y, lemma(y))):
                 left_a.remove(x)
                 left_b.remove(y)
                 break
     stems_a, stems_b = {lemma(w) for w in content_a}, {lemma(w) for w in content_b}
     left_a = [w for w in left_a if lemma(w) not in stems_b]  # plural, tense
     left_b = [w for w in left_b if lemma(w) not in stems_a]
+    # a word explained by a function word of the other side ("different" / "difference")
+    left_a = [w for w in left_a if not any(are_synonyms(w, o, names=names) for o in words_b
+                                           if o in _STOP and len(o) > 3)]
+    left_b = [w for w in left_b if not any(are_synonyms(w, o, names=names) for o in words_a
+                                           if o in _STOP and len(o) > 3)]
     lemmas_a, lemmas_b = {lemma(w) for w in words_a}, {lemma(w) for w in words_b}
     if any(lemma(e) not in lemmas_b and lemma(e) in map(lemma, left_a) for e in entities_a) or \
             any(lemma(e) not in lemmas_a and lemma(e) in map(lemma, left_b) for e in entities_b):
@@ -210,6 +226,10 @@ def verify(cached: str, asked: str, cosine: float, *, threshold: float,
     if ((_qualifiers(words_a, left_a, content_b) and not left_b)
             or (_qualifiers(words_b, left_b, content_a) and not left_a)):
         return Verdict(False, "scope")
-    if len(left_a) == 1 and len(left_b) == 1 and not ({left_a[0], left_b[0]} & _LIGHT):
+    book = lexicon()
+    # one thing swapped for another ("cats" / "dogs") changes the answer; one action for a
+    # near one ("stop" / "prevent", "recommend" / "suggest") is a rewording, left to the cosine
+    if (len(left_a) == 1 and len(left_b) == 1 and not ({left_a[0], left_b[0]} & _LIGHT)
+            and not (left_a[0] in book.mainly_verbs and left_b[0] in book.mainly_verbs)):
         return Verdict(False, "swap")
     return Verdict(cosine >= threshold, "reworded")
