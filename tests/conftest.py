@@ -3,8 +3,8 @@
 - ``engine``: an :class:`~budgetkit.Engine` on a fresh SQLite file under ``tmp_path``,
   closed after the test.
 - ``pg_url``: a fresh, empty PostgreSQL database (created from
-  ``BUDGETKIT_TEST_POSTGRES_URL``, dropped afterwards); the test is skipped when the
-  variable is not set.
+  ``BUDGETKIT_TEST_POSTGRES_URL``, dropped afterwards, each step retried while the server
+  is briefly unreachable); the test is skipped when the variable is not set.
 - ``fake_openai``: a running :class:`~budgetkit.testing.FakeOpenAIServer`.
 - ``fake_clock``: a clock tests move by hand (``fake_clock.advance(seconds=...)``).
 """
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from budgetkit import Engine
-from budgetkit.testing import FakeOpenAIServer
+from budgetkit.testing import FakeOpenAIServer, temporary_postgres_database
 
 POSTGRES_ENV = "BUDGETKIT_TEST_POSTGRES_URL"
 
@@ -67,12 +66,7 @@ def pg_url() -> Iterator[str]:
     base = os.environ.get(POSTGRES_ENV)
     if not base:
         pytest.skip(f"{POSTGRES_ENV} is not set (e.g. postgresql://postgres@127.0.0.1:5432/test)")
-    psycopg = pytest.importorskip("psycopg")
-    name = f"bk_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield base.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with psycopg.connect(base, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    pytest.importorskip("psycopg")
+    # retries a dropped server connection (a restart, a failover) for up to 30 s
+    with temporary_postgres_database(base) as url:
+        yield url

@@ -1,5 +1,7 @@
-"""Test helpers for budgetkit users: an OpenAI-compatible server that needs no network, and
-a private PostgreSQL with pgvector (:class:`PgvectorServer`, from the ``pgserver`` package).
+"""Test helpers for budgetkit users: an OpenAI-compatible server that needs no network,
+a private PostgreSQL with pgvector (:class:`PgvectorServer`, from the ``pgserver`` package),
+and a throwaway database per test on a PostgreSQL server that may drop for a few seconds
+(:func:`temporary_postgres_database`).
 
     from budgetkit.testing import FakeOpenAIServer
 
@@ -14,5 +16,6 @@ from __future__ import annotations
 from ._fake_openai import FakeOpenAIServer as FakeOpenAIServer
 from ._fake_openai import FakeRequest as FakeRequest
 from ._pgvector import PgvectorServer as PgvectorServer
+from ._postgres import temporary_postgres_database as temporary_postgres_database
 
-__all__ = ["FakeOpenAIServer", "FakeRequest", "PgvectorServer"]
+__all__ = ["FakeOpenAIServer", "FakeRequest", "PgvectorServer", "temporary_postgres_database"]
