@@ -1,5 +1,6 @@
 """May this call run? Budgets by scope x period x unit with graded levels, reservations
-held in the ledger, leases and admission lanes for cheap repeat admits, approvals and alerts.
+held in the ledger, leases and admission lanes for cheap repeat admits, approvals and alerts;
+budget definitions stored in the ledger so every engine on it enforces them.
 
 Built on :mod:`budgetkit.ledger` and :mod:`budgetkit.pricing`.
 """
@@ -28,10 +29,14 @@ from ._presets import model_token_budgets as model_token_budgets
 from ._presets import seed_budgets as seed_budgets
 from ._presets import token_ladder_budgets as token_ladder_budgets
 from ._reservation import Reservation as Reservation
+from ._shared import POLL_INTERVAL as POLL_INTERVAL
+from ._shared import SharedBudgets as SharedBudgets
 from ._status import Approval as Approval
 from ._status import BudgetStatus as BudgetStatus
 from ._tables import BudgetAlertRow as BudgetAlertRow
 from ._tables import BudgetApprovalRow as BudgetApprovalRow
+from ._tables import BudgetDefinitionRow as BudgetDefinitionRow
+from ._tables import BudgetRegistryRow as BudgetRegistryRow
 from ._tables import BudgetReservationRow as BudgetReservationRow
 from ._tables import BudgetWindowRow as BudgetWindowRow
 
@@ -40,4 +45,5 @@ __all__ = ['Alert', 'AlertSink', 'LoggingSink', 'WebhookSink', 'BudgetBook', 'Re
            'Budget', 'BudgetLevels', 'PERIODS', 'SCOPES', 'UNITS', 'window_bounds',
            'load_budgets', 'parse_budget', 'AdmissionLane', 'LaneReservation', 'Lanes',
            'token_ladder_budgets', 'model_token_budgets', 'seed_budgets', 'BudgetWindowRow',
-           'BudgetReservationRow', 'BudgetApprovalRow', 'BudgetAlertRow']
+           'BudgetReservationRow', 'BudgetApprovalRow', 'BudgetAlertRow',
+           'BudgetDefinitionRow', 'BudgetRegistryRow', 'SharedBudgets', 'POLL_INTERVAL']

@@ -48,6 +48,7 @@ from ._alerts import AlertSink, LoggingSink
 from ._budget import Budget
 from ._lease import LEASE_SYNC, LeaseDesk
 from ._reservation import Reservation
+from ._shared import POLL_INTERVAL, SharedBudgets
 from ._sql import (
     _GROW_HOLD_SQL,
     _HOLD_SQL,
@@ -109,7 +110,15 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self.clock = clock
         self.reservation_timeout = reservation_timeout
         self.sinks: list[AlertSink] = list(sinks) if sinks is not None else [LoggingSink()]
+        # What this book enforces: the ledger's stored budgets, then this engine's local
+        # ones over them. Replaced whole on every change (readers take it without a lock).
         self._budgets: dict[str, Budget] = {}
+        self._local: dict[str, Budget] = {}
+        self._shared: dict[str, Budget] = {}
+        self._shared_version = -1
+        self._poll_at = 0.0  # monotonic time of the next look at the ledger's registry
+        self._poll_failing = False
+        self.registry = SharedBudgets(store)
         self._lock = threading.Lock()
         # SQLite has one writer anyway; queueing our threads here beats its busy-wait.
         self._db_lock: threading.Lock | None = threading.Lock() if store.is_sqlite else None
@@ -154,22 +163,72 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._desk.after_fork_in_child()
 
     # -- registry ---------------------------------------------------------------------
-    def add(self, budget: Budget, *, replace: bool = False) -> Budget:
+    def add(self, budget: Budget, *, replace: bool = False, shared: bool = True,
+            by: str | None = None) -> Budget:
+        """Register ``budget``: stored in the ledger (every engine on it enforces it within
+        about a second), or with ``shared=False`` in this book only."""
         if not isinstance(budget, Budget):
             raise ConfigurationError(f"add_budget() takes a Budget, got {type(budget).__name__}")
+        if shared:
+            if budget.name in self._local:
+                raise ConfigurationError(
+                    f"budget {budget.name!r}, field 'name': a local budget (shared=False) has "
+                    "this name in this engine; remove it first")
+            self.registry.put(budget, replace=replace, by=by)
+            self.refresh(force=True)
+            return budget
         with self._lock:
-            known = self._budgets.get(budget.name)
+            known = self._local.get(budget.name)
             if known is not None and known != budget and not replace:
                 raise ConfigurationError(
                     f"budget {budget.name!r}, field 'name': a different budget has this name; "
                     "pass replace=True to redefine it")
-            self._budgets = {**self._budgets, budget.name: budget}
+            self._local = {**self._local, budget.name: budget}
+            self._budgets = {**self._shared, **self._local}
         return budget
 
     def remove(self, name: str) -> None:
+        """Stop enforcing a budget: this engine's local one of that name, else the ledger's
+        (then every engine stops within about a second)."""
         with self._lock:
-            self._get(name)
-            self._budgets = {k: v for k, v in self._budgets.items() if k != name}
+            if name in self._local:
+                self._local = {k: v for k, v in self._local.items() if k != name}
+                self._budgets = {**self._shared, **self._local}
+                return
+        if not self.registry.remove(name):
+            self.refresh(force=True)
+            self._get(name)  # unknown: the error names what is registered
+        self.refresh(force=True)
+
+    def refresh(self, *, force: bool = False) -> bool:
+        """Take the ledger's stored budgets if they changed (a read of the registry's
+        version, at most once per ``POLL_INTERVAL`` unless ``force``). Returns whether
+        this book has any budget."""
+        now = time.monotonic()
+        if not force and now < self._poll_at:
+            return bool(self._budgets)
+        self._poll_at = now + POLL_INTERVAL
+        try:
+            version = self.registry.version()
+            if version != self._shared_version:
+                version, shared = self.registry.read()
+                with self._lock:
+                    self._shared, self._shared_version = shared, version
+                    self._budgets = {**shared, **self._local}
+        except self._driver.errors:  # keep enforcing what we know; said once per outage
+            if force:
+                raise
+            if not self._poll_failing:
+                self._poll_failing = True
+                logger.warning("budgetkit: could not read the ledger's budget definitions; "
+                               "enforcing the ones read before", exc_info=True)
+        else:
+            self._poll_failing = False
+        return bool(self._budgets)
+
+    def is_shared(self, name: str) -> bool:
+        """Whether the budget of that name here is the ledger's (not a local one)."""
+        return name in self._shared and name not in self._local
 
     def budgets(self) -> list[Budget]:
         return list(self._budgets.values())

@@ -11,10 +11,11 @@ from __future__ import annotations
 import datetime as dt
 from typing import Optional
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-__all__ = ["BudgetWindowRow", "BudgetReservationRow", "BudgetApprovalRow", "BudgetAlertRow"]
+__all__ = ["BudgetWindowRow", "BudgetReservationRow", "BudgetApprovalRow", "BudgetAlertRow",
+           "BudgetDefinitionRow", "BudgetRegistryRow"]
 
 
 class BudgetWindowRow(SQLModel, table=True):
@@ -98,3 +99,28 @@ class BudgetAlertRow(SQLModel, table=True):
     limit_amount: int = Field(sa_column=Column(BigInteger, nullable=False))
     message: str
     created_at: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))
+
+
+class BudgetDefinitionRow(SQLModel, table=True):
+    """A budget registered in the ledger: every engine on the ledger enforces it."""
+
+    __tablename__ = "budgetkit_budget_definition"
+
+    name: str = Field(primary_key=True, max_length=200)
+    #: The budget's fields as JSON (``parse_budget`` reads them back, checking each).
+    definition: str = Field(sa_column=Column(Text, nullable=False))
+    #: The registry version that last wrote it.
+    version: int = Field(sa_column=Column(BigInteger, nullable=False))
+    updated_at: dt.datetime = Field(sa_column=Column(DateTime, nullable=False))
+    updated_by: Optional[str] = Field(default=None, max_length=200)
+
+
+class BudgetRegistryRow(SQLModel, table=True):
+    """One row: the version of the budget definitions, raised by every add, change and
+    remove in the same transaction. Engines poll it (one tiny read, at most once a
+    second) and read the definitions only when it moved."""
+
+    __tablename__ = "budgetkit_budget_registry"
+
+    id: int = Field(primary_key=True)
+    version: int = Field(sa_column=Column(BigInteger, nullable=False))

@@ -239,8 +239,10 @@ class Engine(BudgetMethods):
 
     @property
     def has_budgets(self) -> bool:
-        """Whether any budget is registered (calls are then admitted before they run)."""
-        budgets = self._budgets  # (asked before every call: the book's registry directly)
+        """Whether any budget is registered here or stored in the ledger (calls are then
+        admitted before they run). Asked before every call: a monotonic read, and a look
+        at the ledger's budgets once a second."""
+        budgets = self._current_budgets()
         return budgets is not None and bool(budgets._budgets)
 
     def mark_end(self) -> tuple[float, dt.datetime | float]:
@@ -346,7 +348,7 @@ class Engine(BudgetMethods):
             request_id=request_id, run_id=run_id, parent_run_id=parent_run_id,
             root_run_id=root_run_id, task_type=task_type, attempt=attempt,
             route_reason=route_reason, tags=tags, metadata=metadata, tools=tools)
-        if self._budgets is not None:
+        if self._current_budgets() is not None:
             self._with_bound(ticket, messages, prompt, tools)
             self._reserve(ticket)
         return ticket
@@ -467,7 +469,7 @@ class Engine(BudgetMethods):
         If the awaiting task is cancelled while the admit thread is still reserving, the
         reservation is released as soon as that thread finishes.
         """
-        if self._budgets is None:
+        if self._current_budgets() is None:
             return self.admit(model, **kwargs)
         ticket = self.ticket(model, **kwargs)
         self._with_bound(ticket, kwargs.get("messages"), kwargs.get("prompt"),
@@ -657,11 +659,12 @@ class Engine(BudgetMethods):
             if ticket.done:
                 return None
             ticket.done = True
-        if self._budgets is not None and status != "blocked":
+        budgets = self._current_budgets() if status != "blocked" else None
+        if budgets is not None:  # (also counts calls recorded without admit)
             if status in ("ok", "error"):
-                self._budgets.commit(ticket, cost_nanos, input_tokens + output_tokens)
+                budgets.commit(ticket, cost_nanos, input_tokens + output_tokens)
             else:
-                self._budgets.release(ticket)
+                budgets.release(ticket)
         ended = ticket.ended
         if latency_ms is None and status != "blocked":
             latency_ms = ((time.perf_counter() if ended is None else ended[0])
