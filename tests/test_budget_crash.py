@@ -54,6 +54,7 @@ def _reserved_rows(engine: Engine) -> dict[str, int]:
     return {str(ticket): int(amount) for ticket, amount in rows}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_killed_holders_money_returns_and_settled_spend_stays(tmp_path: Path, request,
                                                               backend: str) -> None:

@@ -145,20 +145,24 @@ def run_processes(db: str, tmp_path: Path, mode: str = "admit", limit: float = 1
         assert sum(result["in_lane"] for result in results) > 0
 
 
+@pytest.mark.slow
 def test_litellm_23714_four_processes_x_eight_threads_on_a_sqlite_file(tmp_path: Path) -> None:
     run_processes(str(tmp_path / "shared.db"), tmp_path)
 
 
+@pytest.mark.slow
 def test_litellm_23714_four_processes_x_eight_threads_on_postgresql(pg_url: str,
                                                                   tmp_path: Path) -> None:
     run_processes(pg_url, tmp_path)
 
 
 # With lanes, $5: room for leases (and so lanes) to be taken before the end comes near.
+@pytest.mark.slow
 def test_four_processes_admitting_in_lanes_on_a_sqlite_file(tmp_path: Path) -> None:
     run_processes(str(tmp_path / "lanes.db"), tmp_path, "lanes", limit=5.00)
 
 
+@pytest.mark.slow
 def test_four_processes_admitting_in_lanes_on_postgresql(pg_url: str, tmp_path: Path) -> None:
     run_processes(pg_url, tmp_path, "lanes", limit=5.00)
 

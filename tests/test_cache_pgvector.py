@@ -97,6 +97,7 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_processes_see_each_others_entries_without_polling(
         pgvector_url: str, minilm: MiniLMEmbedder) -> None:
     child = subprocess.Popen([sys.executable, "-c", _CHILD, pgvector_url], text=True,

@@ -274,6 +274,7 @@ def test_serve_builds_the_app_and_prints_the_dashboard_url(
     assert "http://127.0.0.1:8765/dashboard#token=admin-token-xyz" in out
 
 
+@pytest.mark.slow
 def test_the_console_script_runs_in_a_subprocess(db: str) -> None:
     ok = subprocess.run([sys.executable, "-m", "budgetkit.cli", "report", "--json", "--db", db],
                         capture_output=True, text=True, timeout=120)
@@ -285,6 +286,7 @@ def test_the_console_script_runs_in_a_subprocess(db: str) -> None:
     assert bad.stderr.strip() == "budgetkit: error: days must be >= 1, got 0"
 
 
+@pytest.mark.slow
 def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFixture[str],
                                                        tmp_path: Path) -> None:
     pytest.importorskip("langchain_openai", reason="the demo needs langchain-openai")
@@ -309,6 +311,7 @@ def test_demo_runs_offline_and_leaves_a_report_to_serve(capsys: pytest.CaptureFi
     assert any(a["direction"] == "spike" for a in anomalies)  # the runaway batch job
 
 
+@pytest.mark.slow
 def test_demo_without_db_uses_a_temporary_ledger_and_leaves_home_alone(
         capsys: pytest.CaptureFixture[str], tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -26,8 +26,9 @@ from .test_server import ADMIN, NOW, ServerThread, populate  # noqa: E402
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="chromium is not installed (apt-get install -y chromium)")
+pytestmark = [pytest.mark.skipif(CHROMIUM is None,
+                                 reason="chromium is not installed (apt-get install -y chromium)"),
+              pytest.mark.slow]  # a real browser; CI runs it
 
 
 def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -94,6 +94,7 @@ def _request_ids(url: str) -> list[str]:
         return [row.request_id for row in engine.usage(tag="kill-test")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_sigkill_with_every_row_queued_loses_none(tmp_path, request, backend, monkeypatch):
     monkeypatch.setenv("BUDGETKIT_JOURNAL_DIR", str(tmp_path / "journals"))
@@ -132,6 +133,7 @@ def test_without_the_journal_the_same_kill_loses_the_queued_rows(tmp_path):
         assert engine.usage(tag="kill-test") == []
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_without_a_lock_loses_none(tmp_path):
     """The ordinary case: the writer is committing batches when the kill lands; what was
     committed is not inserted twice and what was not is replayed."""

@@ -161,6 +161,7 @@ _SIGTERM_LANGCHAIN_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("script_text", [_SIGTERM_SCRIPT, _SIGTERM_LANGCHAIN_SCRIPT],
                          ids=["engine", "langchain-handler"])
+@pytest.mark.slow
 def test_sigterm_keeps_every_finished_call(tmp_path, script_text):
     db = tmp_path / "sigterm.db"
     script = tmp_path / "calls.py"
@@ -232,6 +233,7 @@ _SIGTERM_INSIDE_THE_WAKE_UP_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_sigterm_inside_the_writers_wake_up_neither_hangs_nor_loses_rows(tmp_path):
     db = tmp_path / "inside.db"
     script = tmp_path / "inside.py"

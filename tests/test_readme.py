@@ -21,6 +21,7 @@ def test_readme_has_examples() -> None:
     assert {"quickstart", "langchain", "llamaindex"} <= set(EXAMPLES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(EXAMPLES))
 def test_readme_example_runs(name: str, tmp_path: Path) -> None:
     script = tmp_path / f"{name}.py"

@@ -288,6 +288,7 @@ WRITER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_processes_writing_the_same_buckets_at_once(backend: str, tmp_path: Path,
                                                         request: pytest.FixtureRequest) -> None:
@@ -337,6 +338,7 @@ STREAM = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_purges_and_rebuilds_while_another_process_writes_keep_the_rollup_exact(
         backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:

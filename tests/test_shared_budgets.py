@@ -133,6 +133,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_a_budget_added_with_the_cli_stops_a_running_process(ledger: str,
                                                              tmp_path: Path) -> None:
     Engine(db=ledger).close()
