@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from budgetkit import Budget, Engine  # noqa: E402
+from _stages import Stages  # noqa: E402  (benchmarks/_stages.py, next to this script)
 
 MODEL = "gpt-4o-mini"
 
@@ -150,7 +151,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--pg", default=os.environ.get("BUDGETKIT_TEST_POSTGRES_URL"))
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args()
+    stages = Stages(args.quiet)
     databases = {"SQLite file": None}
     if args.pg:
         databases["PostgreSQL"] = args.pg
@@ -163,6 +166,8 @@ def main() -> None:
             if url:  # what waiting for PostgreSQL's WAL flush costs
                 runs.append((3, False))
             for budgets, durable in runs:
+                stages.say(f"{label}: admit + settle, {budgets} budgets"
+                           + ("" if durable else ", durable=False"))
                 admit_us, settle_us = per_call(db, budgets, args.calls, durable)
                 total = admit_us + settle_us
                 base = base or total
@@ -171,10 +176,12 @@ def main() -> None:
                                 "settle_us": settle_us, "total_us": total,
                                 "ratio": total / base})
             for budgets in (1, 3, 10):
+                stages.say(f"{label}: admission lane, {budgets} budgets")
                 admit_us, after_us, declined = per_call_in_lane(db, budgets, args.calls)
                 results.append({"db": label, "lane_budgets": budgets, "admit_us": admit_us,
                                 "after_us": after_us, "declined": declined,
                                 "calls": 3 * args.calls})
+            stages.say(f"{label}: 4 processes x 4 threads for {args.seconds:g} s")
             rate = sustained(db, args.seconds)
             results.append({"db": label, "processes": 4, "calls_per_s": rate})
     if args.json:

@@ -38,6 +38,8 @@ from langchain_core.messages import (AIMessage, BaseMessage, HumanMessage, Syste
 from budgetkit import count_message_tokens, fit_messages
 from langchain_budgetkit import fit_messages as fit_langchain_messages
 
+from _stages import Stages  # benchmarks/_stages.py, next to this script
+
 MODEL = "gpt-4o"
 PRIMING = count_message_tokens([], MODEL)
 WORDS = ("budget token window model reply history tool call result alpha beta gamma delta "
@@ -121,12 +123,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--window", type=int, default=8000)
     parser.add_argument("--sizes", default="100,1000,2000,10000")
+    parser.add_argument("--quiet", action="store_true", help="print the table only")
     args = parser.parse_args()
+    stages = Stages(args.quiet)
     sizes = [int(s) for s in args.sizes.split(",")]
     count_message_tokens([{"role": "user", "content": "warm up the encoding"}], MODEL)
 
     rows = []
     for n in sizes:
+        stages.say(f"{n:,} messages: ours, trim_messages, then cold counts")
         history = make_history(n, seed=n)
         dicts = convert_to_openai_messages(history)
         ours = fit_messages(dicts, MODEL, max_tokens=args.window)  # also warms the counts
@@ -152,7 +157,6 @@ def main() -> int:
         row["cold"] = cold_seconds(n, args.window)
         row["cold_total"] = cold_seconds(n, args.window, read_total=True)
         rows.append(row)
-        print(f"n={row['n']} done", file=sys.stderr)
 
     print(f"\nFitting a chat history to a {args.window}-token window ({MODEL}, exact counts), "
           f"Python {sys.version.split()[0]}\n")

@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import budgetkit  # noqa: E402
 from budgetkit.reports._reports import as_source  # noqa: E402
 from budgetkit.ledger._store import Store  # noqa: E402
+from _stages import Stages  # noqa: E402  (benchmarks/_stages.py, next to this script)
 
 NOW = dt.datetime(2026, 3, 31, 12, 0, 0)
 MODELS = ["gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "text-embedding-3-small",
@@ -201,11 +202,14 @@ def main() -> None:
                         help="keep --db if it already holds --rows rows")
     parser.add_argument("--postgres", metavar="URL",
                         help="benchmark PostgreSQL: a server URL (a database is made there)")
+    parser.add_argument("--quiet", action="store_true", help="print the table only")
     args = parser.parse_args()
+    stages = Stages(args.quiet)
     if args.postgres:
         path = _postgres_database(args.postgres, "bk_bench_reports", fresh=False)
         if not (args.reuse and _postgres_row_count(path) == args.rows):
             path = _postgres_database(args.postgres, "bk_bench_reports", fresh=True)
+            stages.say(f"generating {args.rows:,} rows on PostgreSQL")
             made = generate_postgres(path, args.rows)
             print(f"generated {args.rows:,} rows in {made:.1f} s on PostgreSQL ({path})")
     else:
@@ -214,12 +218,14 @@ def main() -> None:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(path + suffix):
                     os.remove(path + suffix)
+            stages.say(f"generating {args.rows:,} rows in {path}")
             made = generate(path, args.rows)
             size_mb = os.path.getsize(path) / 1e6
             print(f"generated {args.rows:,} rows in {made:.1f} s ({size_mb:.0f} MB) at {path}")
 
     store = Store(path)
-    rebuilt = store.rebuild_rollup()  # the generated rows went around the writer
+    # the generated rows went around the writer
+    rebuilt = store.rebuild_rollup(progress=stages.hook("rebuilding the rollup"))
     print(f"rollup rebuilt in {rebuilt.seconds:.1f} s: "
           + ", ".join(f"{name} {n:,}" for name, n in rebuilt.buckets.items()))
     kw: dict[str, Any] = {"now": NOW}
@@ -256,7 +262,9 @@ def main() -> None:
             as_source(store, now=NOW), Principal(None), 30)))
     except ImportError:
         pass
-    results = [(name, best_of(fn)) for name, fn in cases]
+    results = [(name, best_of(fn)) for name, fn in stages.items(
+        cases, "timing the reports (best of 3)")]
+    stages.say("timing the peers")
 
     # peers: the ledger alone, the bare SQL through sqlite3, and loading rows into Python
     def ledger_only() -> Any:
