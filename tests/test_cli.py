@@ -7,6 +7,7 @@ import csv
 import datetime as dt
 import json
 import re
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -260,18 +261,61 @@ def test_unreachable_database_is_a_failure_not_a_traceback(
     assert code == EXIT_FAILED and "database" in err and "Traceback" not in err
 
 
-def test_serve_builds_the_app_and_prints_the_dashboard_url(
+def test_serve_builds_the_app_and_prints_the_dashboard_url_but_no_token(
         capsys: pytest.CaptureFixture[str], db: str, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("fastapi")
     import uvicorn
 
     served: dict[str, Any] = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    code, out, _ = run(capsys, "serve", "--db", db, "--port", "8765",
-                       "--token", "admin-token-xyz", "--token", "alice-token-xyz:alice")
+    code, out, err = run(capsys, "serve", "--db", db, "--port", "8765",
+                         "--token", "admin-token-xyz", "--token", "alice-token-xyz:alice")
     assert code == EXIT_OK and served["port"] == 8765
     assert served["app"].state.tokens == {"admin-token-xyz": None, "alice-token-xyz": "alice"}
-    assert "http://127.0.0.1:8765/dashboard#token=admin-token-xyz" in out
+    assert "http://127.0.0.1:8765/dashboard" in out and "2 token(s) from --token" in out
+    assert "token-xyz" not in out + err  # secrets are never printed
+
+
+def test_serve_keeps_a_generated_admin_token_in_a_private_file(
+        capsys: pytest.CaptureFixture[str], db: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    monkeypatch.delenv("BUDGETKIT_API_TOKENS", raising=False)
+    token_file = tmp_path / "secrets" / "api-token"
+    code, out, err = run(capsys, "serve", "--db", db, "--token-file", str(token_file))
+    assert code == EXIT_OK, err
+    [(token, user)] = served["app"].state.tokens.items()
+    assert user is None and len(token) >= 24
+    assert token_file.read_text().strip() == token
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(token_file.parent.stat().st_mode) == 0o700
+    assert token not in out + err and str(token_file) in out
+    # a restart keeps the token (and tightens a file someone made readable)
+    token_file.chmod(0o644)
+    code, out, err = run(capsys, "serve", "--db", db, "--token-file", str(token_file))
+    assert code == EXIT_OK and served["app"].state.tokens == {token: None}
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and token not in out + err
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("admin-token-xyz:", "empty user"), ("admin-token-xyz: ", "empty user"),
+    ("short", "too short"), (":alice", "too short"),
+])
+def test_serve_refuses_a_malformed_token_at_start(
+        capsys: pytest.CaptureFixture[str], db: str, monkeypatch: pytest.MonkeyPatch,
+        spec: str, words: str) -> None:
+    pytest.importorskip("fastapi")
+    import uvicorn
+
+    served: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    code, out, err = run(capsys, "serve", "--db", db, "--token", spec)
+    assert code == EXIT_USAGE and words in err and served == {}
+    assert "token-xyz" not in out + err
 
 
 @pytest.mark.slow

@@ -222,6 +222,24 @@ def test_tokens_from_spec_strings_and_environment(engine: Engine,
         "admin-token-1": None, "user-token-2": "carol"}
     with pytest.raises(ConfigurationError, match="too short"):
         parse_tokens(["abc"])
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("admin-token-1:", "empty user"), ("admin-token-1 :  ", "empty user"),
+    (["admin-token-1:alice", "admin-token-1"], "twice with different users"),
+    ("ok-token-123, :bob", "too short"),
+])
+def test_a_token_with_an_empty_user_is_refused_not_made_admin(spec: Any, words: str) -> None:
+    with pytest.raises(ConfigurationError, match=words) as info:
+        parse_tokens(spec)
+    assert "admin-token-1" not in str(info.value)  # the secret is not echoed
+
+
+def test_an_empty_user_in_the_environment_is_refused_at_start(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BUDGETKIT_API_TOKENS", "admin-token-1,alice-token-1:")
+    with pytest.raises(ConfigurationError, match="empty user"):
+        create_app(engine)
     monkeypatch.setenv("BUDGETKIT_API_TOKENS", "env-admin-token")
     app = create_app(engine)
     assert app.state.tokens == {"env-admin-token": None}

@@ -154,7 +154,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--token", action="append", metavar="TOKEN[:USER]",
                        help="API token (repeatable); TOKEN:USER is scoped to one user. "
-                            "Default: $BUDGETKIT_API_TOKENS, else a random one printed")
+                            "Visible to other users in `ps`: prefer $BUDGETKIT_API_TOKENS. "
+                            "Default: $BUDGETKIT_API_TOKENS, else the admin token in "
+                            "--token-file")
+    serve.add_argument("--token-file", metavar="PATH",
+                       help="where the admin token is kept when no token is given, created "
+                            "with a random token, mode 0600, if missing; never printed "
+                            "(default: $BUDGETKIT_API_TOKEN_FILE or ~/.budgetkit/api-token)")
 
     demo = sub.add_parser("demo", parents=[common],
                           help="run an offline demo workload and print the report")
@@ -515,17 +521,39 @@ def cmd_serve(args: argparse.Namespace, engine: Any) -> int:
     try:
         import uvicorn
 
-        from budgetkit.server import create_app, parse_tokens
+        from budgetkit.server import (
+            DEFAULT_TOKEN_FILE,
+            TOKEN_FILE_ENV,
+            TOKENS_ENV,
+            admin_token_from_file,
+            create_app,
+            parse_tokens,
+        )
     except ImportError as exc:
         print(f"budgetkit serve needs the server extra: pip install 'budgetkit[server]' "
               f"({exc.name} is missing)", file=sys.stderr)
         return EXIT_MISSING_DEPENDENCY
-    tokens = parse_tokens(args.token) if args.token else None
-    app = create_app(engine, tokens=tokens)
-    admin = next((t for t, user in app.state.tokens.items() if user is None), None)
+    # Tokens are secrets: refused at start when malformed, and never printed (terminals,
+    # CI logs and process supervisors keep stdout).
     base = f"http://{args.host}:{args.port}"
-    print(f"budgetkit dashboard: {base}/dashboard" + (f"#token={admin}" if admin else ""))
-    print(f"API docs: {base}/docs   (send 'Authorization: Bearer <token>')")
+    if args.token:
+        tokens = parse_tokens(args.token)
+        where = f"{len(tokens)} token(s) from --token (not shown)"
+    elif os.environ.get(TOKENS_ENV, "").strip():
+        tokens = parse_tokens(os.environ[TOKENS_ENV])
+        where = f"{len(tokens)} token(s) from ${TOKENS_ENV} (not shown)"
+    else:
+        path = Path(args.token_file or os.environ.get(TOKEN_FILE_ENV)
+                    or DEFAULT_TOKEN_FILE).expanduser()
+        token, created = admin_token_from_file(path)
+        tokens = {token: None}
+        where = (f"the admin token is in {path} ({'created, ' if created else ''}readable by "
+                 f"you only): paste it into the dashboard, or send "
+                 f"'Authorization: Bearer $(cat {path})'")
+    app = create_app(engine, tokens=tokens)
+    print(f"budgetkit dashboard: {base}/dashboard")
+    print(f"access: {where}")
+    print(f"API reference: {base}/docs")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return EXIT_OK
 

@@ -7,6 +7,14 @@
 ``import budgetkit``.
 """
 
-from ._app import create_app, parse_tokens
+from ._app import (
+    DEFAULT_TOKEN_FILE,
+    TOKEN_FILE_ENV,
+    TOKENS_ENV,
+    admin_token_from_file,
+    create_app,
+    parse_tokens,
+)
 
-__all__ = ["create_app", "parse_tokens"]
+__all__ = ["create_app", "parse_tokens", "admin_token_from_file", "TOKENS_ENV",
+           "TOKEN_FILE_ENV", "DEFAULT_TOKEN_FILE"]

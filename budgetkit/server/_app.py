@@ -46,9 +46,13 @@ from ._models import (
 )
 from ._money_text import money_ticks, with_money_text
 
-__all__ = ["create_app", "parse_tokens", "TOKENS_ENV"]
+__all__ = ["create_app", "parse_tokens", "admin_token_from_file", "TOKENS_ENV",
+           "TOKEN_FILE_ENV", "DEFAULT_TOKEN_FILE"]
 
 TOKENS_ENV = "BUDGETKIT_API_TOKENS"
+TOKEN_FILE_ENV = "BUDGETKIT_API_TOKEN_FILE"
+#: Where ``budgetkit serve`` keeps the admin token it generates (mode 0600).
+DEFAULT_TOKEN_FILE = Path("~/.budgetkit/api-token")
 _DASHBOARD = Path(__file__).with_name("dashboard.html")
 _bearer = HTTPBearer(auto_error=False, description="An API token (admin or user-scoped)")
 
@@ -61,18 +65,65 @@ def parse_tokens(specs: Iterable[str] | str) -> dict[str, str | None]:
     """``"admin-token"`` (sees all) and ``"user-token:alice"`` (sees alice only).
 
     Accepts a list or one comma-separated string (the ``BUDGETKIT_API_TOKENS`` format).
+    Refuses, with a :class:`ConfigurationError`, tokens under 8 characters, an empty user
+    after the colon (``"tok:"``, which would otherwise read as an admin token), and one
+    token given with two different users.
     """
     items = specs.split(",") if isinstance(specs, str) else list(specs)
     tokens: dict[str, str | None] = {}
     for item in (part.strip() for part in items):
         if not item:
             continue
-        token, _, user = item.partition(":")
+        token, colon, user = item.partition(":")
+        token, user = token.strip(), user.strip()
+        # (errors show a token's first three characters only: they end up in logs)
         if len(token) < 8:
             raise ConfigurationError(f"API token {token[:3]!r}... is too short; use at least "
                                      "8 characters")
-        tokens[token] = user or None
+        if colon and not user:
+            # "tok:" used to become an admin token: a typo must not widen access.
+            raise ConfigurationError(
+                f"API token {token[:3]!r}... has an empty user after ':'; write TOKEN:USER "
+                "for a token scoped to one user, or TOKEN alone for an admin token")
+        scope = user or None
+        if token in tokens and tokens[token] != scope:
+            raise ConfigurationError(f"API token {token[:3]!r}... is given twice with "
+                                     "different users")
+        tokens[token] = scope
     return tokens
+
+
+def admin_token_from_file(path: str | Path) -> tuple[str, bool]:
+    """The admin token kept in ``path``, created (random, 32 characters) if the file does
+    not exist; returns ``(token, created)``.
+
+    The file is readable and writable by its owner only (0600; created so, never briefly
+    wider, and tightened if it was wider), in a folder made 0700. So the token never has to
+    be printed, logged or passed on a command line (visible to every user in ``ps``): the
+    operator reads it from the file. Raises :class:`ConfigurationError` naming the file
+    when it cannot be read or holds no valid token.
+    """
+    path = Path(path).expanduser()
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)  # a copy others can read is not a secret
+            token = path.read_text(encoding="utf-8").strip()
+            created = False
+        else:
+            token = secrets.token_urlsafe(24)
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                handle.write(token + "\n")
+            created = True
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigurationError(f"API token file {str(path)!r}: {exc}") from None
+    if len(token) < 8 or any(ch in token for ch in ":, \t\n"):
+        raise ConfigurationError(f"API token file {str(path)!r}: expected one token of at "
+                                 "least 8 characters (no ':', ',' or spaces)")
+    return token, created
 
 
 class Principal:
@@ -109,7 +160,8 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
 
     ``tokens`` maps token → user id (``None``: sees every user). Default: the
     ``BUDGETKIT_API_TOKENS`` variable, else one random admin token, readable as
-    ``app.state.tokens`` (``budgetkit serve`` prints it). ``allow_anonymous=True`` turns
+    ``app.state.tokens`` (``budgetkit serve`` keeps its token in a 0600 file instead, see
+    :func:`admin_token_from_file`, and never prints it). ``allow_anonymous=True`` turns
     access control off (local experiments only).
     """
     if tokens is None:
