@@ -5,8 +5,7 @@
 
 Keeps the whole words of the MiniLM (bert-base-uncased) vocabulary, in the tokenizer's
 order: their synonym sets (sets with two or more such words), antonym pairs (WordNet's
-lexical '!' pointers) and parts of speech (index files and irregular forms), and which words are mainly verbs
-(more sense-tagged uses as a verb than as a noun or adjective).
+lexical '!' pointers) and parts of speech (index files and irregular forms).
 """
 
 from __future__ import annotations
@@ -67,15 +66,11 @@ def main() -> None:
         for word in words:
             word_groups[word].append(ids[key])
     pos_of: dict[str, set[str]] = defaultdict(set)
-    tagged: dict[str, dict[str, int]] = defaultdict(dict)  # word -> pos -> tagged senses
     for pos, letter in (("noun", "n"), ("verb", "v"), ("adj", "a"), ("adv", "r")):
         for line in (WORDNET / f"index.{pos}").read_text().splitlines():
-            fields = line.split()
-            word = fields[0] if fields else ""
+            word = line.split(" ", 1)[0]
             if not line.startswith(" ") and word in vocab:
                 pos_of[word].add(letter)
-                # lemma pos synset_cnt p_cnt [ptr_symbol...] sense_cnt tagsense_cnt offsets
-                tagged[word][letter] = int(fields[5 + int(fields[3])])
         for line in (WORDNET / f"{pos}.exc").read_text().splitlines():
             inflected = line.split()[0]
             if inflected in vocab:
@@ -88,10 +83,6 @@ def main() -> None:
         "vocabulary": " ".join(sorted(vocab, key=order.__getitem__)),
         "parts_of_speech": {p: " ".join(sorted(w for w in pos_of if p in pos_of[w]))
                             for p in "nvar"},
-        # used mostly as verbs in WordNet's sense-tagged corpus ("save", "stop")
-        "mainly_verbs": " ".join(sorted(
-            w for w, counts in tagged.items()
-            if counts.get("v", 0) > max(counts.get("n", 0), counts.get("a", 0)))),
     }
     OUT.write_bytes(gzip.compress(json.dumps(out, separators=(",", ":")).encode(), 9, mtime=0))
     print(f"{OUT}: {len(antonyms)} antonym pairs, {len(word_groups)} words in "

@@ -73,7 +73,6 @@ class Lexicon:
     verbs: frozenset[str]
     adjectives: frozenset[str]
     adverbs: frozenset[str]
-    mainly_verbs: frozenset[str]  # more sense-tagged uses as a verb than as anything else
 
 
 @lru_cache(maxsize=1)
@@ -88,8 +87,7 @@ def lexicon() -> Lexicon:
             synonym_sets={word: frozenset(ids) for word, ids in raw["synonym_sets"].items()},
             antonyms=frozenset(tuple(sorted(pair.split())) for pair in raw["antonyms"]),
             nouns=frozenset(parts["n"].split()), verbs=frozenset(parts["v"].split()),
-            adjectives=frozenset(parts["a"].split()), adverbs=frozenset(parts["r"].split()),
-            mainly_verbs=frozenset(raw["mainly_verbs"].split()))
+            adjectives=frozenset(parts["a"].split()), adverbs=frozenset(parts["r"].split()))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigurationError(f"the cache's word lexicon {_LEXICON_FILE} is unreadable "
                                  f"or malformed: {exc}") from exc
