@@ -33,6 +33,7 @@ import logging
 import random
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ DOCUMENTS = [f"Policy document {n}: refunds, shipping, warranty and privacy term
              for n in range(12)]
 
 
-def _reply(body: dict[str, Any]) -> str:
+def _reply(body: Mapping[str, Any]) -> str:
     """A deterministic answer whose length follows the question's weight."""
     messages = body.get("messages") or [{"content": body.get("prompt", "")}]
     last = str(messages[-1].get("content", ""))
@@ -172,6 +173,7 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
         from langchain_core.output_parsers import StrOutputParser
         from langchain_core.prompts import ChatPromptTemplate
         from langchain_openai import ChatOpenAI, OpenAIEmbeddings
+        from pydantic import SecretStr
     except ImportError as exc:
         loading.close()
         print(f"budgetkit demo needs LangChain's OpenAI client and the LangChain adapter: "
@@ -208,8 +210,9 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                 engine.add_budget(budget, replace=True)
         with FakeOpenAIServer(reply=_reply) as server:
             cache = BudgetkitCache(engine)
-            common = {"base_url": server.base_url, "api_key": "demo-key", "max_retries": 0,
-                      "max_tokens": 400}
+            common: dict[str, Any] = {"base_url": server.base_url,
+                                      "api_key": SecretStr("demo-key"),
+                                      "max_retries": 0, "max_tokens": 400}
             models = {name: ChatOpenAI(model=name, **common)
                       for name in ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o")}
             router = Router({"low": "gpt-4o-mini", "medium": "gpt-4.1-mini", "high": "gpt-4o"},
@@ -226,7 +229,8 @@ def run_demo(db: str | None = None, *, calls: int = 300, users: int = 5, seed: i
                       "routed": prompt | routed | parser}
             handler = BudgetkitCallbackHandler(engine)
             embedder = OpenAIEmbeddings(model="text-embedding-3-small", base_url=server.base_url,
-                                        api_key="demo-key", check_embedding_ctx_length=False)
+                                        api_key=SecretStr("demo-key"),
+                                        check_embedding_ctx_length=False)
             plan = _plan(calls, people, rng)
             loading.close()
             with stage("demo calls", len(plan), unit="calls") as progress:
@@ -293,7 +297,8 @@ def _demo_budgets(load: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "budgets.toml"
         path.write_text(DEMO_BUDGETS_TOML, encoding="utf-8")
-        return load(path)
+        budgets: list[Any] = load(path)
+        return budgets
 
 
 def _one_call(item: dict[str, Any], chains: Any, handler: Any, embedder: Any, engine: Any,
