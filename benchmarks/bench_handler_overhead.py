@@ -41,6 +41,8 @@ from langchain_core.outputs import ChatGeneration, ChatResult
 from budgetkit import Budget, Engine
 from langchain_budgetkit import BudgetkitCallbackHandler
 
+from _stages import Stages  # benchmarks/_stages.py, next to this script
+
 PROMPT = [SystemMessage("You are a helpful assistant for an online shop."),
           HumanMessage("Where is my order #1234? It was due yesterday.")]
 
@@ -106,7 +108,9 @@ def main() -> None:
                         help="a different prompt per call (default: one repeated prompt)")
     parser.add_argument("--budgets", type=int, default=3,
                         help="budgets of the last condition (0: leave it out)")
+    parser.add_argument("--quiet", action="store_true", help="print the table only")
     args = parser.parse_args()
+    stages = Stages(args.quiet)
 
     model = FakeChatModel()
     with tempfile.TemporaryDirectory() as folder, \
@@ -141,9 +145,11 @@ def main() -> None:
         samples: dict[str, list[float]] = {name: [] for name in conditions}
         round_p50s: dict[str, list[float]] = {name: [] for name in conditions}
         cpu: dict[str, float] = {name: 0.0 for name in conditions}
+        stages.say("warming up every condition")
         for name, config in conditions.items():  # warm up imports, caches, the writer
             time_calls(model, config, 300, engine=engines[name])
-        for round_index in range(args.rounds):
+        for round_index in stages.items(range(args.rounds),
+                                        f"{args.rounds} rounds of {args.calls} calls each"):
             order = list(conditions.items())
             if round_index % 2:  # every other round backwards: no condition always follows
                 order.reverse()  # the same one (whose leftovers, GC, could weigh on it)
