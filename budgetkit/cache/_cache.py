@@ -53,7 +53,7 @@ from budgetkit.pricing import nanos_to_usd
 
 from ._embedders import Embedder, as_embedder
 from ._privacy import Scope, check_scope
-from ._text import embedding_text
+from ._text import embedding_text, lexicon
 from ._verifier import SAME_CONTENT_THRESHOLD, verify
 from ._index import DEFAULT_EXACT_MAX, LocalIndex
 from ._index_files import IndexFiles
@@ -308,18 +308,23 @@ class ResponseCache:
         return True
 
     def _warm_up(self) -> None:
-        """Load the local model in the background (about 1 s); embedding waits for it.
-        Other embedders are not called: a remote one would bill a request for nothing."""
+        """Load in the background what the semantic layer reads: the second stage's word
+        lists (about 50 ms) and the local model (about 1 s; embedding waits for it). Other
+        embedders are not called: a remote one would bill a request for nothing."""
         from ._embedders import MiniLMEmbedder
 
         embedder = self.embedder if self.semantic else None
-        if not isinstance(embedder, MiniLMEmbedder):
+        local = isinstance(embedder, MiniLMEmbedder)
+        if not local:
             self._ready.set()
+        if not self.semantic:
             return
 
         def warm() -> None:
             try:
-                embedder(["warm up"])
+                lexicon()
+                if isinstance(embedder, MiniLMEmbedder):
+                    embedder(["warm up"])
             except ConfigurationError as exc:  # raised again, to the caller, on first use
                 logger.debug("budgetkit cache: warm-up failed: %s", exc)
             finally:
