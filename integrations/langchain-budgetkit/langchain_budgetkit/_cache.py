@@ -39,7 +39,7 @@ from langchain_core.outputs import ChatGeneration, Generation
 from budgetkit import ConfigurationError, Engine
 from budgetkit.cache import CacheHit, ResponseCache
 
-from ._callback import current_call_attribution, want_call_attribution
+from ._tracker import current_call_attribution, want_call_attribution
 from ._messages import to_openai_messages
 
 __all__ = ["BudgetkitCache", "CACHE_HIT_MARK"]

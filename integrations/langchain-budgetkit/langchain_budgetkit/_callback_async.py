@@ -12,7 +12,8 @@ from langchain_core.outputs import LLMResult
 
 from budgetkit import Engine
 
-from ._callback import _log_failure, _Run, _Tracker
+from ._runs import _log_failure, _Run
+from ._tracker import _Tracker
 
 __all__ = ["AsyncBudgetkitCallbackHandler"]
 

@@ -25,7 +25,7 @@ from langchain_core.messages import BaseMessage
 from budgetkit.fitting import FitReport
 from budgetkit.routing import explain_fit, fit_summary
 
-from ._callback import _Tracker
+from ._tracker import _Tracker
 from ._usage_parse import json_safe
 
 __all__ = ["RoutedCall", "FittedPrompt", "RunAttribution", "run_attribution",
