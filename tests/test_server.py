@@ -216,6 +216,45 @@ def test_dashboard_page_is_self_contained(client: TestClient) -> None:
     assert client.get("/", follow_redirects=False).headers["location"] == "/dashboard"
 
 
+EXTERNAL_URL = re.compile(r"""(?:https?:)?//[^\s"'<>)]+""")
+ALLOWED_URLS = {"http://www.w3.org/2000/svg"}  # an SVG namespace name, never fetched
+
+
+def served_pages(client: TestClient) -> dict[str, str]:
+    """Every GET route the app serves (path parameters filled in), and its body."""
+    pages = {}
+    for route in client.app.routes:  # type: ignore[attr-defined]
+        if "GET" not in getattr(route, "methods", set()):
+            continue
+        path = route.path.replace("{user_id}", "alice")
+        query = "?target=gpt-4o-mini" if path.endswith("/what-if") else ""
+        response = client.get(path + query, headers={"Authorization": f"Bearer {ADMIN}"},
+                              follow_redirects=False)
+        assert response.status_code in (200, 307), (path, response.status_code)
+        pages[path] = response.text
+    return pages
+
+
+def test_no_page_the_server_serves_references_an_external_url(client: TestClient) -> None:
+    pages = served_pages(client)
+    assert {"/docs", "/openapi.json", "/dashboard", "/token-usage"} <= set(pages)
+    for path, body in pages.items():
+        found = set(EXTERNAL_URL.findall(body))
+        assert found <= ALLOWED_URLS, (path, found - ALLOWED_URLS)
+    assert client.get("/redoc").status_code == 404  # FastAPI's CDN pages are off
+
+
+def test_the_api_reference_page_lists_every_endpoint_and_parameter(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "<script" not in page.text and "<link" not in page.text
+    schema = client.get("/openapi.json").json()
+    for path, item in schema["paths"].items():
+        assert f"<code>{path}</code>" in page.text
+        for parameter in item["get"].get("parameters", []):
+            assert f"<code>{parameter['name']}</code>" in page.text
+
+
 def test_tokens_from_spec_strings_and_environment(engine: Engine,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_tokens("admin-token-1, user-token-2:carol") == {

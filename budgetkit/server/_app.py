@@ -36,6 +36,7 @@ from budgetkit.reports import (
     what_if,
 )
 
+from ._docs import render_api_reference
 from ._models import (
     CostAnalysisResponse,
     TokenUsageResponse,
@@ -169,8 +170,11 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
         tokens = parse_tokens(env) if env.strip() else {}
         if not tokens and not allow_anonymous:
             tokens = {secrets.token_urlsafe(24): None}
+    # FastAPI's Swagger UI and ReDoc pages load scripts and styles from a CDN: off, and
+    # /docs is our own page with nothing external (see _docs).
     app = FastAPI(title="budgetkit", version=__version__,
-                  description="Token usage, cost analysis, budgets and alerts.")
+                  description="Token usage, cost analysis, budgets and alerts.",
+                  docs_url=None, redoc_url=None)
     app.state.engine = engine
     app.state.tokens = dict(tokens)
     app.state.allow_anonymous = allow_anonymous
@@ -297,6 +301,10 @@ def create_app(engine: Any, *, tokens: Mapping[str, str | None] | None = None,
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:
         return RedirectResponse("/dashboard")
+
+    @app.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+    def api_reference() -> HTMLResponse:
+        return HTMLResponse(render_api_reference(app.openapi()))
 
     return app
 
