@@ -7,7 +7,9 @@ import http.server
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 from pathlib import Path
 
 import pytest
@@ -146,13 +148,23 @@ def test_logging_sink_levels(caplog: pytest.LogCaptureFixture, engine: Engine) -
 
 class _Collector(http.server.BaseHTTPRequestHandler):
     bodies: list[dict] = []
+    #: statuses to answer, in order, before 204s (e.g. [503, 503]); "hang" sleeps instead
+    script: list[Any] = []
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
         length = int(self.headers["Content-Length"])
         type(self).bodies.append({"json": json.loads(self.rfile.read(length)),
                                   "type": self.headers["Content-Type"],
-                                  "token": self.headers.get("X-Token")})
-        self.send_response(204)
+                                  "token": self.headers.get("X-Token"),
+                                  "host": self.headers.get("Host"), "path": self.path})
+        answer = type(self).script.pop(0) if type(self).script else 204
+        if answer == "hang":
+            time.sleep(1.5)
+            answer = 204
+        self.send_response(answer)
+        if answer in (301, 302, 307):
+            self.send_header("Location", "/redirected-here")
+        self.send_header("Content-Length", "0")
         self.end_headers()
 
     def log_message(self, *args: object) -> None:
@@ -162,6 +174,7 @@ class _Collector(http.server.BaseHTTPRequestHandler):
 @pytest.fixture
 def webhook_url() -> Iterator[str]:
     _Collector.bodies = []
+    _Collector.script = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Collector)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -171,7 +184,7 @@ def webhook_url() -> Iterator[str]:
 
 
 def test_webhook_posts_json(engine: Engine, webhook_url: str) -> None:
-    sink = WebhookSink(webhook_url, headers={"X-Token": "secret"})
+    sink = WebhookSink(webhook_url, headers={"X-Token": "secret"}, allow_private=True)
     engine.add_budget(Budget(name="d", limit=0.01, alert_at=(0.5, 0.8)))
     engine.add_alert_sink(sink)
     spend(engine, 9)
@@ -187,14 +200,107 @@ def test_webhook_posts_json(engine: Engine, webhook_url: str) -> None:
 
 def test_webhook_failure_is_logged_not_raised(engine: Engine,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    sink = WebhookSink("http://127.0.0.1:9/nothing-listens-here", timeout=2)
+    sleeps: list[float] = []
+    sink = WebhookSink("http://127.0.0.1:9/nothing-listens-here", timeout=2, retries=2,
+                       allow_private=True, sleep=sleeps.append)
     engine.add_budget(Budget(name="d", limit=0.01, alert_at=(0.5,)))
     engine.configure_budgets(alert_sinks=[sink])
     spend(engine, 6)
     assert sink.flush(10)
     assert sink.failed == 1 and "webhook" in caplog.text
+    assert sleeps == [0.5, 1.0]  # two retries, backing off
 
 
 def test_webhook_url_must_be_http() -> None:
     with pytest.raises(ConfigurationError, match="ftp://x"):
         WebhookSink("ftp://x")
+
+
+def an_alert() -> Alert:
+    when = dt.datetime(2025, 6, 30, 12, 0)
+    return Alert(budget="d", kind="threshold", level="normal", threshold=0.5, period="day",
+                 unit="usd", scope_key="", window_start=when, spent=0.5, reserved=0.0,
+                 limit=1.0, percentage=50.0, message="budget d reached 50%", created_at=when)
+
+
+def test_webhook_retries_5xx_and_429_with_backoff_then_delivers(webhook_url: str) -> None:
+    _Collector.script = [503, 429, 502]
+    sleeps: list[float] = []
+    sink = WebhookSink(webhook_url, allow_private=True, retries=3, backoff=0.25,
+                       sleep=sleeps.append)
+    sink(an_alert())
+    assert sink.flush(10)
+    assert (sink.sent, sink.failed) == (1, 0)
+    assert len(_Collector.bodies) == 4 and sleeps == [0.25, 0.5, 1.0]
+    port = webhook_url.split(":")[2].split("/")[0]
+    assert _Collector.bodies[-1]["host"] == f"127.0.0.1:{port}"
+
+
+def test_webhook_gives_up_after_its_retries_and_does_not_retry_a_4xx(webhook_url: str) -> None:
+    _Collector.script = [500, 500, 500]
+    sink = WebhookSink(webhook_url, allow_private=True, retries=2, sleep=lambda _: None)
+    sink(an_alert())
+    assert sink.flush(10) and (sink.sent, sink.failed) == (0, 1)
+    assert len(_Collector.bodies) == 3
+    _Collector.script = [404]
+    sink(an_alert())
+    assert sink.flush(10) and sink.failed == 2 and len(_Collector.bodies) == 4
+
+
+def test_webhook_times_out_and_retries(webhook_url: str) -> None:
+    _Collector.script = ["hang"]
+    sink = WebhookSink(webhook_url, allow_private=True, timeout=0.3, retries=1,
+                       sleep=lambda _: None)
+    sink(an_alert())
+    assert sink.flush(10) and (sink.sent, sink.failed) == (1, 0)
+    assert len(_Collector.bodies) == 2  # the hung try, then the retry
+
+
+def test_webhook_does_not_follow_redirects(webhook_url: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    _Collector.script = [302]
+    sink = WebhookSink(webhook_url, allow_private=True, sleep=lambda _: None)
+    sink(an_alert())
+    assert sink.flush(10) and (sink.sent, sink.failed) == (0, 1)
+    assert [body["path"] for body in _Collector.bodies] == ["/alerts"]  # not /redirected-here
+    assert "302" in caplog.text and "redirect" in caplog.text
+
+
+@pytest.mark.parametrize("url, kind", [
+    ("http://127.0.0.1:8080/hook", "loopback"),
+    ("http://10.1.2.3/hook", "private"),
+    ("http://192.168.0.10/hook", "private"),
+    ("http://172.16.5.4/hook", "private"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://[::1]:9000/hook", "loopback"),
+    ("http://[fe80::1]/hook", "link-local"),
+    ("http://[::ffff:127.0.0.1]/hook", "loopback"),
+    ("http://0.0.0.0/hook", "unspecified"),
+])
+def test_webhook_refuses_private_loopback_and_link_local_addresses(url: str, kind: str) -> None:
+    with pytest.raises(ConfigurationError, match=kind) as info:
+        WebhookSink(url)
+    assert "allow_private=True" in str(info.value)
+    WebhookSink(url, allow_private=True)  # the user may allow them
+
+
+def test_webhook_refuses_a_host_name_that_resolves_to_loopback(
+        webhook_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    by_name = webhook_url.replace("127.0.0.1", "localhost")
+    sink = WebhookSink(by_name, sleep=lambda _: None)  # a name is checked at every send
+    with pytest.raises(ConfigurationError, match="'localhost' resolves to .*loopback"):
+        sink.post(an_alert())
+    sink(an_alert())
+    assert sink.flush(10) and (sink.sent, sink.failed) == (0, 1)
+    assert _Collector.bodies == [] and "loopback" in caplog.text  # nothing was sent
+    allowed = WebhookSink(by_name, allow_private=True)
+    allowed.post(an_alert())
+    assert len(_Collector.bodies) == 1 and _Collector.bodies[0]["host"].startswith("localhost:")
+
+
+@pytest.mark.parametrize("kwargs, field", [({"retries": -1}, "retries"),
+                                          ({"timeout": 0}, "timeout"),
+                                          ({"backoff": float("nan")}, "backoff")])
+def test_webhook_settings_are_checked(kwargs: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        WebhookSink("https://hooks.example.com/x", **kwargs)
