@@ -39,6 +39,11 @@ def cache(engine: Engine, embedder: MiniLMEmbedder) -> ResponseCache:
     ("What's the status of ticket AB12345?", True),
     ("Am I eligible for a refund?", True),
     ("I've been charged twice this month", True),
+    ("How much do I owe this month?", True),
+    ("When does my plan renew?", True),
+    ("How do I reset my password?", False),  # the same steps for everyone
+    ("Where can I download my invoices?", False),
+    ("How do I get a refund for order 48213?", True),  # a procedure about one record
     ("What is the capital of France?", False),
     ("What is your refund policy?", False),
     ("How do I reverse a list in Python?", False),  # "I" in a how-to asks nothing about me
