@@ -3,8 +3,9 @@
     /work/venv/bin/python benchmarks/bench_big_prompts.py [--mb 10] [--model gpt-4o]
 
 Inputs (seeded): "prose" is words of 1-12 random lower-case letters separated by spaces,
-commas, full stops and newlines; "one word" is the same number of random lower-case
-letters with no whitespace at all (tiktoken's worst case: one pre-token).
+commas, full stops and newlines; "one word aaa" is one letter repeated (no whitespace: one
+pre-token whose merges are easy); "one random word" is random lower-case letters with no
+whitespace (one pre-token, and tiktoken's slowest merging we found).
 
 Rows, each run in a fresh subprocess (so peak memory is its own):
   count, budgetkit        budgetkit.count_tokens (pieces cut at exact boundaries, see
@@ -16,15 +17,17 @@ Rows, each run in a fresh subprocess (so peak memory is its own):
   fit, whole-text encode  the least the old fitter did: encode the whole text once, decode
                           the kept head and tail, count the result once
 
-Time is wall-clock of the call; peak memory is the subprocess's peak RSS growth during the
+Time is the process's CPU time during the call (wall-clock beside it: on a shared machine
+wall-clock mostly measures the other processes); peak memory is the subprocess's peak RSS growth during the
 call (the kernel's VmHWM, reset just before the call, minus the RSS before it: tiktoken's
-own allocations are native, so tracemalloc would miss them). Linux only. Ratios are baseline / budgetkit.
+own allocations are native, so tracemalloc would miss them). Linux only. Ratios are baseline / budgetkit (CPU time; peak memory, budgetkit's floored at 1 MB).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import string
@@ -35,12 +38,14 @@ from typing import Any
 
 ROWS = [("count", "budgetkit"), ("count", "baseline"), ("fit", "budgetkit"),
         ("fit", "baseline")]
-INPUTS = ("prose", "one word")
+INPUTS = ("prose", "one word aaa", "one random word")
 
 
 def make_text(kind: str, size: int) -> str:
     rng = random.Random(18)
-    if kind == "one word":
+    if kind == "one word aaa":
+        return "a" * size
+    if kind == "one random word":
         return "".join(rng.choices(string.ascii_lowercase, k=size))
     parts: list[str] = []
     length = 0
@@ -85,6 +90,7 @@ def measure(op: str, who: str, kind: str, size: int, model: str) -> dict[str, An
     gc.collect()
     _reset_peak()
     before = _rss_bytes()
+    cpu_start = time.process_time()
     start = time.perf_counter()
     if op == "count" and who == "budgetkit":
         result = budgetkit.count_tokens(text, model)
@@ -98,12 +104,17 @@ def measure(op: str, who: str, kind: str, size: int, model: str) -> dict[str, An
     else:
         tokens = encoding.encode(text, disallowed_special=())
         keep = budgetkit.prompt_token_limit(model) - 100
+        if len(tokens) <= keep:
+            return {"seconds": time.perf_counter() - start, "peak_mb": 0.0,
+                    "cpu": time.process_time() - cpu_start, "result": len(tokens)}
         head = encoding.decode(tokens[: keep - keep // 2])
         tail = encoding.decode(tokens[len(tokens) - keep // 2:])
         result = len(encoding.encode(head + "…" + tail, disallowed_special=()))
     seconds = time.perf_counter() - start
+    cpu = time.process_time() - cpu_start
     peak = _peak_bytes()
-    return {"seconds": seconds, "peak_mb": max(0, peak - before) / 1e6, "result": result}
+    return {"seconds": seconds, "cpu": cpu, "peak_mb": max(0, peak - before) / 1e6,
+            "result": result}
 
 
 def run_row(op: str, who: str, kind: str, size: int, model: str) -> dict[str, Any]:
@@ -123,28 +134,31 @@ def main() -> None:
         print(json.dumps(measure(*json.loads(args.one))))
         return
     size = int(args.mb * 1_000_000)
-    print(f"{args.mb:g} MB texts, model {args.model}; each row in a fresh process", flush=True)
+    load = os.getloadavg()[0]
+    print(f"{args.mb:g} MB texts, model {args.model}; each row in a fresh process; "
+          f"load average at start {load:.1f} on {os.cpu_count()} CPUs", flush=True)
     results: dict[tuple[str, str, str], dict[str, Any]] = {}
     for kind in INPUTS:
         for op, who in ROWS:
             print(f"  measuring {op} / {who} / {kind} ...", file=sys.stderr, flush=True)
             results[(op, who, kind)] = run_row(op, who, kind, size, args.model)
-    header = (f"| input | operation | budgetkit s | budgetkit peak MB | baseline s | "
-              f"baseline peak MB | time ratio | memory ratio | tokens (budgetkit / baseline) |")
-    print(header)
+    print("| input | operation | budgetkit CPU s (wall) | budgetkit peak MB | baseline CPU s "
+          "(wall) | baseline peak MB | CPU ratio | memory ratio | tokens (budgetkit / "
+          "baseline) |")
     print("|" + "---|" * 9)
     for kind in INPUTS:
         for op in ("count", "fit"):
             ours, base = results[(op, "budgetkit", kind)], results[(op, "baseline", kind)]
-            print(f"| {kind} | {op} | {ours['seconds']:.2f} | {ours['peak_mb']:.0f} | "
-                  f"{base['seconds']:.2f} | {base['peak_mb']:.0f} | "
-                  f"{base['seconds'] / ours['seconds']:.1f}x | "
-                  f"{base['peak_mb'] / max(ours['peak_mb'], 1):.1f}x | "
+            print(f"| {kind} | {op} | {ours['cpu']:.2f} ({ours['seconds']:.2f}) | "
+                  f"{ours['peak_mb']:.0f} | {base['cpu']:.2f} ({base['seconds']:.2f}) | "
+                  f"{base['peak_mb']:.0f} | {base['cpu'] / ours['cpu']:.1f}x | "
+                  f"{base['peak_mb'] / max(ours['peak_mb'], 1):.0f}x | "
                   f"{ours['result']:,} / {base['result']:,} |")
-    per_char = {kind: results[("count", "budgetkit", kind)]["seconds"] / size * 1e6
-                for kind in INPUTS}
-    print(f"\nbudgetkit count: {per_char['prose']:.3f} µs/char prose, "
-          f"{per_char['one word']:.3f} µs/char one word")
+    per_char = ", ".join(
+        f"{results[('count', 'budgetkit', kind)]['cpu'] / size * 1e6:.3f} µs/char {kind}"
+        for kind in INPUTS)
+    print(f"\nbudgetkit count, CPU: {per_char}; load average at end "
+          f"{os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

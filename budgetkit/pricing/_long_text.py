@@ -22,10 +22,12 @@ So a text longer than :data:`LONG_TEXT` characters is encoded piece by piece:
   most 3 tokens per 8,192 characters of unbroken text above the exact count, and was never
   below it in those measurements.
 
-Bound (``benchmarks/bench_big_prompts.py`` measures it): time linear in the text's length
-(about 0.1 µs per character of prose and 0.6 µs per character of one random-letter word on
-the reference machine), and memory beyond the text itself bounded by one piece (at most
-64k characters and their tokens), whatever the length.
+Bound (``benchmarks/bench_big_prompts.py`` measures it; table in docs/reliability.md):
+CPU time linear in the text's length, measured at 0.13 µs per character of prose and
+0.25 µs per character of one 10 MB random-letter word (tiktoken alone on that word: 2.0 µs
+per character and growing with its length), and memory beyond the text itself bounded by
+one piece (at most 64k characters and their tokens; measured peak growth under 10 MB),
+whatever the length.
 """
 
 from __future__ import annotations
