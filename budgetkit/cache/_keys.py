@@ -3,7 +3,9 @@
 The exact key is a sha256 over the namespace, the model identity, the canonical prompt or
 messages and the parameters that can change an answer. The semantic layer compares the
 *focus* (the prompt, or the last user message) inside a partition: namespace, model,
-parameters and the conversation before the last user message.
+parameters and the conversation before the last user message. A personal request (a
+question about the asker, :mod:`._privacy`) carries its user among the parameters, so its
+key and partition are that user's alone.
 
 A conversation whose last user message is *standalone* (:func:`is_standalone`: it names
 what it asks about and points at nothing earlier, "Does Flixora offer a free trial?") is
