@@ -232,6 +232,7 @@ def test_webhook_retries_5xx_and_429_with_backoff_then_delivers(webhook_url: str
     assert sink.flush(10)
     assert (sink.sent, sink.failed) == (1, 0)
     assert len(_Collector.bodies) == 4 and sleeps == [0.25, 0.5, 1.0]
+    assert sink.close(10)
     port = webhook_url.split(":")[2].split("/")[0]
     assert _Collector.bodies[-1]["host"] == f"127.0.0.1:{port}"
 

@@ -185,7 +185,7 @@ class WebhookSink:
             import httpx
 
             raise httpx.ConnectError(f"cannot resolve {self._host!r}: {exc}") from None
-        addresses = [ipaddress.ip_address(info[4][0].split("%", 1)[0]) for info in infos]
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%", 1)[0]) for info in infos]
         if not self.allow_private:
             _refuse_unless_public(self._host, addresses)
         target = addresses[0]
@@ -220,6 +220,13 @@ class WebhookSink:
 
         threading.Thread(target=wait, daemon=True).start()
         return done.wait(timeout)
+
+
+    def close(self, timeout: float | None = 10.0) -> bool:
+        """Send what is queued (see :meth:`flush`), then close the HTTP connections."""
+        sent = self.flush(timeout)
+        self._client.close()
+        return sent
 
 
 class WebhookFailed(BudgetkitError):
