@@ -197,8 +197,23 @@ def test_the_cycle_finder_finds_a_circle() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-@pytest.mark.parametrize("path", list(_python_files(CORE)), ids=lambda p: p.name)
-def test_no_core_module_over_500_lines_without_a_reason(path: Path) -> None:
+# The core's modules and the integrations' package modules (their tests aside).
+SIZED_MODULES = [*_python_files(CORE), *_python_files(INTEGRATIONS)]
+
+
+def test_the_size_rule_covers_the_core_and_every_integration() -> None:
+    folders = {path.relative_to(ROOT).parts[:2] for path in SIZED_MODULES}
+    expected = {("budgetkit", path.name) for path in CORE.iterdir()
+                if path.is_dir() and (path / "__init__.py").exists()}
+    expected |= {("integrations", path.name) for path in INTEGRATIONS.iterdir()
+                 if (path / "pyproject.toml").exists()}
+    assert expected <= folders, sorted(expected - folders)
+    assert not [path for path in SIZED_MODULES if "tests" in path.relative_to(ROOT).parts]
+
+
+@pytest.mark.parametrize("path", SIZED_MODULES,
+                         ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_module_over_500_lines_without_a_reason(path: Path) -> None:
     text = path.read_text()
     if text.count("\n") > 500:
         head = text[:3000]
