@@ -140,6 +140,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._pending_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
+        self._asleep = False  # the settler waits with nothing to do (only a wake ends it)
         self._settler: threading.Thread | None = None
         self._closing = False
         atexit.register(_flush_at_exit, weakref.ref(self))
@@ -158,6 +159,7 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         self._pending, self._pending_lock = [], threading.Lock()
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
+        self._asleep = False
         self._settler = None
         self._holds = {}  # the parent's calls: the parent renews them
         self._desk.after_fork_in_child()
@@ -319,6 +321,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
             self._ensure_settler()
             if self.leases:
                 self._desk.note_exact(plan, results)
+        if self._asleep:  # holds to renew, leases to sync: the settler's timer runs again
+            self._wake.set()
         if self._desk.refill_wanted:
             self._wake.set()
         plan = [*(item for item, _lease in leased), *plan, *solo]
@@ -496,6 +500,8 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
         leased = [item for item in reservations if item.leased]
         if leased:
             self._desk.settle(leased, cost_nanos, tokens)
+            if self._asleep:  # spend to sync into the windows
+                self._wake.set()
             if self._desk.sync_wanted:  # an alert threshold was crossed: the settler syncs
                 self._wake.set()
             if len(leased) == len(reservations):
@@ -581,7 +587,13 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
 
     def _settle_forever(self) -> None:
         while not self._closing:
-            self._wake.wait(LEASE_SYNC)
+            if self._has_work():
+                self._wake.wait(LEASE_SYNC)
+            else:  # nothing to settle, sync or renew: sleep until someone brings work
+                self._asleep = True
+                if not self._has_work():  # (work added just before we said so)
+                    self._wake.wait()
+                self._asleep = False
             self._wake.clear()
             if self.piggyback and not self._closing and self._pending:
                 time.sleep(SETTLE_DELAY)  # the next admit will most likely take them
@@ -616,6 +628,11 @@ class BudgetBook(Windows, Verdicts, BudgetReader):
                                  len(items))
                 return
         self._threshold_alerts(updates)
+
+    def _has_work(self) -> bool:
+        desk = self._desk
+        return bool(self._pending or self._holds or desk.refill_wanted or desk.sync_wanted
+                    or desk.holding)
 
     def _settle_rows(self, items: Sequence[_Settlement]
                      ) -> list[tuple[Reservation, int, int]]:

@@ -23,10 +23,13 @@ Layout and format:
 
 Durability (the fsync policy, group commit): a row's ``write()`` returns before the row's
 recording call does, so **process death loses nothing**: the bytes are in the kernel's page
-cache and reach the file even though the process is gone. The writer thread calls
-``fdatasync`` on the journal before each batch it writes to the database (at most every
-``flush_interval``, 50 ms by default), so **a power loss or kernel crash may lose the rows
-of the last interval** that the database had not committed either.
+cache and reach the file even though the process is gone. With the journal on, the writer
+sends rows to the database in batches about a second apart; before writing a batch it
+calls ``fdatasync`` on the journal if bytes have waited there a second or more, and at once
+when the database refuses a batch (the rows will wait longer). So **a power loss or kernel
+crash may lose the rows of about the last second or two** that the database had not
+committed either (SQLite's own commits, WAL with ``synchronous=NORMAL``, are not fsynced
+per commit either).
 
 Rows leave the journal once the database has them: the current file is truncated whenever
 every row it holds is committed, and a file over ``segment_bytes`` is closed and a new one
@@ -44,6 +47,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -116,6 +120,7 @@ class Journal:
         self._path: Path | None = None
         self._size = 0
         self._unsynced = False
+        self._unsynced_since = 0.0  # monotonic: when the oldest unsynced bytes were written
         self._outstanding: set[str] = set()  # ids in the current file not yet committed
         # closed files whose rows are not all committed yet: path -> their ids
         self._closed: dict[Path, set[str]] = {}
@@ -144,13 +149,17 @@ class Journal:
             self._where[row_id] = self._outstanding
             os.write(self._fd, line)
             self._size += len(line)
-            self._unsynced = True
+            if not self._unsynced:
+                self._unsynced, self._unsynced_since = True, time.monotonic()
 
     # -- the writer's side ---------------------------------------------------------------
-    def sync(self) -> None:
-        """``fdatasync`` what was appended since the last call (group commit)."""
+    def sync(self, *, older_than: float = 0.0) -> None:
+        """``fdatasync`` what was appended since the last sync (group commit); with
+        ``older_than``, only once the oldest unsynced bytes are that many seconds old."""
         with self._lock:
             if not self._unsynced or self._fd < 0:
+                return
+            if older_than and time.monotonic() - self._unsynced_since < older_than:
                 return
             self._unsynced = False
             fd = self._fd
@@ -225,7 +234,7 @@ class Journal:
         # Locked before it has its final name: a replayer never sees it unlocked.
         os.replace(temporary, path)
         self._fd, self._path, self._size = fd, path, len(self._header)
-        self._unsynced = True
+        self._unsynced, self._unsynced_since = True, time.monotonic()
 
 
 def _unlink(path: Path) -> None:

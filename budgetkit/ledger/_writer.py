@@ -54,7 +54,7 @@ class _Wake:
     def set(self) -> None:
         self._tokens.put(None)
 
-    def wait(self, timeout: float) -> bool:
+    def wait(self, timeout: float | None) -> bool:
         try:
             self._tokens.get(timeout=timeout)
         except queue.Empty:
@@ -82,10 +82,24 @@ class BatchWriter:
                  flush_interval: float = 0.05, retry_initial: float = 0.1,
                  retry_max: float = 5.0, name: str = "budgetkit-writer",
                  prepare: Callable[[], object] | None = None,
+                 prepare_due: Callable[[], float | None] | None = None,
+                 prepare_delay: float = 0.1, fsync_interval: float = 1.0,
                  is_bad_row: Callable[[BaseException], bool] | None = None,
                  journal: Journal | None = None) -> None:
         self._write = write
         self._journal = journal
+        # The thread sleeps until something is due and never wakes on a timer while idle:
+        # a row is written ``flush_interval`` after the first row of its batch was queued
+        # (sooner when a batch is full or someone flushes), deferred work runs
+        # ``prepare_delay`` after the first job was queued (``prepare_due`` says when that
+        # was, monotonic, or None), and the journal is fsynced when bytes have waited
+        # ``fsync_interval`` for the database.
+        self._prepare_due = prepare_due
+        self._prepare_delay = prepare_delay
+        self._fsync_interval = fsync_interval
+        self._first_queued: float | None = None  # monotonic: when the queue became non-empty
+        self._asleep = False  # sleeping with nothing due: only a wake-up ends it
+        self._flushes = 0  # flush() calls waiting: write at once
         # Tells a batch the database refused for what it holds (a value too long, a
         # duplicate id) from one it could not take (down): the first is written row by
         # row and only the bad rows are dropped, so one row cannot hold back the rest.
@@ -134,8 +148,15 @@ class BatchWriter:
             # counted once queued: a flush interrupting this (SIGTERM) never waits for a row
             # that is not there
             self._submitted += 1
-            batch_ready = len(self._queue) == self._batch_size
-        if batch_ready:
+            queued = len(self._queue)
+            if queued == 1:
+                self._first_queued = time.monotonic()
+            # one wake-up per batch at most: the first row wakes a thread asleep with
+            # nothing due (it then sleeps until the batch is due), a full batch wakes it
+            wake = (queued == 1 and self._asleep) or queued == self._batch_size
+            if wake:
+                self._asleep = False
+        if wake:
             self._wake.set()
 
     def is_writer_thread(self) -> bool:
@@ -144,6 +165,15 @@ class BatchWriter:
 
     def wake(self) -> None:
         """Take the next batch now rather than at the next interval."""
+        self._wake.set()
+
+    def poke(self) -> None:
+        """New deferred work: wake the thread if it sleeps with nothing due (it then
+        sleeps until the work is due); otherwise nothing (no wake-up per call)."""
+        with self._lock:
+            if not self._asleep:
+                return
+            self._asleep = False
         self._wake.set()
 
     @property
@@ -155,14 +185,22 @@ class BatchWriter:
         """Wait until every row submitted so far is written; ``False`` on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         self._run_prepare()
-        self._wake.set()  # write now rather than at the next interval
         with self._lock:
             target = self._submitted
-            while self._written + self.dropped < target:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    return False
-                self._written_cv.wait(remaining if remaining is not None else 0.5)
+            if self._written + self.dropped >= target:
+                return True
+            self._flushes += 1
+        self._wake.set()  # write now rather than at the next interval
+        try:
+            with self._lock:
+                while self._written + self.dropped < target:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        return False
+                    self._written_cv.wait(remaining if remaining is not None else 0.5)
+        finally:
+            with self._lock:
+                self._flushes -= 1
         return True
 
     def close(self, timeout: float | None = 10.0) -> bool:
@@ -194,6 +232,7 @@ class BatchWriter:
         self._backlog.clear()
         self._submitted = self._written = self.dropped = 0
         self._failing = self._dropping = self._stopping = False
+        self._first_queued, self._asleep, self._flushes = None, False, 0
         if self._journal is not None:
             self._journal.after_fork_in_child()
         self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
@@ -227,7 +266,33 @@ class BatchWriter:
             for source in (self._backlog, self._queue):  # older rows first
                 while source and len(batch) < self._batch_size:
                     batch.append(source.popleft())
+            if not self._queue:
+                self._first_queued = None
         return batch
+
+    def _next(self) -> tuple[str, float | None]:
+        """What is due: ``"prepare"`` (deferred work), ``"write"`` (a batch), or ``"sleep"``
+        for how long (None: until woken)."""
+        now = time.monotonic()
+        deferred = self._prepare_due() if self._prepare_due is not None else None
+        with self._lock:
+            urgent = self._flushes > 0 or self._stopping
+            if deferred is not None and (urgent or now - deferred >= self._prepare_delay):
+                return "prepare", None  # it queues rows: then look again
+            first = self._first_queued
+            if self._backlog or len(self._queue) >= self._batch_size or (
+                    self._queue and (urgent or first is None
+                                     or now - first >= self._flush_interval)):
+                return "write", None
+            waits = []
+            if self._queue and first is not None:
+                waits.append(first + self._flush_interval - now)
+            if deferred is not None:
+                waits.append(deferred + self._prepare_delay - now)
+            if not waits:
+                self._asleep = True  # submit() and poke() wake it
+                return "sleep", None
+            return "sleep", max(0.0, min(waits))
 
     def _without_bad_rows(self, batch: list[_Row]) -> list[_Row] | None:
         """Write ``batch`` row by row; drop (and log) the rows the database refuses for their
@@ -261,18 +326,28 @@ class BatchWriter:
     def _run(self) -> None:
         delay = self._retry_initial
         while True:
+            due, sleep = self._next()
+            if due == "prepare":
+                self._run_prepare()
+                continue
+            if due == "sleep":
+                if self._stopping:
+                    return
+                self._wake.wait(sleep)
+                with self._lock:
+                    self._asleep = False
+                self._wake.clear()
+                continue
             self._run_prepare()
             batch = self._take_batch()
             if not batch:
                 if self._stopping:
                     return
-                self._wake.wait(self._flush_interval)
-                self._wake.clear()
                 continue
             journal = self._journal
             try:
-                if journal is not None:
-                    journal.sync()  # group commit: one fdatasync per batch
+                if journal is not None:  # group commit: rows that waited that long
+                    journal.sync(older_than=self._fsync_interval)
                 self._write(batch)
             except Exception as exc:  # the database is down or refused the batch
                 if self._is_bad_row is not None and self._is_bad_row(exc):
@@ -292,6 +367,8 @@ class BatchWriter:
                 if first_failure:
                     logger.error("budgetkit: cannot write usage rows (%s: %s); keeping them "
                                  "in memory and retrying", type(exc).__name__, exc)
+                if journal is not None:  # they will wait: on the disk, not only in the cache
+                    journal.sync()
                 if self._stopping:
                     return
                 time.sleep(delay)
