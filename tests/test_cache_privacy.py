@@ -41,8 +41,7 @@ def cache(engine: Engine, embedder: MiniLMEmbedder) -> ResponseCache:
     ("I've been charged twice this month", True),
     ("How much do I owe this month?", True),
     ("When does my plan renew?", True),
-    ("How do I reset my password?", False),  # the same steps for everyone
-    ("Where can I download my invoices?", False),
+    ("How do I reset my password?", True),  # kept per user: see _privacy's docstring
     ("How do I get a refund for order 48213?", True),  # a procedure about one record
     ("What is the capital of France?", False),
     ("What is your refund policy?", False),

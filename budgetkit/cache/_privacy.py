@@ -5,11 +5,12 @@
 one user's answer to another leaks it. With ``scope="auto"`` (the default) a request is
 *personal* when any user message in it:
 
-* uses a first-person possessive ("my", "mine", "our", "ours", "myself"), unless it asks
-  for a procedure ("how do I reset my password?", "where can I download my invoices?":
-  the answer is the same steps for everyone);
+* uses a first-person possessive ("my", "mine", "our", "ours", "myself"), also when it
+  asks for steps ("how do I reset my password?"): exempting those was measured to split
+  paraphrases ("how do I..." / "could you tell me how...") onto two sides, losing hits and
+  letting look-alikes through that the split used to keep apart;
 * asks about the asker's own state ("am I", "did I", "have I", "was I", "do I have",
-  "how much do I owe", "I'm", "I've", "I was", "I got", ...), procedure or not;
+  "how much do I owe", "I'm", "I've", "I was", "I got", ...);
 * names a record: a run of five or more digits, or a code of letters and at least three
   digits ("order 48213", "ticket AB12345").
 
@@ -37,9 +38,7 @@ _SELF_STATE = re.compile(
     r"i'm|i've|i'd|i was|i got|i paid|i ordered|i bought|i booked|i have been|i've been|"
     r"(?:do|did|will|can|should) i (?:owe|get|receive|qualify|still)|how much do i|"
     r"how many \w+ do i|when (?:do|will|did) i)\b")
-# "how do I <verb> my X", "where can I <verb> my X", "how to <verb> my X": asks for steps
-_PROCEDURE = re.compile(r"^\W*(?:how (?:do|can|should|would) (?:i|we)|how to|where (?:do|can) "
-                        r"(?:i|we)|what(?:'s| is) the (?:way|best way|process) to)\b")
+
 # five or more digits in a row, or letters with three or more digits ("ab12345", "x-9921"),
 # not "python3", "iphone15" or a year
 _RECORD = re.compile(r"\b(?:\d{5,}|(?=[a-z0-9-]*[a-z])(?=(?:[a-z-]*\d){3})[a-z0-9-]{5,})\b")
@@ -56,7 +55,6 @@ def check_scope(scope: object) -> Scope:
 def is_personal(text: str) -> bool:
     """Whether ``text`` asks about the asker (see the module docstring)."""
     lowered = text.casefold().replace("\u2019", "'")
-    if _SELF_STATE.search(lowered) or _RECORD.search(lowered):
+    if any(word in _POSSESSIVES for word in _WORDS.findall(lowered)):
         return True
-    possessive = any(word in _POSSESSIVES for word in _WORDS.findall(lowered))
-    return possessive and not _PROCEDURE.search(lowered)
+    return bool(_SELF_STATE.search(lowered) or _RECORD.search(lowered))
