@@ -40,6 +40,7 @@ def cache(engine: Engine, embedder: MiniLMEmbedder) -> ResponseCache:
     ("Am I eligible for a refund?", True),
     ("I've been charged twice this month", True),
     ("How much do I owe this month?", True),
+    ("How many eggs do I need for a sponge cake?", False),  # first person, no one's data
     ("When does my plan renew?", True),
     ("How do I reset my password?", True),  # kept per user: see _privacy's docstring
     ("How do I get a refund for order 48213?", True),  # a procedure about one record
