@@ -27,7 +27,7 @@ from budgetkit.progress import ProgressCallback
 
 from . import rollups as _rollup
 
-from ._schema import add_missing_columns
+from ._schema import migrate
 from ._tables import UsageRow, UsageTagRow, table_of
 
 __all__ = ["Store", "default_db_url", "TABLE_MODULES", "usage_columns"]
@@ -90,11 +90,12 @@ class Store:
         self._maintain_rollup = _rollup.supports(self.engine.dialect.name)
 
     def create_tables(self) -> None:
-        """Create every registered table that does not exist yet (idempotent)."""
+        """Create every registered table, or upgrade an older database's schema through its
+        versioned migrations (see ``_schema``); idempotent."""
         for module in TABLE_MODULES:
             importlib.import_module(module)
-        SQLModel.metadata.create_all(self.engine)
-        add_missing_columns(self.engine, SQLModel.metadata)  # a database of an older build
+        # a new database gets every table; an older one is upgraded step by step
+        migrate(self.engine, SQLModel.metadata)
         _rollup.init_state(self.engine)
         self._tables_ready = True
 
