@@ -274,8 +274,10 @@ class BatchWriter:
         """What is due: ``"prepare"`` (deferred work), ``"write"`` (a batch), or ``"sleep"``
         for how long (None: until woken)."""
         now = time.monotonic()
-        deferred = self._prepare_due() if self._prepare_due is not None else None
         with self._lock:
+            # read under the lock poke() takes: new work either shows here or finds the
+            # thread marked asleep and wakes it (no lost wake-up)
+            deferred = self._prepare_due() if self._prepare_due is not None else None
             urgent = self._flushes > 0 or self._stopping
             if deferred is not None and (urgent or now - deferred >= self._prepare_delay):
                 return "prepare", None  # it queues rows: then look again
