@@ -485,12 +485,13 @@ class Engine(BudgetMethods):
         If the awaiting task is cancelled while the admit thread is still reserving, the
         reservation is released as soon as that thread finishes.
         """
-        if self._current_budgets() is None:
+        budgets = self._current_budgets()
+        if budgets is None:
             return self.admit(model, **kwargs)
         ticket = self.ticket(model, **kwargs)
         self._with_bound(ticket, kwargs.get("messages"), kwargs.get("prompt"),
                          kwargs.get("tools"))
-        if self._budgets.reserve_in_memory(ticket):  # leases with room: no thread needed
+        if budgets.reserve_in_memory(ticket):  # leases with room: no thread needed
             return ticket
         import contextvars
 
