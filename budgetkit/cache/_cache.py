@@ -83,7 +83,10 @@ class CacheEngine(Protocol):
 
     def count_message_tokens(self, messages: Any, model: str) -> int: ...
 
-    def record(self, model: str, **fields: Any) -> Any: ...
+    def record(self, model: str, *, input_tokens: int, status: Literal["cached"],
+               saved_nanos: int, latency_ms: float | None,
+               **attribution: Any) -> object: ...
+
 
 __all__ = ["ResponseCache", "CacheHit", "CacheStats", "CacheEngine", "DEFAULT_TASK_TTLS",
            "DEFAULT_THRESHOLD"]
