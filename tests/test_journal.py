@@ -282,3 +282,25 @@ def test_a_row_is_in_the_file_when_submit_returns(tmp_path):
         assert writer.close(timeout=10)
     assert written == ["a" * 32]
     assert list((tmp_path / "j").glob("*.journal")) == []  # all committed: deleted
+
+
+def test_an_unusable_journal_folder(tmp_path, monkeypatch, caplog):
+    """The default folder unusable (a read-only home): the engine runs on without the
+    journal and says so; a folder the user named: a typed error naming it."""
+    from budgetkit.errors import ConfigurationError
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the journal folder would go")
+    with pytest.raises(ConfigurationError, match="not-a-folder"):
+        Engine(db=str(tmp_path / "named.db"), journal=str(blocker / "journal"))
+    monkeypatch.setenv("BUDGETKIT_JOURNAL_DIR", str(blocker / "journal"))
+    from budgetkit.ledger import open_journal
+
+    class PostgresLike:  # the default folder of a server URL, without a server
+        url = "postgresql+psycopg://u@h:5432/ledger"
+
+        def insert_missing_usage(self, rows):
+            raise AssertionError("nothing to replay")
+
+    assert open_journal(PostgresLike()) is None
+    assert "cannot use the usage journal" in caplog.text

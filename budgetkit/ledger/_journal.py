@@ -250,14 +250,27 @@ def open_journal(store: Any, configured: str | os.PathLike[str] | None | bool = 
     journal. ``configured``: a folder, True / None for the default one, False for none."""
     if configured is False:
         return None
-    folder = journal_folder(store.url, None if configured in (None, True) else
-                            configured)  # type: ignore[arg-type]
+    explicit = configured not in (None, True)
+    folder = journal_folder(store.url, configured if explicit else None)  # type: ignore[arg-type]
     if folder is None:
         return None
-    replay_journals(folder, store.insert_missing_usage)
     from ._store import usage_columns
 
-    return Journal(folder, usage_columns())
+    try:
+        replay_journals(folder, store.insert_missing_usage)
+        return Journal(folder, usage_columns())
+    except OSError as exc:
+        if explicit:  # the folder the user named: say so rather than run without it
+            from budgetkit.errors import ConfigurationError
+
+            raise ConfigurationError(f"journal folder {str(folder)!r} cannot be used: "
+                                     f"{exc}") from None
+        # The default folder (a read-only home in a container, say): the app runs on, the
+        # rows are written as before, only not SIGKILL-safe. Said loudly, once.
+        logger.error("budgetkit: cannot use the usage journal in %s (%s); rows queued at a "
+                     "SIGKILL will be lost. Give Engine(journal=<folder>) or "
+                     "BUDGETKIT_JOURNAL_DIR a writable folder", folder, exc)
+        return None
 
 
 # -- replay ----------------------------------------------------------------------------------
