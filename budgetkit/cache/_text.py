@@ -117,23 +117,7 @@ def tokens(text: str) -> tuple[str, ...]:
     return tuple(words)
 
 
-def _stem(word: str) -> str:
-    """A light suffix stripper: plurals, -ing, -ed, -ly (enough to compare two questions)."""
-    if word.endswith("'s"):
-        word = word[:-2]
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 4 and word.endswith(("ches", "shes", "sses", "xes")):
-        return word[:-2]
-    if len(word) > 3 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    if len(word) > 5 and word.endswith("ing"):
-        return word[:-3]
-    if len(word) > 4 and word.endswith("ed") and not word.endswith("eed"):
-        return word[:-2]
-    if len(word) > 5 and word.endswith("ly"):
-        return word[:-2]
-    return word
+_stem = _guard._stem  # one light stemmer for the guard and the second stage
 
 
 @lru_cache(maxsize=16384)

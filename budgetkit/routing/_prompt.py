@@ -9,26 +9,18 @@ explanations and for users who built on it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from budgetkit.pricing import PriceCatalog, count_message_tokens, count_tokens
 
+from ._features import _CODE, _CONSTRAINTS, _CUES
+
 __all__ = ["complexity_score", "LENGTH_SATURATION", "prompt_text"]
 
-_CODE = re.compile(
-    r"```|^\s*(?:def|class|import|from \S+ import|function|const|let|var|public|private|"
-    r"#include|SELECT|CREATE TABLE)\b|[;{}]\s*$|=>|\w+\([^()]*\)\s*[{:]",
-    re.MULTILINE | re.IGNORECASE)
-_REASONING_CUES = re.compile(
-    r"\b(?:why|prove|proof|derive|step[- ]by[- ]step|reason(?:ing)?|explain|analy[sz]e|"
-    r"compare|trade-?offs?|evaluate|justify|design|architect\w*|optimi[sz]e|debug|"
-    r"calculate|estimate|implications?|pros and cons|critique|plan)\b", re.IGNORECASE)
-_CONSTRAINTS = re.compile(
-    r"\b(?:must|should|shall|at least|at most|no more than|exactly|without|only|never|"
-    r"always|ensure|required?|limit(?:ed)? to)\b|^\s*(?:[-*•]|\d+[.)])\s+",
-    re.IGNORECASE | re.MULTILINE)
+# The same signals the learned scorer reads (one definition of what counts as code, a
+# reasoning cue or a constraint).
+_REASONING_CUES = _CUES
 
 # Weights of each signal in the 0..1 score. Length saturates at LENGTH_SATURATION tokens.
 _LENGTH_WEIGHT, _CODE_WEIGHT, _CUE_WEIGHT, _CONSTRAINT_WEIGHT = 0.35, 0.25, 0.1, 0.05
