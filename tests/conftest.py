@@ -13,13 +13,22 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from budgetkit import Engine
-from budgetkit.testing import FakeOpenAIServer, temporary_postgres_database
+# The shells here set PYTHONDONTWRITEBYTECODE=1: every process of the suite (each xdist
+# worker, each test that starts Python) then compiled budgetkit, the integrations and
+# pytest's assertion-rewritten test modules from source again (collection alone: 15 s
+# without the caches, 7 s with them). __pycache__/ is git-ignored: let the suite write it,
+# before budgetkit is imported below, and let the processes it starts write it too.
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+
+from budgetkit import Engine  # noqa: E402
+from budgetkit.testing import FakeOpenAIServer, temporary_postgres_database  # noqa: E402
 
 POSTGRES_ENV = "BUDGETKIT_TEST_POSTGRES_URL"
 
