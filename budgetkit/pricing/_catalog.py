@@ -145,7 +145,9 @@ class ModelBudget:
 
 
 def _budget_of(price: ModelPrice) -> ModelBudget:
-    per_1k = lambda picos: picos * 1000 / 1e12  # noqa: E731
+    def per_1k(picos: int) -> float:
+        return picos * 1000 / 1e12
+
     return ModelBudget(
         model=price.name, provider=price.provider, mode=price.mode,
         max_input_tokens=price.max_input_tokens, max_context_window=price.context_window,
