@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from budgetkit.errors import BudgetExceeded, ConfigurationError, ContextWindowExceeded
+from budgetkit.pricing import PriceCatalog
 
 __all__ = [
     "Fallback",
@@ -205,7 +206,7 @@ class Fallback:
 
     def delay(self, retry: int) -> float:
         """Seconds to wait before retry number ``retry`` (0-based)."""
-        ceiling = min(self.max_delay, self.base_delay * (2 ** retry))
+        ceiling = min(self.max_delay, self.base_delay * (2.0 ** retry))
         return ceiling * (1.0 - self.jitter * self._random())
 
     # -- calling ---------------------------------------------------------------------------
@@ -307,6 +308,6 @@ class Fallback:
         raise exc
 
 
-def _window(catalog: Any, model: str) -> int:
+def _window(catalog: PriceCatalog, model: str) -> int:
     price = catalog.get(model)
     return price.context_window or price.max_input_tokens

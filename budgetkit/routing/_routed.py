@@ -48,7 +48,7 @@ def check_routed_models(models: Mapping[str, Any], *, router: Any, cascade: Any,
 def routing_catalog(router: Any, engine: Any) -> PriceCatalog:
     """The catalog windows are read from: the router's, else the engine's, else the default."""
     for owner in (router, engine):
-        catalog = getattr(owner, "catalog", None)
+        catalog: PriceCatalog | None = getattr(owner, "catalog", None)
         if catalog is not None:
             return catalog
     return default_catalog()
