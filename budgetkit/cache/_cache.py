@@ -394,6 +394,7 @@ class ResponseCache:
             else:
                 stats.semantic_hits += 1
             stats.saved_nanos += entry.cost_nanos
+        assert entry.created_at is not None  # touch() has just read it from the row
         hit = CacheHit(value=value, kind=kind, similarity=similarity, key=entry.key,
                        namespace=entry.namespace, model=entry.model,
                        saved_nanos=entry.cost_nanos, created_at=entry.created_at)
@@ -742,13 +743,14 @@ class ResponseCache:
             if not fresh and entry.key in known:
                 self._drop(known.pop(entry.key))
             lru(entry.key, entry)
-            by_seq[entry.seq] = entry  # type: ignore[index]
+            by_seq[entry.seq] = entry
             if has_vector[entry.source]:  # entries without a prompt text have none
                 by_partition.setdefault(entry.partition, []).append(entry)
         if entries:
             self._seen_seq = max(self._seen_seq, max(entry.seq or 0 for entry in entries))
         for partition, members in by_partition.items():
-            members = [entry for entry in members if self._by_seq.get(entry.seq) is entry]
+            members = [entry for entry in members
+                       if entry.seq is not None and self._by_seq.get(entry.seq) is entry]
             positions = np.fromiter((entry.source for entry in members), dtype=np.int64,
                                     count=len(members))
             blocks_here = entries.block_of[positions]

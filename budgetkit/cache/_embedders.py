@@ -160,7 +160,8 @@ class MiniLMEmbedder:
         if "token_type_ids" in self._input_names:
             feeds["token_type_ids"] = np.zeros_like(ids)
         hidden = self._session.run(None, feeds)[0][0]
-        pooled = hidden.mean(axis=0)  # no padding, so every position is a real token
+        # (onnxruntime is untyped: its output is an ndarray)
+        pooled: np.ndarray = hidden.mean(axis=0)  # no padding: every position is a real token
         return pooled
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:

@@ -117,7 +117,7 @@ class Entry:
             return False
         if not isinstance(self.expires_at, dt.datetime):
             self.expires_at = _as_datetime(self.expires_at)
-        return now >= self.expires_at  # type: ignore[operator]
+        return now >= self.expires_at
 
 
 _DETAIL_DEFAULTS: dict[str, Any] = {
@@ -297,7 +297,8 @@ class CacheRows:
                         found = conn.execute(insert(table).values(
                             hash=digest, namespace=partition[0], model=partition[1],
                             params_hash=partition[2], context_hash=partition[3],
-                            embedder=partition[4])).inserted_primary_key[0]
+                            embedder=partition[4])).inserted_primary_key[0]  # type: ignore[index]
+                        # (SQLAlchemy types the key Optional; a one-row INSERT always has it)
                 except IntegrityError:  # another process inserted it just now
                     found = conn.execute(select(table.c.id)
                                          .where(table.c.hash == digest)).scalar_one()
