@@ -250,6 +250,67 @@ def test_sigterm_inside_the_writers_wake_up_neither_hangs_nor_loses_rows(tmp_pat
         assert {row.run_id for row in engine.usage()} == {f"call-{n}" for n in range(21)}
 
 
+# The same moment for the journal: SIGTERM lands while the main thread is inside
+# Journal.append, holding the journal's lock, and the handler's flush waits for the writer.
+# The writer must not wait for that lock (it used to, and the flush stalled until its 10 s
+# timeout). The trace function fires just after append's write, inside the lock.
+_SIGTERM_INSIDE_THE_JOURNAL_SCRIPT = textwrap.dedent("""
+    import linecache, os, signal, sys
+    from budgetkit import Engine
+
+    engine = Engine(db=sys.argv[1], batch_size=1)
+    for n in range(20):
+        ticket = engine.admit("gpt-4o-mini", input_tokens=10, run_id=f"call-{n}")
+        engine.settle(ticket, input_tokens=10, output_tokens=1)
+    # no flush: journaled rows wait about a second for their batch, so the handler's
+    # flush has rows for the writer to commit (and note in the journal) while it waits
+    fired = []
+
+    def inside(frame, event, arg):
+        if not fired and event == "line" and "self._size +=" in linecache.getline(
+                frame.f_code.co_filename, frame.f_lineno):
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None if fired else inside
+
+    def calls(frame, event, arg):
+        if not fired and frame.f_code.co_name == "append" \\
+                and frame.f_code.co_filename.endswith("_journal.py"):
+            return inside
+        return None
+
+    sys.settrace(calls)
+    ticket = engine.admit("gpt-4o-mini", input_tokens=10, run_id="call-20")
+    engine.settle(ticket, input_tokens=10, output_tokens=1)
+    sys.settrace(None)
+    print("fired" if fired else "not fired", flush=True)
+    import time
+    time.sleep(60)
+""")
+
+
+@pytest.mark.slow
+def test_sigterm_inside_a_journal_append_neither_stalls_nor_loses_rows(tmp_path):
+    db = tmp_path / "journal.db"
+    script = tmp_path / "journal.py"
+    script.write_text(_SIGTERM_INSIDE_THE_JOURNAL_SCRIPT)
+    started = time.monotonic()
+    process = subprocess.Popen([sys.executable, str(script), str(db)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        process.wait(timeout=45)
+    finally:
+        process.kill()
+    took = time.monotonic() - started
+    err = process.stderr.read() if process.stderr else ""
+    assert process.returncode == -signal.SIGTERM, err
+    # the handler's flush gave up after its 10 s timeout when the writer waited for the lock
+    assert "could not be written before close" not in err, err
+    assert took < 9, took
+    with Engine(db=str(db)) as engine:  # the row being appended is replayed from the journal
+        assert {row.run_id for row in engine.usage()} == {f"call-{n}" for n in range(21)}
+
+
 # ---------------------------------------------------------------------------- database outage
 
 def test_sqlite_file_gone_then_back(tmp_path, caplog):

@@ -40,6 +40,7 @@ the next start to replay them.
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import json
@@ -125,6 +126,7 @@ class Journal:
         # closed files whose rows are not all committed yet: path -> their ids
         self._closed: dict[Path, set[str]] = {}
         self._where: dict[str, set[str]] = {}  # a row id -> the outstanding set it is in
+        self._late_commits: collections.deque[str] = collections.deque()  # see committed
         self._open_segment()
 
     # -- the caller's side ---------------------------------------------------------------
@@ -156,13 +158,20 @@ class Journal:
     def sync(self, *, older_than: float = 0.0) -> None:
         """``fdatasync`` what was appended since the last sync (group commit); with
         ``older_than``, only once the oldest unsynced bytes are that many seconds old."""
-        with self._lock:
+        # Never wait for the lock here: SIGTERM's handler may hold it on the main thread
+        # (inside ``append``) while it waits for this very writer to flush. A skipped
+        # sync stays due and happens at the next call.
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
             if not self._unsynced or self._fd < 0:
                 return
             if older_than and time.monotonic() - self._unsynced_since < older_than:
                 return
             self._unsynced = False
             fd = self._fd
+        finally:
+            self._lock.release()
         try:
             os.fdatasync(fd) if hasattr(os, "fdatasync") else os.fsync(fd)
         except OSError:  # rotated and closed meanwhile: its rows are synced by the close
@@ -171,24 +180,42 @@ class Journal:
     def committed(self, ids: Sequence[str]) -> None:
         """These rows are in the database (or were refused by it for their content):
         files whose rows are all in are truncated or deleted."""
-        with self._lock:
-            where = self._where
-            for row_id in ids:
-                holder = where.pop(row_id, None)
-                if holder is not None:
-                    holder.discard(row_id)
-            if not self._outstanding and self._size > len(self._header) and self._fd >= 0:
-                os.ftruncate(self._fd, len(self._header))
-                self._size = len(self._header)
-                self._unsynced = False
-            done = [path for path, left in self._closed.items() if not left]
-            for path in done:
-                del self._closed[path]
-                _unlink(path)
+        # As in ``sync``: never wait for a lock SIGTERM's handler may hold while it waits
+        # for the writer. Ids that cannot be noted now are noted by the next call that
+        # holds the lock (at the latest ``close``); until then their file stays, and a
+        # replay would skip rows the database already has.
+        if not self._lock.acquire(timeout=0.05):
+            self._late_commits.extend(ids)
+            return
+        try:
+            self._note_committed(ids)
+        finally:
+            self._lock.release()
+
+    def _note_committed(self, ids: Sequence[str]) -> None:
+        """Forget committed rows; truncate or delete files that hold no other. The caller
+        holds the lock."""
+        late = self._late_commits
+        if late:
+            ids = [*ids, *(late.popleft() for _ in range(len(late)))]
+        where = self._where
+        for row_id in ids:
+            holder = where.pop(row_id, None)
+            if holder is not None:
+                holder.discard(row_id)
+        if not self._outstanding and self._size > len(self._header) and self._fd >= 0:
+            os.ftruncate(self._fd, len(self._header))
+            self._size = len(self._header)
+            self._unsynced = False
+        done = [path for path, left in self._closed.items() if not left]
+        for path in done:
+            del self._closed[path]
+            _unlink(path)
 
     def close(self, *, delete: bool) -> None:
         """Close the files; ``delete`` (every row is committed) removes them too."""
         with self._lock:
+            self._note_committed(())
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
