@@ -280,9 +280,11 @@ def test_asyncio_gather_of_many_calls(engine):
 # ---------------------------------------------------------------------------- deferred counting
 
 def _counting(engine):
-    """Wrap the engine's prompt counters; returns the list of calls made."""
+    """Wrap the prompt counters of the engine's recorder (which counts a ticket's prompt);
+    returns the list of calls made."""
     calls = []
-    real_messages, real_text = engine.count_message_tokens, engine.count_tokens
+    recorder = engine.recorder
+    real_messages, real_text = recorder.count_message_tokens, recorder.count_tokens
 
     def count_messages(messages, model, **kwargs):
         calls.append("messages")
@@ -292,7 +294,7 @@ def _counting(engine):
         calls.append("text")
         return real_text(text, model)
 
-    engine.count_message_tokens, engine.count_tokens = count_messages, count_text
+    recorder.count_message_tokens, recorder.count_tokens = count_messages, count_text
     return calls
 
 

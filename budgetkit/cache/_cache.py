@@ -75,7 +75,9 @@ class CacheEngine(Protocol):
     can stand in."""
 
     store: Store
-    catalog: PriceCatalog
+
+    @property
+    def catalog(self) -> PriceCatalog: ...
 
     def now(self) -> dt.datetime: ...
 

@@ -31,14 +31,20 @@ class BudgetMethods:
     """Mixed into :class:`~budgetkit.engine.Engine`; reads the engine's store and clock."""
 
     store: Store
-    catalog: PriceCatalog
-    project: str | None
     _budgets: BudgetBook | None
     _lock: threading.Lock
     _budget_poll_at: float = 0.0  # monotonic time of the next look at the ledger's budgets
     _budget_poll_failing: bool = False
 
     def now(self) -> dt.datetime:
+        raise NotImplementedError
+
+    @property
+    def catalog(self) -> PriceCatalog:
+        raise NotImplementedError
+
+    @property
+    def project(self) -> str | None:
         raise NotImplementedError
 
     # -- budgets (see _budget_book) -----------------------------------------------------

@@ -1,13 +1,20 @@
 """What was spent: the store (SQLModel over SQLite or PostgreSQL), the usage tables and
-their rollups, the batch writer and its journal, and the records one call produces (:class:`Ticket`,
-:class:`UsageRecord`).
+their rollups, the batch writer and its journal, the queue of deferred bookkeeping, and
+one call's way into a row: :class:`UsageRecorder` turns each :class:`Ticket` into one
+:class:`UsageRecord`.
 
 Built on :mod:`budgetkit.pricing`; knows nothing of budgets, cache or routing.
 """
 
 from __future__ import annotations
 
+from ._deferred import DeferredJobs as DeferredJobs
 from ._journal import open_journal as open_journal
+from ._recorder import CallCounter as CallCounter
+from ._recorder import Status as Status
+from ._recorder import UsageRecorder as UsageRecorder
+from ._recorder import UsageSource as UsageSource
+from ._recorder import utcnow as utcnow
 from ._store import Store as Store
 from ._store import default_db_url as default_db_url
 from ._store import iter_chunks as iter_chunks
@@ -29,4 +36,5 @@ from ._writer import BatchWriter as BatchWriter
 __all__ = ['Store', 'default_db_url', 'iter_chunks', 'UsageRow', 'UsageTagRow',
            'OPERATION_TYPES', 'STATUSES', 'Ticket', 'UsageRecord', 'messages_text', 'new_id',
            'prompt_hash', 'redact_preview', 'snapshot_messages', 'Usage', 'BatchWriter',
-           'open_journal', 'table_of']
+           'open_journal', 'table_of', 'DeferredJobs', 'UsageRecorder', 'CallCounter', 'Status',
+           'UsageSource', 'utcnow']
