@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import math
 import os
 import queue
 import signal
@@ -99,6 +100,7 @@ class BatchWriter:
         self._fsync_interval = fsync_interval
         self._first_queued: float | None = None  # monotonic: when the queue became non-empty
         self._asleep = False  # sleeping with nothing due: only a wake-up ends it
+        self._sleep_until = 0.0  # monotonic end of the current sleep (inf: until woken)
         self._flushes = 0  # flush() calls waiting: write at once
         # Tells a batch the database refused for what it holds (a value too long, a
         # duplicate id) from one it could not take (down): the first is written row by
@@ -168,12 +170,16 @@ class BatchWriter:
         self._wake.set()
 
     def poke(self) -> None:
-        """New deferred work: wake the thread if it sleeps with nothing due (it then
-        sleeps until the work is due); otherwise nothing (no wake-up per call)."""
+        """New deferred work, due ``prepare_delay`` from now: wake the thread if it sleeps
+        past then (with nothing due, or until a batch due later: with the journal, rows
+        wait a second), so it sleeps again until the work is due; otherwise nothing (no
+        wake-up per call). Without this the work waited for the batch and the callers ran
+        it themselves (``DeferredJobs.MAX_AGE``), on their own threads."""
         with self._lock:
-            if not self._asleep:
+            if self._sleep_until <= time.monotonic() + self._prepare_delay:
                 return
             self._asleep = False
+            self._sleep_until = 0.0
         self._wake.set()
 
     @property
@@ -233,6 +239,7 @@ class BatchWriter:
         self._submitted = self._written = self.dropped = 0
         self._failing = self._dropping = self._stopping = False
         self._first_queued, self._asleep, self._flushes = None, False, 0
+        self._sleep_until = 0.0
         if self._journal is not None:
             self._journal.after_fork_in_child()
         self._thread = threading.Thread(target=self._run, name=self._thread.name, daemon=True)
@@ -293,8 +300,11 @@ class BatchWriter:
                 waits.append(deferred + self._prepare_delay - now)
             if not waits:
                 self._asleep = True  # submit() and poke() wake it
+                self._sleep_until = math.inf
                 return "sleep", None
-            return "sleep", max(0.0, min(waits))
+            sleep = max(0.0, min(waits))
+            self._sleep_until = now + sleep
+            return "sleep", sleep
 
     def _without_bad_rows(self, batch: list[_Row]) -> list[_Row] | None:
         """Write ``batch`` row by row; drop (and log) the rows the database refuses for their
@@ -338,6 +348,7 @@ class BatchWriter:
                 self._wake.wait(sleep)
                 with self._lock:
                     self._asleep = False
+                    self._sleep_until = 0.0
                 self._wake.clear()
                 continue
             self._run_prepare()
