@@ -38,9 +38,14 @@ ALLOWED_UPWARD = {("budgetkit/cli/_demo.py", framework)
                   for framework in ("langchain_budgetkit", "langchain_core", "langchain_openai")}
 
 
+# Not source: tests, and the copies a non-editable ``pip install ./integrations/...`` leaves
+# in ``build/`` (stale code the rules would judge instead of the package's own).
+_NOT_SOURCE = {"tests", "build", "dist"}
+
+
 def _python_files(folder: Path) -> Iterator[Path]:
     for path in sorted(folder.rglob("*.py")):
-        if "tests" not in path.relative_to(folder).parts:
+        if _NOT_SOURCE.isdisjoint(path.relative_to(folder).parts):
             yield path
 
 
