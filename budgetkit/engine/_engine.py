@@ -125,8 +125,8 @@ class Engine(BudgetMethods):
                                    max_queue=max_queue, max_backlog=max_backlog,
                                    flush_interval=_JOURNALED_INTERVAL if opened else 0.05,
                                    prepare=self._deferred.run, prepare_due=self._deferred.due,
-                                   prepare_delay=DeferredJobs.GATHER_DELAY, is_bad_row=_is_bad_row,
-                                   journal=opened)
+                                   prepare_delay=DeferredJobs.GATHER_DELAY,
+                                   is_bad_row=_is_bad_row, journal=opened)
         self._deferred.writer = self._writer
         self.recorder.submit = self._writer.submit
         _watch_forks(self)
@@ -203,12 +203,13 @@ class Engine(BudgetMethods):
         """Run ``job()`` off the caller's thread, before the ledger's next batch is taken.
 
         For adapters: what a finished call needs (parsing the response, pricing, building
-        its row) can wait a few milliseconds, and an LLM app's threads mostly wait on the
-        network, when this work then costs them nothing. :meth:`flush`, :meth:`close`,
-        normal exit and SIGTERM run every deferred job first. Jobs run in order, one at a
-        time; a job that raises is logged. When too many are waiting, or the oldest has
-        waited over 0.25 s (the writer is stuck on the database), the caller
-        runs them itself: a job's row reaches the journal only when the job runs.
+        its row) can wait, and an LLM app's threads mostly wait on the network, when this
+        work then costs them nothing. The ledger's writer runs jobs about 0.1 s after the
+        first of them arrives (see :class:`~budgetkit.ledger.DeferredJobs`); :meth:`flush`,
+        :meth:`close`, normal exit and SIGTERM run every waiting job first. Jobs run in
+        order, one at a time; a job that raises is logged. When too many are waiting, or the
+        oldest has waited over 0.25 s (the writer is stuck on the database), the caller runs
+        them itself: a job's row reaches the journal only when the job runs.
         """
         self._deferred.add(job)
 
