@@ -217,13 +217,16 @@ def test_error_with_billed_tokens_counts_them(engine: Engine) -> None:
 
 async def test_asyncio_cancellation_releases(engine: Engine) -> None:
     engine.add_budget(Budget(name="d", limit=1.0))
-    entered, go_on = threading.Event(), threading.Event()
+    entered, go_on, reserved = threading.Event(), threading.Event(), threading.Event()
     original = engine._budgets.reserve
 
     def slow_reserve(ticket):  # the admit thread is mid-reserve when the task is cancelled
         entered.set()
         go_on.wait(5)
-        return original(ticket)
+        try:
+            return original(ticket)
+        finally:
+            reserved.set()
 
     engine._budgets.reserve = slow_reserve
     task = asyncio.create_task(engine.aadmit(MODEL, input_tokens=1000, max_output_tokens=1000))
@@ -232,6 +235,9 @@ async def test_asyncio_cancellation_releases(engine: Engine) -> None:
     go_on.set()
     with pytest.raises(asyncio.CancelledError):
         await task
+    # The task ends at once; the admit thread goes on reserving. Wait for that first: on a
+    # loaded machine the window could read (0, 0) before the reservation was written.
+    assert await asyncio.to_thread(reserved.wait, 5)
     for _ in range(200):  # the give-back runs when the admit thread returns
         await asyncio.sleep(0.01)
         if window(engine, "d") == (0, 0):
