@@ -36,18 +36,38 @@ from _stages import Stages  # noqa: E402  (benchmarks/_stages.py, next to this s
 MODEL = "gpt-4o-mini"
 
 
+def add_budgets(engine: Engine, count: int) -> list[str]:
+    """Register ``count`` budgets that every measured call counts in; returns their names.
+
+    Budgets are stored in the ledger (every engine on it enforces them), so each
+    measurement removes its own when done: otherwise the next measurement on the same
+    database (and every later run on a PostgreSQL one) would also hold these.
+    """
+    tag = uuid.uuid4().hex[:6]
+    names = []
+    for index in range(count):
+        scope = ("global", "user", "project", "model", "tag")[index % 5]
+        match = {"global": None, "user": "u", "project": "p", "model": MODEL, "tag": "t"}[scope]
+        budget = Budget(name=f"b{index}-{tag}", limit=1_000_000.0, scope=scope, match=match,
+                        period=("day", "month", "total")[index % 3])
+        engine.add_budget(budget)
+        names.append(budget.name)
+    return names
+
+
+def close_removing(engine: Engine, names: list[str]) -> None:
+    for name in names:
+        engine.remove_budget(name)
+    engine.close()
+
+
 def per_call(db: str, budgets: int, calls: int, durable: bool = True) -> tuple[float, float]:
     """Median-of-3 microseconds per admit and per settle (as the caller waits for them;
     settling itself is batched on a background thread or, on SQLite, in the next admit)."""
     engine = Engine(db=db)
     if not durable:
         engine.configure_budgets(durable=False)
-    tag = uuid.uuid4().hex[:6]
-    for index in range(budgets):
-        scope = ("global", "user", "project", "model", "tag")[index % 5]
-        match = {"global": None, "user": "u", "project": "p", "model": MODEL, "tag": "t"}[scope]
-        engine.add_budget(Budget(name=f"b{index}-{tag}", limit=1_000_000.0, scope=scope,
-                                 match=match, period=("day", "month", "total")[index % 3]))
+    names = add_budgets(engine, budgets)
     attribution = {"user_id": "u", "project": "p", "tags": ("t",)}
     for _ in range(50):  # warm up: windows created and cached, statements compiled
         engine.settle(engine.admit(MODEL, input_tokens=500, max_output_tokens=200,
@@ -64,7 +84,7 @@ def per_call(db: str, budgets: int, calls: int, durable: bool = True) -> tuple[f
             settle_total += time.perf_counter() - middle
         admits.append(admit_total / calls * 1e6)
         settles.append(settle_total / calls * 1e6)
-    engine.close()
+    close_removing(engine, names)
     return statistics.median(admits), statistics.median(settles)
 
 
@@ -73,12 +93,7 @@ def per_call_in_lane(db: str, budgets: int, calls: int) -> tuple[float, float, i
     waits for) and per ticket + attach + settle (what the adapter does after the call,
     off the caller's thread); and how many admits the lane declined (admitted in full)."""
     engine = Engine(db=db)
-    tag = uuid.uuid4().hex[:6]
-    for index in range(budgets):
-        scope = ("global", "user", "project", "model", "tag")[index % 5]
-        match = {"global": None, "user": "u", "project": "p", "model": MODEL, "tag": "t"}[scope]
-        engine.add_budget(Budget(name=f"b{index}-{tag}", limit=1_000_000.0, scope=scope,
-                                 match=match, period=("day", "month", "total")[index % 3]))
+    names = add_budgets(engine, budgets)
     attribution = {"user_id": "u", "project": "p", "tags": ("t",)}
     for _ in range(50):  # warm up: windows found, leases taken
         ticket = engine.admit(MODEL, input_tokens=500, max_output_tokens=200, **attribution)
@@ -105,7 +120,7 @@ def per_call_in_lane(db: str, budgets: int, calls: int) -> tuple[float, float, i
             after_total += time.perf_counter() - middle
         admits.append(admit_total / calls * 1e6)
         afters.append(after_total / calls * 1e6)
-    engine.close()
+    close_removing(engine, names)
     return statistics.median(admits), statistics.median(afters), declined
 
 
@@ -142,6 +157,7 @@ def sustained(db: str, seconds: float, processes: int = 4) -> float:
                               env={**os.environ, "PYTHONPATH": str(ROOT)})
              for _ in range(processes)]
     total = sum(int(proc.communicate()[0].strip()) for proc in procs)
+    close_removing(Engine(db=db), [name])  # the workers' shared budget
     return total / seconds
 
 
