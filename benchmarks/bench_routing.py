@@ -150,7 +150,7 @@ def holdout_rows(bench: Bench, other: Bench) -> tuple[Bench, list[Row]]:
 
 def router_table(title: str, bench: Bench, rows: list[Row], reps: int) -> str:
     lines = [f"\n{title}",
-             f"| policy | APGR | CPT(50%) | CPT(80%) | APGR - longest [95% CI] |",
+             "| policy | APGR | CPT(50%) | CPT(80%) | APGR - longest [95% CI] |",
              "|---|---:|---:|---:|---|"]
     length = next(s for name, s, _ in rows if name == "longest prompt first")
     assert length is not None
@@ -183,6 +183,52 @@ def default_threshold_table(benches: list[Bench]) -> str:
         random = bench.q_weak.mean() + share * (bench.q_strong.mean() - bench.q_weak.mean())
         lines.append(f"| {bench.name} | {share:.1%} | {quality:.4g} | {random:.4g} |"
                      .replace("%", " %"))
+    return "\n".join(lines)
+
+
+def chat_questions() -> list[str]:
+    """Short questions people ask a chat app: every distinct question of the cache pairs
+    (benchmarks/data/cache-pairs; only their text is used here, never a label)."""
+    import json
+    folder = Path(__file__).resolve().parent / "data/cache-pairs"
+    seen: dict[str, None] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line)
+            for key in ("a", "b"):
+                if isinstance(row.get(key), str):
+                    seen.setdefault(row[key], None)
+    return list(seen)
+
+
+def share_table(benches: list[Bench], chat: list[str]) -> str:
+    """``strong_share=s``: the share actually sent up when the threshold is fixed from the
+    training prompts' quantiles (the old rule) and when it follows the recent prompts."""
+    tiers = {"cheap": "gpt-4o-mini", "strong": "gpt-4o"}
+    lines = ["\nstrong_share: share of prompts actually sent up (prompts in a fixed random "
+             "order; the router adapts after its first 100)",
+             "| set | asked | fixed from training prompts | follows recent prompts, all | "
+             "after warm-up | quality after warm-up | random at that share |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    sets: list[tuple[str, list[str], Bench | None]] = [
+        (b.name, b.prompts, b) for b in benches]
+    sets.append((f"chat questions ({len(chat)})", chat, None))
+    for name, prompts, bench in sets:
+        order = np.random.default_rng(7).permutation(len(prompts))
+        stream = [prompts[i] for i in order]
+        for share in (0.1, 0.3, 0.5):
+            fixed = Router(tiers, thresholds=(0.0, default_scorer().threshold_for_share(share)))
+            fixed_up = np.mean([fixed.route(p).model == "gpt-4o" for p in stream])
+            router = Router(tiers, strong_share=share)
+            up = np.array([router.route(p).model == "gpt-4o" for p in stream])
+            after = up[100:]
+            quality = random = ""
+            if bench is not None:
+                qw, qs = bench.q_weak[order][100:], bench.q_strong[order][100:]
+                quality = f"{np.where(after, qs, qw).mean():.4g}"
+                random = f"{qw.mean() + after.mean() * (qs.mean() - qw.mean()):.4g}"
+            lines.append(f"| {name} | {share:.0%} | {fixed_up:.1%} | {up.mean():.1%} | "
+                         f"{after.mean():.1%} | {quality} | {random} |".replace("%", " %"))
     return "\n".join(lines)
 
 
@@ -332,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "chose nothing)", hold, rows, args.bootstrap))
     say("default threshold")
     out.append(default_threshold_table([gsm, mt]))
+    say("strong_share: fixed vs following the recent prompts")
+    out.append(share_table([gsm, mt], chat_questions()))
     say("route() latency")
     out.append(route_latency(gsm.prompts[:300]))
     say("cascade checks")

@@ -38,6 +38,7 @@ from budgetkit.pricing import ModelPrice, PriceCatalog, default_catalog
 
 from ._prompt import _Counter, _describe, _messages_text, complexity_score
 from ._scorer import Scorer, default_scorer
+from ._share import ShareTracker
 
 __all__ = ["Router", "RouteDecision", "TASK_LEVELS", "complexity_score"]
 
@@ -104,8 +105,10 @@ class Router:
     answer is not acceptable); it goes to the "high" level at or above the high threshold and
     to "medium" at or above the medium one. Thresholds, first given wins:
     ``thresholds=(medium, high)`` (``complexity_thresholds`` is its former name);
-    ``strong_share`` (about that share of prompts like the scorer's training prompts go
-    high, the next ``medium_share`` medium); else the scorer's documented default
+    ``strong_share`` (about that share of *your* prompts go high, the next ``medium_share``
+    medium: once the router has scored ``share_warmup`` prompts, its thresholds follow the
+    scores of the last ``share_window`` it saw, see :mod:`._share`; before that, the
+    scorer's training prompts set them); else the scorer's documented default
     (:attr:`Scorer.threshold`; for the shipped scorer 0.348, the cheap model's average failure
     rate on its training data: a prompt goes up when it looks harder than average; about half
     of the benchmark prompts do, fewer short chat prompts, more long ones; with three tiers
@@ -127,6 +130,8 @@ class Router:
                  thresholds: tuple[float, float] | None = None,
                  strong_share: float | None = None,
                  medium_share: float = DEFAULT_MEDIUM_SHARE,
+                 share_window: int = 1000,
+                 share_warmup: int = 100,
                  scorer_name: str = "default",
                  complexity_thresholds: tuple[float, float] | None = None,
                  budget_threshold: float = 0.2,
@@ -175,13 +180,18 @@ class Router:
                     f"and {medium_share}")
             self._rule = ("share", (float(strong_share), float(medium_share)))
         self._medium_share = medium_share
+        #: Recent scores, when a share was asked for (None otherwise: thresholds are fixed).
+        self.share_tracker: ShareTracker | None = (
+            ShareTracker(float(strong_share), float(medium_share), window=share_window,
+                         warmup=share_warmup)
+            if self._rule[0] == "share" and strong_share is not None else None)
         if engine is not None and scorer is None:
             from ._learning import load_scorer  # store I/O stays in one module
 
             fitted = load_scorer(engine, scorer_name)
             if fitted is not None:
                 self.scorer = fitted
-        self.thresholds = self._resolve_thresholds()
+        self._fixed_thresholds = self._resolve_thresholds()
         if not 0.0 <= budget_threshold <= 1.0:
             raise ConfigurationError(
                 f"budget_threshold must be within 0..1, got {budget_threshold}")
@@ -201,6 +211,14 @@ class Router:
                     f"task type {task!r} maps to unknown level {level!r}; use low, medium or high")
         self.task_levels = dict(task_levels)
         self._headroom = headroom
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """``(medium, high)``: the scores at or above which a prompt goes to the medium and
+        the high level now (with ``strong_share``, they follow the recent prompts)."""
+        if self.share_tracker is None:
+            return self._fixed_thresholds
+        return self.share_tracker.thresholds(self._fixed_thresholds)
 
     @property
     def complexity_thresholds(self) -> tuple[float, float]:
@@ -225,7 +243,9 @@ class Router:
         if not isinstance(scorer, Scorer):
             raise ConfigurationError(f"scorer must be a budgetkit Scorer, got {scorer!r}")
         self.scorer = scorer
-        self.thresholds = self._resolve_thresholds()
+        self._fixed_thresholds = self._resolve_thresholds()
+        if self.share_tracker is not None:
+            self.share_tracker.reset()
 
     def _resolve_levels(self, levels: Mapping[str, str] | None) -> dict[str, str]:
         n = len(self.order)
@@ -268,8 +288,9 @@ class Router:
         high = quantile_above(high_share)
         medium = min(high, quantile_above(high_share + medium_share))
         self._rule = ("explicit", (min(medium, 1.0), min(high, 1.0)))
-        self.thresholds = self._resolve_thresholds()
-        return self.thresholds
+        self.share_tracker = None  # explicit thresholds from now on
+        self._fixed_thresholds = self._resolve_thresholds()
+        return self._fixed_thresholds
 
     # -- learning (see _learning.py) ----------------------------------------------------
     def fit(self, prompts: Sequence[str], cheap_failed: Sequence[bool], *,
@@ -372,6 +393,8 @@ class Router:
         else:
             _, signals = complexity_score(text, tokens=counter(self.tiers[self.order[0]][0]))
             score = self.scorer.score(text)
+            if self.share_tracker is not None:
+                self.share_tracker.observe(score)
             medium, high = self.thresholds
             level = "high" if score >= high else "medium" if score >= medium else "low"
             tier = self.levels[level]
