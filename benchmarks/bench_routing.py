@@ -172,17 +172,31 @@ def router_table(title: str, bench: Bench, rows: list[Row], reps: int) -> str:
     return "\n".join(lines)
 
 
-def default_threshold_table(benches: list[Bench]) -> str:
-    lines = ["\nDefault threshold of a two-tier router (shipped scorer, thresholds untouched)",
-             "| set | sent up | quality | random at that share |", "|---|---:|---:|---:|"]
-    router = Router({"cheap": "gpt-4o-mini", "strong": "gpt-4o"})
-    for bench in benches:
-        up = np.array([router.route(p).model == "gpt-4o" for p in bench.prompts])
-        quality = np.where(up, bench.q_strong, bench.q_weak).mean()
-        share = up.mean()
-        random = bench.q_weak.mean() + share * (bench.q_strong.mean() - bench.q_weak.mean())
-        lines.append(f"| {bench.name} | {share:.1%} | {quality:.4g} | {random:.4g} |"
-                     .replace("%", " %"))
+def default_threshold_table(benches: list[Bench], chat: list[str]) -> str:
+    """A two-tier router as a newcomer builds it: the default rule fixed from the training
+    prompts (``share_window=0``, the old behaviour) and following the app's recent prompts
+    (the default: above their mean score), prompts in a fixed random order."""
+    tiers = {"cheap": "gpt-4o-mini", "strong": "gpt-4o"}
+    lines = ["\nDefault two-tier router (no thresholds or share given; prompts in a fixed "
+             "random order)",
+             "| set | fixed threshold 0.348: sent up | quality | random at that share | "
+             "default (above the recent mean): sent up | quality | random at that share |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    sets: list[tuple[str, list[str], Bench | None]] = [(b.name, b.prompts, b) for b in benches]
+    sets.append((f"chat questions ({len(chat)})", chat, None))
+    for name, prompts, bench in sets:
+        order = np.random.default_rng(7).permutation(len(prompts))
+        cells = [name]
+        for router in (Router(tiers, share_window=0), Router(tiers)):
+            up = np.array([router.route(prompts[i]).model == "gpt-4o" for i in order])
+            cells.append(f"{up.mean():.1%}".replace("%", " %"))
+            if bench is None:
+                cells += ["", ""]
+                continue
+            qw, qs = bench.q_weak[order], bench.q_strong[order]
+            cells.append(f"{np.where(up, qs, qw).mean():.4g}")
+            cells.append(f"{qw.mean() + up.mean() * (qs.mean() - qw.mean()):.4g}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -217,7 +231,7 @@ def share_table(benches: list[Bench], chat: list[str]) -> str:
         order = np.random.default_rng(7).permutation(len(prompts))
         stream = [prompts[i] for i in order]
         for share in (0.1, 0.3, 0.5):
-            fixed = Router(tiers, thresholds=(0.0, default_scorer().threshold_for_share(share)))
+            fixed = Router(tiers, strong_share=share, share_window=0)
             fixed_up = np.mean([fixed.route(p).model == "gpt-4o" for p in stream])
             router = Router(tiers, strong_share=share)
             up = np.array([router.route(p).model == "gpt-4o" for p in stream])
@@ -377,9 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         out.append(router_table(f"{bench.name}, holdout half ({len(hold.prompts)} queries, "
                                 "chose nothing)", hold, rows, args.bootstrap))
     say("default threshold")
-    out.append(default_threshold_table([gsm, mt]))
+    chat = chat_questions()
+    out.append(default_threshold_table([gsm, mt], chat))
     say("strong_share: fixed vs following the recent prompts")
-    out.append(share_table([gsm, mt], chat_questions()))
+    out.append(share_table([gsm, mt], chat))
     say("route() latency")
     out.append(route_latency(gsm.prompts[:300]))
     say("cascade checks")

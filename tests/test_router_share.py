@@ -1,5 +1,6 @@
-"""``Router(strong_share=...)`` sends that share of the app's own prompts up, even when they
-look nothing like the scorer's training prompts (short chat questions here)."""
+"""A router's thresholds follow the app's own recent prompts: ``Router(strong_share=s)`` sends
+about ``s`` of them up and the default those that look harder than the app's average prompt,
+even when they look nothing like the scorer's training prompts (short chat questions here)."""
 
 from __future__ import annotations
 
@@ -82,11 +83,24 @@ def test_a_new_scorer_starts_a_new_window() -> None:
     assert router.thresholds == router.complexity_thresholds
 
 
-def test_calibrate_fixes_the_thresholds_and_other_rules_track_nothing() -> None:
+def test_the_default_sends_prompts_harder_than_the_apps_average_up() -> None:
+    prompts = chat_prompts(1100, seed=2)
+    fixed = Router(TIERS, share_window=0)  # the training prompts' average risk, fixed
+    assert fixed.share_tracker is None
+    assert share_up(fixed, prompts) == 0.0  # every chat question looks easier than GSM8K
+    router = Router(TIERS)
+    share_up(router, prompts[:100])
+    assert 0.25 < share_up(router, prompts[100:]) < 0.75
+    medium, high = router.thresholds
+    assert high < fixed.thresholds[1]  # below the training prompts' average risk
+    same = Router(TIERS, share_warmup=10)
+    assert share_up(same, ["the same question?"] * 50) == 0.0  # none harder than the rest
+
+
+def test_calibrate_and_explicit_thresholds_are_fixed() -> None:
     router = Router(TIERS, strong_share=0.3)
     router.calibrate(chat_prompts(100), high_share=0.1)
     assert router.share_tracker is None
-    assert Router(TIERS).share_tracker is None
     assert Router(TIERS, thresholds=(0.2, 0.4)).share_tracker is None
 
 
@@ -107,7 +121,7 @@ def test_concurrent_routes_are_all_counted() -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"share_window": 0}, "share_window"),
+    ({"share_window": -1}, "share_window"),
     ({"share_window": 10, "share_warmup": 11}, "share_warmup"),
     ({"share_warmup": 0}, "share_warmup"),
     ({"share_window": 1.5}, "share_window"),

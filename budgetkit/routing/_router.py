@@ -106,13 +106,14 @@ class Router:
     to "medium" at or above the medium one. Thresholds, first given wins:
     ``thresholds=(medium, high)`` (``complexity_thresholds`` is its former name);
     ``strong_share`` (about that share of *your* prompts go high, the next ``medium_share``
-    medium: once the router has scored ``share_warmup`` prompts, its thresholds follow the
-    scores of the last ``share_window`` it saw, see :mod:`._share`; before that, the
-    scorer's training prompts set them); else the scorer's documented default
-    (:attr:`Scorer.threshold`; for the shipped scorer 0.348, the cheap model's average failure
-    rate on its training data: a prompt goes up when it looks harder than average; about half
-    of the benchmark prompts do, fewer short chat prompts, more long ones; with three tiers
-    the next 25 % of prompts go medium). :meth:`calibrate` sets them from your prompts.
+    medium); else the default: a prompt goes high when it looks harder than *your* average
+    prompt (its score is above the mean score of the recent prompts; with three tiers the
+    next ``medium_share``, 25 %, go medium). Shares and the default follow the scores of the
+    last ``share_window`` prompts this router scored, once it has scored ``share_warmup`` of
+    them (see :mod:`._share`); before that, and always with ``share_window=0``, the scorer's
+    training prompts set them: for the default, :attr:`Scorer.threshold` (for the shipped
+    scorer 0.348, the cheap model's average failure rate on its training data).
+    :meth:`calibrate` fixes them from a sample of your prompts.
 
     ``budget_threshold`` is the remaining budget fraction below which the router goes one
     tier down; the fraction comes from ``headroom(model=, user_id=, project=, tags=,
@@ -180,11 +181,15 @@ class Router:
                     f"and {medium_share}")
             self._rule = ("share", (float(strong_share), float(medium_share)))
         self._medium_share = medium_share
-        #: Recent scores, when a share was asked for (None otherwise: thresholds are fixed).
-        self.share_tracker: ShareTracker | None = (
-            ShareTracker(float(strong_share), float(medium_share), window=share_window,
-                         warmup=share_warmup)
-            if self._rule[0] == "share" and strong_share is not None else None)
+        if not (isinstance(share_window, int) and share_window >= 0):
+            raise ConfigurationError(f"share_window must be an int >= 0, got {share_window!r}")
+        #: The recent scores the thresholds follow (None: thresholds are fixed, as with
+        #: explicit ``thresholds``, after :meth:`calibrate`, or with ``share_window=0``).
+        self.share_tracker: ShareTracker | None = None
+        if self._rule[0] != "explicit" and share_window > 0:
+            self.share_tracker = ShareTracker(
+                None if strong_share is None else float(strong_share), float(medium_share),
+                window=share_window, warmup=share_warmup)
         if engine is not None and scorer is None:
             from ._learning import load_scorer  # store I/O stays in one module
 

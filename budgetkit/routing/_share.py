@@ -1,11 +1,13 @@
-"""Thresholds that send a target share of *this app's* prompts up, whatever they look like.
+"""Thresholds taken from *this app's* recent prompts, so they hold whatever the prompts look like.
 
-A share turned into a threshold once, from the scorer's training prompts, holds only for
-traffic that looks like those prompts. Measured on the two benchmarks the shipped scorer
-knows: ``strong_share=0.1`` sent 1.9 % of GSM8K prompts up and 18.1 % of MT-Bench's; short chat
-questions, shorter than both, go up even less. So a router asked for a share keeps the scores
-of the last ``window`` prompts it scored and takes its thresholds from their quantiles, once
-it has seen ``warmup`` of them (before that, from the training quantiles).
+A threshold fixed from the scorer's training prompts holds only for traffic that looks like
+them. Measured: ``strong_share=0.1`` turned into a fixed threshold sent 1.9 % of GSM8K prompts
+up and 18.1 % of MT-Bench's, and the shipped default threshold (the training prompts' average
+risk) sent 0 % of short chat questions up: a router that never routes up saves nothing and
+only looks like it does. So a router keeps the scores of the last ``window`` prompts it
+scored and, once it has seen ``warmup`` of them (before that, the training prompts decide),
+sends up either a share of them (``strong_share``) or, by default, those scoring above their
+mean: the prompts that look harder than this app's average prompt.
 
 Per process and in memory: processes behind one load balancer see the same mix of prompts,
 so their windows agree without sharing state, and a restart re-learns the mix within
@@ -29,15 +31,16 @@ _RECOMPUTE_EVERY = 16
 
 
 class ShareTracker:
-    """The recent scores of one router and the thresholds that split them by share.
+    """The recent scores of one router and the thresholds that split them.
 
-    ``thresholds(fallback)`` returns ``(medium, high)``: the score at or above which about
-    ``high_share`` of the last ``window`` prompts lie, and the one for ``high_share +
-    medium_share``; ``fallback`` (the training-quantile thresholds) until ``warmup`` scores
-    have been seen. Thread-safe.
+    ``thresholds(fallback)`` returns ``(medium, high)`` over the last ``window`` scores:
+    ``high`` is the score at or above which about ``high_share`` of them lie (with
+    ``high_share=None``: their mean), ``medium`` the one for ``medium_share`` more;
+    ``fallback`` (the thresholds from the training prompts) until ``warmup`` scores have been
+    seen. Thread-safe.
     """
 
-    def __init__(self, high_share: float, medium_share: float, *, window: int = 1000,
+    def __init__(self, high_share: float | None, medium_share: float, *, window: int = 1000,
                  warmup: int = 100) -> None:
         if not (isinstance(window, int) and window >= 1):
             raise ConfigurationError(f"share_window must be an int >= 1, got {window!r}")
@@ -81,8 +84,13 @@ class ShareTracker:
                 return fallback
             if self._cached is None or self._since_recompute >= _RECOMPUTE_EVERY:
                 recent = self._scores[:min(self._seen, self.window)]
-                high = _at_or_above(recent, self.high_share)
-                medium = _at_or_above(recent, min(1.0, self.high_share + self.medium_share))
+                if self.high_share is None:
+                    # strictly above the mean: of equal scores, none looks harder
+                    high = min(1.0, float(np.nextafter(recent.mean(), np.inf)))
+                    high_share = float(np.mean(recent >= high))
+                else:
+                    high, high_share = _at_or_above(recent, self.high_share), self.high_share
+                medium = _at_or_above(recent, min(1.0, high_share + self.medium_share))
                 self._cached = (min(medium, high), high)
                 self._since_recompute = 0
             return self._cached
