@@ -181,15 +181,11 @@ class Router:
                     f"and {medium_share}")
             self._rule = ("share", (float(strong_share), float(medium_share)))
         self._medium_share = medium_share
-        if not (isinstance(share_window, int) and share_window >= 0):
-            raise ConfigurationError(f"share_window must be an int >= 0, got {share_window!r}")
         #: The recent scores the thresholds follow (None: thresholds are fixed, as with
         #: explicit ``thresholds``, after :meth:`calibrate`, or with ``share_window=0``).
-        self.share_tracker: ShareTracker | None = None
-        if self._rule[0] != "explicit" and share_window > 0:
-            self.share_tracker = ShareTracker(
-                None if strong_share is None else float(strong_share), float(medium_share),
-                window=share_window, warmup=share_warmup)
+        self.share_tracker = ShareTracker.for_router(
+            strong_share, medium_share, window=share_window, warmup=share_warmup,
+            fixed=self._rule[0] == "explicit")
         if engine is not None and scorer is None:
             from ._learning import load_scorer  # store I/O stays in one module
 

@@ -55,6 +55,18 @@ class ShareTracker:
         self._cached: tuple[float, float] | None = None
         self._lock = threading.Lock()
 
+    @classmethod
+    def for_router(cls, strong_share: float | None, medium_share: float, *, window: int,
+                   warmup: int, fixed: bool) -> ShareTracker | None:
+        """The tracker a router's settings call for; None when its thresholds stay fixed
+        (explicit thresholds, or ``share_window=0``)."""
+        if not (isinstance(window, int) and window >= 0):
+            raise ConfigurationError(f"share_window must be an int >= 0, got {window!r}")
+        if fixed or window == 0:
+            return None
+        return cls(None if strong_share is None else float(strong_share), float(medium_share),
+                   window=window, warmup=warmup)
+
     @property
     def seen(self) -> int:
         """Scores observed since the window was (re)started."""
