@@ -90,6 +90,8 @@ def test_the_default_sends_prompts_harder_than_the_apps_average_up() -> None:
     assert share_up(fixed, prompts) == 0.0  # every chat question looks easier than GSM8K
     router = Router(TIERS)
     share_up(router, prompts[:100])
+    assert "from the last 101 prompts" in router.route(prompts[0]).reason
+    assert "from the last 102 prompts" in router.route(prompts[1]).reason
     assert 0.25 < share_up(router, prompts[100:]) < 0.75
     medium, high = router.thresholds
     assert high < fixed.thresholds[1]  # below the training prompts' average risk

@@ -77,6 +77,12 @@ class ShareTracker:
         """Whether the thresholds now come from this app's own prompts."""
         return self._seen >= self.warmup
 
+    def source(self) -> str:
+        """Where the thresholds come from now, for a decision's reason."""
+        if self._seen < self.warmup:
+            return f"from the training prompts (warm-up {self._seen}/{self.warmup})"
+        return f"from the last {min(self._seen, self.window)} prompts"
+
     def observe(self, score: float) -> None:
         with self._lock:
             self._scores[self._seen % self.window] = score
