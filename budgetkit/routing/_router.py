@@ -400,9 +400,9 @@ class Router:
             level = "high" if score >= high else "medium" if score >= medium else "low"
             tier = self.levels[level]
             prefix = f"task type {task_type} not in the table; " if task_type else ""
-            source = "" if self.share_tracker is None else f" {self.share_tracker.source()}"
+            source = "" if self.share_tracker is None else f"{self.share_tracker.source()}; "
             reasons.append(f"{prefix}score {score:.3f} = P(cheap answer fails), thresholds "
-                           f"{medium:.3f}/{high:.3f}{source} ({_describe(signals)}) -> "
+                           f"{medium:.3f}/{high:.3f} ({source}{_describe(signals)}) -> "
                            f"{_level_tier(level, tier)}")
 
         tier = self._apply_budget_pressure(tier, reasons, user_id=user_id, project=project,

@@ -80,7 +80,7 @@ class ShareTracker:
     def source(self) -> str:
         """Where the thresholds come from now, for a decision's reason."""
         if self._seen < self.warmup:
-            return f"from the training prompts (warm-up {self._seen}/{self.warmup})"
+            return f"from the training prompts, warm-up {self._seen}/{self.warmup}"
         return f"from the last {min(self._seen, self.window)} prompts"
 
     def observe(self, score: float) -> None:
