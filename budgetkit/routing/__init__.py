@@ -48,6 +48,7 @@ from ._features import PromptFeatures as PromptFeatures
 from ._features import prompt_features as prompt_features
 from ._scorer import Scorer as Scorer
 from ._scorer import default_scorer as default_scorer
+from ._share import ShareTracker as ShareTracker
 
 __all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Scorer',
            'default_scorer', 'PromptFeatures', 'prompt_features', 'prompt_text', 'Completion',
@@ -58,4 +59,4 @@ __all__ = ['Router', 'RouteDecision', 'TASK_LEVELS', 'complexity_score', 'Scorer
            'FallbackAttempt', 'is_rate_limit', 'is_timeout', 'is_server_error',
            'is_transient', 'is_context_length_error', 'check_routed_models',
            'routing_catalog', 'largest_window_decision', 'fallback_reason', 'fit_summary',
-           'explain_fit']
+           'explain_fit', 'ShareTracker']

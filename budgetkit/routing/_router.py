@@ -216,7 +216,8 @@ class Router:
     @property
     def thresholds(self) -> tuple[float, float]:
         """``(medium, high)``: the scores at or above which a prompt goes to the medium and
-        the high level now (with ``strong_share``, they follow the recent prompts)."""
+        the high level now (unless fixed, they follow the recent prompts: see
+        :attr:`share_tracker`)."""
         if self.share_tracker is None:
             return self._fixed_thresholds
         return self.share_tracker.thresholds(self._fixed_thresholds)
