@@ -52,6 +52,9 @@ _LIGHT = frozenset("way ways kind sort type name meaning purpose method methods 
 _PREPOSITIONS = frozenset("in on at for with without after before during under over near "
                           "from by about among between within via per".split())
 _BE = frozenset("is are was were be been being am".split())
+# words that open a noun phrase: a participle right after one is attributive ("a scanned PDF")
+_DETERMINERS = frozenset("a an the my your our their his her its this that these those some "
+                         "any each every".split())
 _UNITS = frozenset("week month year decade century hour minute day daily weekly monthly "
                    "yearly annual annually hourly".split())
 # the same span of time in other words ("a day" / "daily", "now" / "currently")
@@ -156,7 +159,13 @@ def _qualifiers(words: list[str], extra: list[str], other_content: list[str]) ->
         modifies = (nounish and lemma(after) in shared
                     and (after in book.nouns or lemma(after) in book.nouns))
         own_phrase = nounish and any(w in _PREPOSITIONS for w in words[max(0, i - 3):i])
-        if describes or modifies or own_phrase:
+        # a past participle between a determiner and a shared noun narrows it like an
+        # adjective ("a scanned PDF", "the downloaded file"): WordNet lists most only as verbs
+        participle = (word.endswith(("ed", "en")) and word not in book.nouns
+                      and (lemma(word) in book.verbs or word in book.verbs))
+        attributive = (participle and (before in _DETERMINERS or before in _PREPOSITIONS)
+                       and lemma(after) in shared and after not in _STOP)  # its noun
+        if describes or modifies or own_phrase or attributive:
             found.append(word)
     return found
 
