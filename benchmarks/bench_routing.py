@@ -206,8 +206,8 @@ def chat_questions() -> list[str]:
     import json
     folder = Path(__file__).resolve().parent / "data/cache-pairs"
     seen: dict[str, None] = {}
-    for path in sorted(folder.glob("*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
+    for name in ("dev", "heldout", "test", "tuning"):  # the single-turn files of 12-06
+        for line in (folder / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             for key in ("a", "b"):
                 if isinstance(row.get(key), str):
