@@ -172,6 +172,34 @@ def router_table(title: str, bench: Bench, rows: list[Row], reps: int) -> str:
     return "\n".join(lines)
 
 
+Stream = tuple[str, list[str], np.ndarray, "Bench | None"]  # name, prompts, order, outcomes
+
+
+def streams(benches: list[Bench], chat: list[str]) -> list[Stream]:
+    """Each prompt set in one fixed random order (a router's thresholds follow the order
+    it sees prompts in); the chat questions have no outcomes."""
+    sets: list[tuple[str, list[str], Bench | None]] = [(b.name, b.prompts, b) for b in benches]
+    sets.append((f"chat questions ({len(chat)})", chat, None))
+    found: list[Stream] = []
+    for name, prompts, bench in sets:
+        order = np.random.default_rng(7).permutation(len(prompts))
+        found.append((name, [prompts[i] for i in order], order, bench))
+    return found
+
+
+def sent_up(router: Router, stream: list[str]) -> np.ndarray:
+    return np.array([router.route(p).model == "gpt-4o" for p in stream])
+
+
+def quality_cells(up: np.ndarray, bench: Bench | None, order: np.ndarray) -> list[str]:
+    """Quality with these prompts sent up, and random routing's at the same share."""
+    if bench is None:
+        return ["", ""]
+    qw, qs = bench.q_weak[order][-len(up):], bench.q_strong[order][-len(up):]
+    return [f"{np.where(up, qs, qw).mean():.4g}",
+            f"{qw.mean() + up.mean() * (qs.mean() - qw.mean()):.4g}"]
+
+
 def default_threshold_table(benches: list[Bench], chat: list[str]) -> str:
     """A two-tier router as a newcomer builds it: the default rule fixed from the training
     prompts (``share_window=0``, the old behaviour) and following the app's recent prompts
@@ -182,20 +210,11 @@ def default_threshold_table(benches: list[Bench], chat: list[str]) -> str:
              "| set | fixed threshold 0.348: sent up | quality | random at that share | "
              "default (above the recent mean): sent up | quality | random at that share |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    sets: list[tuple[str, list[str], Bench | None]] = [(b.name, b.prompts, b) for b in benches]
-    sets.append((f"chat questions ({len(chat)})", chat, None))
-    for name, prompts, bench in sets:
-        order = np.random.default_rng(7).permutation(len(prompts))
+    for name, stream, order, bench in streams(benches, chat):
         cells = [name]
         for router in (Router(tiers, share_window=0), Router(tiers)):
-            up = np.array([router.route(prompts[i]).model == "gpt-4o" for i in order])
-            cells.append(f"{up.mean():.1%}".replace("%", " %"))
-            if bench is None:
-                cells += ["", ""]
-                continue
-            qw, qs = bench.q_weak[order], bench.q_strong[order]
-            cells.append(f"{np.where(up, qs, qw).mean():.4g}")
-            cells.append(f"{qw.mean() + up.mean() * (qs.mean() - qw.mean()):.4g}")
+            up = sent_up(router, stream)
+            cells += [f"{up.mean():.1%}".replace("%", " %"), *quality_cells(up, bench, order)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -224,24 +243,13 @@ def share_table(benches: list[Bench], chat: list[str]) -> str:
              "| set | asked | fixed from training prompts | follows recent prompts, all | "
              "after warm-up | quality after warm-up | random at that share |",
              "|---|---:|---:|---:|---:|---:|---:|"]
-    sets: list[tuple[str, list[str], Bench | None]] = [
-        (b.name, b.prompts, b) for b in benches]
-    sets.append((f"chat questions ({len(chat)})", chat, None))
-    for name, prompts, bench in sets:
-        order = np.random.default_rng(7).permutation(len(prompts))
-        stream = [prompts[i] for i in order]
+    for name, stream, order, bench in streams(benches, chat):
         for share in (0.1, 0.3, 0.5):
-            fixed = Router(tiers, strong_share=share, share_window=0)
-            fixed_up = np.mean([fixed.route(p).model == "gpt-4o" for p in stream])
-            router = Router(tiers, strong_share=share)
-            up = np.array([router.route(p).model == "gpt-4o" for p in stream])
+            fixed_up = sent_up(Router(tiers, strong_share=share, share_window=0), stream)
+            up = sent_up(Router(tiers, strong_share=share), stream)
             after = up[100:]
-            quality = random = ""
-            if bench is not None:
-                qw, qs = bench.q_weak[order][100:], bench.q_strong[order][100:]
-                quality = f"{np.where(after, qs, qw).mean():.4g}"
-                random = f"{qw.mean() + after.mean() * (qs.mean() - qw.mean()):.4g}"
-            lines.append(f"| {name} | {share:.0%} | {fixed_up:.1%} | {up.mean():.1%} | "
+            quality, random = quality_cells(after, bench, order)
+            lines.append(f"| {name} | {share:.0%} | {fixed_up.mean():.1%} | {up.mean():.1%} | "
                          f"{after.mean():.1%} | {quality} | {random} |".replace("%", " %"))
     return "\n".join(lines)
 
