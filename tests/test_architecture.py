@@ -134,6 +134,19 @@ def test_no_private_import_across_packages() -> None:
     assert not wrong, "\n".join(wrong)
 
 
+def test_integration_tests_use_only_public_names_of_the_core() -> None:
+    """The integrations' tests too: what they need of the core is what their users get."""
+    files = [path for package in INTEGRATIONS.iterdir() if (package / "tests").is_dir()
+             for path in sorted((package / "tests").rglob("*.py"))]
+    assert files
+    wrong = [f"{path.relative_to(ROOT).as_posix()}:{line} imports the private {module}"
+             for path in files for line, module in _imports(path)
+             if module.split(".")[0] == "budgetkit"
+             and any(p.startswith("_") for p in module.split(".")[1:])
+             and module != "budgetkit._version"]
+    assert not wrong, "\n".join(wrong)
+
+
 def _module_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     modules = {}

@@ -16,7 +16,7 @@ import pytest
 
 from budgetkit import Budget, BudgetExceeded, BudgetLevels, Engine
 from budgetkit.budgets._lane import LANE_CALLS, _allow_limit
-from budgetkit.budgets._lease import LEASE_AFTER
+from budgetkit.budgets import LEASE_AFTER
 
 MODEL = "unit-model"
 PROMPT = [{"role": "user", "content": "How long does shipping take to Lisbon?"}]

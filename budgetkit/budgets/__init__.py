@@ -25,6 +25,7 @@ from ._files import load_budgets as load_budgets
 from ._lane import AdmissionLane as AdmissionLane
 from ._lane import LaneReservation as LaneReservation
 from ._lane import Lanes as Lanes
+from ._lease import LEASE_AFTER as LEASE_AFTER
 from ._presets import model_token_budgets as model_token_budgets
 from ._presets import seed_budgets as seed_budgets
 from ._presets import token_ladder_budgets as token_ladder_budgets
@@ -46,4 +47,5 @@ __all__ = ['Alert', 'AlertSink', 'LoggingSink', 'WebhookSink', 'BudgetBook', 'Re
            'load_budgets', 'parse_budget', 'AdmissionLane', 'LaneReservation', 'Lanes',
            'token_ladder_budgets', 'model_token_budgets', 'seed_budgets', 'BudgetWindowRow',
            'BudgetReservationRow', 'BudgetApprovalRow', 'BudgetAlertRow',
-           'BudgetDefinitionRow', 'BudgetRegistryRow', 'SharedBudgets', 'POLL_INTERVAL']
+           'BudgetDefinitionRow', 'BudgetRegistryRow', 'SharedBudgets', 'POLL_INTERVAL',
+           'LEASE_AFTER']

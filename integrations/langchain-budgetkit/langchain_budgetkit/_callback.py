@@ -42,7 +42,7 @@ with a warning (or raised, with ``strict_models=True``).
 Calls recorded elsewhere are skipped: runs of budgetkit's routed model (metadata or
 ``response_metadata`` key ``budgetkit_routed``; its inner runs are the real calls) and inner
 runs that model already metered (metadata ``budgetkit_metered``, or made while
-``budgetkit.routing._cascade.is_metered_call()`` is true).
+``budgetkit.routing.is_metered_call()`` is true).
 
 Cache hits: LangChain replays a cached generation through ``on_llm_end`` with its
 original usage and ``usage_metadata["total_cost"] == 0``. A hit served by budgetkit's own

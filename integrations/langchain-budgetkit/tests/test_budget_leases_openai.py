@@ -9,7 +9,7 @@ import threading
 from langchain_openai import ChatOpenAI
 
 from budgetkit import Budget, BudgetExceeded, Engine
-from budgetkit.budgets._lease import LEASE_AFTER
+from budgetkit.budgets import LEASE_AFTER
 from budgetkit.testing import FakeOpenAIServer
 from langchain_budgetkit import BudgetkitCallbackHandler
 

@@ -8,7 +8,7 @@ import pytest
 
 from budgetkit import Budget, BudgetExceeded
 from budgetkit.budgets import AdmissionLane
-from budgetkit.budgets._lease import LEASE_AFTER
+from budgetkit.budgets import LEASE_AFTER
 from langchain_budgetkit import BudgetkitCallbackHandler
 
 SMALL = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}

@@ -230,7 +230,7 @@ def test_calls_recorded_elsewhere_are_skipped(engine, mocks, root_dispatcher):
 
 def test_legacy_handler_admits_repeat_calls_in_a_lane(engine, mocks, monkeypatch):
     from budgetkit.budgets import AdmissionLane
-    from budgetkit.budgets._lease import LEASE_AFTER
+    from budgetkit.budgets import LEASE_AFTER
 
     outcomes: list[bool] = []
     admit = AdmissionLane.admit

@@ -6,7 +6,7 @@ event id on the legacy path). Only the *outermost* LLM call in a context is reco
 events for what is one provider call; LlamaIndex's own ``TokenCountingHandler`` counts it
 twice.
 
-Calls recorded elsewhere are skipped: calls made while ``budgetkit.routing._cascade.is_metered_call()``
+Calls recorded elsewhere are skipped: calls made while ``budgetkit.routing.is_metered_call()``
 is true (budgetkit's routed LLM admitted them itself), and responses marked
 ``additional_kwargs["budgetkit_cache_hit"]`` (the cache wrote its own ``cached`` row) or
 ``["budgetkit_routed"]`` (a wrapper whose inner call is the real one).

@@ -20,7 +20,7 @@ callback decorators: the inner LLM emits the instrumentation events and legacy c
 of the real call, so budgetkit's LlamaIndex handlers (and any tracer) record the model that
 actually ran, once. With an ``engine`` this LLM admits and settles each inner call itself
 (rows with request id, attempt number and route reason; a budget stops a call before the
-provider runs) and marks the call with ``budgetkit.routing._cascade.metered_call`` so a tracking
+provider runs) and marks the call with ``budgetkit.routing.metered_call`` so a tracking
 handler does not record it again. Responses carry ``additional_kwargs["budgetkit_routed"]``
 (model, reason, attempts, request id).
 
